@@ -1,0 +1,36 @@
+"""Achilles: distributed ``multiprocessing.Pool`` — map / imap / imap_unordered across machines.
+
+>>> import achilles
+>>> with achilles.connect() as cluster:          # ACHILLES_* settings or .env
+...     cluster.map(lambda x: x * x, range(10))
+"""
+
+from achilles import _layout
+
+_layout.install(__path__[0])
+
+from achilles.api import (  # noqa: E402
+    connect, default_cluster, imap, imap_unordered, kill_cluster, map, status,
+)
+from achilles.config import gen_config, load_config  # noqa: E402
+from achilles.errors import (  # noqa: E402
+    AchillesError, AuthenticationError, ConfigError, ConnectionFailed, ConnectionLost,
+    JobCancelled, ProtocolError, RemoteError, TaskTimeout, WorkerCrashed,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "connect", "map", "imap", "imap_unordered", "status", "kill_cluster", "LocalCluster",
+    "gen_config", "load_config", "default_cluster",
+    "AchillesError", "AuthenticationError", "ConfigError", "ConnectionFailed", "ConnectionLost",
+    "JobCancelled", "ProtocolError", "RemoteError", "TaskTimeout", "WorkerCrashed",
+]
+
+
+def __getattr__(name: str):
+    if name == "LocalCluster":
+        from achilles.local import LocalCluster
+
+        return LocalCluster
+    raise AttributeError(f"module 'achilles' has no attribute {name!r}")

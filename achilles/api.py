@@ -1,0 +1,67 @@
+"""Module-level API: ``achilles.map / imap / imap_unordered / status / kill_cluster`` on a
+default connection made from the configuration (arguments > environment > .env)."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable, Dict, Iterable, List, Optional
+
+from achilles.config import load_config
+
+_lock = threading.Lock()
+_default: Any = None
+
+
+def connect(host: Optional[str] = None, port: Optional[int] = None,
+            username: Optional[str] = None, secret_key: Optional[str] = None) -> Any:
+    """Connect to an Achilles server and return a :class:`achilles.controller.cluster.Cluster`.
+
+    Arguments that are None come from ``ACHILLES_*`` environment variables, then ``.env``.
+    Use it as a context manager, or call ``close()``; the connection is reused across calls.
+    """
+    from achilles.controller.cluster import Cluster
+
+    return Cluster(load_config(host=host, port=port, username=username, secret_key=secret_key))
+
+
+def default_cluster() -> Any:
+    """The shared connection the module-level functions use (made on first use)."""
+    global _default
+    with _lock:
+        proto = getattr(_default, "_proto", None)
+        if _default is None or proto is None:
+            _default = connect()
+        return _default
+
+
+def map(func: Callable[[Any], Any], iterable: Iterable[Any], chunksize: Optional[int] = None,
+        callback: Optional[Callable[[Any], Any]] = None) -> List[Any]:
+    """``Cluster.map`` on the default connection: results in input order, as a list."""
+    return default_cluster().map(func, iterable, chunksize, callback)
+
+
+def imap(func: Callable[[Any], Any], iterable: Iterable[Any], chunksize: Optional[int] = None,
+         callback: Optional[Callable[[Any], Any]] = None) -> Any:
+    """``Cluster.imap`` on the default connection: results in input order, as they come."""
+    return default_cluster().imap(func, iterable, chunksize, callback)
+
+
+def imap_unordered(func: Callable[[Any], Any], iterable: Iterable[Any],
+                   chunksize: Optional[int] = None,
+                   callback: Optional[Callable[[Any], Any]] = None) -> Any:
+    """``Cluster.imap_unordered`` on the default connection: results in completion order."""
+    return default_cluster().imap_unordered(func, iterable, chunksize, callback)
+
+
+def status() -> Dict[str, List[Dict[str, Any]]]:
+    """``Cluster.status`` on the default connection."""
+    return default_cluster().status()
+
+
+def kill_cluster(command_verified: bool = False) -> int:
+    """``Cluster.kill`` on the default connection: stop every node and the server."""
+    global _default
+    stopped = default_cluster().kill(command_verified)
+    with _lock:
+        _default = None
+    return stopped

@@ -1,0 +1,186 @@
+"""Configuration: explicit arguments > environment (``ACHILLES_*``) > a ``.env`` file.
+
+The ``.env`` file is the one in the working directory, or the path in ``ACHILLES_ENV_FILE``.
+It is read with python-dotenv and never written into the installed package.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import stat
+import sys
+import warnings
+from dataclasses import dataclass, field, fields
+from typing import Any, Dict, Optional
+
+from dotenv import dotenv_values
+
+from achilles.errors import ConfigError
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 9999
+DEFAULT_USERNAME = "achilles"
+DEFAULT_PREFETCH = 2
+ENV_FILE_VAR = "ACHILLES_ENV_FILE"
+
+#: Every variable Achilles reads, with what it means (``.env.example`` mirrors this).
+VARIABLES: Dict[str, str] = {
+    "ACHILLES_HOST": "server address: where nodes and controllers connect, and what the server binds",
+    "ACHILLES_PORT": "server TCP port (0 lets the OS pick one; the server prints it)",
+    "ACHILLES_USERNAME": "cluster user name, part of the shared secret",
+    "ACHILLES_SECRET_KEY": "shared secret key; generate one with `achilles config`",
+    "ACHILLES_PROCESSES": "worker processes per node (default: the CPU count)",
+    "ACHILLES_PREFETCH": "chunks in flight per node process (default 2)",
+    "ACHILLES_NODE_NAME": "readable node id (default: hostname-pid)",
+    "ACHILLES_LOG_LEVEL": "DEBUG, INFO, WARNING or ERROR (default INFO)",
+}
+
+
+@dataclass
+class Config:
+    """Resolved settings for one server, node or controller. ``repr`` never shows the secret."""
+
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    username: str = DEFAULT_USERNAME
+    secret_key: Optional[str] = field(default=None, repr=False)
+    processes: Optional[int] = None
+    prefetch: int = DEFAULT_PREFETCH
+    node_name: Optional[str] = None
+    log_level: str = "INFO"
+    env_file: Optional[str] = None
+
+    def __repr__(self) -> str:
+        shown = ", ".join(
+            f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.name != "secret_key"
+        )
+        secret = "set" if self.secret_key else "unset"
+        return f"Config({shown}, secret_key=<{secret}>)"
+
+    def require_secret(self) -> str:
+        """Return the secret key, or raise :class:`ConfigError` saying how to set one."""
+        if not self.secret_key:
+            where = f" (read {self.env_file})" if self.env_file else ""
+            raise ConfigError(
+                "no secret key: set ACHILLES_SECRET_KEY, pass secret_key=, or run "
+                f"`achilles config` to write a .env with a fresh secret{where}"
+            )
+        return self.secret_key
+
+
+def _env_file_path() -> Optional[str]:
+    path = os.environ.get(ENV_FILE_VAR)
+    if path:
+        if not os.path.isfile(path):
+            raise ConfigError(f"{ENV_FILE_VAR}={path} does not name a readable file")
+        return path
+    local = os.path.join(os.getcwd(), ".env")
+    return local if os.path.isfile(local) else None
+
+
+def _warn_if_world_readable(path: str) -> None:
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return
+    if mode & (stat.S_IRGRP | stat.S_IROTH):
+        warnings.warn(
+            f"{path} is readable by other users and holds the cluster secret; run `chmod 600 {path}`",
+            stacklevel=3,
+        )
+
+
+def _as_int(name: str, value: Any, minimum: int) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a whole number, got {value!r}") from None
+    if number < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}, got {number}")
+    return number
+
+
+def load_config(**overrides: Any) -> Config:
+    """Resolve the configuration; keyword arguments that are not None win over everything."""
+    env_file = _env_file_path()
+    file_values: Dict[str, Optional[str]] = {}
+    if env_file:
+        _warn_if_world_readable(env_file)
+        file_values = dotenv_values(env_file)
+
+    def pick(key: str, var: str) -> Any:
+        if overrides.get(key) is not None:
+            return overrides[key]
+        if os.environ.get(var):
+            return os.environ[var]
+        return file_values.get(var) or None
+
+    cfg = Config(env_file=env_file)
+    cfg.host = pick("host", "ACHILLES_HOST") or DEFAULT_HOST
+    port = pick("port", "ACHILLES_PORT")
+    cfg.port = DEFAULT_PORT if port is None else _as_int("ACHILLES_PORT", port, 0)
+    if cfg.port > 65535:
+        raise ConfigError(f"ACHILLES_PORT must be at most 65535, got {cfg.port}")
+    cfg.username = pick("username", "ACHILLES_USERNAME") or DEFAULT_USERNAME
+    cfg.secret_key = pick("secret_key", "ACHILLES_SECRET_KEY")
+    processes = pick("processes", "ACHILLES_PROCESSES")
+    cfg.processes = None if processes is None else _as_int("ACHILLES_PROCESSES", processes, 1)
+    prefetch = pick("prefetch", "ACHILLES_PREFETCH")
+    cfg.prefetch = DEFAULT_PREFETCH if prefetch is None else _as_int("ACHILLES_PREFETCH", prefetch, 1)
+    cfg.node_name = pick("node_name", "ACHILLES_NODE_NAME")
+    cfg.log_level = str(pick("log_level", "ACHILLES_LOG_LEVEL") or "INFO").upper()
+    return cfg
+
+
+def gen_config(
+    path: str = ".env",
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    username: str = DEFAULT_USERNAME,
+    secret_key: Optional[str] = None,
+    overwrite: bool = False,
+) -> str:
+    """Write a ``.env`` (mode 0600) with a fresh secret unless one is given; return its path.
+
+    Copy the file to every machine of the cluster (server, nodes, controllers).
+    """
+    path = os.path.abspath(path)
+    if os.path.exists(path) and not overwrite:
+        raise ConfigError(f"{path} exists; pass overwrite=True (or --force) to replace it")
+    key = secret_key or secrets.token_urlsafe(32)
+    text = (
+        "# Achilles cluster configuration (keep this file private: it holds the secret)\n"
+        f"ACHILLES_HOST={host}\n"
+        f"ACHILLES_PORT={port}\n"
+        f"ACHILLES_USERNAME={username}\n"
+        f"ACHILLES_SECRET_KEY={key}\n"
+    )
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.chmod(path, 0o600)
+    return path
+
+
+def node_default_name() -> str:
+    """``hostname-pid``: the default readable node id."""
+    import socket
+
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def cpu_count() -> int:
+    """Usable CPUs of this process (affinity-aware)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def is_interactive() -> bool:
+    """Whether stdin is a terminal a human can answer on."""
+    try:
+        return sys.stdin is not None and sys.stdin.isatty()
+    except (ValueError, OSError):
+        return False

@@ -1,0 +1,167 @@
+"""Mutual HMAC authentication, as I/O-free state machines (frames in, frames out).
+
+1. server -> peer ``HELLO``    ``{"achilles": 1, "proto": V, "nonce": Ns}``
+2. peer -> server ``AUTH``     ``{"proto": V, "role": R, "user": U, "nonce": Np,
+                                  "proof": HMAC(key, "peer" | Ns | Np | R | U)}``
+3. server -> peer ``AUTH_OK``  ``{"proof": HMAC(key, "server" | Ns | Np | R | U)}``
+   or ``AUTH_FAIL`` ``{"reason": ...}`` and the connection closes.
+
+Each side is authenticated only once it has checked the other's proof; before that only these
+small JSON frames are accepted. Fresh random nonces on both sides make a recorded handshake
+useless for a replay, and the direction label stops a proof being reflected back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from typing import List, Optional, Tuple
+
+from achilles import wire
+from achilles.errors import AuthenticationError, ProtocolError
+
+NONCE_BYTES = 32
+ROLES = ("node", "controller")
+MAX_USERNAME = 128
+
+Frame = Tuple[int, bytes]
+
+
+def derive_key(username: str, secret_key: str) -> bytes:
+    """The HMAC key: both the user name and the secret key must match."""
+    return hashlib.sha256(
+        b"achilles-v1\0" + username.encode("utf-8") + b"\0" + secret_key.encode("utf-8")
+    ).digest()
+
+
+def _proof(key: bytes, label: str, server_nonce: str, peer_nonce: str, role: str, user: str) -> str:
+    msg = "|".join((label, server_nonce, peer_nonce, role, user)).encode("utf-8")
+    return hmac.new(key, msg, hashlib.sha256).hexdigest()
+
+
+def _nonce(obj: dict, name: str) -> str:
+    value = obj.get(name)
+    if not isinstance(value, str) or len(value) != 2 * NONCE_BYTES:
+        raise ProtocolError(f"handshake field {name!r} is missing or malformed")
+    try:
+        bytes.fromhex(value)
+    except ValueError:
+        raise ProtocolError(f"handshake field {name!r} is not hex") from None
+    return value
+
+
+class ServerHandshake:
+    """The server's side. States: ``start`` -> ``sent_hello`` -> ``done`` | ``failed``."""
+
+    def __init__(self, username: str, secret_key: str, nonce: Optional[str] = None) -> None:
+        self._key = derive_key(username, secret_key)
+        self._username = username
+        self.nonce = nonce or secrets.token_hex(NONCE_BYTES)
+        self.state = "start"
+        self.role: Optional[str] = None
+        self.failure: Optional[str] = None
+
+    def start(self) -> List[bytes]:
+        """Frames to send when the connection opens."""
+        assert self.state == "start"
+        self.state = "sent_hello"
+        return [wire.encode_json(
+            wire.HELLO, {"achilles": 1, "proto": wire.PROTOCOL_VERSION, "nonce": self.nonce}
+        )]
+
+    def receive(self, code: int, body: bytes) -> List[bytes]:
+        """Handle the peer's AUTH frame; returns frames to send. Raises on any failure.
+
+        On :class:`AuthenticationError` the state is ``failed`` and :attr:`failure` says why;
+        the caller should send :meth:`fail_frame` and close.
+        """
+        if self.state != "sent_hello" or code != wire.AUTH:
+            self.state = "failed"
+            raise ProtocolError(f"unexpected {wire.NAMES.get(code, code)} during handshake")
+        try:
+            obj = wire.decode_json(body)
+            proto = obj.get("proto")
+            if proto != wire.PROTOCOL_VERSION:
+                raise AuthenticationError(
+                    f"protocol version mismatch: server speaks {wire.PROTOCOL_VERSION}, peer {proto!r}"
+                )
+            role, user = obj.get("role"), obj.get("user")
+            if role not in ROLES:
+                raise ProtocolError(f"unknown role {role!r}")
+            if not isinstance(user, str) or len(user) > MAX_USERNAME:
+                raise ProtocolError("handshake field 'user' is missing or malformed")
+            peer_nonce = _nonce(obj, "nonce")
+            proof = obj.get("proof")
+            if not isinstance(proof, str):
+                raise ProtocolError("handshake field 'proof' is missing")
+            expected = _proof(self._key, "peer", self.nonce, peer_nonce, role, user)
+            if user != self._username or not hmac.compare_digest(proof, expected):
+                raise AuthenticationError("wrong username or secret key")
+        except (ProtocolError, AuthenticationError) as exc:
+            self.state = "failed"
+            self.failure = str(exc)
+            raise
+        self.state = "done"
+        self.role = role
+        reply = _proof(self._key, "server", self.nonce, peer_nonce, role, user)
+        return [wire.encode_json(wire.AUTH_OK, {"proof": reply})]
+
+    def fail_frame(self) -> bytes:
+        """The AUTH_FAIL frame telling the peer why it was refused (never secret material)."""
+        return wire.encode_json(wire.AUTH_FAIL, {"reason": (self.failure or "refused")[:200]})
+
+
+class PeerHandshake:
+    """A node's or controller's side. States: ``start`` -> ``sent_auth`` -> ``done`` | ``failed``."""
+
+    def __init__(self, role: str, username: str, secret_key: str, nonce: Optional[str] = None) -> None:
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}")
+        self.role = role
+        self._username = username
+        self._key = derive_key(username, secret_key)
+        self.nonce = nonce or secrets.token_hex(NONCE_BYTES)
+        self.server_nonce: Optional[str] = None
+        self.state = "start"
+
+    def receive(self, code: int, body: bytes) -> List[bytes]:
+        """Handle HELLO, AUTH_OK or AUTH_FAIL; returns frames to send. Raises on failure."""
+        try:
+            if self.state == "start" and code == wire.HELLO:
+                obj = wire.decode_json(body)
+                if obj.get("achilles") != 1:
+                    raise ProtocolError("the server is not an Achilles server")
+                if obj.get("proto") != wire.PROTOCOL_VERSION:
+                    raise AuthenticationError(
+                        f"protocol version mismatch: server speaks {obj.get('proto')!r}, "
+                        f"this {self.role} {wire.PROTOCOL_VERSION}; install the same Achilles version"
+                    )
+                self.server_nonce = _nonce(obj, "nonce")
+                proof = _proof(self._key, "peer", self.server_nonce, self.nonce, self.role, self._username)
+                self.state = "sent_auth"
+                return [wire.encode_json(wire.AUTH, {
+                    "proto": wire.PROTOCOL_VERSION, "role": self.role, "user": self._username,
+                    "nonce": self.nonce, "proof": proof,
+                })]
+            if self.state == "sent_auth" and code == wire.AUTH_FAIL:
+                reason = str(wire.decode_json(body).get("reason", "refused"))[:200]
+                raise AuthenticationError(
+                    f"the server refused this {self.role}: {reason}; check ACHILLES_USERNAME "
+                    "and ACHILLES_SECRET_KEY match the server's"
+                )
+            if self.state == "sent_auth" and code == wire.AUTH_OK:
+                proof = wire.decode_json(body).get("proof")
+                assert self.server_nonce is not None
+                expected = _proof(self._key, "server", self.server_nonce, self.nonce, self.role, self._username)
+                if not isinstance(proof, str) or not hmac.compare_digest(proof, expected):
+                    raise AuthenticationError(
+                        "the server failed to prove the shared secret; it is not the server you "
+                        "configured, or its ACHILLES_SECRET_KEY differs from this machine's"
+                    )
+                self.state = "done"
+                return []
+            raise ProtocolError(f"unexpected {wire.NAMES.get(code, code)} during handshake")
+        except (ProtocolError, AuthenticationError):
+            self.state = "failed"
+            raise

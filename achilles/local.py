@@ -1,0 +1,172 @@
+"""``LocalCluster``: a real server and node(s) as subprocesses on 127.0.0.1, for demos and tests."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, List, Optional
+
+import achilles
+from achilles.config import Config
+from achilles.errors import AchillesError
+from achilles.controller.cluster import Cluster
+
+START_TIMEOUT = 30.0
+
+
+def _child_env(secret: str) -> dict:
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(achilles.__file__)))
+    # The daemons import this same Achilles, and whatever the caller can import (so functions
+    # defined in the caller's modules unpickle on the node).
+    paths = [root] + [p for p in sys.path if p and os.path.isdir(p)]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    env["ACHILLES_USERNAME"] = "local"
+    env["ACHILLES_SECRET_KEY"] = secret
+    env.pop("ACHILLES_ENV_FILE", None)
+    return env
+
+
+class LocalCluster:
+    """Start a server and ``nodes`` node daemons on loopback with a random port and secret.
+
+    ``with LocalCluster(nodes=2, processes=2) as cluster: cluster.map(...)``. Everything is
+    stopped on exit, also when the body raises; the daemons also stop by themselves if this
+    process dies.
+    """
+
+    def __init__(self, nodes: int = 1, processes: Optional[int] = None, prefetch: int = 2,
+                 log_level: str = "WARNING") -> None:
+        self.n_nodes = nodes
+        self.processes = processes
+        self.prefetch = prefetch
+        self.log_level = log_level
+        self.port = 0
+        self.cluster: Optional[Cluster] = None
+        self._secret = secrets.token_urlsafe(32)
+        self._dir = tempfile.mkdtemp(prefix="achilles-local-")
+        self._env = _child_env(self._secret)
+        self.server: Optional[subprocess.Popen] = None
+        self.nodes: List[subprocess.Popen] = []
+        self._logs: List[Any] = []
+
+    def __repr__(self) -> str:
+        return f"<LocalCluster 127.0.0.1:{self.port} nodes={len(self.nodes)}>"
+
+    def _spawn(self, name: str, args: List[str]) -> subprocess.Popen:
+        log = open(os.path.join(self._dir, f"{name}.log"), "wb")
+        self._logs.append(log)
+        return subprocess.Popen(
+            [sys.executable, "-m", *args, "--exit-with-stdin", "--log-level", self.log_level],
+            env=self._env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=log,
+            start_new_session=True, cwd=self._dir)
+
+    def log_text(self, name: str) -> str:
+        """What a daemon (``server`` or ``node-0``...) has logged so far."""
+        try:
+            with open(os.path.join(self._dir, f"{name}.log"), errors="replace") as fh:
+                return fh.read()
+        except OSError:
+            return ""
+
+    def start(self) -> Cluster:
+        """Start everything and return a connected :class:`Cluster` (``__enter__`` does this)."""
+        try:
+            port_file = os.path.join(self._dir, "port")
+            self.server = self._spawn("server", [
+                "achilles.server", "--host", "127.0.0.1", "--port", "0", "--port-file", port_file,
+                "--prefetch", str(self.prefetch)])
+            deadline = time.monotonic() + START_TIMEOUT
+            while not os.path.exists(port_file):
+                if self.server.poll() is not None:
+                    raise AchillesError(f"the local server exited: {self.log_text('server')[-2000:]}")
+                if time.monotonic() > deadline:
+                    raise AchillesError("the local server did not start in time")
+                time.sleep(0.01)
+            with open(port_file) as fh:
+                self.port = int(fh.read())
+            for i in range(self.n_nodes):
+                self.add_node()
+            self.cluster = Cluster(Config(host="127.0.0.1", port=self.port, username="local",
+                                          secret_key=self._secret))
+            self.wait_for_nodes(self.n_nodes, deadline)
+            return self.cluster
+        except BaseException:
+            self.stop()
+            raise
+
+    def add_node(self, processes: Optional[int] = None, name: Optional[str] = None) -> subprocess.Popen:
+        """Start one more node daemon (it joins running jobs at once)."""
+        index = len(self.nodes)
+        args = ["achilles.node", "--host", "127.0.0.1", "--port", str(self.port),
+                "--name", name or f"local-{index}"]
+        procs = processes or self.processes
+        if procs:
+            args += ["--processes", str(procs)]
+        proc = self._spawn(f"node-{index}", args)
+        self.nodes.append(proc)
+        return proc
+
+    def wait_for_nodes(self, count: int, deadline: Optional[float] = None) -> None:
+        """Block until ``count`` nodes are connected."""
+        deadline = deadline or time.monotonic() + START_TIMEOUT
+        assert self.cluster is not None
+        while len(self.cluster.status()["nodes"]) < count:
+            for i, proc in enumerate(self.nodes):
+                if proc.poll() is not None:
+                    raise AchillesError(f"local node {i} exited: {self.log_text(f'node-{i}')[-2000:]}")
+            if time.monotonic() > deadline:
+                raise AchillesError(f"only {len(self.cluster.status()['nodes'])} of {count} "
+                                    "local nodes connected in time")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        """Stop the controller connection, the nodes and the server; remove temporary files."""
+        if self.cluster is not None:
+            try:
+                self.cluster.close()
+            except Exception:
+                pass
+            self.cluster = None
+        procs = [p for p in self.nodes + [self.server] if p is not None]
+        for proc in procs:
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                except (ProcessLookupError, PermissionError):
+                    pass
+        deadline = time.monotonic() + 10
+        for proc in procs:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # workers and anything else in its group
+            except (ProcessLookupError, PermissionError):
+                pass
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
+            if proc.stdin:
+                try:
+                    proc.stdin.close()
+                except OSError:
+                    pass
+        for log in self._logs:
+            log.close()
+        self._logs = []
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def __enter__(self) -> Cluster:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()

@@ -1,0 +1,48 @@
+"""Chunk sizes: invisible to the caller, small first for latency, growing to amortize overhead."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+#: A chunk should keep a worker busy about this long once its cost is known.
+TARGET_SECONDS = 0.05
+MAX_ITEMS = 200_000
+GROWTH = 16
+
+
+class ChunkSizer:
+    """Picks the next chunk's size.
+
+    A fixed ``chunksize`` wins. Otherwise the first chunks hold one item (so the first result
+    comes back fast) and later ones grow toward :data:`TARGET_SECONDS` of work, measured on the
+    workers, never above ``multiprocessing.Pool``'s own size (``len / (4 x processes)``) when
+    the input's length is known, so every process gets a share.
+    """
+
+    def __init__(self, chunksize: Optional[int] = None, total: Optional[int] = None) -> None:
+        if chunksize is not None and chunksize < 1:
+            raise ValueError("chunksize must be at least 1")
+        self.fixed = chunksize
+        self.total = total
+        self.processes = 0
+        self.current = 1
+
+    def cap(self) -> int:
+        """The largest size allowed now."""
+        if self.total is not None and self.processes:
+            return max(1, min(MAX_ITEMS, math.ceil(self.total / (4 * self.processes))))
+        return MAX_ITEMS
+
+    def size(self) -> int:
+        """Items in the next chunk."""
+        return self.fixed or min(self.current, self.cap())
+
+    def observe(self, n_items: int, elapsed: float) -> None:
+        """Learn from a finished chunk: ``n_items`` took ``elapsed`` seconds on a worker."""
+        if self.fixed or n_items <= 0:
+            return
+        per_item = elapsed / n_items
+        ideal = MAX_ITEMS if per_item <= 0 else TARGET_SECONDS / per_item
+        grown = min(ideal, max(self.current, n_items) * GROWTH, self.cap())
+        self.current = max(1, int(grown))

@@ -1,0 +1,118 @@
+"""The controller's connection to the server. Runs in the reactor thread; talks to callers
+through one queue per job or request."""
+
+from __future__ import annotations
+
+import logging
+import queue
+from typing import Any, Dict, List
+
+from twisted.internet import defer, error as netError, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.python.failure import Failure
+
+from achilles import wire
+from achilles.errors import AuthenticationError, ConnectionFailed
+from achilles.protocol import PeerSideProtocol, bind_handlers
+
+log = logging.getLogger("achilles.controller")
+
+CONNECT_TIMEOUT = 10.0
+
+
+@bind_handlers({wire.WANT: "want", wire.RESULT: "result", wire.JOB_FAILED: "job_failed",
+                wire.STATUS_REPLY: "reply", wire.KILL_DONE: "reply", wire.PING: "ping",
+                wire.PONG: "pong"})
+class ControllerProtocol(PeerSideProtocol):
+    """Routes server messages to the waiting caller's queue."""
+
+    role = "controller"
+
+    def __init__(self, username: str, secret_key: str, address: str) -> None:
+        super().__init__()
+        self.username = username
+        self.secret_key = secret_key
+        self.address = address
+        self.ready: defer.Deferred = defer.Deferred()
+        self.closed: defer.Deferred = defer.Deferred()
+        self.jobs: Dict[str, "queue.Queue[tuple]"] = {}
+        self.requests: Dict[int, "queue.Queue[tuple]"] = {}
+        self.lost_reason = ""
+
+    def on_authenticated(self) -> None:
+        self.ready.callback(self)
+
+    def on_closed(self, reason: Failure) -> None:
+        if not self.ready.called:
+            err = self.auth_error or ConnectionFailed(
+                f"the server at {self.address} closed the connection during the handshake "
+                f"({reason.getErrorMessage()}); is it an Achilles server?")
+            self.ready.errback(Failure(err))
+        self.lost_reason = reason.getErrorMessage()
+        for q in list(self.jobs.values()) + list(self.requests.values()):
+            q.put(("lost", self.lost_reason))
+        self.closed.callback(None)
+
+    def want(self, job_id: str, n: int, processes: int, capacity: int) -> None:
+        q = self.jobs.get(job_id)
+        if q is not None:
+            q.put(("want", n, processes, capacity))
+
+    def result(self, job_id: str, chunk_id: int, status: int, payload: bytes, elapsed: float,
+               node: str) -> None:
+        q = self.jobs.get(job_id)
+        if q is not None:
+            q.put(("result", chunk_id, status, payload, elapsed, node))
+
+    def job_failed(self, job_id: str, message: str) -> None:
+        q = self.jobs.get(job_id)
+        if q is not None:
+            q.put(("failed", message))
+
+    def reply(self, request_id: int, value: Any) -> None:
+        q = self.requests.pop(request_id, None)
+        if q is not None:
+            q.put(("reply", value))
+
+    def ping(self, token: Any) -> None:
+        self.send(wire.PONG, token)
+
+    def pong(self, token: Any) -> None:
+        pass
+
+    def send_many(self, messages: List[List[bytes]]) -> None:
+        """Write several encoded messages (called via ``callFromThread``)."""
+        if self.state == "ready":
+            self.transport.writeSequence([piece for m in messages for piece in m])
+
+
+def connect(host: str, port: int, username: str, secret_key: str,
+            timeout: float = CONNECT_TIMEOUT) -> defer.Deferred:
+    """Connect and authenticate; fires with a ready :class:`ControllerProtocol`."""
+    address = f"{host}:{port}"
+    proto = ControllerProtocol(username, secret_key, address)
+    endpoint = TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
+
+    def failed(f: Failure) -> Failure:
+        if f.check(netError.ConnectionRefusedError):
+            raise ConnectionFailed(
+                f"cannot reach the Achilles server at {address}: connection refused; start "
+                "`achilles-server` there or fix ACHILLES_HOST / ACHILLES_PORT") from None
+        if f.check(netError.TimeoutError, netError.DNSLookupError, netError.ConnectError):
+            raise ConnectionFailed(
+                f"cannot reach the Achilles server at {address}: {f.getErrorMessage()}; check "
+                "ACHILLES_HOST / ACHILLES_PORT and the network") from None
+        return f
+
+    d = connectProtocol(endpoint, proto)
+    d.addErrback(failed)
+    d.addCallback(lambda _: proto.ready)
+
+    def auth_timeout() -> None:
+        if not proto.ready.called and proto.transport is not None:
+            proto.auth_error = AuthenticationError(
+                f"the server at {address} did not finish the handshake in {timeout:g} s")
+            proto.transport.loseConnection()
+
+    reactor.callLater(timeout, auth_timeout)
+    return d

@@ -1,0 +1,172 @@
+"""``Cluster``: a connection to an Achilles server with the ``multiprocessing.Pool`` API."""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import queue
+import threading
+from typing import Any, Callable, Dict, Iterable, List, Optional
+
+from achilles import wire
+from achilles.config import Config, is_interactive, load_config
+from achilles.errors import AchillesError, ConnectionLost
+from achilles.controller import reactor_thread
+from achilles.controller.client import CONNECT_TIMEOUT, ControllerProtocol, connect
+from achilles.controller.job import JobRun, ResultIterator
+
+REQUEST_TIMEOUT = 30.0
+KILL_TIMEOUT = 30.0
+
+
+def _inputs(iterable: Any) -> Iterable[Any]:
+    if inspect.isgeneratorfunction(iterable):
+        return iterable()
+    return iterable
+
+
+class Cluster:
+    """A live connection to the server; reused across calls; thread-safe; a context manager."""
+
+    def __init__(self, config: Config, timeout: float = CONNECT_TIMEOUT) -> None:
+        self.config = config
+        self.timeout = timeout
+        self._secret = config.require_secret()
+        self._lock = threading.Lock()
+        self._proto: Optional[ControllerProtocol] = None
+        self._requests = itertools.count(1)
+        self._protocol()
+
+    def __repr__(self) -> str:
+        return f"<achilles.Cluster {self.config.host}:{self.config.port} user={self.config.username!r}>"
+
+    # --- connection -------------------------------------------------------------------------
+    def _protocol(self) -> ControllerProtocol:
+        with self._lock:
+            proto = self._proto
+            if proto is None or proto.state != "ready":
+                proto = reactor_thread.call(
+                    connect, self.config.host, self.config.port, self.config.username,
+                    self._secret, self.timeout, timeout=self.timeout + 5)
+                self._proto = proto
+            return proto
+
+    def register(self, job_id: str) -> "queue.Queue[tuple]":
+        """Start routing a job's events to a new queue (used by :class:`JobRun`)."""
+        q: "queue.Queue[tuple]" = queue.Queue()
+        proto = self._protocol()
+        proto.jobs[job_id] = q
+        if proto.state != "ready":
+            q.put(("lost", proto.lost_reason or "connection closed"))
+        return q
+
+    def unregister(self, job_id: str) -> None:
+        """Stop routing a job's events."""
+        proto = self._proto
+        if proto is not None:
+            proto.jobs.pop(job_id, None)
+
+    def send(self, messages: List[List[bytes]]) -> None:
+        """Queue encoded messages for the reactor thread to write."""
+        proto = self._proto
+        if proto is not None:
+            reactor_thread.post(proto.send_many, messages)
+
+    def _request(self, code: int, timeout: float) -> Any:
+        proto = self._protocol()
+        request_id = next(self._requests)
+        q: "queue.Queue[tuple]" = queue.Queue()
+        proto.requests[request_id] = q
+        self.send([wire.encode_message(code, (request_id,))])
+        try:
+            event = q.get(timeout=timeout)
+        except queue.Empty:
+            proto.requests.pop(request_id, None)
+            raise AchillesError(f"the server did not answer within {timeout:g} s") from None
+        if event[0] == "lost":
+            raise ConnectionLost(f"lost the connection to the server ({event[1]})")
+        return event[1]
+
+    # --- the Pool API -----------------------------------------------------------------------
+    def map(self, func: Callable[[Any], Any], iterable: Iterable[Any],
+            chunksize: Optional[int] = None, callback: Optional[Callable[[Any], Any]] = None) -> List[Any]:
+        """``[func(x) for x in iterable]`` across the cluster, in input order.
+
+        ``iterable`` may be any iterable (read lazily) or a generator function (called here).
+        ``callback``, if given, runs on the node on each result before it is sent back.
+        The first failing item raises its own exception type here (remote traceback as
+        ``__cause__``) and the rest of the job is cancelled.
+        """
+        out: List[Any] = []
+        for values in JobRun(self, func, _inputs(iterable), chunksize, callback, True).chunks():
+            out.extend(values)
+        return out
+
+    def imap(self, func: Callable[[Any], Any], iterable: Iterable[Any],
+             chunksize: Optional[int] = None, callback: Optional[Callable[[Any], Any]] = None) -> ResultIterator:
+        """Like :meth:`map` but yields each result, in input order, as soon as it is ready.
+
+        Work starts at once; input is read only as the cluster asks for it, so a slow reader
+        pauses the job instead of buffering it. ``close()`` (or dropping the iterator) cancels.
+        ``callback`` runs on the node on each result.
+        """
+        return ResultIterator(JobRun(self, func, _inputs(iterable), chunksize, callback, True))
+
+    def imap_unordered(self, func: Callable[[Any], Any], iterable: Iterable[Any],
+                       chunksize: Optional[int] = None,
+                       callback: Optional[Callable[[Any], Any]] = None) -> ResultIterator:
+        """Like :meth:`imap` but yields results in completion order.
+
+        ``callback`` runs on the node on each result.
+        """
+        return ResultIterator(JobRun(self, func, _inputs(iterable), chunksize, callback, False))
+
+    # --- cluster management -----------------------------------------------------------------
+    def status(self) -> Dict[str, List[Dict[str, Any]]]:
+        """``{"nodes": [...], "jobs": [...]}``: per node name, address, processes, busy, done;
+        per job id, owner, function, sent, done, failed. JSON-serializable."""
+        return self._request(wire.STATUS, REQUEST_TIMEOUT)
+
+    def kill(self, command_verified: bool = False) -> int:
+        """Stop every node and the server; returns the number of nodes stopped once all are gone.
+
+        Asks for confirmation on a terminal unless ``command_verified=True``; without a
+        terminal and without it, refuses.
+        """
+        if not command_verified:
+            if not is_interactive():
+                raise AchillesError("refusing to stop the cluster without confirmation: call "
+                                    "kill(command_verified=True) from a script")
+            answer = input(f"Stop every node and the server at {self.config.host}:"
+                           f"{self.config.port}? [y/N] ")
+            if answer.strip().lower() not in ("y", "yes"):
+                raise AchillesError("cluster kill aborted")
+        proto = self._protocol()
+        stopped = self._request(wire.KILL, KILL_TIMEOUT)
+        reactor_thread.call(lambda: proto.closed, timeout=KILL_TIMEOUT)
+        return int(stopped)
+
+    def close(self) -> None:
+        """Close the connection (jobs still running for this controller are cancelled)."""
+        with self._lock:
+            proto, self._proto = self._proto, None
+        if proto is not None and proto.state != "closed":
+            def drop() -> Any:
+                proto.transport.loseConnection()
+                return proto.closed
+            try:
+                reactor_thread.call(drop, timeout=10)
+            except TimeoutError:
+                pass
+
+    def __enter__(self) -> "Cluster":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def connect_cluster(host: Optional[str] = None, port: Optional[int] = None,
+                    username: Optional[str] = None, secret_key: Optional[str] = None) -> Cluster:
+    """Connect to a server; arguments override the environment and ``.env``."""
+    return Cluster(load_config(host=host, port=port, username=username, secret_key=secret_key))

@@ -1,0 +1,77 @@
+"""The Twisted reactor in one background thread of the controller process.
+
+Public calls stay synchronous: they hand work to the reactor with ``callFromThread`` and wait
+on a queue. The thread starts on first use and is shared by every :class:`Cluster`.
+"""
+
+from __future__ import annotations
+
+import atexit
+import queue
+import threading
+from typing import Any, Callable, Optional
+
+from twisted.internet import defer
+from twisted.python.failure import Failure
+
+_lock = threading.Lock()
+_thread: Optional[threading.Thread] = None
+
+
+def ensure_running() -> None:
+    """Start the reactor thread once (no-op if a reactor already runs in this process)."""
+    global _thread
+    from twisted.internet import reactor
+
+    with _lock:
+        if _thread is not None or reactor.running:
+            return
+        started = threading.Event()
+        reactor.callWhenRunning(started.set)
+        _thread = threading.Thread(target=reactor.run, kwargs={"installSignalHandlers": False},
+                                   name="achilles-reactor", daemon=True)
+        _thread.start()
+        started.wait(10)
+        atexit.register(_stop)
+
+
+def _stop() -> None:
+    from twisted.internet import reactor
+
+    if reactor.running:
+        reactor.callFromThread(reactor.stop)
+        if _thread is not None:
+            _thread.join(2)
+
+
+def in_reactor() -> bool:
+    """Whether the caller is the reactor thread itself."""
+    return _thread is not None and threading.current_thread() is _thread
+
+
+def call(fn: Callable[..., Any], *args: Any, timeout: Optional[float] = None, **kwargs: Any) -> Any:
+    """Run ``fn`` in the reactor thread and wait for its result (a Deferred is waited on)."""
+    from twisted.internet import reactor
+
+    ensure_running()
+    box: "queue.Queue[Any]" = queue.Queue(maxsize=1)
+
+    def run() -> None:
+        d = defer.maybeDeferred(fn, *args, **kwargs)
+        d.addBoth(box.put)
+
+    reactor.callFromThread(run)
+    try:
+        result = box.get(timeout=timeout)
+    except queue.Empty:
+        raise TimeoutError(f"no answer from the reactor within {timeout} s") from None
+    if isinstance(result, Failure):
+        result.raiseException()
+    return result
+
+
+def post(fn: Callable[..., Any], *args: Any) -> None:
+    """Run ``fn`` in the reactor thread without waiting."""
+    from twisted.internet import reactor
+
+    reactor.callFromThread(fn, *args)

@@ -1,0 +1,5 @@
+import sys
+
+from achilles.node.main import main
+
+sys.exit(main())

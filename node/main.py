@@ -1,0 +1,74 @@
+"""``achilles-node``: run a worker node."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Dict, List, Optional
+
+from achilles.cli_common import add_connection_options, run_main
+from achilles.config import cpu_count, load_config, node_default_name
+from achilles.errors import ConfigError
+from achilles.logs import setup_logging
+
+log = logging.getLogger("achilles.node")
+
+
+def parse_resources(text: Optional[str]) -> Dict[str, float]:
+    """``gpu=1,ram=64`` -> ``{"gpu": 1.0, "ram": 64.0}``."""
+    out: Dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in (text or "").split(","))):
+        name, sep, value = part.partition("=")
+        try:
+            if not sep or not name.strip():
+                raise ValueError
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise ConfigError(f"--resources wants name=number pairs like gpu=1,ram=64; got {part!r}") from None
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The node's command line."""
+    parser = argparse.ArgumentParser(
+        prog="achilles-node",
+        description="Run an Achilles node. The secret key is read from ACHILLES_SECRET_KEY or .env.")
+    add_connection_options(parser)
+    parser.add_argument("--processes", type=int,
+                        help="worker processes (env ACHILLES_PROCESSES, default: the CPU count)")
+    parser.add_argument("--name", help="readable node id (env ACHILLES_NODE_NAME, default hostname-pid)")
+    parser.add_argument("--resources", help="what this node offers, e.g. gpu=1,ram=64")
+    parser.add_argument("--exit-with-stdin", action="store_true", help=argparse.SUPPRESS)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Connect and serve until stopped."""
+    cfg = load_config(host=args.host, port=args.port, username=args.username,
+                      log_level=args.log_level, processes=args.processes, node_name=args.name)
+    secret = cfg.require_secret()
+    resources = parse_resources(args.resources)
+    setup_logging(cfg.log_level, "node")
+    from twisted.internet import reactor
+
+    from achilles.node.client import NodeFactory
+
+    name = cfg.node_name or node_default_name()
+    processes = cfg.processes or cpu_count()
+    factory = NodeFactory(name, processes, cfg.username, secret, f"{cfg.host}:{cfg.port}", resources)
+    try:
+        reactor.connectTCP(cfg.host, cfg.port, factory)
+        if args.exit_with_stdin:
+            from achilles.lifeline import exit_with_stdin
+
+            exit_with_stdin(factory.stop)
+        reactor.run()
+    finally:
+        factory.pool.close()
+    log.info("node %s stopped", name)
+    return factory.exit_code
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of ``achilles-node``."""
+    return run_main(run, build_parser(), argv)

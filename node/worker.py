@@ -1,0 +1,81 @@
+"""The loop each worker process runs: receive a chunk, call the function per item, send results.
+
+Messages on the pipe (parent -> worker): one pickled ``(func_bytes, callback_bytes, payload)``.
+Replies (worker -> parent): a pickled ``(status, elapsed)`` header, then the result payload —
+a pickled list of results, or an :func:`achilles.serialization.error_record`.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import pickle
+import signal
+import time
+from typing import Any, Callable, Optional, Tuple
+
+from achilles import wire
+from achilles.serialization import dumps_data, error_record, loads_code, loads_data
+
+CODE_CACHE = 32
+
+
+class _CodeCache:
+    """Functions already loaded, keyed by their dill bytes (a job ships the same bytes)."""
+
+    def __init__(self) -> None:
+        self._items: "collections.OrderedDict[bytes, Optional[Callable[..., Any]]]" = \
+            collections.OrderedDict()
+
+    def get(self, data: bytes) -> Optional[Callable[..., Any]]:
+        try:
+            self._items.move_to_end(data)
+            return self._items[data]
+        except KeyError:
+            func = loads_code(data)
+            self._items[data] = func
+            if len(self._items) > CODE_CACHE:
+                self._items.popitem(last=False)
+            return func
+
+
+def run_chunk(cache: _CodeCache, func_bytes: bytes, cb_bytes: bytes, payload: bytes) -> Tuple[int, bytes]:
+    """Run one chunk; returns ``(status, result payload)``. Never raises for a task's error."""
+    results: list = []
+    append = results.append
+    try:
+        func = cache.get(func_bytes)
+        callback = cache.get(cb_bytes) if cb_bytes else None
+        items = loads_data(payload)
+        if callback is None:
+            for item in items:
+                append(func(item))
+        else:
+            for item in items:
+                append(callback(func(item)))
+    except BaseException as exc:  # a task's SystemExit or KeyboardInterrupt is its error too
+        return wire.ITEM_ERROR, error_record(len(results), exc, results)
+    try:
+        return wire.OK, dumps_data(results)
+    except BaseException as exc:
+        return wire.ITEM_ERROR, error_record(0, exc, [])
+
+
+def worker_main(conn: Any) -> None:
+    """Serve chunks from ``conn`` until the parent closes it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    cache = _CodeCache()
+    while True:
+        try:
+            message = conn.recv_bytes()
+        except (EOFError, OSError):
+            os._exit(0)
+        func_bytes, cb_bytes, payload = pickle.loads(message)
+        start = time.perf_counter()
+        status, result = run_chunk(cache, func_bytes, cb_bytes, payload)
+        elapsed = time.perf_counter() - start
+        try:
+            conn.send_bytes(pickle.dumps((status, elapsed), protocol=5))
+            conn.send_bytes(result)
+        except (EOFError, OSError):
+            os._exit(0)

@@ -1,0 +1,1 @@
+"""The Achilles server: authenticates peers, schedules chunks over nodes, streams results back."""

@@ -1,0 +1,66 @@
+"""``achilles-server``: run the server daemon."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from typing import List, Optional
+
+from achilles.cli_common import add_connection_options, run_main
+from achilles.config import load_config
+from achilles.errors import ConfigError
+from achilles.logs import setup_logging
+
+log = logging.getLogger("achilles.server")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The server's command line."""
+    parser = argparse.ArgumentParser(
+        prog="achilles-server",
+        description="Run the Achilles server. The secret key is read from ACHILLES_SECRET_KEY or .env.")
+    add_connection_options(parser)
+    parser.add_argument("--prefetch", type=int,
+                        help="chunks in flight per node process (env ACHILLES_PREFETCH, default 2)")
+    parser.add_argument("--port-file", help="write the port actually bound to this file")
+    parser.add_argument("--exit-with-stdin", action="store_true", help=argparse.SUPPRESS)
+    return parser
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Listen and run until stopped (SIGTERM, SIGINT, or a controller's kill)."""
+    cfg = load_config(host=args.host, port=args.port, username=args.username,
+                      log_level=args.log_level, prefetch=args.prefetch)
+    secret = cfg.require_secret()
+    setup_logging(cfg.log_level, "server")
+    from twisted.internet import reactor
+    from twisted.internet.error import CannotListenError
+
+    from achilles.server.service import ServerFactory
+
+    factory = ServerFactory(cfg.username, secret, prefetch=cfg.prefetch)
+    try:
+        port = reactor.listenTCP(cfg.port, factory, interface=cfg.host)
+    except CannotListenError as exc:
+        raise ConfigError(f"cannot listen on {cfg.host}:{cfg.port}: {exc.socketError}; "
+                          "pick another --port or stop what holds it") from None
+    bound = port.getHost().port
+    log.info("listening on %s:%d (user %s)", cfg.host, bound, cfg.username)
+    if args.port_file:
+        tmp = args.port_file + ".tmp"
+        with open(tmp, "w") as fh:
+            fh.write(str(bound))
+        os.replace(tmp, args.port_file)
+    if args.exit_with_stdin:
+        from achilles.lifeline import exit_with_stdin
+
+        exit_with_stdin(lambda: reactor.running and reactor.stop())
+    reactor.run()
+    log.info("server stopped")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of ``achilles-server``."""
+    return run_main(serve, build_parser(), argv)

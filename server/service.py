@@ -1,0 +1,141 @@
+"""The server's Twisted side: one connection protocol for nodes and controllers, and the factory."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, List, Optional
+
+from twisted.internet import defer, protocol, reactor
+from twisted.python.failure import Failure
+
+from achilles import wire
+from achilles.protocol import ServerSideProtocol, bind_handlers
+from achilles.server.scheduler import ControllerState, NodeState, Scheduler
+
+log = logging.getLogger("achilles.server")
+
+KILL_GRACE = 10.0
+
+NODE_HANDLERS = {wire.NODE_READY: "node_ready", wire.RESULT: "node_result",
+                 wire.PING: "ping", wire.PONG: "pong"}
+CONTROLLER_HANDLERS = {wire.SUBMIT: "submit", wire.CHUNK: "chunk", wire.END: "end",
+                       wire.CANCEL: "cancel", wire.STATUS: "status", wire.KILL: "kill",
+                       wire.PING: "ping", wire.PONG: "pong"}
+
+
+@bind_handlers({**NODE_HANDLERS, **CONTROLLER_HANDLERS})
+class ServerConnection(ServerSideProtocol):
+    """One authenticated peer; its role (node or controller) picks the handlers it may use."""
+
+    factory: "ServerFactory"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.node: Optional[NodeState] = None
+        self.controller: Optional[ControllerState] = None
+
+    def on_authenticated(self) -> None:
+        self.handlers = NODE_HANDLERS if self.role == "node" else CONTROLLER_HANDLERS
+        if self.role == "controller":
+            self.controller = self.factory.scheduler.add_controller(self, self.peer_address)
+        else:
+            log.debug("node at %s authenticated", self.peer_address)
+
+    def on_closed(self, reason: Failure) -> None:
+        sched = self.factory.scheduler
+        if self.node is not None:
+            sched.remove_node(self.node)
+            self.factory.node_gone()
+        if self.controller is not None:
+            sched.remove_controller(self.controller)
+
+    # --- node messages ----------------------------------------------------------------------
+    def node_ready(self, name: str, processes: int, hostname: str = "", pid: int = 0,
+                   resources: Optional[Dict[str, float]] = None) -> None:
+        if self.node is None:
+            self.node = self.factory.scheduler.add_node(
+                self, str(name)[:100], self.peer_address, int(processes), str(hostname)[:100],
+                int(pid), resources)
+
+    def node_result(self, job_id: str, chunk_id: int, status: int, payload: bytes,
+                    elapsed: float, node_name: str = "") -> None:
+        if self.node is not None:
+            self.factory.scheduler.result(self.node, job_id, chunk_id, status, payload, elapsed)
+
+    # --- controller messages ----------------------------------------------------------------
+    def submit(self, job_id: str, function: str, func_bytes: bytes, callback_bytes: bytes,
+               options: Dict[str, Any]) -> None:
+        self.factory.scheduler.submit(self.controller, job_id, function, func_bytes,
+                                      callback_bytes, options)
+
+    def chunk(self, job_id: str, chunk_id: int, n_items: int, payload: bytes) -> None:
+        self.factory.scheduler.add_chunk(self.controller, job_id, chunk_id, n_items, payload)
+
+    def end(self, job_id: str, n_chunks: int) -> None:
+        self.factory.scheduler.end(self.controller, job_id, n_chunks)
+
+    def cancel(self, job_id: str, reason: str = "cancelled by the controller") -> None:
+        self.factory.scheduler.cancel(self.controller, job_id, str(reason)[:200])
+
+    def status(self, request_id: int) -> None:
+        self.send(wire.STATUS_REPLY, request_id, self.factory.scheduler.status())
+
+    def kill(self, request_id: int) -> None:
+        log.warning("controller %s asked to stop the cluster", self.peer_address)
+        self.factory.kill_cluster().addCallback(
+            lambda stopped: self.send(wire.KILL_DONE, request_id, stopped))
+
+    # --- both -------------------------------------------------------------------------------
+    def ping(self, token: Any) -> None:
+        self.send(wire.PONG, token)
+
+    def pong(self, token: Any) -> None:
+        pass
+
+
+class ServerFactory(protocol.ServerFactory):
+    """Holds the scheduler and the credentials every connection checks."""
+
+    protocol = ServerConnection
+
+    def __init__(self, username: str, secret_key: str, prefetch: int = 2) -> None:
+        self.username = username
+        self.secret_key = secret_key
+        self.scheduler = Scheduler(prefetch=prefetch)
+        self._waiting_for_nodes: List[defer.Deferred] = []
+        self.stopping = False
+
+    def buildProtocol(self, addr: Any) -> ServerConnection:
+        proto = ServerConnection()
+        proto.factory = self
+        proto.username = self.username
+        proto.secret_key = self.secret_key
+        return proto
+
+    def node_gone(self) -> None:
+        if not self.scheduler.nodes:
+            waiting, self._waiting_for_nodes = self._waiting_for_nodes, []
+            for d in waiting:
+                d.callback(None)
+
+    def kill_cluster(self) -> defer.Deferred:
+        """Tell every node to shut down; fire with their number once all are gone (or after
+        :data:`KILL_GRACE` seconds), then stop the server."""
+        self.stopping = True
+        nodes = list(self.scheduler.nodes.values())
+        for node in nodes:
+            node.peer.send(wire.SHUTDOWN, "the cluster is being stopped")
+        gone: defer.Deferred = defer.Deferred()
+        if nodes:
+            self._waiting_for_nodes.append(gone)
+            timer = reactor.callLater(KILL_GRACE, lambda: gone.called or gone.callback(None))
+            gone.addBoth(lambda r: (timer.active() and timer.cancel(), r)[1])
+        else:
+            gone.callback(None)
+
+        def stop(_: Any) -> int:
+            log.warning("cluster stopped: %d node(s) shut down; server exiting", len(nodes))
+            reactor.callLater(0.2, reactor.stop)
+            return len(nodes)
+
+        return gone.addCallback(stop)
