@@ -1,0 +1,5 @@
+import sys
+
+from achilles.cli import main
+
+sys.exit(main())

@@ -1,0 +1,57 @@
+"""``achilles demo``: a real job on a local cluster (server + node on loopback, no config)."""
+
+from __future__ import annotations
+
+import time
+from typing import Iterator, Optional
+
+
+def count_primes(limit: int) -> int:
+    """CPU-bound work: the number of primes below ``limit`` (trial division)."""
+    count = 0
+    for n in range(2, limit):
+        if all(n % d for d in range(2, int(n ** 0.5) + 1)):
+            count += 1
+    return count
+
+
+def numbers(n: int) -> Iterator[int]:
+    """A generator input, read lazily by the cluster."""
+    for i in range(n):
+        yield i
+
+
+def run_demo(processes: Optional[int] = None, out=print) -> int:
+    """Run the demo; returns a process exit code."""
+    from achilles.local import LocalCluster
+
+    started = time.perf_counter()
+    with LocalCluster(nodes=1, processes=processes) as cluster:
+        status = cluster.status()
+        node = status["nodes"][0]
+        out(f"local cluster up in {time.perf_counter() - started:.2f} s: server on 127.0.0.1, "
+            f"node {node['name']} with {node['processes']} processes")
+
+        limits = [20_000 + 1_000 * i for i in range(16)]
+        t = time.perf_counter()
+        counts = cluster.map(count_primes, limits)
+        out(f"map(count_primes, 16 limits) -> {counts[:4]} ... in {time.perf_counter() - t:.2f} s")
+        expected = [count_primes(x) for x in limits[:2]]
+        if counts[:2] != expected:
+            out(f"wrong results: {counts[:2]} != {expected}")
+            return 1
+
+        t = time.perf_counter()
+        first = None
+        total = 0
+        for i, square in enumerate(cluster.imap(lambda x: x * x, numbers(100_000))):
+            if first is None:
+                first = time.perf_counter() - t
+            total += square
+        out(f"imap(lambda x: x * x, generator of 100,000) -> sum {total}; first result after "
+            f"{first * 1000:.1f} ms, all in {time.perf_counter() - t:.2f} s")
+        if total != sum(x * x for x in range(100_000)):
+            out("wrong sum")
+            return 1
+    out(f"demo finished in {time.perf_counter() - started:.2f} s; cluster stopped")
+    return 0

@@ -1,0 +1,164 @@
+"""Shared fixtures: real local clusters and daemons on 127.0.0.1 with OS-picked ports.
+
+Every process a test starts is stopped at teardown (by process group), and a final check
+fails the test if one of them is still alive.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from typing import Callable, Dict, Iterator, List, Optional
+
+import pytest
+
+import achilles
+from achilles.local import LocalCluster
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 20.0, interval: float = 0.02,
+             what: str = "condition") -> None:
+    """Poll ``predicate`` until true; fail with ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(interval)
+
+
+def alive(pid: int) -> bool:
+    """Whether a process exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def group_members(pgid: int) -> List[int]:
+    """Live pids whose process group is ``pgid``."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    fields = fh.read().split(")")[-1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                out.append(int(entry))
+    return out
+
+
+class Daemons:
+    """Starts ``achilles-server`` / ``achilles-node`` processes for one test and stops them."""
+
+    def __init__(self, tmp_path) -> None:
+        self.tmp_path = tmp_path
+        self.procs: List[subprocess.Popen] = []
+        self.logs: Dict[int, str] = {}
+
+    def env(self, secret: str, username: str = "tester") -> Dict[str, str]:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in sys.path if p])
+        env["ACHILLES_SECRET_KEY"] = secret
+        env["ACHILLES_USERNAME"] = username
+        env.pop("ACHILLES_ENV_FILE", None)
+        return env
+
+    def start(self, role: str, *args: str, secret: str, username: str = "tester") -> subprocess.Popen:
+        log = str(self.tmp_path / f"{role}-{len(self.procs)}.log")
+        with open(log, "wb") as fh:
+            proc = subprocess.Popen([sys.executable, "-m", f"achilles.{role}", *args],
+                                    env=self.env(secret, username), stdin=subprocess.DEVNULL,
+                                    stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
+                                    cwd=str(self.tmp_path))
+        self.procs.append(proc)
+        self.logs[proc.pid] = log
+        return proc
+
+    def server(self, secret: str, username: str = "tester") -> int:
+        """Start a server on an OS-picked port; return the port."""
+        port_file = self.tmp_path / f"port-{len(self.procs)}"
+        proc = self.start("server", "--host", "127.0.0.1", "--port", "0", "--port-file",
+                          str(port_file), secret=secret, username=username)
+        wait_for(lambda: port_file.exists() or proc.poll() is not None, what="server port")
+        assert proc.poll() is None, self.log(proc)
+        return int(port_file.read_text())
+
+    def log(self, proc: subprocess.Popen) -> str:
+        with open(self.logs[proc.pid], errors="replace") as fh:
+            return fh.read()
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                try:
+                    os.killpg(proc.pid, sig)
+                except (ProcessLookupError, PermissionError):
+                    break
+                try:
+                    proc.wait(5)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+
+
+@pytest.fixture
+def daemons(tmp_path) -> Iterator[Daemons]:
+    """Start daemons by hand; all are stopped (whole process groups) after the test."""
+    d = Daemons(tmp_path)
+    yield d
+    d.stop_all()
+    for proc in d.procs:
+        assert not group_members(proc.pid), f"processes of group {proc.pid} outlived the test"
+
+
+@pytest.fixture
+def secret() -> str:
+    """A fresh shared secret."""
+    return secrets.token_urlsafe(24)
+
+
+@pytest.fixture
+def make_cluster() -> Iterator[Callable[..., LocalCluster]]:
+    """Factory for started LocalClusters, stopped at teardown with nothing left running."""
+    made: List[LocalCluster] = []
+
+    def make(nodes: int = 1, processes: Optional[int] = 2, **kw) -> LocalCluster:
+        lc = LocalCluster(nodes=nodes, processes=processes, **kw)
+        lc.start()
+        made.append(lc)
+        return lc
+
+    yield make
+    pids = []
+    for lc in made:
+        pids += [p.pid for p in lc.nodes] + ([lc.server.pid] if lc.server else [])
+        lc.stop()
+    for pid in pids:
+        assert not group_members(pid), f"processes of group {pid} outlived the test"
+
+
+@pytest.fixture(scope="module")
+def shared_cluster() -> Iterator[LocalCluster]:
+    """One LocalCluster (2 nodes x 2 processes) shared by a module's read-only tests."""
+    lc = LocalCluster(nodes=2, processes=2)
+    lc.start()
+    yield lc
+    pids = [p.pid for p in lc.nodes] + [lc.server.pid]
+    lc.stop()
+    for pid in pids:
+        assert not group_members(pid), f"processes of group {pid} outlived the module"
+
+
+@pytest.fixture
+def cluster(shared_cluster: LocalCluster) -> achilles.controller.cluster.Cluster:
+    """The shared cluster's connected controller."""
+    return shared_cluster.cluster
