@@ -56,6 +56,21 @@ def group_members(pgid: int) -> List[int]:
     return out
 
 
+def stop_group(proc: subprocess.Popen, grace: float = 5.0) -> None:
+    """SIGTERM a daemon's whole process group, then SIGKILL whatever is left after ``grace``."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if proc.poll() is None or group_members(proc.pid):
+            try:
+                os.killpg(proc.pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        deadline = time.monotonic() + grace
+        while (proc.poll() is None or group_members(proc.pid)) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if proc.poll() is not None and not group_members(proc.pid):
+            return
+
+
 class Daemons:
     """Starts ``achilles-server`` / ``achilles-node`` processes for one test and stops them."""
 
@@ -98,16 +113,7 @@ class Daemons:
 
     def stop_all(self) -> None:
         for proc in self.procs:
-            for sig in (signal.SIGTERM, signal.SIGKILL):
-                try:
-                    os.killpg(proc.pid, sig)
-                except (ProcessLookupError, PermissionError):
-                    break
-                try:
-                    proc.wait(5)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
+            stop_group(proc)
 
 
 @pytest.fixture

@@ -1,0 +1,189 @@
+"""Authentication with real daemons and raw sockets: wrong secrets, fake servers, pre-auth pickles."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import socket
+import struct
+import threading
+
+import pytest
+
+from achilles import wire
+from achilles.config import Config
+from achilles.controller.cluster import Cluster
+from achilles.errors import AuthenticationError, ConnectionFailed
+from achilles.handshake import derive_key
+from conftest import wait_for
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class MarkerPickle:
+    """Unpickling this creates a file: proof that someone unpickled it."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def read_frame(sock):
+    header = b""
+    while len(header) < 5:
+        more = sock.recv(5 - len(header))
+        if not more:
+            return None, b""
+        header += more
+    code, length = struct.unpack("!BI", header)
+    body = b""
+    while len(body) < length:
+        more = sock.recv(length - len(body))
+        if not more:
+            break
+        body += more
+    return code, body
+
+
+def closed_by_peer(sock, timeout=10.0):
+    sock.settimeout(timeout)
+    try:
+        while True:
+            if not sock.recv(4096):
+                return True
+    except ConnectionResetError:
+        return True
+    except socket.timeout:
+        return False
+
+
+def test_controller_with_wrong_secret_is_refused(daemons, secret):
+    """A controller with the wrong secret gets AuthenticationError saying what to check."""
+    port = daemons.server(secret)
+    with pytest.raises(AuthenticationError, match="ACHILLES_SECRET_KEY"):
+        Cluster(Config(host="127.0.0.1", port=port, username="tester", secret_key="wrong"))
+    with pytest.raises(AuthenticationError):
+        Cluster(Config(host="127.0.0.1", port=port, username="someone", secret_key=secret))
+
+
+def test_node_with_wrong_secret_is_refused(daemons, secret):
+    """A node with the wrong secret is refused, exits with code 2 and never joins."""
+    port = daemons.server(secret)
+    node = daemons.start("node", "--host", "127.0.0.1", "--port", str(port), "--processes", "1",
+                         secret="not-the-secret")
+    assert node.wait(30) == 2
+    assert "refused" in daemons.log(node)
+    with Cluster(Config(host="127.0.0.1", port=port, username="tester", secret_key=secret)) as c:
+        assert c.status()["nodes"] == []
+
+
+def test_unreachable_server_says_what_to_fix(secret):
+    """Connecting to a port nobody listens on raises ConnectionFailed naming the address."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    with pytest.raises(ConnectionFailed, match=f"127.0.0.1:{port}.*ACHILLES_HOST"):
+        Cluster(Config(host="127.0.0.1", port=port, secret_key=secret))
+
+
+def test_node_refuses_fake_server(daemons, secret, tmp_path):
+    """A node refuses a server that cannot prove the secret, and unpickles nothing from it."""
+    marker = tmp_path / "pwned"
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    port = listener.getsockname()[1]
+    seen = {}
+
+    def fake_server():
+        conn, _ = listener.accept()
+        with conn:
+            conn.sendall(wire.encode_json(wire.HELLO, {"achilles": 1, "proto": wire.PROTOCOL_VERSION,
+                                                       "nonce": "ab" * 32}))
+            seen["auth"] = read_frame(conn)
+            conn.sendall(wire.encode_json(wire.AUTH_OK, {"proof": "00" * 32}))
+            payload = pickle.dumps((MarkerPickle(str(marker)),))
+            conn.sendall(wire.frame(wire.JOB_CODE, payload) + wire.frame(wire.TASK, payload))
+            seen["closed"] = closed_by_peer(conn)
+
+    t = threading.Thread(target=fake_server, daemon=True)
+    t.start()
+    try:
+        node = daemons.start("node", "--host", "127.0.0.1", "--port", str(port), "--processes",
+                             "1", secret=secret)
+        assert node.wait(30) == 2
+        t.join(15)
+    finally:
+        listener.close()
+    assert seen["auth"][0] == wire.AUTH
+    assert seen.get("closed") is True
+    assert not marker.exists()
+    assert "failed to prove the shared secret" in daemons.log(node)
+    assert secret not in daemons.log(node)
+
+
+@pytest.mark.parametrize("first_code", [wire.AUTH, wire.SUBMIT, wire.RESULT])
+def test_preauth_pickle_never_loaded(make_cluster, tmp_path, first_code):
+    """A pickle sent before authentication is never unpickled; the server drops that
+    connection and keeps serving."""
+    lc = make_cluster(nodes=1, processes=1)
+    marker = tmp_path / "pwned"
+    body = pickle.dumps((MarkerPickle(str(marker)),))
+    s = socket.create_connection(("127.0.0.1", lc.port))
+    with s:
+        code, hello = read_frame(s)
+        assert code == wire.HELLO and json.loads(hello)["achilles"] == 1
+        s.sendall(wire.frame(first_code, body))
+        assert closed_by_peer(s)
+    assert not marker.exists()
+    assert lc.cluster.map(abs, [-1, -2]) == [1, 2]
+
+
+def test_replayed_handshake_fails(make_cluster):
+    """An AUTH frame recorded from a good handshake is refused when replayed."""
+    lc = make_cluster(nodes=1, processes=1)
+    key = derive_key("local", lc._secret)
+    import hmac
+    import hashlib
+
+    def auth_for(server_nonce):
+        peer_nonce = "cd" * 32
+        msg = "|".join(("peer", server_nonce, peer_nonce, "controller", "local")).encode()
+        return {"proto": wire.PROTOCOL_VERSION, "role": "controller", "user": "local",
+                "nonce": peer_nonce, "proof": hmac.new(key, msg, hashlib.sha256).hexdigest()}
+
+    with socket.create_connection(("127.0.0.1", lc.port)) as s:
+        _, hello = read_frame(s)
+        recorded = auth_for(json.loads(hello)["nonce"])
+        s.sendall(wire.encode_json(wire.AUTH, recorded))
+        assert read_frame(s)[0] == wire.AUTH_OK
+    with socket.create_connection(("127.0.0.1", lc.port)) as s:
+        read_frame(s)
+        s.sendall(wire.encode_json(wire.AUTH, recorded))
+        code, body = read_frame(s)
+        assert code == wire.AUTH_FAIL
+        assert closed_by_peer(s)
+
+
+def test_oversized_preauth_frame_closes(make_cluster):
+    """A pre-auth frame header announcing more than the pre-auth cap closes the connection."""
+    lc = make_cluster(nodes=1, processes=1)
+    with socket.create_connection(("127.0.0.1", lc.port)) as s:
+        read_frame(s)
+        s.sendall(struct.pack("!BI", wire.AUTH, 10_000_000))
+        assert closed_by_peer(s)
+    assert lc.cluster.map(abs, [-3]) == [3]
+
+
+def test_secret_not_in_logs_or_repr(make_cluster):
+    """The secret appears in no daemon log, status() or repr()."""
+    lc = make_cluster(nodes=1, processes=1, log_level="DEBUG")
+    lc.cluster.map(abs, range(10))
+    secret = lc._secret
+    assert secret not in repr(lc.cluster) and secret not in repr(lc.cluster.config)
+    assert secret not in json.dumps(lc.cluster.status())
+    assert secret not in lc.log_text("server") and secret not in lc.log_text("node-0")
