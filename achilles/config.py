@@ -22,6 +22,9 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 9999
 DEFAULT_USERNAME = "achilles"
 DEFAULT_PREFETCH = 2
+DEFAULT_HEARTBEAT = 10.0
+DEFAULT_RECONNECT_TIMEOUT = 60.0
+DEFAULT_MAX_CRASHES = 3
 ENV_FILE_VAR = "ACHILLES_ENV_FILE"
 
 #: Every variable Achilles reads, with what it means (``.env.example`` mirrors this).
@@ -34,6 +37,9 @@ VARIABLES: Dict[str, str] = {
     "ACHILLES_PREFETCH": "chunks in flight per node process (default 2)",
     "ACHILLES_NODE_NAME": "readable node id (default: hostname-pid)",
     "ACHILLES_LOG_LEVEL": "DEBUG, INFO, WARNING or ERROR (default INFO)",
+    "ACHILLES_HEARTBEAT": "seconds of silence after which a peer counts as dead (default 10)",
+    "ACHILLES_RECONNECT_TIMEOUT": "seconds a controller keeps trying to reach a restarted server (default 60)",
+    "ACHILLES_MAX_CRASHES": "times an item may kill its worker before it fails with WorkerCrashed (default 3)",
 }
 
 
@@ -49,6 +55,9 @@ class Config:
     prefetch: int = DEFAULT_PREFETCH
     node_name: Optional[str] = None
     log_level: str = "INFO"
+    heartbeat: float = DEFAULT_HEARTBEAT
+    reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT
+    max_crashes: int = DEFAULT_MAX_CRASHES
     env_file: Optional[str] = None
 
     def __repr__(self) -> str:
@@ -101,6 +110,16 @@ def _as_int(name: str, value: Any, minimum: int) -> int:
     return number
 
 
+def _as_float(name: str, value: Any, minimum: float) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a number of seconds, got {value!r}") from None
+    if number < minimum:
+        raise ConfigError(f"{name} must be at least {minimum:g}, got {number:g}")
+    return number
+
+
 def load_config(**overrides: Any) -> Config:
     """Resolve the configuration; keyword arguments that are not None win over everything."""
     env_file = _env_file_path()
@@ -130,6 +149,13 @@ def load_config(**overrides: Any) -> Config:
     cfg.prefetch = DEFAULT_PREFETCH if prefetch is None else _as_int("ACHILLES_PREFETCH", prefetch, 1)
     cfg.node_name = pick("node_name", "ACHILLES_NODE_NAME")
     cfg.log_level = str(pick("log_level", "ACHILLES_LOG_LEVEL") or "INFO").upper()
+    heartbeat = pick("heartbeat", "ACHILLES_HEARTBEAT")
+    cfg.heartbeat = DEFAULT_HEARTBEAT if heartbeat is None else _as_float("ACHILLES_HEARTBEAT", heartbeat, 0.2)
+    reconnect = pick("reconnect_timeout", "ACHILLES_RECONNECT_TIMEOUT")
+    cfg.reconnect_timeout = (DEFAULT_RECONNECT_TIMEOUT if reconnect is None
+                             else _as_float("ACHILLES_RECONNECT_TIMEOUT", reconnect, 0))
+    crashes = pick("max_crashes", "ACHILLES_MAX_CRASHES")
+    cfg.max_crashes = DEFAULT_MAX_CRASHES if crashes is None else _as_int("ACHILLES_MAX_CRASHES", crashes, 1)
     return cfg
 
 

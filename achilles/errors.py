@@ -73,3 +73,15 @@ class WorkerCrashed(AchillesError):
 
 class TaskTimeout(AchillesError):
     """A task ran past its deadline; its worker process was killed and replaced."""
+
+
+def describe_exit(exitcode: Optional[int]) -> str:
+    """A process exit code in words: ``killed by SIGSEGV`` or ``exit code 3``."""
+    import signal
+
+    if exitcode is not None and exitcode < 0:
+        try:
+            return f"killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"killed by signal {-exitcode}"
+    return f"exit code {exitcode}"

@@ -33,6 +33,21 @@ def _child_env(secret: str) -> dict:
     return env
 
 
+def _kill_group(proc: subprocess.Popen, timeout: float = 5.0) -> None:
+    """SIGKILL what is left of a daemon's process group (its workers) and wait until it is gone."""
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        pass
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            return
+        time.sleep(0.01)
+
+
 class LocalCluster:
     """Start a server and ``nodes`` node daemons on loopback with a random port and secret.
 
@@ -42,8 +57,11 @@ class LocalCluster:
     """
 
     def __init__(self, nodes: int = 1, processes: Optional[int] = None, prefetch: int = 2,
-                 log_level: str = "WARNING") -> None:
+                 log_level: str = "WARNING", heartbeat: Optional[float] = None,
+                 max_crashes: Optional[int] = None, reconnect_timeout: Optional[float] = None) -> None:
         self.n_nodes = nodes
+        self.heartbeat = heartbeat
+        self.reconnect_timeout = reconnect_timeout
         self.processes = processes
         self.prefetch = prefetch
         self.log_level = log_level
@@ -52,15 +70,20 @@ class LocalCluster:
         self._secret = secrets.token_urlsafe(32)
         self._dir = tempfile.mkdtemp(prefix="achilles-local-")
         self._env = _child_env(self._secret)
+        if heartbeat is not None:
+            self._env["ACHILLES_HEARTBEAT"] = str(heartbeat)
+        if max_crashes is not None:
+            self._env["ACHILLES_MAX_CRASHES"] = str(max_crashes)
         self.server: Optional[subprocess.Popen] = None
         self.nodes: List[subprocess.Popen] = []
         self._logs: List[Any] = []
+        self._retired: List[subprocess.Popen] = []
 
     def __repr__(self) -> str:
         return f"<LocalCluster 127.0.0.1:{self.port} nodes={len(self.nodes)}>"
 
     def _spawn(self, name: str, args: List[str]) -> subprocess.Popen:
-        log = open(os.path.join(self._dir, f"{name}.log"), "wb")
+        log = open(os.path.join(self._dir, f"{name}.log"), "ab")
         self._logs.append(log)
         return subprocess.Popen(
             [sys.executable, "-m", *args, "--exit-with-stdin", "--log-level", self.log_level],
@@ -78,28 +101,47 @@ class LocalCluster:
     def start(self) -> Cluster:
         """Start everything and return a connected :class:`Cluster` (``__enter__`` does this)."""
         try:
-            port_file = os.path.join(self._dir, "port")
-            self.server = self._spawn("server", [
-                "achilles.server", "--host", "127.0.0.1", "--port", "0", "--port-file", port_file,
-                "--prefetch", str(self.prefetch)])
             deadline = time.monotonic() + START_TIMEOUT
-            while not os.path.exists(port_file):
-                if self.server.poll() is not None:
-                    raise AchillesError(f"the local server exited: {self.log_text('server')[-2000:]}")
-                if time.monotonic() > deadline:
-                    raise AchillesError("the local server did not start in time")
-                time.sleep(0.01)
-            with open(port_file) as fh:
-                self.port = int(fh.read())
+            self._start_server(0, deadline)
             for i in range(self.n_nodes):
                 self.add_node()
-            self.cluster = Cluster(Config(host="127.0.0.1", port=self.port, username="local",
-                                          secret_key=self._secret))
+            cfg = Config(host="127.0.0.1", port=self.port, username="local",
+                         secret_key=self._secret)
+            if self.heartbeat is not None:
+                cfg.heartbeat = self.heartbeat
+            if self.reconnect_timeout is not None:
+                cfg.reconnect_timeout = self.reconnect_timeout
+            self.cluster = Cluster(cfg)
             self.wait_for_nodes(self.n_nodes, deadline)
             return self.cluster
         except BaseException:
             self.stop()
             raise
+
+    def _start_server(self, port: int, deadline: float) -> None:
+        port_file = os.path.join(self._dir, "port")
+        if os.path.exists(port_file):
+            os.unlink(port_file)
+        self.server = self._spawn("server", [
+            "achilles.server", "--host", "127.0.0.1", "--port", str(port), "--port-file", port_file,
+            "--prefetch", str(self.prefetch)])
+        while not os.path.exists(port_file):
+            if self.server.poll() is not None:
+                raise AchillesError(f"the local server exited: {self.log_text('server')[-2000:]}")
+            if time.monotonic() > deadline:
+                raise AchillesError("the local server did not start in time")
+            time.sleep(0.01)
+        with open(port_file) as fh:
+            self.port = int(fh.read())
+
+    def restart_server(self, down_for: float = 0.0) -> None:
+        """Kill the server with SIGKILL and start a new one on the same port (fault tests)."""
+        assert self.server is not None
+        self.server.kill()
+        self.server.wait(10)
+        self._retired.append(self.server)
+        time.sleep(down_for)
+        self._start_server(self.port, time.monotonic() + START_TIMEOUT)
 
     def add_node(self, processes: Optional[int] = None, name: Optional[str] = None) -> subprocess.Popen:
         """Start one more node daemon (it joins running jobs at once)."""
@@ -134,7 +176,7 @@ class LocalCluster:
             except Exception:
                 pass
             self.cluster = None
-        procs = [p for p in self.nodes + [self.server] if p is not None]
+        procs = [p for p in self.nodes + self._retired + [self.server] if p is not None]
         for proc in procs:
             if proc.poll() is None:
                 try:
@@ -147,14 +189,7 @@ class LocalCluster:
                 proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 pass
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)  # workers and anything else in its group
-            except (ProcessLookupError, PermissionError):
-                pass
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                pass
+            _kill_group(proc)
             if proc.stdin:
                 try:
                     proc.stdin.close()

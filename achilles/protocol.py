@@ -13,6 +13,7 @@ from typing import Any, Callable, Dict, Optional
 
 from twisted.internet import protocol
 from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 
 from achilles import wire
@@ -22,6 +23,7 @@ from achilles.handshake import PeerHandshake, ServerHandshake
 log = logging.getLogger("achilles.protocol")
 
 HANDSHAKE_TIMEOUT = 10.0
+HEARTBEAT = 10.0
 
 
 class AchillesProtocol(protocol.Protocol):
@@ -29,6 +31,8 @@ class AchillesProtocol(protocol.Protocol):
 
     handlers: Dict[int, str] = {}
     handshake_timeout: float = HANDSHAKE_TIMEOUT
+    #: Seconds of silence after which the peer counts as dead; PINGs go out 4 times as often.
+    heartbeat: float = HEARTBEAT
     max_frame: int = wire.DEFAULT_MAX_FRAME
 
     def __init__(self) -> None:
@@ -36,6 +40,8 @@ class AchillesProtocol(protocol.Protocol):
         self.state = "handshake"
         self.peer_address = "?"
         self._timer: Optional[IDelayedCall] = None
+        self._beat: Optional[LoopingCall] = None
+        self._last_heard = 0.0
 
     # --- hooks ------------------------------------------------------------------------------
     def start_handshake(self) -> None:
@@ -78,11 +84,37 @@ class AchillesProtocol(protocol.Protocol):
             self._timer.cancel()
         self._timer = None
         self.decoder.set_limit(self.max_frame, wire.POSTAUTH_CODES)
+        self._start_heartbeat()
         self.on_authenticated()
+
+    def _start_heartbeat(self) -> None:
+        from twisted.internet import reactor
+
+        self._last_heard = reactor.seconds()
+        if self.heartbeat > 0:
+            self._beat = LoopingCall(self._heartbeat_tick)
+            self._beat.clock = reactor
+            self._beat.start(self.heartbeat / 4, now=False)
+
+    def _heartbeat_tick(self) -> None:
+        from twisted.internet import reactor
+
+        silent = reactor.seconds() - self._last_heard
+        if silent > self.heartbeat:
+            log.warning("no heartbeat from %s for %.1f s; dropping the connection",
+                        self.peer_address, silent)
+            self.state = "closed"
+            self.transport.abortConnection()
+            return
+        self.send(wire.PING, 0)
 
     def dataReceived(self, data: bytes) -> None:
         if self.state == "closed":
             return
+        if self._beat is not None:
+            from twisted.internet import reactor
+
+            self._last_heard = reactor.seconds()
         try:
             self.decoder.feed(data)
             while self.state != "closed":
@@ -129,6 +161,9 @@ class AchillesProtocol(protocol.Protocol):
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self.state = "closed"
+        if self._beat is not None and self._beat.running:
+            self._beat.stop()
+        self._beat = None
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None

@@ -50,7 +50,7 @@ class ControllerProtocol(PeerSideProtocol):
             self.ready.errback(Failure(err))
         self.lost_reason = reason.getErrorMessage()
         for q in list(self.jobs.values()) + list(self.requests.values()):
-            q.put(("lost", self.lost_reason))
+            q.put(("lost", self.lost_reason, id(self)))
         self.closed.callback(None)
 
     def want(self, job_id: str, n: int, processes: int, capacity: int) -> None:
@@ -87,10 +87,11 @@ class ControllerProtocol(PeerSideProtocol):
 
 
 def connect(host: str, port: int, username: str, secret_key: str,
-            timeout: float = CONNECT_TIMEOUT) -> defer.Deferred:
+            timeout: float = CONNECT_TIMEOUT, heartbeat: float = 10.0) -> defer.Deferred:
     """Connect and authenticate; fires with a ready :class:`ControllerProtocol`."""
     address = f"{host}:{port}"
     proto = ControllerProtocol(username, secret_key, address)
+    proto.heartbeat = heartbeat
     endpoint = TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
 
     def failed(f: Failure) -> Failure:

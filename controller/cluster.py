@@ -6,11 +6,12 @@ import inspect
 import itertools
 import queue
 import threading
+import time
 from typing import Any, Callable, Dict, Iterable, List, Optional
 
 from achilles import wire
 from achilles.config import Config, is_interactive, load_config
-from achilles.errors import AchillesError, ConnectionLost
+from achilles.errors import AchillesError, ConnectionFailed, ConnectionLost
 from achilles.controller import reactor_thread
 from achilles.controller.client import CONNECT_TIMEOUT, ControllerProtocol, connect
 from achilles.controller.job import JobRun, ResultIterator
@@ -47,18 +48,31 @@ class Cluster:
             if proto is None or proto.state != "ready":
                 proto = reactor_thread.call(
                     connect, self.config.host, self.config.port, self.config.username,
-                    self._secret, self.timeout, timeout=self.timeout + 5)
+                    self._secret, self.timeout, self.config.heartbeat, timeout=self.timeout + 5)
                 self._proto = proto
             return proto
 
-    def register(self, job_id: str) -> "queue.Queue[tuple]":
-        """Start routing a job's events to a new queue (used by :class:`JobRun`)."""
-        q: "queue.Queue[tuple]" = queue.Queue()
+    def reconnect(self, job_id: str, events: "queue.Queue[tuple]") -> int:
+        """After a lost connection: connect again (retrying until the configured
+        ``reconnect_timeout``) and route ``job_id``'s events to ``events`` again."""
+        deadline = time.monotonic() + self.config.reconnect_timeout
+        while True:
+            try:
+                return self.register(job_id, events)
+            except ConnectionFailed as exc:
+                if time.monotonic() >= deadline:
+                    raise ConnectionLost(f"the server stayed unreachable for "
+                                         f"{self.config.reconnect_timeout:g} s: {exc}") from None
+                time.sleep(min(0.25, max(0.0, deadline - time.monotonic())))
+
+    def register(self, job_id: str, q: "queue.Queue[tuple]") -> int:
+        """Route a job's events to ``q`` on the live connection; returns the connection's id
+        (its ``lost`` event carries it)."""
         proto = self._protocol()
         proto.jobs[job_id] = q
         if proto.state != "ready":
-            q.put(("lost", proto.lost_reason or "connection closed"))
-        return q
+            q.put(("lost", proto.lost_reason or "connection closed", id(proto)))
+        return id(proto)
 
     def unregister(self, job_id: str) -> None:
         """Stop routing a job's events."""

@@ -16,7 +16,7 @@ import uuid
 from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Tuple
 
 from achilles import wire
-from achilles.errors import ConnectionLost, JobCancelled, WorkerCrashed
+from achilles.errors import ConnectionLost, JobCancelled, WorkerCrashed, describe_exit
 from achilles.serialization import dumps_code, dumps_data, function_name, load_error, loads_data
 from achilles.controller.chunking import ChunkSizer
 
@@ -40,7 +40,8 @@ class JobRun:
             total = None
         self.sizer = ChunkSizer(chunksize, total)
         self.job_id = uuid.uuid4().hex
-        self.events: "queue.Queue[tuple]" = link.register(self.job_id)
+        self.events: "queue.Queue[tuple]" = queue.Queue()
+        self._conn = link.register(self.job_id, self.events)
         self._input = iter(iterable)
         self.credit = INITIAL_CREDIT
         self.window = MIN_WINDOW
@@ -49,13 +50,16 @@ class JobRun:
         self.n_chunks = 0
         self.items_sent = 0
         self.items_done = 0
-        self.outstanding: Dict[int, Tuple[int, int]] = {}  # chunk id -> (first item, n items)
+        # chunk id -> (first item, n items, encoded CHUNK): kept until answered, for resubmission
+        self.outstanding: Dict[int, Tuple[int, int, List[bytes]]] = {}
+        self.session_chunks = 0  # CHUNKs sent on the current connection (END counts these)
         self.buffered: Dict[int, list] = {}
         self.ready: Deque[list] = collections.deque()
         self.next_chunk = 0
         self.error: Optional[Tuple[int, BaseException, list]] = None  # (chunk id, exc, partial)
-        self.link.send([wire.encode_message(wire.SUBMIT, (
-            self.job_id, self.function, dumps_code(func), dumps_code(callback), options or {}))])
+        self._submit = wire.encode_message(wire.SUBMIT, (
+            self.job_id, self.function, dumps_code(func), dumps_code(callback), options or {}))
+        self.link.send([self._submit])
         self._fill()
 
     # --- input ------------------------------------------------------------------------------
@@ -68,14 +72,16 @@ class JobRun:
             if items:
                 cid = self.n_chunks
                 self.n_chunks += 1
-                self.outstanding[cid] = (self.items_sent, len(items))
+                message = wire.encode_message(
+                    wire.CHUNK, (self.job_id, cid, len(items), dumps_data(items)))
+                self.outstanding[cid] = (self.items_sent, len(items), message)
                 self.items_sent += len(items)
-                messages.append(wire.encode_message(
-                    wire.CHUNK, (self.job_id, cid, len(items), dumps_data(items))))
+                messages.append(message)
+                self.session_chunks += 1
                 self.credit -= 1
             if len(items) < size:
                 self.exhausted = True
-                messages.append(wire.encode_message(wire.END, (self.job_id, self.n_chunks)))
+                messages.append(wire.encode_message(wire.END, (self.job_id, self.session_chunks)))
         if messages:
             self.link.send(messages)
 
@@ -92,7 +98,7 @@ class JobRun:
             spec = self.outstanding.pop(cid, None)
             if spec is None:
                 return
-            first, n = spec
+            first, n, _ = spec
             if status == wire.OK:
                 values = loads_data(payload)
                 self.items_done += n
@@ -108,18 +114,34 @@ class JobRun:
                     exc.add_note(f"raised by {self.function} on item {first + index} "
                                  f"(node {node}, job {self.job_id[:8]})")
             else:
-                exitcode = pickle.loads(payload) if payload else None
+                exitcode, item, crashes = pickle.loads(payload)
+                which = f"item {first + item}" if item is not None else f"items {first}..{first + n - 1}"
                 exc, partial = WorkerCrashed(
-                    f"a worker process died (exit code {exitcode}) running items {first}.."
-                    f"{first + n - 1} of {self.function} on node {node}", item=first), []
+                    f"{which} of {self.function} killed its worker process {crashes} times "
+                    f"(last: {describe_exit(exitcode)} on node {node})",
+                    item=None if item is None else first + item), []
             if self.error is None or (self.ordered and cid < self.error[0]):
                 self.error = (cid, exc, partial)
         elif kind == "failed":
             raise JobCancelled(f"job {self.job_id[:8]} failed on the server: {event[1]}")
-        elif kind == "lost":
+        elif kind == "lost" and event[2] == self._conn:
+            self._resume(event[1])
+
+    def _resume(self, reason: str) -> None:
+        """Reconnect (the server restarted or the link dropped) and resubmit every chunk not
+        yet answered; raises ConnectionLost if the server stays away past the deadline."""
+        try:
+            self._conn = self.link.reconnect(self.job_id, self.events)
+        except ConnectionLost as exc:
             raise ConnectionLost(
-                f"lost the connection to the server ({event[1]}) with {self.items_done} of "
-                f"{self.items_sent} items done", done=self.items_done)
+                f"lost the connection to the server ({reason}) with {self.items_done} of "
+                f"{self.items_sent} items done; {exc}", done=self.items_done) from None
+        messages = [self._submit] + [self.outstanding[cid][2] for cid in sorted(self.outstanding)]
+        self.session_chunks = len(self.outstanding)
+        self.credit = max(0, INITIAL_CREDIT - self.session_chunks)
+        if self.exhausted:
+            messages.append(wire.encode_message(wire.END, (self.job_id, self.session_chunks)))
+        self.link.send(messages)
 
     def chunks(self) -> Iterator[list]:
         """Yield lists of results; raise the first task error once everything before it is out."""

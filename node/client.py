@@ -45,8 +45,6 @@ class NodeProtocol(PeerSideProtocol):
         if f.current is self:
             f.current = None
             dropped = f.pool.drain()
-            for job_id in self.jobs:
-                f.pool.cancel_job(job_id)
             log.warning("lost the server connection (%s); dropped %d queued chunk(s)",
                         reason.getErrorMessage(), dropped)
         if self.auth_error is not None:
@@ -56,16 +54,17 @@ class NodeProtocol(PeerSideProtocol):
                  options: Dict[str, Any]) -> None:
         self.jobs[job_id] = (func_bytes, callback_bytes, options)
 
-    def task(self, job_id: str, chunk_id: int, payload: bytes) -> None:
+    def task(self, job_id: str, chunk_id: int, payload: bytes, careful: bool = False) -> None:
         code = self.jobs.get(job_id)
         if code is None:
             log.error("task for unknown job %s ignored", job_id[:8])
             return
-        self.factory.pool.submit(Task(self.session, job_id, chunk_id, code[0], code[1], payload))
+        self.factory.pool.submit(Task(self.session, job_id, chunk_id, code[0], code[1], payload,
+                                      bool(careful)))
 
     def cancel(self, job_id: str, reason: str = "") -> None:
         self.jobs.pop(job_id, None)
-        self.factory.pool.cancel_job(job_id)
+        self.factory.pool.cancel_job(self.session, job_id)
 
     def job_done(self, job_id: str) -> None:
         self.jobs.pop(job_id, None)
@@ -88,13 +87,15 @@ class NodeProtocol(PeerSideProtocol):
 class NodeFactory(protocol.ReconnectingClientFactory):
     """Connects, and reconnects with backoff while the server is unreachable."""
 
-    maxDelay = 10.0
+    maxDelay = 5.0
     initialDelay = 0.5
     factor = 2.0
 
     def __init__(self, name: str, processes: int, username: str, secret_key: str,
-                 address: str, resources: Optional[Dict[str, float]] = None) -> None:
+                 address: str, resources: Optional[Dict[str, float]] = None,
+                 heartbeat: float = 10.0) -> None:
         self.name = name
+        self.heartbeat = heartbeat
         self.username = username
         self.secret_key = secret_key
         self.address = address
@@ -111,6 +112,7 @@ class NodeFactory(protocol.ReconnectingClientFactory):
         proto.factory = self
         proto.username = self.username
         proto.secret_key = self.secret_key
+        proto.heartbeat = self.heartbeat
         return proto
 
     def _from_worker(self, task: Task, status: int, payload: bytes, elapsed: float) -> None:

@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--processes", type=int,
                         help="worker processes (env ACHILLES_PROCESSES, default: the CPU count)")
     parser.add_argument("--name", help="readable node id (env ACHILLES_NODE_NAME, default hostname-pid)")
+    parser.add_argument("--heartbeat", type=float,
+                        help="seconds of silence before the server counts as dead (env ACHILLES_HEARTBEAT, default 10)")
     parser.add_argument("--resources", help="what this node offers, e.g. gpu=1,ram=64")
     parser.add_argument("--exit-with-stdin", action="store_true", help=argparse.SUPPRESS)
     return parser
@@ -45,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     """Connect and serve until stopped."""
     cfg = load_config(host=args.host, port=args.port, username=args.username,
-                      log_level=args.log_level, processes=args.processes, node_name=args.name)
+                      log_level=args.log_level, processes=args.processes, node_name=args.name,
+                      heartbeat=args.heartbeat)
     secret = cfg.require_secret()
     resources = parse_resources(args.resources)
     setup_logging(cfg.log_level, "node")
@@ -55,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
 
     name = cfg.node_name or node_default_name()
     processes = cfg.processes or cpu_count()
-    factory = NodeFactory(name, processes, cfg.username, secret, f"{cfg.host}:{cfg.port}", resources)
+    factory = NodeFactory(name, processes, cfg.username, secret, f"{cfg.host}:{cfg.port}", resources,
+                          heartbeat=cfg.heartbeat)
     try:
         reactor.connectTCP(cfg.host, cfg.port, factory)
         if args.exit_with_stdin:

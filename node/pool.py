@@ -1,10 +1,12 @@
 """A supervised pool of ``multiprocess`` worker processes.
 
 Each worker process has a supervising thread in the node that feeds it one chunk at a time over
-a pipe and hands the result to the reactor. Because the node owns each process directly, a worker
-that dies (``os._exit``, a segfault, the OOM killer) is noticed at once and replaced, and the
-chunk is reported as crashed instead of hanging the pool (the failure mode of
-``multiprocessing.Pool``).
+a pipe and hands the outcome to ``on_result``. Because the node owns each process directly:
+
+- a worker that dies (``os._exit``, a segfault, the OOM killer) is noticed at once and
+  replaced, and its chunk is reported as ``CRASHED`` (with the item it was running, when the
+  chunk ran in careful mode) instead of hanging the pool as ``multiprocessing.Pool`` does;
+- a running chunk can be stopped (its job was cancelled) by killing its worker.
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, Set
+from typing import Any, Callable, List, Optional, Set, Tuple
 
 import multiprocess
 
 from achilles import wire
+from achilles.errors import describe_exit
 
 log = logging.getLogger("achilles.node")
 
@@ -36,6 +39,7 @@ class Task:
     func_bytes: bytes
     callback_bytes: bytes
     payload: bytes
+    careful: bool = False
 
 
 ResultHandler = Callable[[Task, int, bytes, float], None]
@@ -50,6 +54,21 @@ def _context() -> Any:
         return multiprocess.get_context()
 
 
+class _Slot:
+    """One worker process, its pipe, its shared progress counter and its current task."""
+
+    def __init__(self, ctx: Any) -> None:
+        from achilles.node.worker import worker_main
+
+        self.progress = ctx.RawValue("q", -1)
+        self.conn, child = ctx.Pipe(duplex=True)
+        self.proc = ctx.Process(target=worker_main, args=(child, self.progress), daemon=True)
+        self.proc.start()
+        child.close()
+        self.task: Optional[Task] = None
+        self.killed = False
+
+
 class WorkerPool:
     """``processes`` workers; :meth:`submit` queues a task, ``on_result`` gets every outcome.
 
@@ -62,84 +81,99 @@ class WorkerPool:
         self.on_result = on_result
         self._ctx = _context()
         self._queue: "queue.Queue[Any]" = queue.Queue()
-        self._cancelled: Set[str] = set()
+        self._cancelled: Set[Tuple[int, str]] = set()  # (session, job id)
         self._lock = threading.Lock()
         self._closed = False
-        self._threads: List[threading.Thread] = []
-        self._procs: List[Any] = [None] * processes
-        for slot in range(processes):
-            t = threading.Thread(target=self._supervise, args=(slot,), name=f"achilles-worker-{slot}",
-                                 daemon=True)
-            self._threads.append(t)
-        for slot in range(processes):
-            self._procs[slot] = self._spawn()
+        self._slots: List[_Slot] = [_Slot(self._ctx) for _ in range(processes)]
+        self._threads = [threading.Thread(target=self._supervise, args=(i,), daemon=True,
+                                          name=f"achilles-worker-{i}") for i in range(processes)]
         for t in self._threads:
             t.start()
-
-    def _spawn(self) -> Any:
-        from achilles.node.worker import worker_main
-
-        parent, child = self._ctx.Pipe(duplex=True)
-        proc = self._ctx.Process(target=worker_main, args=(child,), daemon=True)
-        proc.start()
-        child.close()
-        proc.conn = parent
-        return proc
 
     def submit(self, task: Task) -> None:
         """Queue a task (thread-safe)."""
         self._queue.put(task)
 
-    def cancel_job(self, job_id: str) -> None:
-        """Skip this job's queued tasks; a running one finishes and its result is dropped."""
+    def cancel_job(self, session: int, job_id: str) -> None:
+        """Drop this job's queued tasks of this server session and kill the workers running
+        them. (After a reconnect the same job may come back in a new session.)"""
+        key = (session, job_id)
         with self._lock:
-            self._cancelled.add(job_id)
+            self._cancelled.add(key)
             if len(self._cancelled) > 10000:
                 self._cancelled = set(list(self._cancelled)[-5000:])
+            for slot in self._slots:
+                task = slot.task
+                if task is not None and (task.session, task.job_id) == key and not slot.killed:
+                    slot.killed = True
+                    slot.proc.kill()
 
     def drain(self) -> int:
-        """Drop every queued task (the server connection is gone); returns how many."""
+        """Drop every queued task and stop the running ones (the server connection is gone)."""
         dropped = 0
         while True:
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
-                return dropped
+                break
             if item is _STOP:
                 self._queue.put(_STOP)
-                return dropped
+                break
             dropped += 1
+        with self._lock:
+            for slot in self._slots:
+                if slot.task is not None and not slot.killed:
+                    slot.killed = True
+                    slot.proc.kill()
+        return dropped
 
     @property
-    def queued(self) -> int:
-        """Tasks waiting for a worker."""
-        return self._queue.qsize()
+    def busy(self) -> int:
+        """Workers running a task now."""
+        return sum(1 for s in self._slots if s.task is not None)
 
-    def _supervise(self, slot: int) -> None:
+    def _supervise(self, index: int) -> None:
         while True:
             task = self._queue.get()
             if task is _STOP:
                 return
-            if task.job_id in self._cancelled:
-                continue
-            proc = self._procs[slot]
-            try:
-                proc.conn.send_bytes(pickle.dumps(
-                    (task.func_bytes, task.callback_bytes, task.payload), protocol=5))
-                status, elapsed = pickle.loads(proc.conn.recv_bytes())
-                payload = proc.conn.recv_bytes()
-            except (EOFError, OSError):
+            with self._lock:
+                if (task.session, task.job_id) in self._cancelled:
+                    continue
+                slot = self._slots[index]
+                slot.task = task
+                slot.progress.value = -1
+            outcome = self._run(slot, task)
+            with self._lock:
+                slot.task = None
+                killed = slot.killed
+            if outcome is None or killed:  # dead or killed by us: replace the process
                 if self._closed:
                     return
-                proc.join(1)
-                log.warning("worker %d (pid %s) died with exit code %s while running chunk %d "
-                            "of job %s; replacing it", slot, proc.pid, proc.exitcode,
-                            task.chunk_id, task.job_id[:8])
-                self._procs[slot] = self._spawn()
-                self.on_result(task, wire.CRASHED, pickle.dumps(proc.exitcode), 0.0)
+                slot.proc.join(1)
+                item = slot.progress.value if task.careful and slot.progress.value >= 0 else None
+                exitcode = slot.proc.exitcode
+                with self._lock:
+                    self._slots[index] = _Slot(self._ctx)
+                if not killed:
+                    log.warning("worker %d (pid %s) %s running chunk %d of job %s; replaced",
+                                index, slot.proc.pid, describe_exit(exitcode), task.chunk_id,
+                                task.job_id[:8])
+                    self.on_result(task, wire.CRASHED, pickle.dumps((exitcode, item)), 0.0)
                 continue
-            if task.job_id not in self._cancelled:
-                self.on_result(task, status, payload, elapsed)
+            if (task.session, task.job_id) not in self._cancelled:
+                self.on_result(task, *outcome)
+
+    @staticmethod
+    def _run(slot: _Slot, task: Task) -> "Optional[tuple]":
+        try:
+            slot.conn.send_bytes(pickle.dumps(
+                (task.func_bytes, task.callback_bytes, task.payload, task.careful), protocol=5))
+            status, elapsed = pickle.loads(slot.conn.recv_bytes())
+            payload = slot.conn.recv_bytes()
+        except (EOFError, OSError):
+            return None
+        return status, payload, elapsed
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop the workers and their threads."""
@@ -149,14 +183,14 @@ class WorkerPool:
         self.drain()
         for _ in self._threads:
             self._queue.put(_STOP)
-        for proc in self._procs:
+        for slot in self._slots:
             try:
-                proc.conn.close()
+                slot.conn.close()
             except Exception:
                 pass
         deadline = time.monotonic() + timeout
-        for proc in self._procs:
-            proc.join(max(0.0, deadline - time.monotonic()))
-            if proc.is_alive():
-                proc.kill()
-                proc.join(1)
+        for slot in self._slots:
+            slot.proc.join(max(0.0, deadline - time.monotonic()))
+            if slot.proc.is_alive():
+                slot.proc.kill()
+                slot.proc.join(1)

@@ -1,6 +1,9 @@
 """The loop each worker process runs: receive a chunk, call the function per item, send results.
 
-Messages on the pipe (parent -> worker): one pickled ``(func_bytes, callback_bytes, payload)``.
+Messages on the pipe (parent -> worker): one pickled ``(func_bytes, callback_bytes, payload,
+careful)``. In careful mode (a re-run after the chunk killed a worker) the index of the item
+being run is written to shared memory first, so the node can blame the exact item if the
+worker dies again.
 Replies (worker -> parent): a pickled ``(status, elapsed)`` header, then the result payload —
 a pickled list of results, or an :func:`achilles.serialization.error_record`.
 """
@@ -39,20 +42,30 @@ class _CodeCache:
             return func
 
 
-def run_chunk(cache: _CodeCache, func_bytes: bytes, cb_bytes: bytes, payload: bytes) -> Tuple[int, bytes]:
-    """Run one chunk; returns ``(status, result payload)``. Never raises for a task's error."""
+def _call(func: Callable[[Any], Any], callback: Optional[Callable[[Any], Any]]) -> Callable[[Any], Any]:
+    if callback is None:
+        return func
+    return lambda item: callback(func(item))
+
+
+def run_chunk(cache: _CodeCache, func_bytes: bytes, cb_bytes: bytes, payload: bytes,
+              progress: Any = None) -> Tuple[int, bytes]:
+    """Run one chunk; returns ``(status, result payload)``. Never raises for a task's error.
+
+    With ``progress`` (a shared integer), each item's index is stored there before it runs.
+    """
     results: list = []
     append = results.append
     try:
-        func = cache.get(func_bytes)
-        callback = cache.get(cb_bytes) if cb_bytes else None
+        call = _call(cache.get(func_bytes), cache.get(cb_bytes) if cb_bytes else None)
         items = loads_data(payload)
-        if callback is None:
+        if progress is None:
             for item in items:
-                append(func(item))
+                append(call(item))
         else:
-            for item in items:
-                append(callback(func(item)))
+            for index, item in enumerate(items):
+                progress.value = index
+                append(call(item))
     except BaseException as exc:  # a task's SystemExit or KeyboardInterrupt is its error too
         return wire.ITEM_ERROR, error_record(len(results), exc, results)
     try:
@@ -61,8 +74,8 @@ def run_chunk(cache: _CodeCache, func_bytes: bytes, cb_bytes: bytes, payload: by
         return wire.ITEM_ERROR, error_record(0, exc, [])
 
 
-def worker_main(conn: Any) -> None:
-    """Serve chunks from ``conn`` until the parent closes it."""
+def worker_main(conn: Any, progress: Any) -> None:
+    """Serve chunks from ``conn`` until the parent closes it; ``progress`` is a shared int."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     cache = _CodeCache()
     while True:
@@ -70,9 +83,10 @@ def worker_main(conn: Any) -> None:
             message = conn.recv_bytes()
         except (EOFError, OSError):
             os._exit(0)
-        func_bytes, cb_bytes, payload = pickle.loads(message)
+        func_bytes, cb_bytes, payload, careful = pickle.loads(message)
         start = time.perf_counter()
-        status, result = run_chunk(cache, func_bytes, cb_bytes, payload)
+        status, result = run_chunk(cache, func_bytes, cb_bytes, payload,
+                                   progress if careful else None)
         elapsed = time.perf_counter() - start
         try:
             conn.send_bytes(pickle.dumps((status, elapsed), protocol=5))

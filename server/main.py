@@ -23,6 +23,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_connection_options(parser)
     parser.add_argument("--prefetch", type=int,
                         help="chunks in flight per node process (env ACHILLES_PREFETCH, default 2)")
+    parser.add_argument("--heartbeat", type=float,
+                        help="seconds of silence before a peer counts as dead (env ACHILLES_HEARTBEAT, default 10)")
+    parser.add_argument("--max-crashes", type=int,
+                        help="times an item may kill its worker (env ACHILLES_MAX_CRASHES, default 3)")
     parser.add_argument("--port-file", help="write the port actually bound to this file")
     parser.add_argument("--exit-with-stdin", action="store_true", help=argparse.SUPPRESS)
     return parser
@@ -31,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
 def serve(args: argparse.Namespace) -> int:
     """Listen and run until stopped (SIGTERM, SIGINT, or a controller's kill)."""
     cfg = load_config(host=args.host, port=args.port, username=args.username,
-                      log_level=args.log_level, prefetch=args.prefetch)
+                      log_level=args.log_level, prefetch=args.prefetch, heartbeat=args.heartbeat,
+                      max_crashes=args.max_crashes)
     secret = cfg.require_secret()
     setup_logging(cfg.log_level, "server")
     from twisted.internet import reactor
@@ -39,7 +44,8 @@ def serve(args: argparse.Namespace) -> int:
 
     from achilles.server.service import ServerFactory
 
-    factory = ServerFactory(cfg.username, secret, prefetch=cfg.prefetch)
+    factory = ServerFactory(cfg.username, secret, prefetch=cfg.prefetch, heartbeat=cfg.heartbeat,
+                            max_crashes=cfg.max_crashes)
     try:
         port = reactor.listenTCP(cfg.port, factory, interface=cfg.host)
     except CannotListenError as exc:

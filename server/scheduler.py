@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import pickle
 import time
 from dataclasses import dataclass, field
 from typing import Any, Deque, Dict, List, Optional, Protocol, Set, Tuple
@@ -20,6 +21,8 @@ log = logging.getLogger("achilles.server")
 
 #: Chunks a controller may send for a new job before the first WANT (saves a round trip).
 INITIAL_CREDIT = 2
+#: A chunk whose item kills its worker this many times fails with WorkerCrashed.
+DEFAULT_MAX_CRASHES = 3
 
 
 class Peer(Protocol):
@@ -36,6 +39,7 @@ class Chunk:
     chunk_id: int
     n_items: int
     payload: bytes
+    crashes: int = 0  # workers this chunk has killed; after the first, it re-runs carefully
 
 
 @dataclass
@@ -99,8 +103,9 @@ class Job:
 class Scheduler:
     """Tracks nodes, controllers and jobs, and moves chunks between them."""
 
-    def __init__(self, prefetch: int = 2) -> None:
+    def __init__(self, prefetch: int = 2, max_crashes: int = DEFAULT_MAX_CRASHES) -> None:
         self.prefetch = prefetch
+        self.max_crashes = max_crashes
         self.nodes: Dict[int, NodeState] = {}
         self.controllers: Dict[int, ControllerState] = {}
         self.jobs: Dict[str, Job] = {}
@@ -252,6 +257,18 @@ class Scheduler:
         if chunk is None:
             return
         job = self.jobs.get(job_id)
+        if job is not None and job.state == "running" and status == wire.CRASHED:
+            exitcode, item = pickle.loads(payload)
+            chunk.crashes += 1
+            if chunk.crashes < self.max_crashes:
+                log.warning("chunk %d of job %s killed a worker on node %s (%s); retrying it "
+                            "(%d of %d)", chunk_id, job_id[:8], node.name, exitcode,
+                            chunk.crashes, self.max_crashes)
+                job.queue.appendleft(chunk)
+                self._mark_ready(job)
+                self.pump()
+                return
+            payload = pickle.dumps((exitcode, item, chunk.crashes))
         if job is not None and job.state == "running":
             job.chunks_done += 1
             if status == wire.OK:
@@ -297,7 +314,7 @@ class Scheduler:
                 node.jobs_shipped.add(job_id)
                 node.peer.send(wire.JOB_CODE, job_id, job.func_bytes, job.callback_bytes, job.options)
             node.inflight[(job_id, chunk.chunk_id)] = chunk
-            node.peer.send(wire.TASK, job_id, chunk.chunk_id, chunk.payload)
+            node.peer.send(wire.TASK, job_id, chunk.chunk_id, chunk.payload, chunk.crashes > 0)
             self._refill(job)
 
     # --- status -----------------------------------------------------------------------------

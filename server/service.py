@@ -98,10 +98,12 @@ class ServerFactory(protocol.ServerFactory):
 
     protocol = ServerConnection
 
-    def __init__(self, username: str, secret_key: str, prefetch: int = 2) -> None:
+    def __init__(self, username: str, secret_key: str, prefetch: int = 2,
+                 heartbeat: float = 10.0, max_crashes: int = 3) -> None:
         self.username = username
         self.secret_key = secret_key
-        self.scheduler = Scheduler(prefetch=prefetch)
+        self.heartbeat = heartbeat
+        self.scheduler = Scheduler(prefetch=prefetch, max_crashes=max_crashes)
         self._waiting_for_nodes: List[defer.Deferred] = []
         self.stopping = False
 
@@ -110,6 +112,7 @@ class ServerFactory(protocol.ServerFactory):
         proto.factory = self
         proto.username = self.username
         proto.secret_key = self.secret_key
+        proto.heartbeat = self.heartbeat
         return proto
 
     def node_gone(self) -> None:

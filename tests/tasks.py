@@ -42,3 +42,36 @@ class TwoArgError(Exception):
 
 def unpicklable_error(x):
     raise TwoArgError("cannot be", "rebuilt")
+
+
+def crash_once(arg):
+    """Kill the worker process the first time an item runs (a marker file remembers)."""
+    x, marker_dir = arg
+    marker = os.path.join(marker_dir, f"crashed-{x}")
+    if x % 50 == 7 and not os.path.exists(marker):
+        open(marker, "w").close()
+        os._exit(3)
+    return x
+
+
+def always_exit(x):
+    if x == 5:
+        os._exit(7)
+    return x
+
+
+def segfault(x):
+    if x == 2:
+        import ctypes
+        ctypes.string_at(0)
+    return x
+
+
+def sleepy(x):
+    time.sleep(0.02)
+    return x
+
+
+def long_sleep(x):
+    time.sleep(60)
+    return x

@@ -1,0 +1,553 @@
+"""Achilles vs ``multiprocessing.Pool``: one run, one machine, same functions, same inputs.
+
+``python bench/run.py`` starts a ``multiprocessing.Pool(2)`` and an Achilles
+``LocalCluster(nodes=1, processes=2)`` (a real server and node daemon on 127.0.0.1) side by
+side, warms both up, runs every workload on both and prints one table: workload, metric, Pool
+figure, Achilles figure, ratio Achilles/Pool, target and whether Achilles meets it.
+
+Workloads (sizes in brackets are ``--quick``):
+
+W1  tiny tasks: ``map(square, ints)`` over 20,000 and 1,000,000 [100,000] ints, default
+    chunksize. Metric: tasks/s. Target: W1 (1M) Achilles >= 25% of Pool's tasks/s.
+W2  200 [40] pure-Python CPU tasks of ~20 ms each (a busy loop calibrated at startup so one
+    call takes 20 ms here; no sleep), default chunksize. Metric: efficiency = (serial time of
+    all tasks / 2 processes) / wall time; the serial time is measured in this process at the
+    start of each round. Target: Achilles efficiency >= 95% of Pool's.
+W3  100 [30] round trips of 1 MiB: ``map(rotate, blobs, chunksize=1)`` over distinct 1 MiB
+    ``bytes``; ``rotate`` returns a new 1 MiB ``bytes``. Metric: MiB/s = MiB sent / wall time
+    (as many MiB come back). Target: Achilles >= 150 MiB/s.
+W4  ``imap(nap, range(2000 [200]))`` with 5 ms sleeps and each library's default imap
+    chunksize (Pool: 1; Achilles: adaptive, first chunks of 1). Metric: time from the ``imap``
+    call to the first result. The iterator is then drained; that total is reported without a
+    target. Target: Achilles < 50 ms.
+W5  200 [50] sequential single-item round trips ``map(square, [i])``. Metrics: median and p99
+    latency. Target: Achilles p50 < 2 ms.
+
+Method: every workload is written once against :class:`Runner` (a name, ``map`` and
+``imap``), which ``Pool`` and ``Cluster`` both fit. Each measurement is taken in ``--repeat``
+rounds (default 3, ``--quick`` 1); rounds alternate which side goes first (ABBA), and the
+table shows the median over rounds. Results are checked for correctness. The exit code is 0
+whether or not targets are met; it is 1 only if a workload raised.
+
+Flags: ``--quick`` (smaller sizes, one round), ``--only W1,W3`` (select workloads), ``--json
+PATH`` (also write the results as JSON), ``--repeat N`` (rounds), ``--timeout S`` (abort a
+hung run; the daemons stop by themselves when this process exits).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import faulthandler
+import json
+import math
+import multiprocessing
+import os
+import platform
+import random
+import shlex
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+# Benchmark the checkout this file lives in, whatever the current directory.
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+PROCESSES = 2
+MIB = 1 << 20
+TASK_SECONDS = 0.020  # W2: one CPU task
+NAP_SECONDS = 0.005   # W4: one sleep
+WORKLOADS = ("W1", "W2", "W3", "W4", "W5")
+
+
+# --- task functions (module level: Pool pickles them by reference, Achilles by value) -------
+
+def square(x: int) -> int:
+    """W1/W5: the tiniest useful task."""
+    return x * x
+
+
+def burn(loops: int) -> int:
+    """W2: a pure-Python busy loop; ``loops`` is calibrated so one call takes ~20 ms."""
+    acc = 0
+    for i in range(loops):
+        acc = (acc + i * i) & 0xFFFFFFFF
+    return acc
+
+
+def rotate(data: bytes) -> bytes:
+    """W3: identity-ish: a new ``bytes`` of the same size (rotated by one byte)."""
+    return data[1:] + data[:1]
+
+
+def nap(x: int) -> int:
+    """W4: a 5 ms sleep."""
+    time.sleep(NAP_SECONDS)
+    return x
+
+
+# --- the harness --------------------------------------------------------------------------
+
+@dataclass
+class Runner:
+    """What a workload needs of a pool: ``map(func, items, chunksize=None)`` and
+    ``imap(func, items)`` (called with the library's default chunksize)."""
+
+    name: str
+    map: Callable[..., List[Any]]
+    imap: Callable[..., Iterator[Any]]
+
+
+@dataclass
+class Sizes:
+    """Workload sizes (full run or ``--quick``)."""
+
+    w1_small: int
+    w1_large: int
+    w2_tasks: int
+    w3_blobs: int
+    w4_naps: int
+    w5_calls: int
+
+    @classmethod
+    def pick(cls, quick: bool) -> "Sizes":
+        """The full sizes, or the smaller ``--quick`` ones."""
+        if quick:
+            return cls(w1_small=20_000, w1_large=100_000, w2_tasks=40, w3_blobs=30,
+                       w4_naps=200, w5_calls=50)
+        return cls(w1_small=20_000, w1_large=1_000_000, w2_tasks=200, w3_blobs=100,
+                   w4_naps=2000, w5_calls=200)
+
+
+@dataclass
+class Target:
+    """A pass criterion on the Achilles figure: ``ratio>=`` (Achilles/Pool at least
+    ``value``), ``>=`` or ``<`` (absolute, in the metric's unit)."""
+
+    kind: str
+    value: float
+
+    def check(self, pool: float, achilles: float) -> bool:
+        """Whether the Achilles figure meets the target."""
+        if self.kind == "ratio>=":
+            return pool > 0 and achilles / pool >= self.value
+        if self.kind == ">=":
+            return achilles >= self.value
+        if self.kind == "<":
+            return achilles < self.value
+        raise ValueError(f"unknown target kind {self.kind!r}")
+
+    def describe(self, unit: str) -> str:
+        """Human-readable form, e.g. ``>= 25% of Pool`` or ``< 50 ms``."""
+        if self.kind == "ratio>=":
+            return f">= {self.value:.0%} of Pool"
+        return f"{self.kind} {self.value:g} {unit}".rstrip()
+
+
+@dataclass
+class Row:
+    """How one figure of a workload becomes a table row."""
+
+    label: str
+    key: str
+    unit: str
+    target: Optional[Target] = None
+
+
+@dataclass
+class Metric:
+    """One row of the table: a metric measured on both sides (medians over rounds)."""
+
+    workload: str
+    metric: str
+    unit: str
+    pool: float
+    achilles: float
+    target: Optional[Target] = None
+    rounds_pool: List[float] = field(default_factory=list)
+    rounds_achilles: List[float] = field(default_factory=list)
+
+    @property
+    def ratio(self) -> float:
+        """Achilles / Pool."""
+        return self.achilles / self.pool if self.pool else math.nan
+
+    @property
+    def passed(self) -> Optional[bool]:
+        """True/False when the row has a target, else None."""
+        return None if self.target is None else self.target.check(self.pool, self.achilles)
+
+    def as_dict(self) -> Dict[str, Any]:
+        """JSON-friendly form."""
+        out = asdict(self)
+        out["target"] = self.target.describe(self.unit) if self.target else None
+        out["ratio"] = self.ratio
+        out["passed"] = self.passed
+        return out
+
+
+Measurement = Dict[str, float]  # one round of one workload on one runner: figure name -> value
+
+
+@dataclass
+class Workload:
+    """One workload: how to run one round of it on a runner, and its table rows.
+
+    ``prepare`` (optional) runs at the start of every round, before either side, and its
+    result is passed to ``run`` (W2 measures its serial baseline there, so machine drift hits
+    the baseline and both sides alike).
+    """
+
+    key: str
+    run: Callable[[Runner, Any], Measurement]
+    rows: List[Row]
+    prepare: Optional[Callable[[], Any]] = None
+
+
+def timed(fn: Callable[[], Any]) -> Tuple[float, Any]:
+    """``(seconds, result)`` of one call, timed with :func:`time.perf_counter`."""
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
+
+
+def expect(ok: bool, what: str) -> None:
+    """Fail loudly if a workload returned wrong results."""
+    if not ok:
+        raise AssertionError(f"wrong results: {what}")
+
+
+def percentile(samples: Sequence[float], q: float) -> float:
+    """The ``q`` quantile (0..1) of ``samples``, nearest rank."""
+    ordered = sorted(samples)
+    return ordered[max(1, math.ceil(q * len(ordered))) - 1]
+
+
+# --- calibration --------------------------------------------------------------------------
+
+def calibrate_burn(seconds: float = TASK_SECONDS) -> int:
+    """Loops of :func:`burn` that take ``seconds`` on this machine (in this process)."""
+    loops = 20_000
+    elapsed, _ = timed(lambda: burn(loops))
+    while elapsed < 0.005:  # grow until one call is long enough to time reliably
+        loops *= 2
+        elapsed, _ = timed(lambda: burn(loops))
+    for _ in range(3):  # refine on the median of a few calls at the estimated size
+        loops = max(1, int(loops * seconds / elapsed))
+        elapsed = statistics.median(timed(lambda: burn(loops))[0] for _ in range(5))
+    return max(1, int(loops * seconds / elapsed))
+
+
+# --- workloads (each written once, run on both sides) -------------------------------------
+
+def w1_tiny(runner: Runner, items: List[int], expected: List[int]) -> Measurement:
+    """``map(square, items)`` with the default chunksize: tasks per second."""
+    elapsed, out = timed(lambda: runner.map(square, items))
+    expect(out == expected, f"W1 map(square) over {len(items)} ints on {runner.name}")
+    return {"tasks/s": len(items) / elapsed}
+
+
+def w2_cpu(runner: Runner, loops: int, n_tasks: int, serial: float) -> Measurement:
+    """``map(burn, [loops] * n_tasks)``: efficiency against the serial time ``serial``."""
+    elapsed, out = timed(lambda: runner.map(burn, [loops] * n_tasks))
+    expect(out == [burn(loops)] * n_tasks, f"W2 map(burn) on {runner.name}")
+    return {"efficiency": (serial / PROCESSES) / elapsed}
+
+
+def w3_payload(runner: Runner, blobs: List[bytes]) -> Measurement:
+    """``map(rotate, blobs, chunksize=1)``: MiB sent per second (as many come back)."""
+    elapsed, out = timed(lambda: runner.map(rotate, blobs, chunksize=1))
+    expect(len(out) == len(blobs) and all(o == rotate(b) for o, b in zip(out, blobs)),
+           f"W3 map(rotate) on {runner.name}")
+    return {"MiB/s": sum(len(b) for b in blobs) / MIB / elapsed}
+
+
+def w4_first(runner: Runner, n: int) -> Measurement:
+    """``imap(nap, range(n))``: time to the first result, and to the last (drained)."""
+    start = time.perf_counter()
+    it = runner.imap(nap, range(n))
+    first = next(it)
+    to_first = time.perf_counter() - start
+    rest = list(it)
+    total = time.perf_counter() - start
+    expect([first] + rest == list(range(n)), f"W4 imap(nap) on {runner.name}")
+    return {"first ms": to_first * 1e3, "total s": total}
+
+
+def w5_latency(runner: Runner, calls: int) -> Measurement:
+    """``calls`` sequential ``map(square, [i])``: median and p99 latency."""
+    samples: List[float] = []
+    for i in range(calls):
+        elapsed, out = timed(lambda: runner.map(square, [i]))
+        expect(out == [i * i], f"W5 map(square, [{i}]) on {runner.name}")
+        samples.append(elapsed)
+    return {"p50 ms": statistics.median(samples) * 1e3, "p99 ms": percentile(samples, 0.99) * 1e3}
+
+
+def warm_up(runner: Runner) -> None:
+    """Touch every code path once so neither side pays first-use costs in a timed run."""
+    runner.map(square, list(range(1000)))
+    runner.map(burn, [1000] * 4)
+    runner.map(rotate, [bytes(MIB)] * 4, chunksize=1)
+    list(runner.imap(nap, range(4)))
+    for i in range(10):
+        runner.map(square, [i])
+
+
+# --- the plan -----------------------------------------------------------------------------
+
+def plan(sizes: Sizes, selected: Sequence[str]) -> List[Workload]:
+    """The selected workloads, with their inputs built (and W2 calibrated) here, once."""
+    out: List[Workload] = []
+    if "W1" in selected:
+        for n, target in ((sizes.w1_small, None), (sizes.w1_large, Target("ratio>=", 0.25))):
+            items = list(range(n))
+            expected = [x * x for x in items]
+            out.append(Workload(
+                "W1", lambda r, _, items=items, expected=expected: w1_tiny(r, items, expected),
+                [Row(f"W1 tiny x*x ({n:,})", "tasks/s", "tasks/s", target)]))
+    if "W2" in selected:
+        loops = calibrate_burn()
+        one = statistics.median(timed(lambda: burn(loops))[0] for _ in range(5))
+        print(f"W2 calibration: burn({loops:,}) takes {one * 1e3:.1f} ms here", flush=True)
+
+        def serial_time() -> float:
+            """Every W2 task run one after the other in this process."""
+            return timed(lambda: [burn(loops) for _ in range(sizes.w2_tasks)])[0]
+
+        out.append(Workload(
+            "W2", lambda r, serial: w2_cpu(r, loops, sizes.w2_tasks, serial),
+            [Row(f"W2 CPU {sizes.w2_tasks} x {one * 1e3:.0f} ms", "efficiency", "",
+                 Target("ratio>=", 0.95))],
+            prepare=serial_time))
+    if "W3" in selected:
+        rng = random.Random(3)
+        blobs = [rng.randbytes(MIB) for _ in range(sizes.w3_blobs)]
+        out.append(Workload(
+            "W3", lambda r, _: w3_payload(r, blobs),
+            [Row(f"W3 {sizes.w3_blobs} x 1 MiB round trip", "MiB/s", "MiB/s", Target(">=", 150))]))
+    if "W4" in selected:
+        label = f"W4 imap {sizes.w4_naps} x 5 ms sleep"
+        out.append(Workload(
+            "W4", lambda r, _: w4_first(r, sizes.w4_naps),
+            [Row(label, "first ms", "ms", Target("<", 50)), Row(label, "total s", "s")]))
+    if "W5" in selected:
+        label = f"W5 {sizes.w5_calls} x map(f, [i])"
+        out.append(Workload(
+            "W5", lambda r, _: w5_latency(r, sizes.w5_calls),
+            [Row(label, "p50 ms", "ms", Target("<", 2)), Row(label, "p99 ms", "ms")]))
+    return out
+
+
+def run(workloads: List[Workload], runners: List[Runner], rounds: int
+        ) -> Tuple[List[Metric], List[str]]:
+    """Run each workload ``rounds`` times on every runner, alternating which goes first;
+    returns the rows (medians over rounds) and the errors."""
+    metrics: List[Metric] = []
+    errors: List[str] = []
+    width = max((len(wl.rows[0].label) for wl in workloads), default=0)
+    for wl in workloads:
+        label = wl.rows[0].label
+        seen: Dict[str, List[Measurement]] = {r.name: [] for r in runners}
+        where = "prepare"
+        try:
+            for n in range(rounds):
+                context = wl.prepare() if wl.prepare else None
+                order = runners if n % 2 == 0 else runners[::-1]
+                for runner in order:
+                    where = runner.name
+                    elapsed, measurement = timed(lambda: wl.run(runner, context))
+                    seen[runner.name].append(measurement)
+                    figures = ", ".join(f"{k} {fmt(v)}" for k, v in measurement.items())
+                    print(f"  {label:<{width}}  round {n + 1}/{rounds}  {runner.name:<8}  {figures}"
+                          f"  ({elapsed:.2f} s)", flush=True)
+        except Exception:
+            print(f"  {label}: ERROR", flush=True)
+            errors.append(f"{label} ({where}):\n{traceback.format_exc()}")
+            continue
+        for row in wl.rows:
+            p = [m[row.key] for m in seen[runners[0].name]]
+            a = [m[row.key] for m in seen[runners[1].name]]
+            metrics.append(Metric(row.label, row.key, row.unit, statistics.median(p),
+                                  statistics.median(a), row.target, p, a))
+    return metrics, errors
+
+
+# --- output -------------------------------------------------------------------------------
+
+def fmt(value: float) -> str:
+    """A figure with sensible precision."""
+    if math.isnan(value):
+        return "n/a"
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    if abs(value) >= 10:
+        return f"{value:.1f}"
+    return f"{value:.3f}"
+
+
+def render(metrics: List[Metric]) -> str:
+    """The results table as text."""
+    header = ["workload", "metric", "Pool", "Achilles", "A/P", "target", "result"]
+    rows = [header]
+    for m in metrics:
+        verdict = {None: "-", True: "PASS", False: "FAIL"}[m.passed]
+        rows.append([m.workload, m.metric, fmt(m.pool), fmt(m.achilles), f"{m.ratio:.2f}",
+                     m.target.describe(m.unit) if m.target else "-", verdict])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    right = {2, 3, 4}
+    lines = []
+    for n, row in enumerate(rows):
+        cells = [c.rjust(w) if i in right else c.ljust(w)
+                 for i, (c, w) in enumerate(zip(row, widths))]
+        lines.append("  ".join(cells).rstrip())
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def cpu_ticks() -> Optional[Tuple[int, int]]:
+    """``(steal, total)`` CPU ticks since boot from /proc/stat (None off Linux)."""
+    try:
+        with open("/proc/stat") as fh:
+            fields = [int(x) for x in fh.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    steal = fields[7] if len(fields) > 7 else 0
+    return steal, sum(fields[:8])
+
+
+def loadavg() -> str:
+    """The 1/5/15-minute load averages, or '?'."""
+    try:
+        return "{:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
+    except (AttributeError, OSError):
+        return "?"
+
+
+def machine_info() -> Dict[str, Any]:
+    """Where and how this run happened."""
+    import achilles
+
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    return {
+        "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
+        "cwd": os.getcwd(),
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+        "platform": platform.platform(),
+        "cpu": _cpu_model() or platform.processor() or "?",
+        "cores": f"{os.cpu_count()} logical, {usable} usable",
+        "load average": loadavg(),
+        "achilles": f"{achilles.__version__} from {Path(achilles.__file__).parent.parent}",
+        "pool": f"multiprocessing.Pool({PROCESSES}), start method "
+                f"{multiprocessing.get_start_method()}",
+    }
+
+
+def _cpu_model() -> str:
+    """The CPU model name from /proc/cpuinfo, when there is one."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+# --- main ---------------------------------------------------------------------------------
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Command-line flags."""
+    p = argparse.ArgumentParser(description="Achilles LocalCluster vs multiprocessing.Pool; "
+                                            "see the module docstring for the workloads.")
+    p.add_argument("--quick", action="store_true", help="smaller sizes, one round: a smoke run")
+    p.add_argument("--only", default=",".join(WORKLOADS),
+                   help="comma-separated workloads to run (default: all), e.g. W1,W3")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    p.add_argument("--repeat", type=int, metavar="N",
+                   help="rounds per workload, median reported (default 3; 1 with --quick)")
+    p.add_argument("--timeout", type=float, default=1800, metavar="S",
+                   help="abort the whole run after S seconds (default 1800)")
+    args = p.parse_args(argv)
+    chosen = {w.strip().upper() for w in args.only.split(",") if w.strip()}
+    unknown = sorted(chosen - set(WORKLOADS))
+    args.only = [w for w in WORKLOADS if w in chosen]
+    if unknown or not args.only:
+        p.error(f"--only takes some of {','.join(WORKLOADS)}; got {', '.join(unknown) or 'none'}")
+    if args.repeat is None:
+        args.repeat = 1 if args.quick else 3
+    if args.repeat < 1:
+        p.error("--repeat must be at least 1")
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the benchmark, print the table; returns the exit code (1 only on errors)."""
+    args = parse_args(argv)
+    faulthandler.dump_traceback_later(args.timeout, exit=True)
+    import achilles
+
+    info = machine_info()
+    print(f"Achilles benchmark: multiprocessing.Pool({PROCESSES}) vs "
+          f"LocalCluster(nodes=1, processes={PROCESSES})")
+    for key, value in info.items():
+        print(f"  {key:<13} {value}")
+    print(f"  {'mode':<13} {'quick' if args.quick else 'full'}; workloads {','.join(args.only)}; "
+          f"{args.repeat} round(s), median shown", flush=True)
+
+    wall_start = time.perf_counter()
+    ticks_start = cpu_ticks()
+    sizes = Sizes.pick(args.quick)
+    # The Pool forks its workers before the Achilles controller starts its reactor thread.
+    with multiprocessing.Pool(PROCESSES) as pool, \
+            achilles.LocalCluster(nodes=1, processes=PROCESSES) as cluster:
+        runners = [Runner("Pool", pool.map, pool.imap),
+                   Runner("Achilles", cluster.map, cluster.imap)]
+        for runner in runners:
+            warm_up(runner)
+        metrics, errors = run(plan(sizes, args.only), runners, args.repeat)
+    wall = time.perf_counter() - wall_start
+    ticks_end = cpu_ticks()
+    faulthandler.cancel_dump_traceback_later()
+
+    print()
+    print(render(metrics))
+    judged = [m for m in metrics if m.passed is not None]
+    passed = sum(1 for m in judged if m.passed)
+    print(f"\ntargets met: {passed} of {len(judged)}")
+    for m in judged:
+        print(f"  {'PASS' if m.passed else 'FAIL'}  {m.workload} {m.metric}: Achilles "
+              f"{fmt(m.achilles)} {m.unit}".rstrip() + f" (Pool {fmt(m.pool)}); target "
+              f"{m.target.describe(m.unit)}")
+    for err in errors:
+        print(f"\nERROR in {err}", file=sys.stderr)
+    steal = ""
+    if ticks_start and ticks_end and ticks_end[1] > ticks_start[1]:
+        share = (ticks_end[0] - ticks_start[0]) / (ticks_end[1] - ticks_start[1])
+        steal = f"; CPU steal {share:.1%}"
+    print(f"\nfinished in {wall:.1f} s; load average now {loadavg()}{steal}")
+
+    if args.json:
+        report = {"info": info, "mode": "quick" if args.quick else "full",
+                  "rounds": args.repeat, "workloads": args.only, "wall_seconds": wall,
+                  "metrics": [m.as_dict() for m in metrics], "errors": errors,
+                  "targets_met": passed, "targets": len(judged)}
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

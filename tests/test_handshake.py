@@ -1,0 +1,474 @@
+"""The I/O-free mutual HMAC handshake: ServerHandshake and PeerHandshake, frames in, frames out."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import HealthCheck, given, note, settings
+from hypothesis import strategies as st
+
+from achilles import handshake, wire
+from achilles.errors import AuthenticationError, ProtocolError
+from achilles.handshake import (
+    MAX_USERNAME, NONCE_BYTES, PeerHandshake, ServerHandshake, derive_key,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+USER = "tester"
+SECRET = "s3cret-Key-that-must-never-leak-0123456789"
+
+
+def unframe(data: bytes):
+    """Decode exactly one pre-auth frame with a real pre-auth FrameDecoder."""
+    decoder = wire.FrameDecoder()
+    frames = decoder.frames(data)
+    assert len(frames) == 1 and decoder.buffered == 0, frames
+    return frames[0]
+
+
+def one(frames):
+    """The single frame in a list of encoded frames, decoded."""
+    assert len(frames) == 1, frames
+    return unframe(frames[0])
+
+
+def run_to_auth(server: ServerHandshake, peer: PeerHandshake):
+    """Run HELLO -> AUTH; return the AUTH frame (code, body) the peer produced."""
+    hello = one(server.start())
+    assert hello[0] == wire.HELLO
+    auth = one(peer.receive(*hello))
+    assert auth[0] == wire.AUTH
+    return auth
+
+
+def valid_auth_obj(server: ServerHandshake, role="node", user=USER, secret=SECRET):
+    """A correct AUTH body (as a dict) for ``server``, built by a real PeerHandshake."""
+    peer = PeerHandshake(role, user, secret)
+    _, body = run_to_auth(server, peer)
+    return json.loads(body)
+
+
+def auth_body(obj) -> bytes:
+    return json.dumps(obj).encode()
+
+
+# --- success ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("role", ["node", "controller"])
+def test_handshake_completes_with_same_credentials(role):
+    """Matching credentials authenticate both sides; the server learns the peer's role."""
+    server = ServerHandshake(USER, SECRET)
+    peer = PeerHandshake(role, USER, SECRET)
+    assert server.state == "start" and peer.state == "start"
+    auth = run_to_auth(server, peer)
+    assert server.state == "sent_hello" and peer.state == "sent_auth"
+    ok = one(server.receive(*auth))
+    assert ok[0] == wire.AUTH_OK
+    assert server.state == "done"
+    assert server.role == role
+    assert server.failure is None
+    assert peer.receive(*ok) == []
+    assert peer.state == "done"
+
+
+def test_hello_and_auth_carry_documented_fields():
+    """HELLO carries achilles/proto/nonce; AUTH carries proto/role/user/nonce/proof, no secret."""
+    server = ServerHandshake(USER, SECRET)
+    peer = PeerHandshake("controller", USER, SECRET)
+    hello = json.loads(unframe(server.start()[0])[1])
+    assert hello == {"achilles": 1, "proto": wire.PROTOCOL_VERSION, "nonce": server.nonce}
+    assert len(bytes.fromhex(server.nonce)) == NONCE_BYTES
+    _, raw = one(peer.receive(wire.HELLO, json.dumps(hello).encode()))
+    auth = json.loads(raw)
+    assert set(auth) == {"proto", "role", "user", "nonce", "proof"}
+    assert auth["proto"] == wire.PROTOCOL_VERSION
+    assert auth["role"] == "controller" and auth["user"] == USER
+    assert auth["nonce"] == peer.nonce != server.nonce
+    assert SECRET not in raw.decode()
+    assert derive_key(USER, SECRET).hex() not in raw.decode()
+
+
+def test_nonces_are_fresh():
+    """Each handshake object draws a new random nonce."""
+    nonces = {ServerHandshake(USER, SECRET).nonce for _ in range(20)}
+    nonces |= {PeerHandshake("node", USER, SECRET).nonce for _ in range(20)}
+    assert len(nonces) == 40
+
+
+def test_key_depends_on_username_and_secret():
+    """derive_key differs when either the user name or the secret differs."""
+    base = derive_key(USER, SECRET)
+    assert derive_key(USER, SECRET) == base
+    assert derive_key(USER + "x", SECRET) != base
+    assert derive_key(USER, SECRET + "x") != base
+    # the separator stops ("ab", "c") colliding with ("a", "bc")
+    assert derive_key("ab", "c") != derive_key("a", "bc")
+
+
+# --- refusals ---------------------------------------------------------------------------------
+
+def _refused(server: ServerHandshake, peer: PeerHandshake, secret_in_peer: str):
+    auth = run_to_auth(server, peer)
+    with pytest.raises(AuthenticationError):
+        server.receive(*auth)
+    assert server.state == "failed"
+    assert server.role is None
+    code, body = unframe(server.fail_frame())
+    assert code == wire.AUTH_FAIL
+    reason = wire.decode_json(body)["reason"]
+    assert reason and reason == server.failure
+    for secret in (SECRET, secret_in_peer):
+        assert secret not in body.decode()
+        assert derive_key(USER, secret).hex() not in body.decode()
+    with pytest.raises(AuthenticationError, match="refused") as info:
+        peer.receive(code, body)
+    assert reason in str(info.value)
+    assert peer.state == "failed"
+    return reason
+
+
+def test_wrong_secret_is_refused():
+    """A peer with a different secret key is refused with a reason that leaks no secret."""
+    wrong = "not-the-" + SECRET
+    reason = _refused(ServerHandshake(USER, SECRET), PeerHandshake("node", USER, wrong), wrong)
+    assert "wrong username or secret key" in reason
+
+
+def test_wrong_username_is_refused():
+    """A peer with the right secret but another user name is refused the same way."""
+    reason = _refused(ServerHandshake(USER, SECRET),
+                      PeerHandshake("controller", "mallory", SECRET), SECRET)
+    assert "wrong username or secret key" in reason
+
+
+def test_fail_frame_without_failure_says_refused():
+    """fail_frame before any failure still produces a small, valid AUTH_FAIL frame."""
+    code, body = unframe(ServerHandshake(USER, SECRET).fail_frame())
+    assert code == wire.AUTH_FAIL
+    assert wire.decode_json(body) == {"reason": "refused"}
+
+
+def test_fake_server_with_other_secret_is_detected():
+    """A server that answers AUTH_OK with a proof made from a different secret is refused."""
+    fake = ServerHandshake(USER, "the-fake-servers-secret")
+    peer = PeerHandshake("node", USER, SECRET)
+    auth = json.loads(run_to_auth(fake, peer)[1])
+    forged = handshake._proof(derive_key(USER, "the-fake-servers-secret"), "server",
+                              fake.nonce, auth["nonce"], "node", USER)
+    with pytest.raises(AuthenticationError, match="failed to prove"):
+        peer.receive(wire.AUTH_OK, auth_body({"proof": forged}))
+    assert peer.state == "failed"
+
+
+def test_reflected_proof_is_refused():
+    """A fake server echoing the peer's own proof back as AUTH_OK is refused (direction label)."""
+    fake = ServerHandshake(USER, SECRET)
+    peer = PeerHandshake("node", USER, SECRET)
+    auth = json.loads(run_to_auth(fake, peer)[1])
+    with pytest.raises(AuthenticationError):
+        peer.receive(wire.AUTH_OK, auth_body({"proof": auth["proof"]}))
+    assert peer.state == "failed"
+
+
+@pytest.mark.parametrize("body", [{}, {"proof": None}, {"proof": 12}, {"proof": ""}])
+def test_auth_ok_without_valid_proof_is_refused(body):
+    """AUTH_OK with a missing, non-string or empty proof fails authentication."""
+    peer = PeerHandshake("node", USER, SECRET)
+    run_to_auth(ServerHandshake(USER, SECRET), peer)
+    with pytest.raises(AuthenticationError):
+        peer.receive(wire.AUTH_OK, auth_body(body))
+    assert peer.state == "failed"
+
+
+def test_replayed_auth_fails_against_new_server():
+    """An AUTH frame recorded from a successful handshake is refused by a fresh ServerHandshake."""
+    first = ServerHandshake(USER, SECRET)
+    peer = PeerHandshake("node", USER, SECRET)
+    recorded = run_to_auth(first, peer)
+    first.receive(*recorded)
+    assert first.state == "done"
+    second = ServerHandshake(USER, SECRET)
+    second.start()
+    assert second.nonce != first.nonce
+    with pytest.raises(AuthenticationError):
+        second.receive(*recorded)
+    assert second.state == "failed"
+
+
+def test_auth_ok_cannot_be_replayed_to_new_peer():
+    """An AUTH_OK recorded from one handshake does not authenticate a server to a new peer."""
+    server = ServerHandshake(USER, SECRET)
+    peer = PeerHandshake("node", USER, SECRET)
+    recorded_ok = one(server.receive(*run_to_auth(server, peer)))
+    # a new connection: the attacker replays the old HELLO (same server nonce) and the old AUTH_OK
+    peer2 = PeerHandshake("node", USER, SECRET)
+    peer2.receive(wire.HELLO, auth_body({"achilles": 1, "proto": wire.PROTOCOL_VERSION,
+                                         "nonce": server.nonce}))
+    with pytest.raises(AuthenticationError):
+        peer2.receive(*recorded_ok)
+
+
+def test_second_auth_after_done_is_refused():
+    """Once done, the server handshake accepts no further frames."""
+    server = ServerHandshake(USER, SECRET)
+    auth = run_to_auth(server, PeerHandshake("node", USER, SECRET))
+    server.receive(*auth)
+    with pytest.raises(ProtocolError):
+        server.receive(*auth)
+    assert server.state == "failed"
+
+
+def test_auth_before_hello_is_refused():
+    """The server refuses an AUTH before it has sent HELLO (no nonce on the wire yet)."""
+    server = ServerHandshake(USER, SECRET)
+    with pytest.raises(ProtocolError):
+        server.receive(wire.AUTH, b"{}")
+    assert server.state == "failed"
+
+
+@pytest.mark.parametrize("code", [wire.HELLO, wire.AUTH_OK, wire.AUTH_FAIL, wire.TASK, 200])
+def test_server_refuses_other_codes(code):
+    """The server handshake accepts only AUTH after HELLO."""
+    server = ServerHandshake(USER, SECRET)
+    server.start()
+    with pytest.raises(ProtocolError, match="during handshake"):
+        server.receive(code, b"{}")
+    assert server.state == "failed"
+
+
+@pytest.mark.parametrize("code", [wire.AUTH, wire.AUTH_OK, wire.AUTH_FAIL, wire.TASK])
+def test_peer_refuses_frames_out_of_order(code):
+    """Before HELLO the peer accepts nothing else; AUTH_OK cannot skip the exchange."""
+    peer = PeerHandshake("node", USER, SECRET)
+    with pytest.raises(ProtocolError):
+        peer.receive(code, auth_body({"proof": "00" * 32, "reason": "x"}))
+    assert peer.state == "failed"
+
+
+def test_peer_refuses_second_hello():
+    """A second HELLO after the peer sent AUTH is a protocol error."""
+    server = ServerHandshake(USER, SECRET)
+    peer = PeerHandshake("node", USER, SECRET)
+    hello = one(server.start())
+    peer.receive(*hello)
+    with pytest.raises(ProtocolError):
+        peer.receive(*hello)
+    assert peer.state == "failed"
+
+
+def test_peer_rejects_bad_role():
+    """PeerHandshake only plays the node or controller role."""
+    with pytest.raises(ValueError):
+        PeerHandshake("server", USER, SECRET)
+
+
+# --- versions and malformed frames ------------------------------------------------------------
+
+@pytest.mark.parametrize("proto", [0, 2, 99, "1", None])
+def test_server_reports_version_mismatch(proto):
+    """An AUTH with another protocol version is refused, naming both versions."""
+    server = ServerHandshake(USER, SECRET)
+    obj = valid_auth_obj(server)
+    if proto is None:
+        del obj["proto"]
+    else:
+        obj["proto"] = proto
+    with pytest.raises(AuthenticationError, match="protocol version mismatch") as info:
+        server.receive(wire.AUTH, auth_body(obj))
+    assert str(wire.PROTOCOL_VERSION) in str(info.value)
+    assert server.state == "failed"
+    reason = wire.decode_json(unframe(server.fail_frame())[1])["reason"]
+    assert "protocol version mismatch" in reason
+
+
+def test_peer_reports_version_mismatch():
+    """A HELLO with another protocol version tells the peer to install the same version."""
+    peer = PeerHandshake("node", USER, SECRET)
+    hello = {"achilles": 1, "proto": wire.PROTOCOL_VERSION + 1, "nonce": "ab" * NONCE_BYTES}
+    with pytest.raises(AuthenticationError, match="protocol version mismatch") as info:
+        peer.receive(wire.HELLO, auth_body(hello))
+    assert "same Achilles version" in str(info.value)
+    assert peer.state == "failed"
+
+
+@pytest.mark.parametrize("hello", [
+    {"proto": 1, "nonce": "ab" * NONCE_BYTES},
+    {"achilles": 2, "proto": 1, "nonce": "ab" * NONCE_BYTES},
+    {"achilles": 1, "proto": 1},
+    {"achilles": 1, "proto": 1, "nonce": "ab" * (NONCE_BYTES - 1)},
+    {"achilles": 1, "proto": 1, "nonce": "zz" * NONCE_BYTES},
+    {"achilles": 1, "proto": 1, "nonce": 5},
+])
+def test_peer_rejects_malformed_hello(hello):
+    """A HELLO that is not from an Achilles server or has a bad nonce is a ProtocolError."""
+    peer = PeerHandshake("controller", USER, SECRET)
+    with pytest.raises(ProtocolError):
+        peer.receive(wire.HELLO, auth_body(hello))
+    assert peer.state == "failed"
+
+
+@pytest.mark.parametrize("body", [b"", b"\x80\x04pickle", b"[1]", b'"hello"'])
+def test_peer_rejects_non_json_hello(body):
+    """A HELLO body that is not a JSON object is a ProtocolError."""
+    peer = PeerHandshake("node", USER, SECRET)
+    with pytest.raises(ProtocolError):
+        peer.receive(wire.HELLO, body)
+
+
+MALFORMED = [
+    ("nonce", "ab" * (NONCE_BYTES - 1) + "a"),  # odd and short
+    ("nonce", "ab" * (NONCE_BYTES + 1)),         # too long
+    ("nonce", "zz" * NONCE_BYTES),               # right length, not hex
+    ("nonce", 1234),
+    ("nonce", None),
+    ("nonce", DELETE := object()),
+    ("role", "admin"),
+    ("role", "server"),
+    ("role", None),
+    ("role", ["node"]),
+    ("proof", DELETE),
+    ("proof", None),
+    ("proof", 42),
+    ("proof", ["00"]),
+    ("user", "u" * (MAX_USERNAME + 1)),
+    ("user", 7),
+    ("user", None),
+    ("user", DELETE),
+]
+
+
+@pytest.mark.parametrize("field,value", MALFORMED,
+                         ids=[f"{f}-{i}" for i, (f, _) in enumerate(MALFORMED)])
+def test_server_rejects_malformed_auth_fields(field, value):
+    """AUTH with a bad nonce, unknown role, missing proof or bad user name is a ProtocolError."""
+    server = ServerHandshake(USER, SECRET)
+    obj = valid_auth_obj(server)
+    if value is DELETE:
+        del obj[field]
+    else:
+        obj[field] = value
+    with pytest.raises(ProtocolError):
+        server.receive(wire.AUTH, auth_body(obj))
+    assert server.state == "failed"
+    assert server.failure
+
+
+def test_long_username_rejected_even_when_server_uses_it():
+    """A user name over MAX_USERNAME is malformed even if it is the configured one."""
+    long_user = "u" * (MAX_USERNAME + 1)
+    server = ServerHandshake(long_user, SECRET)
+    peer = PeerHandshake("node", long_user, SECRET)
+    with pytest.raises(ProtocolError, match="user"):
+        server.receive(*run_to_auth(server, peer))
+
+
+@pytest.mark.parametrize("body", [b"", b"\xff", b"[]", b"null", b"\x80\x05N."])
+def test_server_rejects_non_json_auth(body):
+    """An AUTH body that is not a JSON object is a ProtocolError."""
+    server = ServerHandshake(USER, SECRET)
+    server.start()
+    with pytest.raises(ProtocolError):
+        server.receive(wire.AUTH, body)
+    assert server.state == "failed"
+
+
+def test_server_rejects_non_ascii_proof_cleanly():
+    """A proof string with non-ASCII characters is refused with AuthenticationError or
+    ProtocolError (the handshake's documented errors), never another exception type."""
+    server = ServerHandshake(USER, SECRET)
+    obj = valid_auth_obj(server)
+    obj["proof"] = "\u00e9" * 64
+    with pytest.raises((AuthenticationError, ProtocolError)):
+        server.receive(wire.AUTH, auth_body(obj))
+    assert server.state == "failed"
+
+
+def test_server_rejects_lone_surrogate_username_cleanly():
+    """A user name that JSON decodes to a lone surrogate is refused with a handshake error,
+    not a UnicodeEncodeError."""
+    server = ServerHandshake(USER, SECRET)
+    obj = valid_auth_obj(server)
+    body = auth_body(obj).replace(b'"user": "tester"', b'"user": "\\ud800"')
+    assert b"\\ud800" in body
+    with pytest.raises((AuthenticationError, ProtocolError)):
+        server.receive(wire.AUTH, body)
+    assert server.state == "failed"
+
+
+def test_peer_rejects_non_ascii_server_proof_cleanly():
+    """A (fake) server's AUTH_OK with a non-ASCII proof fails authentication on the peer
+    with AuthenticationError, not another exception type."""
+    peer = PeerHandshake("node", USER, SECRET)
+    run_to_auth(ServerHandshake(USER, SECRET), peer)
+    with pytest.raises(AuthenticationError):
+        peer.receive(wire.AUTH_OK, auth_body({"proof": "\u00e9" * 64}))
+    assert peer.state == "failed"
+
+
+# --- fuzzing ----------------------------------------------------------------------------------
+
+JSON_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=70),
+                         st.floats(allow_nan=False))
+JSON_ANY = st.recursive(JSON_SCALARS, lambda inner: st.one_of(
+    st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)),
+    max_leaves=10)
+
+
+@st.composite
+def _auth_frames(draw):
+    """(code, body-builder) pairs: mostly AUTH, with fields valid, missing or junk."""
+    code = draw(st.one_of(st.just(wire.AUTH), st.integers(0, 255)))
+    kind = draw(st.sampled_from(["bytes", "json", "fields", "fields", "fields"]))
+    if kind == "bytes":
+        body = draw(st.binary(max_size=wire.PREAUTH_MAX_FRAME))
+        return code, lambda server: body
+    if kind == "json":
+        value = draw(JSON_ANY)
+        return code, lambda server: json.dumps(value).encode()
+    choices = {}
+    for name in ("proto", "role", "user", "nonce", "proof"):
+        choices[name] = draw(st.sampled_from(["valid", "valid", "missing", "junk", "text"]))
+    junk = {name: draw(JSON_ANY) for name in choices}
+    texts = {name: draw(st.text(min_size=0, max_size=130)) for name in choices}
+    extra = draw(st.dictionaries(st.text(max_size=8), JSON_SCALARS, max_size=3))
+
+    def build(server):
+        good = valid_auth_obj(server, role="node")
+        obj = dict(extra)
+        for name, how in choices.items():
+            if how == "valid":
+                obj[name] = good[name]
+            elif how == "junk":
+                obj[name] = junk[name]
+            elif how == "text":
+                obj[name] = texts[name]
+        return json.dumps(obj).encode()
+
+    return code, build
+
+
+@settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_auth_frames(), st.booleans())
+def test_fuzz_server_receive(case, started):
+    """Whatever frame reaches ServerHandshake.receive, only ProtocolError or
+    AuthenticationError escape; on error the state is ``failed`` and fail_frame is valid."""
+    code, build = case
+    server = ServerHandshake(USER, SECRET)
+    body = build(server)  # draws HELLO (server.start) when building a field-wise body
+    if started and server.state == "start":
+        server.start()
+    note(f"code={code} body={body!r}")
+    try:
+        replies = server.receive(code, body)
+    except (ProtocolError, AuthenticationError):
+        assert server.state == "failed"
+        assert server.role is None
+        fcode, fbody = unframe(server.fail_frame())
+        assert fcode == wire.AUTH_FAIL
+        assert SECRET not in fbody.decode()
+    else:
+        assert server.state == "done"
+        assert server.role in handshake.ROLES
+        assert one(replies)[0] == wire.AUTH_OK

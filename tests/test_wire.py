@@ -1,0 +1,349 @@
+"""The wire format: frames, the incremental FrameDecoder, JSON and pickled message bodies."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from achilles import wire
+from achilles.errors import ProtocolError
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def drain(decoder):
+    """Every complete frame currently buffered in ``decoder``."""
+    out = []
+    while True:
+        item = decoder.next_frame()
+        if item is None:
+            return out
+        out.append(item)
+
+
+SAMPLE_FRAMES = [
+    (wire.HELLO, json.dumps({"achilles": 1, "proto": 1, "nonce": "ab" * 32}).encode()),
+    (wire.AUTH, b"{}"),
+    (wire.AUTH_OK, b""),
+    (wire.AUTH_FAIL, b'{"reason":"nope"}'),
+    (wire.HELLO, b"x" * wire.PREAUTH_MAX_FRAME),
+]
+
+
+# --- frames -----------------------------------------------------------------------------------
+
+def test_frame_layout():
+    """A frame is a one-byte code, a four-byte big-endian body length, then the body."""
+    data = wire.frame(wire.AUTH, b"hello")
+    assert data == bytes([wire.AUTH, 0, 0, 0, 5]) + b"hello"
+    assert wire.HEADER.size == 5
+
+
+def test_frame_round_trip():
+    """Frames encoded with ``frame`` come out of a FrameDecoder with the same code and body."""
+    decoder = wire.FrameDecoder()
+    for code, body in SAMPLE_FRAMES:
+        assert decoder.frames(wire.frame(code, body)) == [(code, body)]
+    assert decoder.buffered == 0
+
+
+def test_decoder_reassembles_at_every_split_point():
+    """A stream of frames split in two at any byte boundary decodes to the same frames."""
+    stream = b"".join(wire.frame(c, b) for c, b in SAMPLE_FRAMES)
+    for cut in range(len(stream) + 1):
+        decoder = wire.FrameDecoder()
+        got = decoder.frames(stream[:cut]) + decoder.frames(stream[cut:])
+        assert got == SAMPLE_FRAMES, f"split at byte {cut}"
+        assert decoder.buffered == 0
+
+
+def test_decoder_reassembles_byte_by_byte():
+    """Feeding one byte at a time yields each frame exactly when its last byte arrives."""
+    stream = b"".join(wire.frame(c, b) for c, b in SAMPLE_FRAMES)
+    ends = []
+    offset = 0
+    for code, body in SAMPLE_FRAMES:
+        offset += wire.HEADER.size + len(body)
+        ends.append(offset)
+    decoder = wire.FrameDecoder()
+    got, completed_at = [], []
+    for i in range(len(stream)):
+        new = decoder.frames(stream[i:i + 1])
+        got += new
+        completed_at += [i + 1] * len(new)
+    assert got == SAMPLE_FRAMES
+    assert completed_at == ends
+
+
+def test_many_frames_in_one_feed():
+    """Hundreds of frames delivered in a single feed all come out, in order."""
+    frames = [(wire.AUTH, json.dumps({"i": i}).encode()) for i in range(500)]
+    decoder = wire.FrameDecoder()
+    assert decoder.frames(b"".join(wire.frame(c, b) for c, b in frames)) == frames
+    assert decoder.buffered == 0
+
+
+def test_partial_frame_stays_buffered():
+    """A header with an incomplete body yields nothing and keeps the bytes buffered."""
+    data = wire.frame(wire.AUTH, b"0123456789")
+    decoder = wire.FrameDecoder()
+    assert decoder.frames(data[:8]) == []
+    assert decoder.buffered == 8
+    assert decoder.frames(data[8:]) == [(wire.AUTH, b"0123456789")]
+
+
+def test_frame_at_preauth_limit_is_accepted():
+    """A body of exactly PREAUTH_MAX_FRAME bytes is within the pre-auth limit."""
+    body = b"y" * wire.PREAUTH_MAX_FRAME
+    assert wire.FrameDecoder().frames(wire.frame(wire.AUTH, body)) == [(wire.AUTH, body)]
+
+
+def test_oversized_preauth_frame_raises_from_header_alone():
+    """A header announcing more than 512 bytes is refused before any of the body arrives."""
+    decoder = wire.FrameDecoder()
+    header = wire.HEADER.pack(wire.AUTH, wire.PREAUTH_MAX_FRAME + 1)
+    with pytest.raises(ProtocolError, match="exceeds"):
+        decoder.frames(header)
+
+
+def test_decoder_stays_dead_after_error():
+    """After a ProtocolError every later feed and next_frame raises, even with valid input."""
+    decoder = wire.FrameDecoder()
+    with pytest.raises(ProtocolError):
+        decoder.frames(wire.HEADER.pack(wire.AUTH, 10_000) + b"z" * 100)
+    assert decoder.buffered == 0
+    with pytest.raises(ProtocolError):
+        decoder.next_frame()
+    with pytest.raises(ProtocolError):
+        decoder.feed(wire.frame(wire.AUTH, b"{}"))
+    with pytest.raises(ProtocolError):
+        decoder.frames(wire.frame(wire.AUTH, b"{}"))
+    # lifting the limit does not revive it either
+    decoder.set_limit(wire.DEFAULT_MAX_FRAME, wire.ALL_CODES)
+    with pytest.raises(ProtocolError):
+        decoder.next_frame()
+
+
+@pytest.mark.parametrize("code", [0, 5, 15, 99, 255, wire.SUBMIT, wire.TASK, wire.RESULT])
+def test_unknown_or_postauth_code_raises_before_auth(code):
+    """Before authentication any code but HELLO/AUTH/AUTH_OK/AUTH_FAIL is a ProtocolError."""
+    decoder = wire.FrameDecoder()
+    with pytest.raises(ProtocolError, match="unexpected message code"):
+        decoder.frames(wire.frame(code, b"{}"))
+    with pytest.raises(ProtocolError):
+        decoder.next_frame()
+
+
+def test_bad_code_is_refused_from_header_alone():
+    """A bad code is refused as soon as the header is in, without waiting for the body."""
+    decoder = wire.FrameDecoder()
+    with pytest.raises(ProtocolError):
+        decoder.frames(wire.HEADER.pack(wire.TASK, 400))
+
+
+def test_set_limit_lifts_size_limit_and_changes_codes():
+    """After set_limit a post-auth decoder takes big frames of post-auth codes only."""
+    decoder = wire.FrameDecoder()
+    decoder.set_limit(wire.DEFAULT_MAX_FRAME, wire.POSTAUTH_CODES)
+    body = b"b" * (wire.PREAUTH_MAX_FRAME * 10)
+    assert decoder.frames(wire.frame(wire.TASK, body)) == [(wire.TASK, body)]
+    with pytest.raises(ProtocolError):
+        decoder.frames(wire.frame(wire.AUTH, b"{}"))
+
+
+def test_set_limit_between_frames_of_one_feed():
+    """A big post-auth frame pipelined behind the handshake frame decodes once the limit is lifted."""
+    big = b"p" * 10_000
+    decoder = wire.FrameDecoder()
+    decoder.feed(wire.frame(wire.AUTH, b"{}") + wire.frame(wire.CHUNK, big))
+    assert decoder.next_frame() == (wire.AUTH, b"{}")
+    decoder.set_limit(wire.DEFAULT_MAX_FRAME, wire.POSTAUTH_CODES)
+    assert decoder.next_frame() == (wire.CHUNK, big)
+    assert decoder.next_frame() is None
+
+
+def test_postauth_limit_still_enforced():
+    """set_limit installs a new cap rather than removing the cap."""
+    decoder = wire.FrameDecoder()
+    decoder.set_limit(1000, wire.POSTAUTH_CODES)
+    with pytest.raises(ProtocolError, match="exceeds the limit of 1000"):
+        decoder.frames(wire.HEADER.pack(wire.TASK, 1001))
+
+
+def test_code_sets_partition_the_names():
+    """Every named code is either pre-auth or post-auth, never both."""
+    assert wire.PREAUTH_CODES | wire.POSTAUTH_CODES == wire.ALL_CODES
+    assert not wire.PREAUTH_CODES & wire.POSTAUTH_CODES
+    assert wire.PREAUTH_CODES == {wire.HELLO, wire.AUTH, wire.AUTH_OK, wire.AUTH_FAIL}
+    assert wire.NAMES[wire.TASK] == "TASK"
+
+
+def test_large_body_in_small_pieces():
+    """A 5 MiB body fed in 64 KiB pieces arrives intact, and only after its last piece."""
+    body = bytes(range(256)) * (5 * 1024 * 1024 // 256)
+    assert len(body) == 5 * 1024 * 1024
+    data = b"".join(wire.encode_message(wire.CHUNK, ("job", 1, 3, body)))
+    decoder = wire.FrameDecoder()
+    decoder.set_limit(wire.DEFAULT_MAX_FRAME, wire.POSTAUTH_CODES)
+    piece = 64 * 1024
+    got = []
+    for start in range(0, len(data), piece):
+        got += decoder.frames(data[start:start + piece])
+        if start + piece < len(data):
+            assert got == []
+    assert len(got) == 1
+    code, raw = got[0]
+    assert code == wire.CHUNK
+    assert wire.decode_message(raw) == ("job", 1, 3, body)
+    assert decoder.buffered == 0
+
+
+# --- JSON bodies ------------------------------------------------------------------------------
+
+def test_encode_json_round_trip():
+    """encode_json frames a compact JSON object that decode_json reads back."""
+    obj = {"proto": 1, "user": "tester", "nonce": "00" * 32}
+    data = wire.encode_json(wire.AUTH, obj)
+    [(code, body)] = wire.FrameDecoder().frames(data)
+    assert code == wire.AUTH
+    assert wire.decode_json(body) == obj
+    assert b" " not in body
+
+
+def test_encode_json_refuses_oversized_body():
+    """encode_json raises ProtocolError rather than emit a body over the pre-auth cap."""
+    with pytest.raises(ProtocolError, match="exceeds"):
+        wire.encode_json(wire.AUTH_FAIL, {"reason": "r" * wire.PREAUTH_MAX_FRAME})
+    # just under the cap still works: {"r":"..."} is 8 bytes of overhead
+    ok = wire.encode_json(wire.AUTH_FAIL, {"r": "r" * (wire.PREAUTH_MAX_FRAME - 8)})
+    assert len(ok) == wire.HEADER.size + wire.PREAUTH_MAX_FRAME
+    with pytest.raises(ProtocolError):
+        wire.encode_json(wire.AUTH_FAIL, {"r": "r" * (wire.PREAUTH_MAX_FRAME - 7)})
+
+
+@pytest.mark.parametrize("body", [
+    b"", b"not json", b"\xff\xfe\x00", b"{", b'{"a":}',
+    pickle.dumps({"a": 1}), pickle.dumps(("x",)),
+])
+def test_decode_json_rejects_non_json(body):
+    """decode_json turns any undecodable body into ProtocolError."""
+    with pytest.raises(ProtocolError, match="not JSON"):
+        wire.decode_json(body)
+
+
+@pytest.mark.parametrize("body", [b"[]", b"[1,2]", b'"str"', b"1", b"null", b"true", b"NaN"])
+def test_decode_json_rejects_non_object(body):
+    """decode_json accepts only a JSON object at the top level."""
+    with pytest.raises(ProtocolError, match="not a JSON object"):
+        wire.decode_json(body)
+
+
+# --- pickled bodies ---------------------------------------------------------------------------
+
+def test_encode_decode_message_round_trip():
+    """encode_message/decode_message carry a tuple of plain fields unchanged."""
+    fields = ("job-1", 7, wire.OK, b"\x00payload\xff", 0.25, "node-\u00e9", None,
+              {"timeout": 3.5, "tags": ["a", "b"]}, True)
+    pieces = wire.encode_message(wire.RESULT, fields)
+    assert len(pieces) == 2
+    header, body = pieces
+    assert wire.HEADER.unpack(header) == (wire.RESULT, len(body))
+    decoder = wire.FrameDecoder(wire.DEFAULT_MAX_FRAME, wire.POSTAUTH_CODES)
+    [(code, raw)] = decoder.frames(b"".join(pieces))
+    assert code == wire.RESULT
+    assert wire.decode_message(raw) == fields
+
+
+def test_encode_message_empty_tuple():
+    """A message with no fields round-trips as the empty tuple."""
+    _, body = wire.encode_message(wire.PING, ())
+    assert wire.decode_message(body) == ()
+
+
+@pytest.mark.parametrize("value", [[1, 2], {"a": 1}, "text", 5, None])
+def test_decode_message_rejects_non_tuple(value):
+    """decode_message refuses a body that does not unpickle to a tuple."""
+    with pytest.raises(ProtocolError, match="not a tuple"):
+        wire.decode_message(pickle.dumps(value))
+
+
+# --- fuzzing ----------------------------------------------------------------------------------
+
+def _valid_stream():
+    body = st.binary(max_size=wire.PREAUTH_MAX_FRAME)
+    code = st.sampled_from(sorted(wire.PREAUTH_CODES))
+    return st.lists(st.tuples(code, body), max_size=6).map(
+        lambda fs: b"".join(wire.frame(c, b) for c, b in fs))
+
+
+@st.composite
+def _mutated_stream(draw):
+    data = bytearray(draw(_valid_stream()))
+    for _ in range(draw(st.integers(0, 6))):
+        kind = draw(st.sampled_from(["flip", "insert", "delete", "truncate", "set"]))
+        if kind == "insert" or not data:
+            pos = draw(st.integers(0, len(data)))
+            data[pos:pos] = draw(st.binary(min_size=1, max_size=8))
+        elif kind == "flip":
+            pos = draw(st.integers(0, len(data) - 1))
+            data[pos] ^= 1 << draw(st.integers(0, 7))
+        elif kind == "delete":
+            pos = draw(st.integers(0, len(data) - 1))
+            del data[pos:pos + draw(st.integers(1, 8))]
+        elif kind == "truncate":
+            del data[draw(st.integers(0, len(data))):]
+        else:
+            pos = draw(st.integers(0, len(data) - 1))
+            data[pos] = draw(st.integers(0, 255))
+    return bytes(data)
+
+
+@st.composite
+def _pieces(draw):
+    data = draw(st.one_of(st.binary(max_size=2048), _mutated_stream()))
+    cuts = sorted(draw(st.lists(st.integers(0, len(data)), max_size=8)))
+    bounds = [0] + cuts + [len(data)]
+    return data, [data[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+@settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_pieces())
+def test_fuzz_preauth_decoder(case):
+    """Random and mutated input to a pre-auth FrameDecoder only ever raises ProtocolError,
+    always terminates, never returns an oversized or disallowed frame, and the frames it
+    does return are exactly the leading bytes of the input."""
+    data, pieces = case
+    decoder = wire.FrameDecoder()
+    got = []
+    failed = False
+    for piece in pieces:
+        try:
+            decoder.feed(piece)
+            # every frame consumes at least a header, so this bound can only be hit by a hang
+            for _ in range(len(data) // wire.HEADER.size + 2):
+                item = decoder.next_frame()
+                if item is None:
+                    break
+                got.append(item)
+            else:
+                pytest.fail("next_frame kept returning frames beyond the input size")
+        except ProtocolError:
+            failed = True
+            break
+    for code, body in got:
+        assert code in wire.PREAUTH_CODES
+        assert len(body) <= wire.PREAUTH_MAX_FRAME
+    consumed = b"".join(wire.frame(c, b) for c, b in got)
+    assert data.startswith(consumed)
+    if failed:
+        with pytest.raises(ProtocolError):
+            decoder.next_frame()
+        with pytest.raises(ProtocolError):
+            decoder.feed(b"")
+    else:
+        assert decoder.buffered == len(data) - len(consumed)
+        assert decoder.buffered < wire.HEADER.size + wire.PREAUTH_MAX_FRAME
