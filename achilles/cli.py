@@ -7,9 +7,9 @@ import json
 import sys
 from typing import List, Optional
 
-from achilles.cli_common import add_connection_options, run_main
+from achilles.cli_common import add_client_tls_options, add_connection_options, run_main
 
-COMMANDS = ("server", "node", "config", "demo", "status", "kill")
+COMMANDS = ("server", "node", "config", "certs", "demo", "status", "kill")
 
 
 def _config(args: argparse.Namespace) -> int:
@@ -22,6 +22,30 @@ def _config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _certs(args: argparse.Namespace) -> int:
+    from achilles.tls import generate_certs
+
+    hosts = args.host or ["127.0.0.1", "localhost"]
+    paths = generate_certs(args.directory, hosts=hosts, overwrite=args.force)
+    print(f"wrote a CA, a server certificate for {', '.join(hosts)} and a client certificate "
+          f"to {args.directory}:")
+    print(f"  server:           --tls-cert {paths['server.pem']} --tls-key {paths['server.key']}"
+          f"  [--tls-client-ca {paths['ca.pem']} for mutual TLS]")
+    print(f"  nodes, scripts:   --tls-ca {paths['ca.pem']}  [--tls-cert {paths['client.pem']} "
+          f"--tls-key {paths['client.key']}]")
+    print(f"keep {paths['ca.key']} offline; it can sign new certificates")
+    return 0
+
+
+def _connect(args: argparse.Namespace):
+    from achilles.controller.cluster import Cluster
+    from achilles.config import load_config
+
+    return Cluster(load_config(host=args.host, port=args.port, username=args.username,
+                               tls_ca=args.tls_ca, tls_client_cert=args.tls_cert,
+                               tls_client_key=args.tls_key))
+
+
 def _demo(args: argparse.Namespace) -> int:
     from achilles.demo import run_demo
 
@@ -29,17 +53,13 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from achilles.api import connect
-
-    with connect(args.host, args.port, args.username) as cluster:
+    with _connect(args) as cluster:
         print(json.dumps(cluster.status(), indent=2))
     return 0
 
 
 def _kill(args: argparse.Namespace) -> int:
-    from achilles.api import connect
-
-    with connect(args.host, args.port, args.username) as cluster:
+    with _connect(args) as cluster:
         stopped = cluster.kill(command_verified=args.yes)
     print(f"stopped {stopped} node(s) and the server")
     return 0
@@ -58,14 +78,22 @@ def build_parser() -> argparse.ArgumentParser:
     cfg.add_argument("--username")
     cfg.add_argument("--force", action="store_true", help="replace an existing file")
     cfg.set_defaults(run=_config)
+    certs = sub.add_parser("certs", help="write a CA, a server and a client certificate for TLS")
+    certs.add_argument("directory")
+    certs.add_argument("--host", action="append",
+                       help="server name or IP the certificate is for (repeat; default 127.0.0.1, localhost)")
+    certs.add_argument("--force", action="store_true", help="replace existing files")
+    certs.set_defaults(run=_certs)
     demo = sub.add_parser("demo", help="run a job on a local cluster (no config needed)")
     demo.add_argument("--processes", type=int, help="worker processes (default: the CPU count)")
     demo.set_defaults(run=_demo)
     st = sub.add_parser("status", help="print the cluster's nodes and jobs as JSON")
     add_connection_options(st)
+    add_client_tls_options(st)
     st.set_defaults(run=_status)
     kill = sub.add_parser("kill", help="stop every node and the server")
     add_connection_options(kill)
+    add_client_tls_options(kill)
     kill.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     kill.set_defaults(run=_kill)
     return parser

@@ -28,3 +28,11 @@ def run_main(body: Callable[[argparse.Namespace], int], parser: argparse.Argumen
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def add_client_tls_options(parser: argparse.ArgumentParser) -> None:
+    """``--tls-ca --tls-cert --tls-key`` for nodes and controllers."""
+    parser.add_argument("--tls-ca", help="connect with TLS, verifying the server against this CA "
+                        "(env ACHILLES_TLS_CA)")
+    parser.add_argument("--tls-cert", help="client certificate for mutual TLS (env ACHILLES_TLS_CLIENT_CERT)")
+    parser.add_argument("--tls-key", help="key of --tls-cert (env ACHILLES_TLS_CLIENT_KEY)")

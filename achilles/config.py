@@ -40,7 +40,14 @@ VARIABLES: Dict[str, str] = {
     "ACHILLES_HEARTBEAT": "seconds of silence after which a peer counts as dead (default 10)",
     "ACHILLES_RECONNECT_TIMEOUT": "seconds a controller keeps trying to reach a restarted server (default 60)",
     "ACHILLES_MAX_CRASHES": "times an item may kill its worker before it fails with WorkerCrashed (default 3)",
+    "ACHILLES_TLS_CERT": "server: its TLS certificate (PEM); turns TLS on",
+    "ACHILLES_TLS_KEY": "server: the key of ACHILLES_TLS_CERT",
+    "ACHILLES_TLS_CLIENT_CA": "server: require client certificates signed by this CA (mutual TLS)",
+    "ACHILLES_TLS_CA": "nodes and controllers: connect with TLS and verify the server against this CA",
+    "ACHILLES_TLS_CLIENT_CERT": "nodes and controllers: client certificate for mutual TLS",
+    "ACHILLES_TLS_CLIENT_KEY": "nodes and controllers: the key of ACHILLES_TLS_CLIENT_CERT",
 }
+TLS_FIELDS = ("tls_cert", "tls_key", "tls_client_ca", "tls_ca", "tls_client_cert", "tls_client_key")
 
 
 @dataclass
@@ -58,6 +65,12 @@ class Config:
     heartbeat: float = DEFAULT_HEARTBEAT
     reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT
     max_crashes: int = DEFAULT_MAX_CRASHES
+    tls_cert: Optional[str] = None
+    tls_key: Optional[str] = None
+    tls_client_ca: Optional[str] = None
+    tls_ca: Optional[str] = None
+    tls_client_cert: Optional[str] = None
+    tls_client_key: Optional[str] = None
     env_file: Optional[str] = None
 
     def __repr__(self) -> str:
@@ -66,6 +79,28 @@ class Config:
         )
         secret = "set" if self.secret_key else "unset"
         return f"Config({shown}, secret_key=<{secret}>)"
+
+    def server_tls(self) -> Any:
+        """Twisted TLS options for the server, or None when TLS is off."""
+        if not (self.tls_cert or self.tls_key):
+            return None
+        if not (self.tls_cert and self.tls_key):
+            raise ConfigError("TLS needs both ACHILLES_TLS_CERT and ACHILLES_TLS_KEY "
+                              "(--tls-cert and --tls-key)")
+        from achilles.tls import server_context
+
+        return server_context(self.tls_cert, self.tls_key, self.tls_client_ca)
+
+    def client_tls(self) -> Any:
+        """Twisted TLS options for a node or controller, or None when TLS is off."""
+        if not self.tls_ca:
+            if self.tls_client_cert or self.tls_client_key:
+                raise ConfigError("a TLS client certificate needs ACHILLES_TLS_CA (--tls-ca) "
+                                  "to verify the server")
+            return None
+        from achilles.tls import client_context
+
+        return client_context(self.host, self.tls_ca, self.tls_client_cert, self.tls_client_key)
 
     def require_secret(self) -> str:
         """Return the secret key, or raise :class:`ConfigError` saying how to set one."""
@@ -156,6 +191,8 @@ def load_config(**overrides: Any) -> Config:
                              else _as_float("ACHILLES_RECONNECT_TIMEOUT", reconnect, 0))
     crashes = pick("max_crashes", "ACHILLES_MAX_CRASHES")
     cfg.max_crashes = DEFAULT_MAX_CRASHES if crashes is None else _as_int("ACHILLES_MAX_CRASHES", crashes, 1)
+    for name in TLS_FIELDS:
+        setattr(cfg, name, pick(name, "ACHILLES_" + name.upper()))
     return cfg
 
 

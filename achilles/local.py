@@ -51,6 +51,9 @@ def _kill_group(proc: subprocess.Popen, timeout: float = 5.0) -> None:
 class LocalCluster:
     """Start a server and ``nodes`` node daemons on loopback with a random port and secret.
 
+    ``tls=True`` runs everything over TLS with fresh certificates; ``tls="mutual"`` also
+    makes nodes and the controller present client certificates.
+
     ``with LocalCluster(nodes=2, processes=2) as cluster: cluster.map(...)``. Everything is
     stopped on exit, also when the body raises; the daemons also stop by themselves if this
     process dies.
@@ -58,7 +61,8 @@ class LocalCluster:
 
     def __init__(self, nodes: int = 1, processes: Optional[int] = None, prefetch: int = 2,
                  log_level: str = "WARNING", heartbeat: Optional[float] = None,
-                 max_crashes: Optional[int] = None, reconnect_timeout: Optional[float] = None) -> None:
+                 max_crashes: Optional[int] = None, reconnect_timeout: Optional[float] = None,
+                 tls: "bool | str" = False) -> None:
         self.n_nodes = nodes
         self.heartbeat = heartbeat
         self.reconnect_timeout = reconnect_timeout
@@ -74,6 +78,18 @@ class LocalCluster:
             self._env["ACHILLES_HEARTBEAT"] = str(heartbeat)
         if max_crashes is not None:
             self._env["ACHILLES_MAX_CRASHES"] = str(max_crashes)
+        self.tls: dict = {}
+        if tls:
+            from achilles.tls import generate_certs
+
+            paths = generate_certs(os.path.join(self._dir, "certs"))
+            self.tls = {"tls_cert": paths["server.pem"], "tls_key": paths["server.key"],
+                        "tls_ca": paths["ca.pem"]}
+            if tls == "mutual":
+                self.tls.update(tls_client_ca=paths["ca.pem"], tls_client_cert=paths["client.pem"],
+                                tls_client_key=paths["client.key"])
+            for name, value in self.tls.items():
+                self._env["ACHILLES_" + name.upper()] = value
         self.server: Optional[subprocess.Popen] = None
         self.nodes: List[subprocess.Popen] = []
         self._logs: List[Any] = []
@@ -106,7 +122,9 @@ class LocalCluster:
             for i in range(self.n_nodes):
                 self.add_node()
             cfg = Config(host="127.0.0.1", port=self.port, username="local",
-                         secret_key=self._secret)
+                         secret_key=self._secret, tls_ca=self.tls.get("tls_ca"),
+                         tls_client_cert=self.tls.get("tls_client_cert"),
+                         tls_client_key=self.tls.get("tls_client_key"))
             if self.heartbeat is not None:
                 cfg.heartbeat = self.heartbeat
             if self.reconnect_timeout is not None:

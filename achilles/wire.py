@@ -142,7 +142,8 @@ class FrameDecoder:
             return None
         code, length = HEADER.unpack_from(buf, pos)
         if code not in self.allowed:
-            self._fail(f"unexpected message code {code}")
+            hint = " (a TLS handshake? this end is not using TLS)" if code == 0x16 else ""
+            self._fail(f"unexpected message code {code}{hint}")
         if length > self.max_frame:
             self._fail(f"frame of {length} bytes exceeds the limit of {self.max_frame}")
         end = pos + HEADER.size + length

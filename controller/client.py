@@ -8,7 +8,7 @@ import queue
 from typing import Any, Dict, List
 
 from twisted.internet import defer, error as netError, reactor
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.endpoints import SSL4ClientEndpoint, TCP4ClientEndpoint, connectProtocol
 from twisted.python.failure import Failure
 
 from achilles import wire
@@ -46,7 +46,8 @@ class ControllerProtocol(PeerSideProtocol):
         if not self.ready.called:
             err = self.auth_error or ConnectionFailed(
                 f"the server at {self.address} closed the connection during the handshake "
-                f"({reason.getErrorMessage()}); is it an Achilles server?")
+                f"({reason.getErrorMessage()}); is it an Achilles server, and do both sides "
+                "agree on TLS (ACHILLES_TLS_CA here, --tls-cert on the server)?")
             self.ready.errback(Failure(err))
         self.lost_reason = reason.getErrorMessage()
         for q in list(self.jobs.values()) + list(self.requests.values()):
@@ -87,12 +88,19 @@ class ControllerProtocol(PeerSideProtocol):
 
 
 def connect(host: str, port: int, username: str, secret_key: str,
-            timeout: float = CONNECT_TIMEOUT, heartbeat: float = 10.0) -> defer.Deferred:
-    """Connect and authenticate; fires with a ready :class:`ControllerProtocol`."""
+            timeout: float = CONNECT_TIMEOUT, heartbeat: float = 10.0,
+            tls: Any = None) -> defer.Deferred:
+    """Connect and authenticate; fires with a ready :class:`ControllerProtocol`.
+
+    ``tls`` is Twisted client TLS options (see :mod:`achilles.tls`), or None for plain TCP.
+    """
     address = f"{host}:{port}"
     proto = ControllerProtocol(username, secret_key, address)
     proto.heartbeat = heartbeat
-    endpoint = TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
+    if tls is None:
+        endpoint = TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
+    else:
+        endpoint = SSL4ClientEndpoint(reactor, host, port, tls, timeout=timeout)
 
     def failed(f: Failure) -> Failure:
         if f.check(netError.ConnectionRefusedError):
@@ -112,7 +120,8 @@ def connect(host: str, port: int, username: str, secret_key: str,
     def auth_timeout() -> None:
         if not proto.ready.called and proto.transport is not None:
             proto.auth_error = AuthenticationError(
-                f"the server at {address} did not finish the handshake in {timeout:g} s")
+                f"the server at {address} did not finish the handshake in {timeout:g} s; if it "
+                "uses TLS, set ACHILLES_TLS_CA (--tls-ca) here")
             proto.transport.loseConnection()
 
     reactor.callLater(timeout, auth_timeout)

@@ -33,6 +33,7 @@ class Cluster:
         self.config = config
         self.timeout = timeout
         self._secret = config.require_secret()
+        self._tls = config.client_tls()
         self._lock = threading.Lock()
         self._proto: Optional[ControllerProtocol] = None
         self._requests = itertools.count(1)
@@ -48,7 +49,8 @@ class Cluster:
             if proto is None or proto.state != "ready":
                 proto = reactor_thread.call(
                     connect, self.config.host, self.config.port, self.config.username,
-                    self._secret, self.timeout, self.config.heartbeat, timeout=self.timeout + 5)
+                    self._secret, self.timeout, self.config.heartbeat, self._tls,
+                    timeout=self.timeout + 5)
                 self._proto = proto
             return proto
 

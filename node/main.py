@@ -6,7 +6,7 @@ import argparse
 import logging
 from typing import Dict, List, Optional
 
-from achilles.cli_common import add_connection_options, run_main
+from achilles.cli_common import add_client_tls_options, add_connection_options, run_main
 from achilles.config import cpu_count, load_config, node_default_name
 from achilles.errors import ConfigError
 from achilles.logs import setup_logging
@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--heartbeat", type=float,
                         help="seconds of silence before the server counts as dead (env ACHILLES_HEARTBEAT, default 10)")
     parser.add_argument("--resources", help="what this node offers, e.g. gpu=1,ram=64")
+    add_client_tls_options(parser)
     parser.add_argument("--exit-with-stdin", action="store_true", help=argparse.SUPPRESS)
     return parser
 
@@ -48,8 +49,10 @@ def run(args: argparse.Namespace) -> int:
     """Connect and serve until stopped."""
     cfg = load_config(host=args.host, port=args.port, username=args.username,
                       log_level=args.log_level, processes=args.processes, node_name=args.name,
-                      heartbeat=args.heartbeat)
+                      heartbeat=args.heartbeat, tls_ca=args.tls_ca, tls_client_cert=args.tls_cert,
+                      tls_client_key=args.tls_key)
     secret = cfg.require_secret()
+    tls = cfg.client_tls()
     resources = parse_resources(args.resources)
     setup_logging(cfg.log_level, "node")
     from twisted.internet import reactor
@@ -61,7 +64,10 @@ def run(args: argparse.Namespace) -> int:
     factory = NodeFactory(name, processes, cfg.username, secret, f"{cfg.host}:{cfg.port}", resources,
                           heartbeat=cfg.heartbeat)
     try:
-        reactor.connectTCP(cfg.host, cfg.port, factory)
+        if tls is None:
+            reactor.connectTCP(cfg.host, cfg.port, factory)
+        else:
+            reactor.connectSSL(cfg.host, cfg.port, factory, tls)
         if args.exit_with_stdin:
             from achilles.lifeline import exit_with_stdin
 

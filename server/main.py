@@ -27,6 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds of silence before a peer counts as dead (env ACHILLES_HEARTBEAT, default 10)")
     parser.add_argument("--max-crashes", type=int,
                         help="times an item may kill its worker (env ACHILLES_MAX_CRASHES, default 3)")
+    parser.add_argument("--tls-cert", help="TLS certificate (PEM); turns TLS on (env ACHILLES_TLS_CERT)")
+    parser.add_argument("--tls-key", help="key of --tls-cert (env ACHILLES_TLS_KEY)")
+    parser.add_argument("--tls-client-ca",
+                        help="require client certificates signed by this CA (env ACHILLES_TLS_CLIENT_CA)")
     parser.add_argument("--port-file", help="write the port actually bound to this file")
     parser.add_argument("--exit-with-stdin", action="store_true", help=argparse.SUPPRESS)
     return parser
@@ -36,8 +40,10 @@ def serve(args: argparse.Namespace) -> int:
     """Listen and run until stopped (SIGTERM, SIGINT, or a controller's kill)."""
     cfg = load_config(host=args.host, port=args.port, username=args.username,
                       log_level=args.log_level, prefetch=args.prefetch, heartbeat=args.heartbeat,
-                      max_crashes=args.max_crashes)
+                      max_crashes=args.max_crashes, tls_cert=args.tls_cert, tls_key=args.tls_key,
+                      tls_client_ca=args.tls_client_ca)
     secret = cfg.require_secret()
+    tls = cfg.server_tls()
     setup_logging(cfg.log_level, "server")
     from twisted.internet import reactor
     from twisted.internet.error import CannotListenError
@@ -47,12 +53,17 @@ def serve(args: argparse.Namespace) -> int:
     factory = ServerFactory(cfg.username, secret, prefetch=cfg.prefetch, heartbeat=cfg.heartbeat,
                             max_crashes=cfg.max_crashes)
     try:
-        port = reactor.listenTCP(cfg.port, factory, interface=cfg.host)
+        if tls is None:
+            port = reactor.listenTCP(cfg.port, factory, interface=cfg.host)
+        else:
+            port = reactor.listenSSL(cfg.port, factory, tls, interface=cfg.host)
     except CannotListenError as exc:
         raise ConfigError(f"cannot listen on {cfg.host}:{cfg.port}: {exc.socketError}; "
                           "pick another --port or stop what holds it") from None
     bound = port.getHost().port
-    log.info("listening on %s:%d (user %s)", cfg.host, bound, cfg.username)
+    log.info("listening on %s:%d (user %s, %s)", cfg.host, bound, cfg.username,
+             "plain TCP" if tls is None else
+             "mutual TLS" if cfg.tls_client_ca else "TLS")
     if args.port_file:
         tmp = args.port_file + ".tmp"
         with open(tmp, "w") as fh:
