@@ -57,6 +57,9 @@ class AchillesProtocol(protocol.Protocol):
     def on_closed(self, reason: Failure) -> None:
         """Called when the connection is gone, in any state."""
 
+    def on_refused(self, reason: str) -> None:
+        """Called when the handshake fails (bad proof, bad frame, timeout)."""
+
     # --- machinery --------------------------------------------------------------------------
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()
@@ -154,6 +157,8 @@ class AchillesProtocol(protocol.Protocol):
         """Log why and close the connection."""
         if self.state == "closed":
             return
+        if self.state == "handshake":
+            self.on_refused(reason)
         level = logging.WARNING
         log.log(level, "closing connection from %s: %s", self.peer_address, reason)
         self.state = "closed"
@@ -179,8 +184,22 @@ class ServerSideProtocol(AchillesProtocol):
     def start_handshake(self) -> None:
         self.handshake = ServerHandshake(self.username, self.secret_key)
         self.role: Optional[str] = None
-        for data in self.handshake.start():
-            self.transport.write(data)
+        delay = self.hello_delay()
+        if delay > 0:
+            from twisted.internet import reactor
+
+            reactor.callLater(delay, self._say_hello)
+        else:
+            self._say_hello()
+
+    def _say_hello(self) -> None:
+        if self.state == "handshake":
+            for data in self.handshake.start():
+                self.transport.write(data)
+
+    def hello_delay(self) -> float:
+        """Seconds to wait before saying HELLO (to slow down a flooding address)."""
+        return 0.0
 
     def handshake_frame(self, code: int, body: bytes) -> None:
         try:
@@ -196,9 +215,6 @@ class ServerSideProtocol(AchillesProtocol):
             self.transport.write(data)
         self.role = self.handshake.role
         self.authenticated()
-
-    def on_refused(self, reason: str) -> None:
-        """Called when a peer fails authentication (for rate limiting)."""
 
 
 class PeerSideProtocol(AchillesProtocol):

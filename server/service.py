@@ -10,6 +10,7 @@ from twisted.python.failure import Failure
 
 from achilles import wire
 from achilles.protocol import ServerSideProtocol, bind_handlers
+from achilles.server.guard import HandshakeGuard
 from achilles.server.scheduler import ControllerState, NodeState, Scheduler
 
 log = logging.getLogger("achilles.server")
@@ -33,6 +34,8 @@ class ServerConnection(ServerSideProtocol):
         super().__init__()
         self.node: Optional[NodeState] = None
         self.controller: Optional[ControllerState] = None
+        self.role: Optional[str] = None
+        self._refused = False
 
     def on_authenticated(self) -> None:
         self.handlers = NODE_HANDLERS if self.role == "node" else CONTROLLER_HANDLERS
@@ -41,7 +44,24 @@ class ServerConnection(ServerSideProtocol):
         else:
             log.debug("node at %s authenticated", self.peer_address)
 
+    def _host(self) -> str:
+        return getattr(self.transport.getPeer(), "host", "?")
+
+    def hello_delay(self) -> float:
+        delay = self.factory.guard.delay(self._host(), reactor.seconds())
+        if delay:
+            log.warning("slowing down handshakes from %s (%.2f s): too many failures",
+                        self._host(), delay)
+        return delay
+
+    def on_refused(self, reason: str) -> None:
+        if not self._refused:
+            self._refused = True
+            self.factory.guard.record_failure(self._host(), reactor.seconds())
+
     def on_closed(self, reason: Failure) -> None:
+        if self.role is None:
+            self.on_refused("closed during the handshake")
         sched = self.factory.scheduler
         if self.node is not None:
             sched.remove_node(self.node)
@@ -104,6 +124,7 @@ class ServerFactory(protocol.ServerFactory):
         self.secret_key = secret_key
         self.heartbeat = heartbeat
         self.scheduler = Scheduler(prefetch=prefetch, max_crashes=max_crashes)
+        self.guard = HandshakeGuard()
         self._waiting_for_nodes: List[defer.Deferred] = []
         self.stopping = False
 

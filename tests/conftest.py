@@ -87,10 +87,13 @@ class Daemons:
         env.pop("ACHILLES_ENV_FILE", None)
         return env
 
-    def start(self, role: str, *args: str, secret: str, username: str = "tester") -> subprocess.Popen:
+    def start(self, role: str, *args: str, secret: str, username: str = "tester",
+              netns: Optional[str] = None) -> subprocess.Popen:
+        """Start ``achilles.<role>`` (inside network namespace ``netns`` if given)."""
         log = str(self.tmp_path / f"{role}-{len(self.procs)}.log")
+        prefix = ["ip", "netns", "exec", netns] if netns else []
         with open(log, "wb") as fh:
-            proc = subprocess.Popen([sys.executable, "-m", f"achilles.{role}", *args],
+            proc = subprocess.Popen(prefix + [sys.executable, "-m", f"achilles.{role}", *args],
                                     env=self.env(secret, username), stdin=subprocess.DEVNULL,
                                     stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
                                     cwd=str(self.tmp_path))
