@@ -40,6 +40,15 @@ def _proof(key: bytes, label: str, server_nonce: str, peer_nonce: str, role: str
     return hmac.new(key, msg, hashlib.sha256).hexdigest()
 
 
+def _proof_field(obj: dict) -> str:
+    """The ``proof`` field: exactly 64 lowercase hex characters, or a ProtocolError."""
+    proof = obj.get("proof")
+    if (not isinstance(proof, str) or len(proof) != 64
+            or any(c not in "0123456789abcdef" for c in proof)):
+        raise ProtocolError("handshake field 'proof' is missing or malformed")
+    return proof
+
+
 def _nonce(obj: dict, name: str) -> str:
     value = obj.get(name)
     if not isinstance(value, str) or len(value) != 2 * NONCE_BYTES:
@@ -91,10 +100,12 @@ class ServerHandshake:
                 raise ProtocolError(f"unknown role {role!r}")
             if not isinstance(user, str) or len(user) > MAX_USERNAME:
                 raise ProtocolError("handshake field 'user' is missing or malformed")
+            try:
+                user.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ProtocolError("handshake field 'user' is not valid text") from None
             peer_nonce = _nonce(obj, "nonce")
-            proof = obj.get("proof")
-            if not isinstance(proof, str):
-                raise ProtocolError("handshake field 'proof' is missing")
+            proof = _proof_field(obj)
             expected = _proof(self._key, "peer", self.nonce, peer_nonce, role, user)
             if user != self._username or not hmac.compare_digest(proof, expected):
                 raise AuthenticationError("wrong username or secret key")
@@ -151,10 +162,14 @@ class PeerHandshake:
                     "and ACHILLES_SECRET_KEY match the server's"
                 )
             if self.state == "sent_auth" and code == wire.AUTH_OK:
-                proof = wire.decode_json(body).get("proof")
+                obj = wire.decode_json(body)
                 assert self.server_nonce is not None
                 expected = _proof(self._key, "server", self.server_nonce, self.nonce, self.role, self._username)
-                if not isinstance(proof, str) or not hmac.compare_digest(proof, expected):
+                try:
+                    proof = _proof_field(obj)
+                except ProtocolError:
+                    proof = ""
+                if not hmac.compare_digest(proof.encode("ascii"), expected.encode("ascii")):
                     raise AuthenticationError(
                         "the server failed to prove the shared secret; it is not the server you "
                         "configured, or its ACHILLES_SECRET_KEY differs from this machine's"

@@ -317,13 +317,14 @@ def test_peer_rejects_non_json_hello(body):
         peer.receive(wire.HELLO, body)
 
 
+DELETE = object()
 MALFORMED = [
     ("nonce", "ab" * (NONCE_BYTES - 1) + "a"),  # odd and short
     ("nonce", "ab" * (NONCE_BYTES + 1)),         # too long
     ("nonce", "zz" * NONCE_BYTES),               # right length, not hex
     ("nonce", 1234),
     ("nonce", None),
-    ("nonce", DELETE := object()),
+    ("nonce", DELETE),
     ("role", "admin"),
     ("role", "server"),
     ("role", None),
@@ -416,34 +417,36 @@ JSON_ANY = st.recursive(JSON_SCALARS, lambda inner: st.one_of(
     max_leaves=10)
 
 
+_GONE = object()
+FIELDS = ("proto", "role", "user", "nonce", "proof", "extra")
+REPLACEMENT = st.one_of(st.just(_GONE), JSON_ANY, st.text(max_size=130),
+                        st.text(alphabet="0123456789abcdefABCDEF ", max_size=70))
+
+
 @st.composite
 def _auth_frames(draw):
-    """(code, body-builder) pairs: mostly AUTH, with fields valid, missing or junk."""
+    """(code, body builder) pairs: random bytes, random JSON, or, mostly, a genuine AUTH
+    with up to three fields deleted or replaced by junk (zero mutations: a valid AUTH)."""
     code = draw(st.one_of(st.just(wire.AUTH), st.integers(0, 255)))
-    kind = draw(st.sampled_from(["bytes", "json", "fields", "fields", "fields"]))
+    kind = draw(st.sampled_from(["bytes", "json", "mutate", "mutate", "mutate", "mutate"]))
     if kind == "bytes":
         body = draw(st.binary(max_size=wire.PREAUTH_MAX_FRAME))
         return code, lambda server: body
     if kind == "json":
         value = draw(JSON_ANY)
         return code, lambda server: json.dumps(value).encode()
-    choices = {}
-    for name in ("proto", "role", "user", "nonce", "proof"):
-        choices[name] = draw(st.sampled_from(["valid", "valid", "missing", "junk", "text"]))
-    junk = {name: draw(JSON_ANY) for name in choices}
-    texts = {name: draw(st.text(min_size=0, max_size=130)) for name in choices}
-    extra = draw(st.dictionaries(st.text(max_size=8), JSON_SCALARS, max_size=3))
+    role = draw(st.sampled_from(handshake.ROLES))
+    mutations = draw(st.lists(st.tuples(st.sampled_from(FIELDS), REPLACEMENT), max_size=3))
+    extra_key = draw(st.text(max_size=8))
 
     def build(server):
-        good = valid_auth_obj(server, role="node")
-        obj = dict(extra)
-        for name, how in choices.items():
-            if how == "valid":
-                obj[name] = good[name]
-            elif how == "junk":
-                obj[name] = junk[name]
-            elif how == "text":
-                obj[name] = texts[name]
+        obj = valid_auth_obj(server, role=role)
+        for name, value in mutations:
+            key = extra_key if name == "extra" else name
+            if value is _GONE:
+                obj.pop(key, None)
+            else:
+                obj[key] = value
         return json.dumps(obj).encode()
 
     return code, build

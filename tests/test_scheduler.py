@@ -229,25 +229,41 @@ def test_round_robin_across_controllers():
 # --- WANT -------------------------------------------------------------------------------------
 
 def test_want_sent_when_queue_runs_low():
-    """A new job is asked for more input (WANT) up to the cluster's capacity, and asked again
-    as its queue drains; WANT carries the count, the processes and the capacity."""
+    """A new job is asked for input (WANT) up to the cluster's capacity, asked again whenever
+    its queue runs dry, and never asked for more than the capacity still uncovered; WANT
+    carries the count, the cluster's processes and its capacity."""
     sched = make(prefetch=2)
     npeer, n = node(sched, processes=2)  # capacity 4
     cpeer, ctrl = controller(sched)
     submit(sched, ctrl, "j")
-    wants = cpeer.of(wire.WANT)
-    assert wants == [(wire.WANT, "j", 4 - INITIAL_CREDIT, 2, 4)]
-    granted = INITIAL_CREDIT + wants[0][2]
-    chunks(sched, ctrl, "j", range(granted))
-    assert len(n.inflight) == 4
-    more = cpeer.of(wire.WANT)[1:]
-    assert more and all(m[2] > 0 for m in more)
-    # draining in-flight work keeps asking for input while nothing is queued
+    job = sched.jobs["j"]
+    assert cpeer.of(wire.WANT) == [(wire.WANT, "j", 4 - INITIAL_CREDIT, 2, 4)]
+    for cid in range(4):
+        before = len(cpeer.of(wire.WANT))
+        chunks(sched, ctrl, "j", [cid])
+        # the chunk went straight to the node, leaving the queue empty: ask again
+        assert not job.queue
+        assert len(cpeer.of(wire.WANT)) == before + 1
+        assert cpeer.of(wire.WANT)[-1][2:] == (1, 2, 4)
+    wanted = sum(m[2] for m in cpeer.of(wire.WANT))
+    assert job.credit == INITIAL_CREDIT + wanted - 4 == 4
+    # the outstanding credit already covers the target: finishing work asks for nothing more
     cpeer.clear()
     for key in sorted(n.inflight):
         ok(sched, n, *key)
-    assert not sched.jobs["j"].queue
-    assert cpeer.of(wire.RESULT)
+    assert len(cpeer.of(wire.RESULT)) == 4
+    assert cpeer.of(wire.WANT) == []
+
+
+def test_no_want_while_queue_is_full():
+    """With no node connected, chunks queue up to the initial credit and no WANT is sent."""
+    sched = make()
+    cpeer, ctrl = controller(sched)
+    submit(sched, ctrl, "j")
+    assert cpeer.of(wire.WANT) == []  # target 2 == INITIAL_CREDIT
+    chunks(sched, ctrl, "j", range(INITIAL_CREDIT))
+    assert cpeer.of(wire.WANT) == []
+    assert len(sched.jobs["j"].queue) == INITIAL_CREDIT
 
 
 def test_queue_bounded_when_controller_sends_what_is_wanted():

@@ -15,16 +15,6 @@ from achilles.errors import ProtocolError
 pytestmark = pytest.mark.timeout(60)
 
 
-def drain(decoder):
-    """Every complete frame currently buffered in ``decoder``."""
-    out = []
-    while True:
-        item = decoder.next_frame()
-        if item is None:
-            return out
-        out.append(item)
-
-
 SAMPLE_FRAMES = [
     (wire.HELLO, json.dumps({"achilles": 1, "proto": 1, "nonce": "ab" * 32}).encode()),
     (wire.AUTH, b"{}"),
