@@ -13,18 +13,21 @@ from achilles.api import (  # noqa: E402
     connect, default_cluster, imap, imap_unordered, kill_cluster, map, status,
 )
 from achilles.config import gen_config, load_config  # noqa: E402
+from achilles.flows import dataflow  # noqa: E402
+from achilles.graph import TaskCall, task, workflow  # noqa: E402
 from achilles.errors import (  # noqa: E402
     AchillesError, AuthenticationError, ConfigError, ConnectionFailed, ConnectionLost,
-    JobCancelled, ProtocolError, RemoteError, TaskTimeout, WorkerCrashed,
+    JobCancelled, ProtocolError, RemoteError, ResourceUnavailable, TaskTimeout, WorkerCrashed,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "connect", "map", "imap", "imap_unordered", "status", "kill_cluster", "LocalCluster",
+    "task", "workflow", "dataflow", "TaskCall", "connect", "map", "imap", "imap_unordered", "status", "kill_cluster", "LocalCluster",
     "gen_config", "load_config", "default_cluster",
     "AchillesError", "AuthenticationError", "ConfigError", "ConnectionFailed", "ConnectionLost",
-    "JobCancelled", "ProtocolError", "RemoteError", "TaskTimeout", "WorkerCrashed",
+    "JobCancelled", "ProtocolError", "RemoteError", "ResourceUnavailable", "TaskTimeout",
+    "WorkerCrashed",
 ]
 
 

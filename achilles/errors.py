@@ -71,6 +71,10 @@ class WorkerCrashed(AchillesError):
         self.item = item
 
 
+class ResourceUnavailable(AchillesError):
+    """A task asks for resources (``resources={"gpu": 1}``) that no connected node offers."""
+
+
 class TaskTimeout(AchillesError):
     """A task ran past its deadline; its worker process was killed and replaced."""
 

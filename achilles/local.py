@@ -62,8 +62,9 @@ class LocalCluster:
     def __init__(self, nodes: int = 1, processes: Optional[int] = None, prefetch: int = 2,
                  log_level: str = "WARNING", heartbeat: Optional[float] = None,
                  max_crashes: Optional[int] = None, reconnect_timeout: Optional[float] = None,
-                 tls: "bool | str" = False) -> None:
+                 tls: "bool | str" = False, resources: Optional[str] = None) -> None:
         self.n_nodes = nodes
+        self.resources = resources
         self.heartbeat = heartbeat
         self.reconnect_timeout = reconnect_timeout
         self.processes = processes
@@ -161,14 +162,18 @@ class LocalCluster:
         time.sleep(down_for)
         self._start_server(self.port, time.monotonic() + START_TIMEOUT)
 
-    def add_node(self, processes: Optional[int] = None, name: Optional[str] = None) -> subprocess.Popen:
-        """Start one more node daemon (it joins running jobs at once)."""
+    def add_node(self, processes: Optional[int] = None, name: Optional[str] = None,
+                 resources: Optional[str] = None) -> subprocess.Popen:
+        """Start one more node daemon (it joins running jobs at once); ``resources`` as
+        ``gpu=1,ram=64`` (default: the cluster's ``resources``)."""
         index = len(self.nodes)
         args = ["achilles.node", "--host", "127.0.0.1", "--port", str(self.port),
                 "--name", name or f"local-{index}"]
         procs = processes or self.processes
         if procs:
             args += ["--processes", str(procs)]
+        if resources or self.resources:
+            args += ["--resources", resources or self.resources]
         proc = self._spawn(f"node-{index}", args)
         self.nodes.append(proc)
         return proc

@@ -48,6 +48,10 @@ KILL_DONE = 30     # server -> controller: (request_id, nodes_stopped)
 SHUTDOWN = 31      # server -> node: (reason,)
 PING = 32          # either way: (token,)
 PONG = 33          # either way: (token,)
+GRAPH = 34         # controller -> server: (graph_id, funcs_bytes, tasks, outputs)
+                   # tasks: [(task_id, name, deps, options, func_key, args_bytes)]
+TASK_DONE = 35     # server -> controller: (graph_id, task_id, status, payload, node, elapsed)
+GRAPH_DONE = 36    # server -> controller: (graph_id, report {task_id: {state, node, duration, attempts}})
 
 NAMES: Dict[int, str] = {
     value: name for name, value in globals().items() if name.isupper() and isinstance(value, int)

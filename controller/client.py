@@ -21,7 +21,8 @@ CONNECT_TIMEOUT = 10.0
 
 
 @bind_handlers({wire.WANT: "want", wire.RESULT: "result", wire.JOB_FAILED: "job_failed",
-                wire.STATUS_REPLY: "reply", wire.KILL_DONE: "reply", wire.PING: "ping",
+                wire.STATUS_REPLY: "reply", wire.KILL_DONE: "reply", wire.TASK_DONE: "task_done",
+                wire.GRAPH_DONE: "graph_done", wire.PING: "ping",
                 wire.PONG: "pong"})
 class ControllerProtocol(PeerSideProtocol):
     """Routes server messages to the waiting caller's queue."""
@@ -64,6 +65,17 @@ class ControllerProtocol(PeerSideProtocol):
         q = self.jobs.get(job_id)
         if q is not None:
             q.put(("result", chunk_id, status, payload, elapsed, node))
+
+    def task_done(self, graph_id: str, task_id: int, status: int, payload: bytes, node: str,
+                  elapsed: float) -> None:
+        q = self.jobs.get(graph_id)
+        if q is not None:
+            q.put(("task_done", task_id, status, payload, node, elapsed))
+
+    def graph_done(self, graph_id: str, report: Dict[int, Dict[str, Any]]) -> None:
+        q = self.jobs.get(graph_id)
+        if q is not None:
+            q.put(("graph_done", report))
 
     def job_failed(self, job_id: str, message: str) -> None:
         q = self.jobs.get(job_id)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import inspect
 import itertools
 import queue
@@ -136,6 +137,30 @@ class Cluster:
         ``callback`` runs on the node on each result.
         """
         return ResultIterator(JobRun(self, func, _inputs(iterable), chunksize, callback, False))
+
+    # --- call graphs --------------------------------------------------------------------------
+    def compute(self, *calls: Any) -> List[Any]:
+        """Run the graphs under these lazy task calls (shared parts run once) and return their
+        values in order. A failing task raises its own exception with the remote traceback and
+        its position in the graph."""
+        from achilles.controller.graph import GraphRun
+
+        return GraphRun(self, list(calls)).wait()
+
+    def submit_graph(self, call: Any) -> "concurrent.futures.Future[Any]":
+        """Start a graph in the background; returns a ``concurrent.futures.Future`` of its
+        value (so ``add_done_callback``, ``as_completed`` and ``wait`` work)."""
+        from achilles.controller.graph import single, submit_graph
+
+        return single(submit_graph(self, [call]))
+
+    def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> "concurrent.futures.Future[Any]":
+        """Run ``fn(*args, **kwargs)`` once on the cluster; returns a Future of its value.
+        ``fn`` may be a ``@task`` (its options apply) or any function."""
+        from achilles.graph import TaskFunction, task
+
+        wrapped = fn if isinstance(fn, TaskFunction) else task(fn)
+        return self.submit_graph(wrapped(*args, **kwargs))
 
     # --- cluster management -----------------------------------------------------------------
     def status(self) -> Dict[str, List[Dict[str, Any]]]:

@@ -54,13 +54,14 @@ class NodeProtocol(PeerSideProtocol):
                  options: Dict[str, Any]) -> None:
         self.jobs[job_id] = (func_bytes, callback_bytes, options)
 
-    def task(self, job_id: str, chunk_id: int, payload: bytes, careful: bool = False) -> None:
+    def task(self, job_id: str, chunk_id: int, payload: bytes, careful: bool = False,
+             timeout: Optional[float] = None) -> None:
         code = self.jobs.get(job_id)
         if code is None:
             log.error("task for unknown job %s ignored", job_id[:8])
             return
         self.factory.pool.submit(Task(self.session, job_id, chunk_id, code[0], code[1], payload,
-                                      bool(careful)))
+                                      bool(careful), timeout, str(code[2].get("kind", "map"))))
 
     def cancel(self, job_id: str, reason: str = "") -> None:
         self.jobs.pop(job_id, None)

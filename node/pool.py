@@ -40,6 +40,8 @@ class Task:
     callback_bytes: bytes
     payload: bytes
     careful: bool = False
+    timeout: Optional[float] = None
+    kind: str = "map"
 
 
 ResultHandler = Callable[[Task, int, bytes, float], None]
@@ -144,6 +146,16 @@ class WorkerPool:
                 slot.task = task
                 slot.progress.value = -1
             outcome = self._run(slot, task)
+            if outcome == "timeout":
+                with self._lock:
+                    slot.task = None
+                    slot.proc.kill()
+                    slot.proc.join(5)
+                    self._slots[index] = _Slot(self._ctx)
+                log.warning("chunk %d of job %s ran past its %g s timeout; worker %d killed "
+                            "and replaced", task.chunk_id, task.job_id[:8], task.timeout, index)
+                self.on_result(task, wire.TIMED_OUT, pickle.dumps(task.timeout), task.timeout or 0.0)
+                continue
             with self._lock:
                 slot.task = None
                 killed = slot.killed
@@ -165,10 +177,15 @@ class WorkerPool:
                 self.on_result(task, *outcome)
 
     @staticmethod
-    def _run(slot: _Slot, task: Task) -> "Optional[tuple]":
+    def _run(slot: _Slot, task: Task) -> Any:
+        """Run a task: ``(status, payload, elapsed)``, None if the worker died, or
+        ``"timeout"``."""
         try:
             slot.conn.send_bytes(pickle.dumps(
-                (task.func_bytes, task.callback_bytes, task.payload, task.careful), protocol=5))
+                (task.func_bytes, task.callback_bytes, task.payload, task.careful, task.kind),
+                protocol=5))
+            if task.timeout is not None and not slot.conn.poll(task.timeout):
+                return "timeout"
             status, elapsed = pickle.loads(slot.conn.recv_bytes())
             payload = slot.conn.recv_bytes()
         except (EOFError, OSError):

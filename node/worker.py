@@ -1,7 +1,8 @@
 """The loop each worker process runs: receive a chunk, call the function per item, send results.
 
 Messages on the pipe (parent -> worker): one pickled ``(func_bytes, callback_bytes, payload,
-careful)``. In careful mode (a re-run after the chunk killed a worker) the index of the item
+careful, kind)``; ``kind`` is ``map`` (payload: a list of items) or ``graph`` (func_bytes: the
+graph's functions by key; payload: one task's key, arguments and input values). In careful mode (a re-run after the chunk killed a worker) the index of the item
 being run is written to shared memory first, so the node can blame the exact item if the
 worker dies again.
 Replies (worker -> parent): a pickled ``(status, elapsed)`` header, then the result payload —
@@ -74,6 +75,45 @@ def run_chunk(cache: _CodeCache, func_bytes: bytes, cb_bytes: bytes, payload: by
         return wire.ITEM_ERROR, error_record(0, exc, [])
 
 
+class _GraphCode:
+    """A graph's functions, loaded one key at a time as tasks need them."""
+
+    def __init__(self, data: bytes) -> None:
+        self._raw = pickle.loads(data)
+        self._loaded: dict = {}
+
+    def get(self, key: str) -> Callable[..., Any]:
+        func = self._loaded.get(key)
+        if func is None:
+            func = self._loaded[key] = loads_code(self._raw[key])
+        return func
+
+
+_graph_codes: "collections.OrderedDict[bytes, _GraphCode]" = collections.OrderedDict()
+
+
+def run_graph_task(funcs_bytes: bytes, payload: bytes) -> Tuple[int, bytes]:
+    """Run one call-graph task; returns ``(status, pickled value or error record)``."""
+    from achilles.graph import from_refs
+
+    try:
+        code = _graph_codes.get(funcs_bytes)
+        if code is None:
+            code = _graph_codes[funcs_bytes] = _GraphCode(funcs_bytes)
+            if len(_graph_codes) > CODE_CACHE:
+                _graph_codes.popitem(last=False)
+        key, args_bytes, inputs = pickle.loads(payload)
+        values = {task_id: loads_data(v) for task_id, v in inputs.items()}
+        args, kwargs = loads_data(args_bytes)
+        result = code.get(key)(*from_refs(args, values), **from_refs(kwargs, values))
+    except BaseException as exc:
+        return wire.ITEM_ERROR, error_record(0, exc, [])
+    try:
+        return wire.OK, dumps_data(result)
+    except BaseException as exc:
+        return wire.ITEM_ERROR, error_record(0, exc, [])
+
+
 def worker_main(conn: Any, progress: Any) -> None:
     """Serve chunks from ``conn`` until the parent closes it; ``progress`` is a shared int."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -83,10 +123,13 @@ def worker_main(conn: Any, progress: Any) -> None:
             message = conn.recv_bytes()
         except (EOFError, OSError):
             os._exit(0)
-        func_bytes, cb_bytes, payload, careful = pickle.loads(message)
+        func_bytes, cb_bytes, payload, careful, kind = pickle.loads(message)
         start = time.perf_counter()
-        status, result = run_chunk(cache, func_bytes, cb_bytes, payload,
-                                   progress if careful else None)
+        if kind == "graph":
+            status, result = run_graph_task(func_bytes, payload)
+        else:
+            status, result = run_chunk(cache, func_bytes, cb_bytes, payload,
+                                       progress if careful else None)
         elapsed = time.perf_counter() - start
         try:
             conn.send_bytes(pickle.dumps((status, elapsed), protocol=5))

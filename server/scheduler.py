@@ -13,9 +13,13 @@ import logging
 import pickle
 import time
 from dataclasses import dataclass, field
-from typing import Any, Deque, Dict, List, Optional, Protocol, Set, Tuple
+import itertools
+from typing import Any, Callable, Deque, Dict, List, Optional, Protocol, Set, Tuple
 
 from achilles import wire
+from achilles.errors import ResourceUnavailable
+from achilles.serialization import error_record
+from achilles.server.graphs import GraphState, GraphTask, QUEUED, RUNNING, retry_status
 
 log = logging.getLogger("achilles.server")
 
@@ -40,6 +44,8 @@ class Chunk:
     n_items: int
     payload: bytes
     crashes: int = 0  # workers this chunk has killed; after the first, it re-runs carefully
+    timeout: Optional[float] = None
+    resources: Dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -58,7 +64,16 @@ class NodeState:
     connected_since: float = field(default_factory=time.time)
     inflight: Dict[Tuple[str, int], Chunk] = field(default_factory=dict)
     jobs_shipped: Set[str] = field(default_factory=set)
+    used: Dict[str, float] = field(default_factory=dict)
     done: int = 0
+
+    def fits(self, need: Dict[str, float]) -> bool:
+        """Whether this node has ``need`` free now."""
+        return all(self.resources.get(k, 0.0) - self.used.get(k, 0.0) >= v for k, v in need.items())
+
+    def offers(self, need: Dict[str, float]) -> bool:
+        """Whether this node could ever run a task needing ``need``."""
+        return all(self.resources.get(k, 0.0) >= v for k, v in need.items())
 
     @property
     def capacity(self) -> int:
@@ -98,14 +113,17 @@ class Job:
     failed: int = 0
     started: float = field(default_factory=time.time)
     state: str = "running"
+    graph: Optional[GraphState] = None
 
 
 class Scheduler:
     """Tracks nodes, controllers and jobs, and moves chunks between them."""
 
-    def __init__(self, prefetch: int = 2, max_crashes: int = DEFAULT_MAX_CRASHES) -> None:
+    def __init__(self, prefetch: int = 2, max_crashes: int = DEFAULT_MAX_CRASHES,
+                 call_later: Optional[Callable[[float, Callable[[], None]], Any]] = None) -> None:
         self.prefetch = prefetch
         self.max_crashes = max_crashes
+        self._call_later = call_later
         self.nodes: Dict[int, NodeState] = {}
         self.controllers: Dict[int, ControllerState] = {}
         self.jobs: Dict[str, Job] = {}
@@ -156,6 +174,9 @@ class Scheduler:
                 requeued += 1
         node.inflight.clear()
         log.warning("node %s lost; %d chunk(s) re-queued", node.name, requeued)
+        for job in list(self.jobs.values()):
+            if job.graph is not None:
+                self._check_resources(job)
         self.pump()
 
     def add_controller(self, peer: Peer, address: str) -> ControllerState:
@@ -231,7 +252,7 @@ class Scheduler:
         for node in self.nodes.values():
             stale = [key for key in node.inflight if key[0] == job.job_id]
             for key in stale:
-                del node.inflight[key]
+                self._free(node, node.inflight.pop(key))
             if job.job_id in node.jobs_shipped:
                 node.jobs_shipped.discard(job.job_id)
                 node.peer.send(wire.CANCEL, job.job_id, reason)
@@ -256,6 +277,7 @@ class Scheduler:
         chunk = node.inflight.pop((job_id, chunk_id), None)
         if chunk is None:
             return
+        self._free(node, chunk)
         job = self.jobs.get(job_id)
         if job is not None and job.state == "running" and status == wire.CRASHED:
             exitcode, item = pickle.loads(payload)
@@ -269,7 +291,9 @@ class Scheduler:
                 self.pump()
                 return
             payload = pickle.dumps((exitcode, item, chunk.crashes))
-        if job is not None and job.state == "running":
+        if job is not None and job.state == "running" and job.graph is not None:
+            self._graph_result(node, job, chunk, status, payload, elapsed)
+        elif job is not None and job.state == "running":
             job.chunks_done += 1
             if status == wire.OK:
                 job.done += chunk.n_items
@@ -299,23 +323,168 @@ class Scheduler:
 
     def pump(self) -> None:
         """Hand queued chunks to nodes with free credit, one job at a time in turn."""
+        blocked: List[str] = []
         while self._ready:
-            node = max(self.nodes.values(), key=lambda n: n.free, default=None)
-            if node is None or node.free <= 0:
-                return
+            free = [n for n in self.nodes.values() if n.free > 0]
+            if not free:
+                break
             job_id = self._ready.popleft()
             job = self.jobs.get(job_id)
             if job is None or not job.queue:
                 continue
-            chunk = job.queue.popleft()
+            pick = self._pick(job, free)
+            if pick is None:  # nothing of this job fits a free node now
+                blocked.append(job_id)
+                continue
+            index, node = pick
+            chunk = job.queue[index]
+            del job.queue[index]
             if job.queue:
                 self._ready.append(job_id)
-            if job_id not in node.jobs_shipped:
-                node.jobs_shipped.add(job_id)
-                node.peer.send(wire.JOB_CODE, job_id, job.func_bytes, job.callback_bytes, job.options)
-            node.inflight[(job_id, chunk.chunk_id)] = chunk
-            node.peer.send(wire.TASK, job_id, chunk.chunk_id, chunk.payload, chunk.crashes > 0)
-            self._refill(job)
+            self._dispatch(node, job, chunk)
+        self._ready.extend(j for j in blocked if j not in self._ready)
+
+    @staticmethod
+    def _pick(job: Job, free: List[NodeState]) -> Optional[Tuple[int, NodeState]]:
+        for index, chunk in enumerate(itertools.islice(job.queue, 64)):
+            fits = [n for n in free if n.fits(chunk.resources)] if chunk.resources else free
+            if fits:
+                return index, max(fits, key=lambda n: n.free)
+        return None
+
+    def _dispatch(self, node: NodeState, job: Job, chunk: Chunk) -> None:
+        if job.job_id not in node.jobs_shipped:
+            node.jobs_shipped.add(job.job_id)
+            node.peer.send(wire.JOB_CODE, job.job_id, job.func_bytes, job.callback_bytes, job.options)
+        for k, v in chunk.resources.items():
+            node.used[k] = node.used.get(k, 0.0) + v
+        node.inflight[(job.job_id, chunk.chunk_id)] = chunk
+        if job.graph is not None:
+            t = job.graph.tasks[chunk.chunk_id]
+            t.state = RUNNING
+            t.node = node.name
+        node.peer.send(wire.TASK, job.job_id, chunk.chunk_id, chunk.payload, chunk.crashes > 0,
+                       chunk.timeout)
+        self._refill(job)
+
+    @staticmethod
+    def _free(node: NodeState, chunk: Chunk) -> None:
+        for k, v in chunk.resources.items():
+            node.used[k] = node.used.get(k, 0.0) - v
+
+    # --- graphs -----------------------------------------------------------------------------
+    def submit_graph(self, ctrl: ControllerState, graph_id: str, funcs: bytes,
+                     tasks: List[Tuple[Any, ...]], outputs: List[int]) -> None:
+        """Start a call graph: tasks run as soon as their inputs are done."""
+        if graph_id in self.jobs:
+            ctrl.peer.send(wire.JOB_FAILED, graph_id, f"graph id {graph_id} is already in use")
+            return
+        try:
+            graph = GraphState(tasks, outputs)
+        except (ValueError, TypeError) as exc:
+            ctrl.peer.send(wire.JOB_FAILED, graph_id, f"malformed graph: {exc}")
+            return
+        job = Job(graph_id, ctrl, f"graph of {len(graph.tasks)} tasks", funcs, b"",
+                  {"kind": "graph"}, n_chunks=len(graph.tasks), graph=graph)
+        self.jobs[graph_id] = job
+        ctrl.jobs.add(graph_id)
+        log.info("graph %s started by controller %d: %d tasks", graph_id[:8],
+                 ctrl.controller_id, len(graph.tasks))
+        for t in graph.initial():
+            self._release(job, t)
+        self._graph_maybe_done(job)
+        self.pump()
+
+    def _release(self, job: Job, t: GraphTask) -> None:
+        assert job.graph is not None
+        opts = t.options
+        need = {str(k): float(v) for k, v in (opts.get("resources") or {}).items()}
+        t.state = QUEUED
+        chunk = Chunk(job.job_id, t.task_id, 1, job.graph.payload(t), timeout=opts.get("timeout"),
+                      resources=need)
+        job.sent += 1
+        job.queue.append(chunk)
+        self._mark_ready(job)
+        if need:
+            self._check_resources(job)
+
+    def _check_resources(self, job: Job) -> None:
+        """Fail queued tasks that ask for resources no connected node offers."""
+        if not self.nodes or job.graph is None or job.state != "running":
+            return
+        for chunk in list(job.queue):
+            if chunk.resources and not any(n.offers(chunk.resources) for n in self.nodes.values()):
+                job.queue.remove(chunk)
+                offered = sorted({f"{k}={v:g}" for n in self.nodes.values()
+                                  for k, v in n.resources.items()})
+                want = ", ".join(f"{k}={v:g}" for k, v in chunk.resources.items())
+                exc = ResourceUnavailable(
+                    f"no connected node offers {want} (nodes offer: {', '.join(offered) or 'nothing'}); "
+                    "start a node with --resources")
+                self._graph_fail(job, job.graph.tasks[chunk.chunk_id], wire.ITEM_ERROR,
+                                 error_record(0, exc, []), "", 0.0)
+
+    def _graph_result(self, node: NodeState, job: Job, chunk: Chunk, status: int, payload: bytes,
+                      elapsed: float) -> None:
+        graph = job.graph
+        assert graph is not None
+        t = graph.tasks[chunk.chunk_id]
+        t.attempts += 1
+        t.duration = elapsed
+        if status == wire.OK:
+            job.done += 1
+            node.done += 1
+            if t.task_id in graph.outputs:
+                job.owner.peer.send(wire.TASK_DONE, job.job_id, t.task_id, status, payload,
+                                    node.name, elapsed)
+            for ready in graph.finished(t, payload):
+                self._release(job, ready)
+        elif retry_status(status) and t.attempts <= int(t.options.get("retries") or 0):
+            delay = float(t.options.get("retry_delay") or 0.0)
+            log.info("task %s#%d of graph %s failed (attempt %d); retrying in %g s", t.name,
+                     t.task_id, job.job_id[:8], t.attempts, delay)
+            t.state = QUEUED
+            self._later(delay, lambda: self._requeue(job, chunk))
+            return
+        else:
+            self._graph_fail(job, t, status, payload, node.name, elapsed)
+        self._graph_maybe_done(job)
+
+    def _graph_fail(self, job: Job, t: GraphTask, status: int, payload: bytes, node: str,
+                    elapsed: float) -> None:
+        assert job.graph is not None
+        job.failed += 1
+        skipped = job.graph.failed(t)
+        if skipped:
+            dropped = {s.task_id for s in skipped}
+            for chunk in [c for c in job.queue if c.chunk_id in dropped]:
+                job.queue.remove(chunk)
+        job.owner.peer.send(wire.TASK_DONE, job.job_id, t.task_id, status, payload, node, elapsed)
+        self._graph_maybe_done(job)
+
+    def _graph_maybe_done(self, job: Job) -> None:
+        if job.graph is None or not job.graph.complete or job.state != "running":
+            return
+        job.owner.peer.send(wire.GRAPH_DONE, job.job_id, job.graph.report())
+        job.chunks_done = job.n_chunks or 0
+        self._maybe_finish(job)
+
+    def _requeue(self, job: Job, chunk: Chunk) -> None:
+        if self.jobs.get(job.job_id) is job and job.state == "running":
+            job.queue.appendleft(chunk)
+            self._mark_ready(job)
+            self.pump()
+
+    def _later(self, delay: float, fn: Callable[[], None]) -> None:
+        if delay <= 0:
+            fn()
+            return
+        call_later = self._call_later
+        if call_later is None:
+            from twisted.internet import reactor
+
+            call_later = reactor.callLater
+        call_later(delay, fn)
 
     # --- status -----------------------------------------------------------------------------
     def status(self) -> Dict[str, List[Dict[str, Any]]]:

@@ -19,7 +19,7 @@ KILL_GRACE = 10.0
 
 NODE_HANDLERS = {wire.NODE_READY: "node_ready", wire.RESULT: "node_result",
                  wire.PING: "ping", wire.PONG: "pong"}
-CONTROLLER_HANDLERS = {wire.SUBMIT: "submit", wire.CHUNK: "chunk", wire.END: "end",
+CONTROLLER_HANDLERS = {wire.SUBMIT: "submit", wire.GRAPH: "graph", wire.CHUNK: "chunk", wire.END: "end",
                        wire.CANCEL: "cancel", wire.STATUS: "status", wire.KILL: "kill",
                        wire.PING: "ping", wire.PONG: "pong"}
 
@@ -87,6 +87,9 @@ class ServerConnection(ServerSideProtocol):
                options: Dict[str, Any]) -> None:
         self.factory.scheduler.submit(self.controller, job_id, function, func_bytes,
                                       callback_bytes, options)
+
+    def graph(self, graph_id: str, funcs: bytes, tasks: list, outputs: list) -> None:
+        self.factory.scheduler.submit_graph(self.controller, graph_id, funcs, tasks, outputs)
 
     def chunk(self, job_id: str, chunk_id: int, n_items: int, payload: bytes) -> None:
         self.factory.scheduler.add_chunk(self.controller, job_id, chunk_id, n_items, payload)

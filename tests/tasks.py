@@ -75,3 +75,9 @@ def sleepy(x):
 def long_sleep(x):
     time.sleep(60)
     return x
+
+
+def record(path, line):
+    """Append a line to a file (tasks use it to count their runs)."""
+    with open(path, "a") as fh:
+        fh.write(f"{line}\n")

@@ -164,13 +164,13 @@ def test_job_code_sent_once_before_first_task():
 
 
 def test_task_fields():
-    """TASK carries job id, chunk id, the controller's opaque payload and careful=False."""
+    """TASK carries job id, chunk id, the controller's opaque payload, careful=False and no timeout."""
     sched = make()
     cpeer, ctrl = controller(sched)
     npeer, n = node(sched)
     submit(sched, ctrl, "j")
     sched.add_chunk(ctrl, "j", 5, 3, b"\x80opaque")
-    assert npeer.of(wire.TASK) == [(wire.TASK, "j", 5, b"\x80opaque", False)]
+    assert npeer.of(wire.TASK) == [(wire.TASK, "j", 5, b"\x80opaque", False, None)]
 
 
 def test_each_node_gets_job_code_separately():
@@ -430,7 +430,7 @@ def test_crashed_chunk_is_retried_carefully_then_reported():
     for attempt in (1, 2):
         sched.result(n, "j", 0, wire.CRASHED, crash, 0.1)
         assert cpeer.of(wire.RESULT) == []
-        assert npeer.of(wire.TASK)[-1] == (wire.TASK, "j", 0, b"j:0", True)
+        assert npeer.of(wire.TASK)[-1] == (wire.TASK, "j", 0, b"j:0", True, None)
     assert len(npeer.of(wire.TASK)) == 3
     sched.result(n, "j", 0, wire.CRASHED, crash, 0.1)
     [res] = cpeer.of(wire.RESULT)

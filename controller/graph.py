@@ -1,0 +1,137 @@
+"""Running call graphs from the controller: send the graph once, collect the outputs.
+
+Only the outputs asked for come back; intermediate values stay on the server side. A failed
+task raises its own exception (remote traceback attached) with a note naming the task and its
+position in the graph, once the graph has settled (everything downstream is skipped, other
+branches finish), so no failure hangs.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import pickle
+import queue
+import threading
+import uuid
+from typing import Any, Dict, List, Optional
+
+from achilles import wire
+from achilles.errors import (
+    AchillesError, ConnectionLost, JobCancelled, TaskTimeout, WorkerCrashed, describe_exit,
+)
+from achilles.graph import GraphSpec, TaskCall, build
+from achilles.serialization import load_error, loads_data
+
+
+class GraphRun:
+    """One submitted graph; :meth:`wait` returns the outputs' values in order."""
+
+    def __init__(self, link: Any, roots: List[TaskCall]) -> None:
+        if not roots or not all(isinstance(r, TaskCall) for r in roots):
+            raise TypeError("compute() takes lazy task calls (the result of calling a @task)")
+        self.link = link
+        self.roots = roots
+        self.spec: GraphSpec = build(roots)
+        self.graph_id = uuid.uuid4().hex
+        self.events: "queue.Queue[tuple]" = queue.Queue()
+        self.values: Dict[int, Any] = {}
+        self.errors: Dict[int, BaseException] = {}
+        self.first_error: Optional[BaseException] = None
+        self._message = wire.encode_message(wire.GRAPH, (
+            self.graph_id, pickle.dumps(self.spec.funcs, protocol=5), self.spec.tasks,
+            self.spec.outputs))
+        self._conn = link.register(self.graph_id, self.events)
+        self.link.send([self._message])
+
+    def _error(self, task_id: int, status: int, payload: bytes, node: str) -> BaseException:
+        call = self.spec.calls[task_id]
+        where = f"in task {self.spec.positions.get(task_id, call.name)}" + (f" on node {node}" if node else "")
+        if status == wire.ITEM_ERROR:
+            _, exc, _ = load_error(payload)
+        elif status == wire.TIMED_OUT:
+            exc = TaskTimeout(f"task {call.name}#{task_id} ran past its {pickle.loads(payload):g} s "
+                              "timeout; its worker process was killed and replaced")
+        else:
+            exitcode, _, crashes = pickle.loads(payload)
+            exc = WorkerCrashed(f"task {call.name}#{task_id} killed its worker process {crashes} "
+                                f"times (last: {describe_exit(exitcode)})")
+        if hasattr(exc, "add_note"):
+            exc.add_note(where)
+        return exc
+
+    def wait(self) -> List[Any]:
+        """Block until the graph settles; return the outputs or raise the first failure."""
+        try:
+            while True:
+                event = self.events.get()
+                kind = event[0]
+                if kind == "task_done":
+                    _, task_id, status, payload, node, elapsed = event
+                    if status == wire.OK:
+                        self.values[task_id] = loads_data(payload)
+                    else:
+                        exc = self._error(task_id, status, payload, node)
+                        self.errors[task_id] = exc
+                        if self.first_error is None:
+                            self.first_error = exc
+                elif kind == "graph_done":
+                    self._record(event[1])
+                    break
+                elif kind == "failed":
+                    raise JobCancelled(f"graph {self.graph_id[:8]} failed on the server: {event[1]}")
+                elif kind == "lost" and event[2] == self._conn:
+                    self._resume(event[1])
+        finally:
+            self.link.unregister(self.graph_id)
+        if self.first_error is not None and any(o not in self.values for o in self.spec.outputs):
+            raise self.first_error
+        return [self.values[o] for o in self.spec.outputs]
+
+    def _resume(self, reason: str) -> None:
+        try:
+            self._conn = self.link.reconnect(self.graph_id, self.events)
+        except ConnectionLost as exc:
+            raise ConnectionLost(f"lost the connection to the server ({reason}) while running "
+                                 f"a graph; {exc}") from None
+        self.link.send([self._message])
+
+    def _record(self, report: Dict[int, Dict[str, Any]]) -> None:
+        for task_id, info in report.items():
+            call = self.spec.calls.get(task_id)
+            if call is not None:
+                call.info = dict(info)
+
+
+def submit_graph(link: Any, roots: List[TaskCall]) -> "concurrent.futures.Future[List[Any]]":
+    """Run a graph in the background; the Future holds the outputs' values (a list)."""
+    future: "concurrent.futures.Future[List[Any]]" = concurrent.futures.Future()
+    run = GraphRun(link, roots)
+    future.set_running_or_notify_cancel()
+
+    def settle() -> None:
+        try:
+            future.set_result(run.wait())
+        except BaseException as exc:
+            future.set_exception(exc)
+
+    threading.Thread(target=settle, name=f"achilles-graph-{run.graph_id[:8]}", daemon=True).start()
+    return future
+
+
+def single(future: "concurrent.futures.Future[List[Any]]") -> "concurrent.futures.Future[Any]":
+    """A Future of the first element of another Future's list."""
+    out: "concurrent.futures.Future[Any]" = concurrent.futures.Future()
+    out.set_running_or_notify_cancel()
+
+    def copy(f: "concurrent.futures.Future[List[Any]]") -> None:
+        exc = f.exception()
+        if exc is not None:
+            out.set_exception(exc)
+        else:
+            out.set_result(f.result()[0])
+
+    future.add_done_callback(copy)
+    return out
+
+
+__all__ = ["GraphRun", "submit_graph", "single", "AchillesError"]
