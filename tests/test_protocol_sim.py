@@ -244,7 +244,7 @@ def test_job_runs_through_server_to_node(factory, protos):
     cpump.flush()
     npump.flush()
     assert node.got == [(wire.JOB_CODE, "j1", b"FUNC", b"CB", {"chunksize": 2}),
-                        (wire.TASK, "j1", 0, b"PAYLOAD", False)]
+                        (wire.TASK, "j1", 0, b"PAYLOAD", False, None)]
 
     node.send(wire.RESULT, "j1", 0, wire.OK, b"RES", 0.5, "sim-node")
     npump.flush()
