@@ -137,7 +137,7 @@ class AchillesProtocol(protocol.Protocol):
         name = self.handlers.get(code)
         if name is None:
             raise ProtocolError(f"{wire.NAMES.get(code, code)} is not valid on this connection")
-        fields = wire.decode_message(body)
+        fields = wire.decode_message(body, code)
         try:
             getattr(self, name)(*fields)
         except TypeError as exc:

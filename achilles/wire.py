@@ -2,8 +2,10 @@
 
 A frame is a 5-byte header ``!BI`` (message code, body length) followed by the body. Before
 authentication bodies are small JSON objects (at most :data:`PREAUTH_MAX_FRAME` bytes); after
-it they are C-pickled tuples of plain fields, with task payloads carried as opaque ``bytes`` that
-only worker processes and the controller ever unpickle.
+it they are C-pickled tuples of plain fields. The messages in :data:`PAYLOAD_CODES` end with a
+task payload (opaque bytes that only worker processes and the controller unpickle), carried
+raw after the pickled fields — ``!I`` fields length, fields, payload — so the server relays it
+without pickling it again.
 """
 
 from __future__ import annotations
@@ -31,10 +33,10 @@ PREAUTH_CODES = frozenset({HELLO, AUTH, AUTH_OK, AUTH_FAIL})
 # --- post-auth (pickled tuple bodies); the comment gives the fields ------------------------
 NODE_READY = 16    # node -> server: (name, processes, hostname, pid, resources)
 SUBMIT = 17        # controller -> server: (job_id, function_name, func_bytes, callback_bytes, options)
-CHUNK = 18         # controller -> server: (job_id, chunk_id, n_items, payload)
+CHUNK = 18         # controller -> server: (job_id, chunk_id, n_items | payload)
 END = 19           # controller -> server: (job_id, n_chunks)
 WANT = 20          # server -> controller: (job_id, n_chunks, cluster_processes, capacity)
-RESULT = 21        # node -> server -> controller: (job_id, chunk_id, status, payload, elapsed, node)
+RESULT = 21        # node -> server -> controller: (job_id, chunk_id, status, elapsed, node | payload)
                    # status CRASHED: payload is pickled (exitcode, item or None[, crashes])
 CANCEL = 22        # controller -> server, server -> node: (job_id, reason)
 JOB_FAILED = 23    # server -> controller: (job_id, message)
@@ -50,8 +52,12 @@ PING = 32          # either way: (token,)
 PONG = 33          # either way: (token,)
 GRAPH = 34         # controller -> server: (graph_id, funcs_bytes, tasks, outputs)
                    # tasks: [(task_id, name, deps, options, func_key, args_bytes)]
-TASK_DONE = 35     # server -> controller: (graph_id, task_id, status, payload, node, elapsed)
+TASK_DONE = 35     # server -> controller: (graph_id, task_id, status, node, elapsed | payload)
 GRAPH_DONE = 36    # server -> controller: (graph_id, report {task_id: {state, node, duration, attempts}})
+
+#: Messages whose last field is a raw payload (``| payload`` above).
+PAYLOAD_CODES = frozenset({CHUNK, RESULT, TASK, TASK_DONE})
+META = struct.Struct("!I")
 
 NAMES: Dict[int, str] = {
     value: name for name, value in globals().items() if name.isupper() and isinstance(value, int)
@@ -90,13 +96,35 @@ def decode_json(body: bytes) -> Dict[str, Any]:
 
 
 def encode_message(code: int, fields: Tuple[Any, ...]) -> List[bytes]:
-    """Encode a post-auth message as header + body pieces (for ``writeSequence``)."""
+    """Encode a post-auth message as pieces for ``writeSequence`` (no join, no payload copy
+    unless the payload is a memoryview)."""
+    if code in PAYLOAD_CODES:
+        payload = fields[-1]
+        if not isinstance(payload, bytes):
+            payload = bytes(payload)
+        meta = pickle.dumps(fields[:-1], protocol=PICKLE_PROTOCOL)
+        return [HEADER.pack(code, META.size + len(meta) + len(payload)), META.pack(len(meta)),
+                meta, payload]
     body = pickle.dumps(fields, protocol=PICKLE_PROTOCOL)
     return [HEADER.pack(code, len(body)), body]
 
 
-def decode_message(body: bytes) -> Tuple[Any, ...]:
-    """Decode a post-auth message body. Only call this once the peer has proven the secret."""
+def decode_message(body: bytes, code: int = 0) -> Tuple[Any, ...]:
+    """Decode a post-auth message body. Only call this once the peer has proven the secret.
+
+    For :data:`PAYLOAD_CODES` the payload comes last, as a zero-copy ``memoryview`` of ``body``.
+    """
+    if code in PAYLOAD_CODES:
+        if len(body) < META.size:
+            raise ProtocolError("message body too short")
+        (n,) = META.unpack_from(body, 0)
+        view = memoryview(body)
+        if META.size + n > len(body):
+            raise ProtocolError("message fields overrun the body")
+        fields = pickle.loads(view[META.size:META.size + n])
+        if not isinstance(fields, tuple):
+            raise ProtocolError("message body is not a tuple")
+        return fields + (view[META.size + n:],)
     fields = pickle.loads(body)
     if not isinstance(fields, tuple):
         raise ProtocolError("message body is not a tuple")
@@ -153,7 +181,8 @@ class FrameDecoder:
         end = pos + HEADER.size + length
         if end > len(buf):
             return None
-        body = bytes(buf[pos + HEADER.size:end])
+        with memoryview(buf) as view:
+            body = bytes(view[pos + HEADER.size:end])
         self._pos = end
         return code, body
 

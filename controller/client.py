@@ -60,14 +60,14 @@ class ControllerProtocol(PeerSideProtocol):
         if q is not None:
             q.put(("want", n, processes, capacity))
 
-    def result(self, job_id: str, chunk_id: int, status: int, payload: bytes, elapsed: float,
-               node: str) -> None:
+    def result(self, job_id: str, chunk_id: int, status: int, elapsed: float, node: str,
+               payload: bytes) -> None:
         q = self.jobs.get(job_id)
         if q is not None:
             q.put(("result", chunk_id, status, payload, elapsed, node))
 
-    def task_done(self, graph_id: str, task_id: int, status: int, payload: bytes, node: str,
-                  elapsed: float) -> None:
+    def task_done(self, graph_id: str, task_id: int, status: int, node: str, elapsed: float,
+                  payload: bytes) -> None:
         q = self.jobs.get(graph_id)
         if q is not None:
             q.put(("task_done", task_id, status, payload, node, elapsed))

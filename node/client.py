@@ -54,8 +54,8 @@ class NodeProtocol(PeerSideProtocol):
                  options: Dict[str, Any]) -> None:
         self.jobs[job_id] = (func_bytes, callback_bytes, options)
 
-    def task(self, job_id: str, chunk_id: int, payload: bytes, careful: bool = False,
-             timeout: Optional[float] = None) -> None:
+    def task(self, job_id: str, chunk_id: int, careful: bool, timeout: Optional[float],
+             payload: bytes) -> None:
         code = self.jobs.get(job_id)
         if code is None:
             log.error("task for unknown job %s ignored", job_id[:8])
@@ -81,8 +81,8 @@ class NodeProtocol(PeerSideProtocol):
         pass
 
     def send_result(self, task: Task, status: int, payload: bytes, elapsed: float) -> None:
-        self.send(wire.RESULT, task.job_id, task.chunk_id, status, payload, elapsed,
-                  self.factory.name)
+        self.send(wire.RESULT, task.job_id, task.chunk_id, status, elapsed, self.factory.name,
+                  payload)
 
 
 class NodeFactory(protocol.ReconnectingClientFactory):

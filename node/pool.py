@@ -182,8 +182,8 @@ class WorkerPool:
         ``"timeout"``."""
         try:
             slot.conn.send_bytes(pickle.dumps(
-                (task.func_bytes, task.callback_bytes, task.payload, task.careful, task.kind),
-                protocol=5))
+                (task.func_bytes, task.callback_bytes, task.careful, task.kind), protocol=5))
+            slot.conn.send_bytes(task.payload)
             if task.timeout is not None and not slot.conn.poll(task.timeout):
                 return "timeout"
             status, elapsed = pickle.loads(slot.conn.recv_bytes())

@@ -1,7 +1,7 @@
 """The loop each worker process runs: receive a chunk, call the function per item, send results.
 
-Messages on the pipe (parent -> worker): one pickled ``(func_bytes, callback_bytes, payload,
-careful, kind)``; ``kind`` is ``map`` (payload: a list of items) or ``graph`` (func_bytes: the
+Messages on the pipe (parent -> worker): a pickled ``(func_bytes, callback_bytes, careful,
+kind)``, then the raw payload; ``kind`` is ``map`` (payload: a list of items) or ``graph`` (func_bytes: the
 graph's functions by key; payload: one task's key, arguments and input values). In careful mode (a re-run after the chunk killed a worker) the index of the item
 being run is written to shared memory first, so the node can blame the exact item if the
 worker dies again.
@@ -121,9 +121,10 @@ def worker_main(conn: Any, progress: Any) -> None:
     while True:
         try:
             message = conn.recv_bytes()
+            payload = conn.recv_bytes()
         except (EOFError, OSError):
             os._exit(0)
-        func_bytes, cb_bytes, payload, careful, kind = pickle.loads(message)
+        func_bytes, cb_bytes, careful, kind = pickle.loads(message)
         start = time.perf_counter()
         if kind == "graph":
             status, result = run_graph_task(func_bytes, payload)

@@ -217,7 +217,7 @@ class Scheduler:
             return
         job.credit = max(0, job.credit - 1)
         job.sent += n_items
-        job.queue.append(Chunk(job_id, chunk_id, n_items, payload))
+        job.queue.append(Chunk(job_id, chunk_id, n_items, bytes(payload)))
         self._mark_ready(job)
         self.pump()
 
@@ -300,7 +300,7 @@ class Scheduler:
                 node.done += chunk.n_items
             else:
                 job.failed += 1
-            job.owner.peer.send(wire.RESULT, job_id, chunk_id, status, payload, elapsed, node.name)
+            job.owner.peer.send(wire.RESULT, job_id, chunk_id, status, elapsed, node.name, payload)
             self._maybe_finish(job)
             if job.state == "running":
                 self._refill(job)
@@ -363,8 +363,8 @@ class Scheduler:
             t = job.graph.tasks[chunk.chunk_id]
             t.state = RUNNING
             t.node = node.name
-        node.peer.send(wire.TASK, job.job_id, chunk.chunk_id, chunk.payload, chunk.crashes > 0,
-                       chunk.timeout)
+        node.peer.send(wire.TASK, job.job_id, chunk.chunk_id, chunk.crashes > 0, chunk.timeout,
+                       chunk.payload)
         self._refill(job)
 
     @staticmethod
@@ -435,9 +435,9 @@ class Scheduler:
             job.done += 1
             node.done += 1
             if t.task_id in graph.outputs:
-                job.owner.peer.send(wire.TASK_DONE, job.job_id, t.task_id, status, payload,
-                                    node.name, elapsed)
-            for ready in graph.finished(t, payload):
+                job.owner.peer.send(wire.TASK_DONE, job.job_id, t.task_id, status, node.name,
+                                    elapsed, payload)
+            for ready in graph.finished(t, bytes(payload)):
                 self._release(job, ready)
         elif retry_status(status) and t.attempts <= int(t.options.get("retries") or 0):
             delay = float(t.options.get("retry_delay") or 0.0)
@@ -459,7 +459,7 @@ class Scheduler:
             dropped = {s.task_id for s in skipped}
             for chunk in [c for c in job.queue if c.chunk_id in dropped]:
                 job.queue.remove(chunk)
-        job.owner.peer.send(wire.TASK_DONE, job.job_id, t.task_id, status, payload, node, elapsed)
+        job.owner.peer.send(wire.TASK_DONE, job.job_id, t.task_id, status, node, elapsed, payload)
         self._graph_maybe_done(job)
 
     def _graph_maybe_done(self, job: Job) -> None:

@@ -77,8 +77,8 @@ class ServerConnection(ServerSideProtocol):
                 self, str(name)[:100], self.peer_address, int(processes), str(hostname)[:100],
                 int(pid), resources)
 
-    def node_result(self, job_id: str, chunk_id: int, status: int, payload: bytes,
-                    elapsed: float, node_name: str = "") -> None:
+    def node_result(self, job_id: str, chunk_id: int, status: int, elapsed: float,
+                    node_name: str, payload: bytes) -> None:
         if self.node is not None:
             self.factory.scheduler.result(self.node, job_id, chunk_id, status, payload, elapsed)
 

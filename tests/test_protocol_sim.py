@@ -77,7 +77,7 @@ class SimNode(PeerSideProtocol):
         self.got.append((wire.JOB_CODE,) + fields)
 
     def task(self, *fields):
-        self.got.append((wire.TASK,) + fields)
+        self.got.append((wire.TASK,) + fields[:-1] + (bytes(fields[-1]),))
 
     def job_done(self, *fields):
         self.got.append((wire.JOB_DONE,) + fields)
@@ -244,15 +244,16 @@ def test_job_runs_through_server_to_node(factory, protos):
     cpump.flush()
     npump.flush()
     assert node.got == [(wire.JOB_CODE, "j1", b"FUNC", b"CB", {"chunksize": 2}),
-                        (wire.TASK, "j1", 0, b"PAYLOAD", False, None)]
+                        (wire.TASK, "j1", 0, False, None, b"PAYLOAD")]
 
-    node.send(wire.RESULT, "j1", 0, wire.OK, b"RES", 0.5, "sim-node")
+    node.send(wire.RESULT, "j1", 0, wire.OK, 0.5, "sim-node", b"RES")
     npump.flush()
     cpump.flush()
     got = []
     while not jobq.empty():
         got.append(jobq.get_nowait())
-    assert ("result", 0, wire.OK, b"RES", 0.5, "sim-node") in got
+    assert [e[:3] + (bytes(e[3]),) + e[4:] for e in got if e[0] == "result"] == [
+        ("result", 0, wire.OK, b"RES", 0.5, "sim-node")]
 
     client.send(wire.END, "j1", 1)
     cpump.flush()

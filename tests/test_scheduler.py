@@ -170,7 +170,7 @@ def test_task_fields():
     npeer, n = node(sched)
     submit(sched, ctrl, "j")
     sched.add_chunk(ctrl, "j", 5, 3, b"\x80opaque")
-    assert npeer.of(wire.TASK) == [(wire.TASK, "j", 5, b"\x80opaque", False, None)]
+    assert npeer.of(wire.TASK) == [(wire.TASK, "j", 5, False, None, b"\x80opaque")]
 
 
 def test_each_node_gets_job_code_separately():
@@ -339,7 +339,7 @@ def test_remove_node_requeues_inflight_chunks_to_another_node():
     for key in sorted(b.inflight):
         ok(sched, b, *key)
     assert sorted(m[2] for m in cpeer.of(wire.RESULT)) == [0, 1, 2]
-    assert all(m[6] == "b" for m in cpeer.of(wire.RESULT))
+    assert all(m[5] == "b" for m in cpeer.of(wire.RESULT))
 
 
 def test_requeued_chunks_go_first():
@@ -430,12 +430,12 @@ def test_crashed_chunk_is_retried_carefully_then_reported():
     for attempt in (1, 2):
         sched.result(n, "j", 0, wire.CRASHED, crash, 0.1)
         assert cpeer.of(wire.RESULT) == []
-        assert npeer.of(wire.TASK)[-1] == (wire.TASK, "j", 0, b"j:0", True, None)
+        assert npeer.of(wire.TASK)[-1] == (wire.TASK, "j", 0, True, None, b"j:0")
     assert len(npeer.of(wire.TASK)) == 3
     sched.result(n, "j", 0, wire.CRASHED, crash, 0.1)
     [res] = cpeer.of(wire.RESULT)
     assert res[1:4] == ("j", 0, wire.CRASHED)
-    assert pickle.loads(res[4]) == (-11, 4, 3)
+    assert pickle.loads(res[6]) == (-11, 4, 3)
     assert sched.jobs["j"].failed == 1
 
 
@@ -507,15 +507,15 @@ def test_failed_chunks_count_towards_completion():
 
 
 def test_result_is_forwarded_verbatim():
-    """The controller receives RESULT (job, chunk, status, payload, elapsed, node name)."""
+    """The controller receives RESULT (job, chunk, status, elapsed, node name, payload)."""
     sched = make()
     cpeer, ctrl = controller(sched)
     npeer, n = node(sched, name="worker-1")
     submit(sched, ctrl, "j")
     chunks(sched, ctrl, "j", [3])
     sched.result(n, "j", 3, wire.OK, b"\x00payload", 1.5)
-    assert cpeer.of(wire.RESULT) == [(wire.RESULT, "j", 3, wire.OK, b"\x00payload", 1.5,
-                                      "worker-1")]
+    assert cpeer.of(wire.RESULT) == [(wire.RESULT, "j", 3, wire.OK, 1.5, "worker-1",
+                                      b"\x00payload")]
 
 
 # --- cancelling -------------------------------------------------------------------------------

@@ -188,7 +188,8 @@ def test_large_body_in_small_pieces():
     assert len(got) == 1
     code, raw = got[0]
     assert code == wire.CHUNK
-    assert wire.decode_message(raw) == ("job", 1, 3, body)
+    fields = wire.decode_message(raw, code)
+    assert fields[:3] == ("job", 1, 3) and bytes(fields[3]) == body
     assert decoder.buffered == 0
 
 
@@ -238,14 +239,36 @@ def test_encode_decode_message_round_trip():
     """encode_message/decode_message carry a tuple of plain fields unchanged."""
     fields = ("job-1", 7, wire.OK, b"\x00payload\xff", 0.25, "node-\u00e9", None,
               {"timeout": 3.5, "tags": ["a", "b"]}, True)
-    pieces = wire.encode_message(wire.RESULT, fields)
+    pieces = wire.encode_message(wire.STATUS_REPLY, fields)
     assert len(pieces) == 2
     header, body = pieces
-    assert wire.HEADER.unpack(header) == (wire.RESULT, len(body))
+    assert wire.HEADER.unpack(header) == (wire.STATUS_REPLY, len(body))
     decoder = wire.FrameDecoder(wire.DEFAULT_MAX_FRAME, wire.POSTAUTH_CODES)
     [(code, raw)] = decoder.frames(b"".join(pieces))
-    assert code == wire.RESULT
-    assert wire.decode_message(raw) == fields
+    assert code == wire.STATUS_REPLY
+    assert wire.decode_message(raw, code) == fields
+
+
+@pytest.mark.parametrize("code", sorted(wire.PAYLOAD_CODES))
+def test_payload_messages_carry_payload_raw(code):
+    """Payload messages put the payload after the pickled fields, unpickled and uncopied:
+    it appears verbatim at the end of the body and decodes as the last field."""
+    payload = b"\x80\x05raw payload bytes" * 100
+    pieces = wire.encode_message(code, ("job-1", 7, wire.OK, payload))
+    assert pieces[-1] is payload
+    body = b"".join(pieces[1:])
+    assert body.endswith(payload)
+    fields = wire.decode_message(body, code)
+    assert fields[:3] == ("job-1", 7, wire.OK)
+    assert isinstance(fields[3], memoryview) and bytes(fields[3]) == payload
+
+
+def test_payload_message_with_bad_length_is_protocol_error():
+    """A payload message whose fields length overruns its body is a ProtocolError."""
+    with pytest.raises(ProtocolError):
+        wire.decode_message(wire.META.pack(1000) + b"short", wire.RESULT)
+    with pytest.raises(ProtocolError):
+        wire.decode_message(b"\x00", wire.RESULT)
 
 
 def test_encode_message_empty_tuple():
