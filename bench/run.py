@@ -11,8 +11,8 @@ W1  tiny tasks: ``map(square, ints)`` over 20,000 and 1,000,000 [100,000] ints, 
     chunksize. Metric: tasks/s. Target: W1 (1M) Achilles >= 25% of Pool's tasks/s.
 W2  200 [40] pure-Python CPU tasks of ~20 ms each (a busy loop calibrated at startup so one
     call takes 20 ms here; no sleep), default chunksize. Metric: efficiency = (serial time of
-    all tasks / 2 processes) / wall time; the serial time is measured in this process at the
-    start of each round. Target: Achilles efficiency >= 95% of Pool's.
+    all tasks / 2 processes) / wall time; the serial time is measured in this process right
+    before each parallel run. Target: Achilles efficiency >= 95% of Pool's.
 W3  100 [30] round trips of 1 MiB: ``map(rotate, blobs, chunksize=1)`` over distinct 1 MiB
     ``bytes``; ``rotate`` returns a new 1 MiB ``bytes``. Metric: MiB/s = MiB sent / wall time
     (as many MiB come back). Target: Achilles >= 150 MiB/s.
@@ -28,6 +28,14 @@ Method: every workload is written once against :class:`Runner` (a name, ``map`` 
 rounds (default 3, ``--quick`` 1); rounds alternate which side goes first (ABBA), and the
 table shows the median over rounds. Results are checked for correctness. The exit code is 0
 whether or not targets are met; it is 1 only if a workload raised.
+
+Both sides need the machine to themselves (Achilles adds a server, a node and the
+controller's reactor thread to the two workers). While each measurement runs, the CPU time
+taken by processes outside this benchmark is read from /proc; it is shown per round and per
+workload, and a warning names the workloads where it exceeded 0.1 core, since their figures
+say more about the neighbours than about either library. On a virtual machine, neighbours
+outside the guest can also slow it down unseen; W2, a ratio of two timings seconds apart, is
+the most sensitive (rounds can differ by 10-20% there): use ``--repeat 5`` or more to judge it.
 
 Flags: ``--quick`` (smaller sizes, one round), ``--only W1,W3`` (select workloads), ``--json
 PATH`` (also write the results as JSON), ``--repeat N`` (rounds), ``--timeout S`` (abort a
@@ -63,6 +71,12 @@ PROCESSES = 2
 MIB = 1 << 20
 TASK_SECONDS = 0.020  # W2: one CPU task
 NAP_SECONDS = 0.005   # W4: one sleep
+NOISY_CORES = 0.1     # warn when other processes used more CPU than this while timed...
+MIN_NOISE_SECONDS = 0.2  # ...over at least this long (/proc counts in 10 ms ticks)
+try:
+    TICKS = os.sysconf("SC_CLK_TCK")
+except (AttributeError, ValueError, OSError):
+    TICKS = 100
 WORKLOADS = ("W1", "W2", "W3", "W4", "W5")
 
 
@@ -164,6 +178,7 @@ class Row:
 class Metric:
     """One row of the table: a metric measured on both sides (medians over rounds)."""
 
+    key: str  # W1..W5
     workload: str
     metric: str
     unit: str
@@ -172,11 +187,18 @@ class Metric:
     target: Optional[Target] = None
     rounds_pool: List[float] = field(default_factory=list)
     rounds_achilles: List[float] = field(default_factory=list)
+    #: Average CPU (in cores) that processes outside the benchmark used while it was timed.
+    other_cores: Optional[float] = None
 
     @property
     def ratio(self) -> float:
         """Achilles / Pool."""
         return self.achilles / self.pool if self.pool else math.nan
+
+    @property
+    def target_text(self) -> str:
+        """The target as text, or ``-``."""
+        return self.target.describe(self.unit) if self.target else "-"
 
     @property
     def passed(self) -> Optional[bool]:
@@ -186,7 +208,7 @@ class Metric:
     def as_dict(self) -> Dict[str, Any]:
         """JSON-friendly form."""
         out = asdict(self)
-        out["target"] = self.target.describe(self.unit) if self.target else None
+        out["target"] = self.target.describe(self.unit) if self.target else None  # as text
         out["ratio"] = self.ratio
         out["passed"] = self.passed
         return out
@@ -199,9 +221,9 @@ Measurement = Dict[str, float]  # one round of one workload on one runner: figur
 class Workload:
     """One workload: how to run one round of it on a runner, and its table rows.
 
-    ``prepare`` (optional) runs at the start of every round, before either side, and its
-    result is passed to ``run`` (W2 measures its serial baseline there, so machine drift hits
-    the baseline and both sides alike).
+    ``prepare`` (optional) runs right before every timed run, untimed, and its result is
+    passed to ``run``: W2 measures its serial baseline there, next to the parallel run it is
+    compared with, so that drift in the machine's speed hits both alike.
     """
 
     key: str
@@ -210,10 +232,10 @@ class Workload:
     prepare: Optional[Callable[[], Any]] = None
 
 
-def timed(fn: Callable[[], Any]) -> Tuple[float, Any]:
-    """``(seconds, result)`` of one call, timed with :func:`time.perf_counter`."""
+def timed(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Tuple[float, Any]:
+    """``(seconds, fn(*args, **kwargs))``, timed with :func:`time.perf_counter`."""
     start = time.perf_counter()
-    result = fn()
+    result = fn(*args, **kwargs)
     return time.perf_counter() - start, result
 
 
@@ -229,18 +251,69 @@ def percentile(samples: Sequence[float], q: float) -> float:
     return ordered[max(1, math.ceil(q * len(ordered))) - 1]
 
 
+# --- noise: CPU taken by other processes while a measurement runs -----------------------
+
+@dataclass
+class CpuSample:
+    """CPU time at one moment, in clock ticks: busy on the whole machine, and used by this
+    process and its descendants (the Pool workers, the Achilles daemons and their workers)."""
+
+    busy: int
+    ours: int
+
+
+def cpu_sample() -> Optional[CpuSample]:
+    """Read /proc now; None where there is no /proc."""
+    try:
+        with open("/proc/stat") as fh:
+            user, nice, system = map(int, fh.readline().split()[1:4])
+        parent: Dict[int, int] = {}
+        ticks: Dict[int, int] = {}
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    stat = fh.read()
+            except OSError:  # gone meanwhile
+                continue
+            fields = stat[stat.rindex(")") + 2:].split()
+            parent[int(entry)] = int(fields[1])
+            ticks[int(entry)] = int(fields[11]) + int(fields[12])
+    except (OSError, ValueError):
+        return None
+    ours, todo = 0, [os.getpid()]
+    children: Dict[int, List[int]] = {}
+    for pid, ppid in parent.items():
+        children.setdefault(ppid, []).append(pid)
+    while todo:
+        pid = todo.pop()
+        ours += ticks.get(pid, 0)
+        todo.extend(children.get(pid, ()))
+    # irq/softirq time is left out on both sides: loopback TCP's softirq work is charged to
+    # no process, so counting it would blame this benchmark's own traffic on others.
+    return CpuSample(user + nice + system, ours)
+
+
+def other_ticks(before: Optional[CpuSample], after: Optional[CpuSample]) -> Optional[int]:
+    """Clock ticks of CPU that processes outside this benchmark used between two samples."""
+    if before is None or after is None:
+        return None
+    return max(0, (after.busy - before.busy) - (after.ours - before.ours))
+
+
 # --- calibration --------------------------------------------------------------------------
 
 def calibrate_burn(seconds: float = TASK_SECONDS) -> int:
     """Loops of :func:`burn` that take ``seconds`` on this machine (in this process)."""
     loops = 20_000
-    elapsed, _ = timed(lambda: burn(loops))
+    elapsed, _ = timed(burn, loops)
     while elapsed < 0.005:  # grow until one call is long enough to time reliably
         loops *= 2
-        elapsed, _ = timed(lambda: burn(loops))
+        elapsed, _ = timed(burn, loops)
     for _ in range(3):  # refine on the median of a few calls at the estimated size
         loops = max(1, int(loops * seconds / elapsed))
-        elapsed = statistics.median(timed(lambda: burn(loops))[0] for _ in range(5))
+        elapsed = statistics.median(timed(burn, loops)[0] for _ in range(5))
     return max(1, int(loops * seconds / elapsed))
 
 
@@ -248,21 +321,22 @@ def calibrate_burn(seconds: float = TASK_SECONDS) -> int:
 
 def w1_tiny(runner: Runner, items: List[int], expected: List[int]) -> Measurement:
     """``map(square, items)`` with the default chunksize: tasks per second."""
-    elapsed, out = timed(lambda: runner.map(square, items))
+    elapsed, out = timed(runner.map, square, items)
     expect(out == expected, f"W1 map(square) over {len(items)} ints on {runner.name}")
     return {"tasks/s": len(items) / elapsed}
 
 
 def w2_cpu(runner: Runner, loops: int, n_tasks: int, serial: float) -> Measurement:
-    """``map(burn, [loops] * n_tasks)``: efficiency against the serial time ``serial``."""
-    elapsed, out = timed(lambda: runner.map(burn, [loops] * n_tasks))
+    """``map(burn, [loops] * n_tasks)``: efficiency against the serial time ``serial``
+    (reported too: the machine's speed drifts, so it is the baseline that counts)."""
+    elapsed, out = timed(runner.map, burn, [loops] * n_tasks)
     expect(out == [burn(loops)] * n_tasks, f"W2 map(burn) on {runner.name}")
-    return {"efficiency": (serial / PROCESSES) / elapsed}
+    return {"efficiency": (serial / PROCESSES) / elapsed, "serial s": serial}
 
 
 def w3_payload(runner: Runner, blobs: List[bytes]) -> Measurement:
     """``map(rotate, blobs, chunksize=1)``: MiB sent per second (as many come back)."""
-    elapsed, out = timed(lambda: runner.map(rotate, blobs, chunksize=1))
+    elapsed, out = timed(runner.map, rotate, blobs, chunksize=1)
     expect(len(out) == len(blobs) and all(o == rotate(b) for o, b in zip(out, blobs)),
            f"W3 map(rotate) on {runner.name}")
     return {"MiB/s": sum(len(b) for b in blobs) / MIB / elapsed}
@@ -284,7 +358,7 @@ def w5_latency(runner: Runner, calls: int) -> Measurement:
     """``calls`` sequential ``map(square, [i])``: median and p99 latency."""
     samples: List[float] = []
     for i in range(calls):
-        elapsed, out = timed(lambda: runner.map(square, [i]))
+        elapsed, out = timed(runner.map, square, [i])
         expect(out == [i * i], f"W5 map(square, [{i}]) on {runner.name}")
         samples.append(elapsed)
     return {"p50 ms": statistics.median(samples) * 1e3, "p99 ms": percentile(samples, 0.99) * 1e3}
@@ -309,17 +383,24 @@ def plan(sizes: Sizes, selected: Sequence[str]) -> List[Workload]:
         for n, target in ((sizes.w1_small, None), (sizes.w1_large, Target("ratio>=", 0.25))):
             items = list(range(n))
             expected = [x * x for x in items]
-            out.append(Workload(
-                "W1", lambda r, _, items=items, expected=expected: w1_tiny(r, items, expected),
-                [Row(f"W1 tiny x*x ({n:,})", "tasks/s", "tasks/s", target)]))
+
+            def tiny(r: Runner, _: Any, items: List[int] = items,
+                     expected: List[int] = expected) -> Measurement:
+                return w1_tiny(r, items, expected)
+
+            out.append(Workload("W1", tiny, [Row(f"W1 tiny x*x ({n:,})", "tasks/s", "tasks/s",
+                                                 target)]))
     if "W2" in selected:
         loops = calibrate_burn()
-        one = statistics.median(timed(lambda: burn(loops))[0] for _ in range(5))
+        one = statistics.median(timed(burn, loops)[0] for _ in range(5))
         print(f"W2 calibration: burn({loops:,}) takes {one * 1e3:.1f} ms here", flush=True)
 
         def serial_time() -> float:
             """Every W2 task run one after the other in this process."""
-            return timed(lambda: [burn(loops) for _ in range(sizes.w2_tasks)])[0]
+            start = time.perf_counter()
+            for _ in range(sizes.w2_tasks):
+                burn(loops)
+            return time.perf_counter() - start
 
         out.append(Workload(
             "W2", lambda r, serial: w2_cpu(r, loops, sizes.w2_tasks, serial),
@@ -355,18 +436,27 @@ def run(workloads: List[Workload], runners: List[Runner], rounds: int
     for wl in workloads:
         label = wl.rows[0].label
         seen: Dict[str, List[Measurement]] = {r.name: [] for r in runners}
+        noise = [0, 0.0]  # clock ticks used by other processes, seconds measured
         where = "prepare"
         try:
             for n in range(rounds):
-                context = wl.prepare() if wl.prepare else None
                 order = runners if n % 2 == 0 else runners[::-1]
                 for runner in order:
                     where = runner.name
-                    elapsed, measurement = timed(lambda: wl.run(runner, context))
+                    context = wl.prepare() if wl.prepare else None
+                    before = cpu_sample()
+                    elapsed, measurement = timed(wl.run, runner, context)
+                    foreign = other_ticks(before, cpu_sample())
                     seen[runner.name].append(measurement)
                     figures = ", ".join(f"{k} {fmt(v)}" for k, v in measurement.items())
-                    print(f"  {label:<{width}}  round {n + 1}/{rounds}  {runner.name:<8}  {figures}"
-                          f"  ({elapsed:.2f} s)", flush=True)
+                    busy = ""
+                    if foreign is not None:
+                        noise[0] += foreign
+                        noise[1] += elapsed
+                        if elapsed >= MIN_NOISE_SECONDS:
+                            busy = f"; others {foreign / TICKS / elapsed:.2f} cores"
+                    print(f"  {label:<{width}}  round {n + 1}/{rounds}  {runner.name:<8}  "
+                          f"{figures}  ({elapsed:.2f} s{busy})", flush=True)
         except Exception:
             print(f"  {label}: ERROR", flush=True)
             errors.append(f"{label} ({where}):\n{traceback.format_exc()}")
@@ -374,8 +464,9 @@ def run(workloads: List[Workload], runners: List[Runner], rounds: int
         for row in wl.rows:
             p = [m[row.key] for m in seen[runners[0].name]]
             a = [m[row.key] for m in seen[runners[1].name]]
-            metrics.append(Metric(row.label, row.key, row.unit, statistics.median(p),
-                                  statistics.median(a), row.target, p, a))
+            others = noise[0] / TICKS / noise[1] if noise[1] >= MIN_NOISE_SECONDS else None
+            metrics.append(Metric(wl.key, row.label, row.key, row.unit, statistics.median(p),
+                                  statistics.median(a), row.target, p, a, others))
     return metrics, errors
 
 
@@ -399,7 +490,7 @@ def render(metrics: List[Metric]) -> str:
     for m in metrics:
         verdict = {None: "-", True: "PASS", False: "FAIL"}[m.passed]
         rows.append([m.workload, m.metric, fmt(m.pool), fmt(m.achilles), f"{m.ratio:.2f}",
-                     m.target.describe(m.unit) if m.target else "-", verdict])
+                     m.target_text, verdict])
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     right = {2, 3, 4}
     lines = []
@@ -412,15 +503,25 @@ def render(metrics: List[Metric]) -> str:
     return "\n".join(lines)
 
 
-def cpu_ticks() -> Optional[Tuple[int, int]]:
-    """``(steal, total)`` CPU ticks since boot from /proc/stat (None off Linux)."""
-    try:
-        with open("/proc/stat") as fh:
-            fields = [int(x) for x in fh.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    steal = fields[7] if len(fields) > 7 else 0
-    return steal, sum(fields[:8])
+def print_noise(metrics: List[Metric]) -> None:
+    """Say how much CPU other processes took while each workload was timed, and warn when
+    that makes the figures suspect (the benchmark wants the machine to itself)."""
+    if cpu_sample() is None:
+        return
+    per_label = {m.workload: m.other_cores for m in metrics}
+    width = max((len(label) for label in per_label), default=0)
+    print("\nCPU used by other processes while timed (average, in cores):")
+    for label, cores in per_label.items():
+        if cores is None:
+            print(f"  {label:<{width}}  n/a (timed for too short to tell)")
+        else:
+            flag = "  <- noisy" if cores > NOISY_CORES else ""
+            print(f"  {label:<{width}}  {cores:.2f}{flag}")
+    noisy = sorted({m.key for m in metrics
+                    if m.other_cores is not None and m.other_cores > NOISY_CORES})
+    if noisy:
+        print(f"WARNING: other processes competed for the CPU during {', '.join(noisy)}; "
+              "those figures are unreliable: rerun on a quiet machine.")
 
 
 def loadavg() -> str:
@@ -435,6 +536,7 @@ def machine_info() -> Dict[str, Any]:
     """Where and how this run happened."""
     import achilles
 
+    usable: Optional[int]
     try:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:
@@ -508,7 +610,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"{args.repeat} round(s), median shown", flush=True)
 
     wall_start = time.perf_counter()
-    ticks_start = cpu_ticks()
     sizes = Sizes.pick(args.quick)
     # The Pool forks its workers before the Achilles controller starts its reactor thread.
     with multiprocessing.Pool(PROCESSES) as pool, \
@@ -519,7 +620,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             warm_up(runner)
         metrics, errors = run(plan(sizes, args.only), runners, args.repeat)
     wall = time.perf_counter() - wall_start
-    ticks_end = cpu_ticks()
     faulthandler.cancel_dump_traceback_later()
 
     print()
@@ -530,14 +630,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for m in judged:
         print(f"  {'PASS' if m.passed else 'FAIL'}  {m.workload} {m.metric}: Achilles "
               f"{fmt(m.achilles)} {m.unit}".rstrip() + f" (Pool {fmt(m.pool)}); target "
-              f"{m.target.describe(m.unit)}")
+              f"{m.target_text}")
     for err in errors:
         print(f"\nERROR in {err}", file=sys.stderr)
-    steal = ""
-    if ticks_start and ticks_end and ticks_end[1] > ticks_start[1]:
-        share = (ticks_end[0] - ticks_start[0]) / (ticks_end[1] - ticks_start[1])
-        steal = f"; CPU steal {share:.1%}"
-    print(f"\nfinished in {wall:.1f} s; load average now {loadavg()}{steal}")
+    print_noise(metrics)
+    print(f"\nfinished in {wall:.1f} s; load average now {loadavg()}")
 
     if args.json:
         report = {"info": info, "mode": "quick" if args.quick else "full",
