@@ -135,21 +135,13 @@ def _warn_if_world_readable(path: str) -> None:
         )
 
 
-def _as_int(name: str, value: Any, minimum: int) -> int:
+def _as_number(name: str, value: Any, minimum: float, kind: type = int) -> Any:
+    """``value`` as ``kind`` (int or float) no smaller than ``minimum``, or a ConfigError."""
     try:
-        number = int(value)
+        number = kind(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{name} must be a whole number, got {value!r}") from None
-    if number < minimum:
-        raise ConfigError(f"{name} must be at least {minimum}, got {number}")
-    return number
-
-
-def _as_float(name: str, value: Any, minimum: float) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name} must be a number of seconds, got {value!r}") from None
+        what = "a whole number" if kind is int else "a number of seconds"
+        raise ConfigError(f"{name} must be {what}, got {value!r}") from None
     if number < minimum:
         raise ConfigError(f"{name} must be at least {minimum:g}, got {number:g}")
     return number
@@ -173,24 +165,24 @@ def load_config(**overrides: Any) -> Config:
     cfg = Config(env_file=env_file)
     cfg.host = pick("host", "ACHILLES_HOST") or DEFAULT_HOST
     port = pick("port", "ACHILLES_PORT")
-    cfg.port = DEFAULT_PORT if port is None else _as_int("ACHILLES_PORT", port, 0)
+    cfg.port = DEFAULT_PORT if port is None else _as_number("ACHILLES_PORT", port, 0)
     if cfg.port > 65535:
         raise ConfigError(f"ACHILLES_PORT must be at most 65535, got {cfg.port}")
     cfg.username = pick("username", "ACHILLES_USERNAME") or DEFAULT_USERNAME
     cfg.secret_key = pick("secret_key", "ACHILLES_SECRET_KEY")
     processes = pick("processes", "ACHILLES_PROCESSES")
-    cfg.processes = None if processes is None else _as_int("ACHILLES_PROCESSES", processes, 1)
+    cfg.processes = None if processes is None else _as_number("ACHILLES_PROCESSES", processes, 1)
     prefetch = pick("prefetch", "ACHILLES_PREFETCH")
-    cfg.prefetch = DEFAULT_PREFETCH if prefetch is None else _as_int("ACHILLES_PREFETCH", prefetch, 1)
+    cfg.prefetch = DEFAULT_PREFETCH if prefetch is None else _as_number("ACHILLES_PREFETCH", prefetch, 1)
     cfg.node_name = pick("node_name", "ACHILLES_NODE_NAME")
     cfg.log_level = str(pick("log_level", "ACHILLES_LOG_LEVEL") or "INFO").upper()
     heartbeat = pick("heartbeat", "ACHILLES_HEARTBEAT")
-    cfg.heartbeat = DEFAULT_HEARTBEAT if heartbeat is None else _as_float("ACHILLES_HEARTBEAT", heartbeat, 0.2)
+    cfg.heartbeat = DEFAULT_HEARTBEAT if heartbeat is None else _as_number("ACHILLES_HEARTBEAT", heartbeat, 0.2, float)
     reconnect = pick("reconnect_timeout", "ACHILLES_RECONNECT_TIMEOUT")
     cfg.reconnect_timeout = (DEFAULT_RECONNECT_TIMEOUT if reconnect is None
-                             else _as_float("ACHILLES_RECONNECT_TIMEOUT", reconnect, 0))
+                             else _as_number("ACHILLES_RECONNECT_TIMEOUT", reconnect, 0, float))
     crashes = pick("max_crashes", "ACHILLES_MAX_CRASHES")
-    cfg.max_crashes = DEFAULT_MAX_CRASHES if crashes is None else _as_int("ACHILLES_MAX_CRASHES", crashes, 1)
+    cfg.max_crashes = DEFAULT_MAX_CRASHES if crashes is None else _as_number("ACHILLES_MAX_CRASHES", crashes, 1)
     for name in TLS_FIELDS:
         setattr(cfg, name, pick(name, "ACHILLES_" + name.upper()))
     return cfg

@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from achilles.controller.cluster import Cluster
-from conftest import wait_for
+from conftest import group_members, wait_for
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(600)]
 
@@ -23,19 +23,9 @@ def rss_mib(pid: int) -> float:
     return 0.0
 
 
-def tree_rss_mib(pid: int) -> float:
-    """Resident memory of a process and its children (a node and its workers), MiB."""
-    total = rss_mib(pid)
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as fh:
-                    fields = fh.read().split(")")[-1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == pid and int(entry) != pid:  # same process group
-                total += rss_mib(int(entry))
-    return total
+def tree_rss_mib(pgid: int) -> float:
+    """Resident memory of a daemon's whole process group (a node and its workers), MiB."""
+    return sum(rss_mib(pid) for pid in group_members(pgid))
 
 
 def test_fifty_controllers(make_cluster):
