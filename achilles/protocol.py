@@ -130,7 +130,7 @@ class AchillesProtocol(protocol.Protocol):
                 else:
                     self.dispatch(code, body)
         except (ProtocolError, AuthenticationError) as exc:
-            self.fail(str(exc), exc)
+            self.fail(str(exc))
 
     def dispatch(self, code: int, body: bytes) -> None:
         """Decode a post-auth message and call its handler."""
@@ -153,14 +153,13 @@ class AchillesProtocol(protocol.Protocol):
         if self.state == "ready":
             self.transport.writeSequence(pieces)
 
-    def fail(self, reason: str, exc: Optional[BaseException] = None) -> None:
+    def fail(self, reason: str) -> None:
         """Log why and close the connection."""
         if self.state == "closed":
             return
         if self.state == "handshake":
             self.on_refused(reason)
-        level = logging.WARNING
-        log.log(level, "closing connection from %s: %s", self.peer_address, reason)
+        log.warning("closing connection from %s: %s", self.peer_address, reason)
         self.state = "closed"
         self.transport.loseConnection()
 

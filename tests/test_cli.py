@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import site
 import stat
 import subprocess
@@ -147,8 +148,11 @@ def test_pip_install_gives_console_scripts(tmp_path):
     outer = [p for p in site.getsitepackages() if os.path.isdir(p)]
     site_dir = next((env_dir / "lib").glob("python*/site-packages"))
     (site_dir / "outer-env.pth").write_text("\n".join(outer) + "\n")
-    out = run([str(py), "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-q", ROOT],
-              tmp_path, timeout=240)
+    source = tmp_path / "src"  # build from a copy: the build leaves build/ and egg-info behind
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "*.egg-info", "__pycache__", ".pytest_cache", ".hypothesis"))
+    out = run([str(py), "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-q",
+               str(source)], tmp_path, timeout=240)
     assert out.returncode == 0, out.stdout + out.stderr
     for script in ("achilles", "achilles-server", "achilles-node"):
         res = run([str(env_dir / "bin" / script), "--help"], tmp_path)
