@@ -15,7 +15,8 @@ COMMANDS = ("server", "node", "config", "certs", "demo", "status", "kill")
 def _config(args: argparse.Namespace) -> int:
     from achilles.config import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_USERNAME, gen_config
 
-    path = gen_config(args.path, host=args.host or DEFAULT_HOST, port=args.port or DEFAULT_PORT,
+    path = gen_config(args.path, host=args.host or DEFAULT_HOST,
+                      port=DEFAULT_PORT if args.port is None else args.port,
                       username=args.username or DEFAULT_USERNAME, overwrite=args.force)
     print(f"wrote {path} (mode 0600) with a fresh secret key; copy it to every machine of the "
           "cluster (server, nodes, controllers) and keep it private")

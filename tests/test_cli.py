@@ -75,6 +75,8 @@ def test_config_writes_private_env(tmp_path):
     assert len(key) >= 32 and key not in out.stdout
     again = run([sys.executable, "-m", "achilles", "config"], tmp_path, env)
     assert again.returncode == 2 and "--force" in again.stderr
+    zero = run([sys.executable, "-m", "achilles", "config", "--port", "0", "--force"], tmp_path, env)
+    assert zero.returncode == 0 and "ACHILLES_PORT=0\n" in path.read_text()
 
 
 def test_config_precedence(tmp_path, monkeypatch):
