@@ -81,3 +81,11 @@ def record(path, line):
     """Append a line to a file (tasks use it to count their runs)."""
     with open(path, "a") as fh:
         fh.write(f"{line}\n")
+
+
+def oom_killed(x):
+    """Die the way the OOM killer kills: SIGKILL."""
+    if x == 1:
+        import signal
+        os.kill(os.getpid(), signal.SIGKILL)
+    return x

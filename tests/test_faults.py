@@ -16,7 +16,7 @@ import pytest
 
 from achilles.errors import ConnectionLost, WorkerCrashed
 from conftest import ROOT, wait_for
-from tasks import always_exit, crash_once, long_sleep, segfault, sleepy, square
+from tasks import always_exit, crash_once, oom_killed, segfault, sleepy, square
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(120)]
 
@@ -74,6 +74,14 @@ def test_segfault_is_named(make_cluster):
     with pytest.raises(WorkerCrashed, match="SIGSEGV") as info:
         lc.cluster.map(segfault, range(4), chunksize=4)
     assert info.value.item == 2
+
+
+def test_sigkilled_worker_is_named(make_cluster):
+    """A worker killed with SIGKILL (what the OOM killer sends) is reported as such."""
+    lc = make_cluster(nodes=1, processes=1, max_crashes=2)
+    with pytest.raises(WorkerCrashed, match="SIGKILL") as info:
+        lc.cluster.map(oom_killed, range(3), chunksize=3)
+    assert info.value.item == 1
 
 
 def test_frozen_node_is_detected(make_cluster):
