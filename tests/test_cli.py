@@ -139,9 +139,11 @@ def test_missing_secret_in_library(monkeypatch, tmp_path):
 
 
 @pytest.mark.timeout(300)
-def test_pip_install_gives_console_scripts(tmp_path):
-    """`pip install .` into a fresh venv installs achilles, achilles-server and achilles-node,
-    with the roles under achilles.* and nothing named server/node/controller top-level."""
+@pytest.mark.parametrize("editable", [False, True], ids=["install", "editable"])
+def test_pip_install_gives_console_scripts(tmp_path, editable):
+    """`pip install .` (and `pip install -e .`) into a fresh venv installs achilles,
+    achilles-server and achilles-node, with the roles under achilles.* and nothing named
+    server/node/controller top-level."""
     env_dir = tmp_path / "venv"
     venv.create(env_dir, with_pip=True)
     py = env_dir / "bin" / "python"
@@ -153,8 +155,8 @@ def test_pip_install_gives_console_scripts(tmp_path):
     source = tmp_path / "src"  # build from a copy: the build leaves build/ and egg-info behind
     shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
         ".git", ".venv", "build", "*.egg-info", "__pycache__", ".pytest_cache", ".hypothesis"))
-    out = run([str(py), "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-q",
-               str(source)], tmp_path, timeout=240)
+    out = run([str(py), "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-q"]
+              + (["-e"] if editable else []) + [str(source)], tmp_path, timeout=240)
     assert out.returncode == 0, out.stdout + out.stderr
     for script in ("achilles", "achilles-server", "achilles-node"):
         res = run([str(env_dir / "bin" / script), "--help"], tmp_path)
@@ -166,7 +168,7 @@ def test_pip_install_gives_console_scripts(tmp_path):
         "assert all(u.find_spec(m) is None for m in ('server', 'node', 'controller'));"
         "print(os.path.dirname(achilles.__file__))")], tmp_path)
     assert check.returncode == 0, check.stderr
-    assert str(env_dir) in check.stdout
+    assert str(source if editable else env_dir) in check.stdout
     assert not any((site_dir / name).exists() for name in ("server", "node", "controller"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("ACHILLES_") and k != "PYTHONPATH"}
     demo = run([str(env_dir / "bin" / "achilles"), "demo", "--processes", "1"], tmp_path, env, timeout=120)
