@@ -18,15 +18,23 @@ class ChunkSizer:
     comes back fast) and later ones grow toward :data:`TARGET_SECONDS` of work, measured on the
     workers, never above ``multiprocessing.Pool``'s own size (``len / (4 x processes)``) when
     the input's length is known, so every process gets a share.
+
+    With ``balance`` (``map`` over an input of known length, where only the whole list
+    matters), chunks are also at least ``remaining / (2 x processes)`` (guided
+    self-scheduling): few large chunks first, shrinking toward the end so the processes finish
+    together, with little coordination per item.
     """
 
-    def __init__(self, chunksize: Optional[int] = None, total: Optional[int] = None) -> None:
+    def __init__(self, chunksize: Optional[int] = None, total: Optional[int] = None,
+                 balance: bool = False) -> None:
         if chunksize is not None and chunksize < 1:
             raise ValueError("chunksize must be at least 1")
         self.fixed = chunksize
         self.total = total
+        self.balance = balance and total is not None
         self.processes = 0
         self.current = 1
+        self.issued = 0
 
     def cap(self) -> int:
         """The largest size allowed now."""
@@ -35,8 +43,18 @@ class ChunkSizer:
         return MAX_ITEMS
 
     def size(self) -> int:
-        """Items in the next chunk."""
-        return self.fixed or min(self.current, self.cap())
+        """Items in the next chunk (call :meth:`issue` with the number actually sent)."""
+        if self.fixed:
+            return self.fixed
+        size = self.current
+        if self.balance and self.processes and self.total is not None:
+            remaining = self.total - self.issued
+            size = max(size, math.ceil(remaining / (2 * self.processes)))
+        return max(1, min(size, self.cap()))
+
+    def issue(self, n_items: int) -> None:
+        """Record that a chunk of ``n_items`` was sent."""
+        self.issued += n_items
 
     def observe(self, n_items: int, elapsed: float) -> None:
         """Learn from a finished chunk: ``n_items`` took ``elapsed`` seconds on a worker."""

@@ -115,7 +115,8 @@ class Cluster:
         ``__cause__``) and the rest of the job is cancelled.
         """
         out: List[Any] = []
-        for values in JobRun(self, func, _inputs(iterable), chunksize, callback, True).chunks():
+        run = JobRun(self, func, _inputs(iterable), chunksize, callback, True, balance=True)
+        for values in run.chunks():
             out.extend(values)
         return out
 

@@ -29,7 +29,7 @@ class JobRun:
 
     def __init__(self, link: Any, func: Callable[..., Any], iterable: Iterable[Any],
                  chunksize: Optional[int], callback: Optional[Callable[..., Any]], ordered: bool,
-                 options: Optional[Dict[str, Any]] = None) -> None:
+                 options: Optional[Dict[str, Any]] = None, balance: bool = False) -> None:
         self.link = link  # has .register(job_id) -> queue, .unregister(job_id), .send(messages)
         self.ordered = ordered
         self.function = function_name(func)
@@ -38,7 +38,7 @@ class JobRun:
             total = len(iterable)  # type: ignore[arg-type]
         except TypeError:
             total = None
-        self.sizer = ChunkSizer(chunksize, total)
+        self.sizer = ChunkSizer(chunksize, total, balance)
         self.job_id = uuid.uuid4().hex
         self.events: "queue.Queue[tuple]" = queue.Queue()
         self._conn = link.register(self.job_id, self.events)
@@ -69,6 +69,7 @@ class JobRun:
                and len(self.outstanding) + len(self.buffered) + len(self.ready) < self.window):
             size = self.sizer.size()
             items = list(itertools.islice(self._input, size))
+            self.sizer.issue(len(items))
             if items:
                 cid = self.n_chunks
                 self.n_chunks += 1
