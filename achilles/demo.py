@@ -44,7 +44,7 @@ def run_demo(processes: Optional[int] = None, out=print) -> int:
         t = time.perf_counter()
         first = None
         total = 0
-        for i, square in enumerate(cluster.imap(lambda x: x * x, numbers(100_000))):
+        for square in cluster.imap(lambda x: x * x, numbers(100_000)):
             if first is None:
                 first = time.perf_counter() - t
             total += square

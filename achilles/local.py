@@ -120,7 +120,7 @@ class LocalCluster:
         try:
             deadline = time.monotonic() + START_TIMEOUT
             self._start_server(0, deadline)
-            for i in range(self.n_nodes):
+            for _ in range(self.n_nodes):
                 self.add_node()
             cfg = Config(host="127.0.0.1", port=self.port, username="local",
                          secret_key=self._secret, tls_ca=self.tls.get("tls_ca"),

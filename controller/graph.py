@@ -16,9 +16,7 @@ import uuid
 from typing import Any, Dict, List, Optional
 
 from achilles import wire
-from achilles.errors import (
-    AchillesError, ConnectionLost, JobCancelled, TaskTimeout, WorkerCrashed, describe_exit,
-)
+from achilles.errors import ConnectionLost, JobCancelled, TaskTimeout, WorkerCrashed, describe_exit
 from achilles.graph import GraphSpec, TaskCall, build
 from achilles.serialization import load_error, loads_data
 
@@ -132,6 +130,3 @@ def single(future: "concurrent.futures.Future[List[Any]]") -> "concurrent.future
 
     future.add_done_callback(copy)
     return out
-
-
-__all__ = ["GraphRun", "submit_graph", "single", "AchillesError"]

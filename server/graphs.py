@@ -11,9 +11,8 @@ go on; the graph ends when every task is done, failed or skipped.
 from __future__ import annotations
 
 import pickle
-import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from achilles import wire
 
@@ -118,10 +117,3 @@ class GraphState:
 def retry_status(status: int) -> bool:
     """Whether a failure of this kind may be retried under ``retries``."""
     return status in (wire.ITEM_ERROR, wire.TIMED_OUT)
-
-
-CallLater = Callable[[float, Callable[[], None]], Any]
-
-
-def now() -> float:
-    return time.monotonic()

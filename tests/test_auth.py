@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import socket
 import struct
@@ -16,7 +15,6 @@ from achilles.config import Config
 from achilles.controller.cluster import Cluster
 from achilles.errors import AuthenticationError, ConnectionFailed
 from achilles.handshake import derive_key
-from conftest import wait_for
 
 pytestmark = pytest.mark.timeout(60)
 

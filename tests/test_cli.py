@@ -16,7 +16,7 @@ import achilles
 from achilles.config import Config, gen_config, load_config
 from achilles.controller.cluster import Cluster
 from achilles.errors import AchillesError, ConfigError
-from conftest import ROOT, alive, group_members, wait_for
+from conftest import ROOT, group_members, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -40,7 +40,7 @@ def test_kill_stops_every_process(daemons, secret):
     for proc in [server] + nodes:
         assert proc.wait(10) == 0, daemons.log(proc)
     for proc in [server] + nodes:
-        wait_for(lambda: not group_members(proc.pid), timeout=10, what="workers to exit")
+        wait_for(lambda proc=proc: not group_members(proc.pid), timeout=10, what="workers to exit")
 
 
 def test_kill_without_terminal_refuses(make_cluster):

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import os
 import threading
 import time
 
 import pytest
 
-import achilles
 from achilles import TaskTimeout, dataflow, task, workflow
 from achilles.errors import RemoteTraceback, ResourceUnavailable
 from tasks import TaskFailure, record

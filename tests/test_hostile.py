@@ -8,8 +8,6 @@ import shutil
 import socket
 import struct
 import subprocess
-import threading
-import time
 import uuid
 
 import pytest
@@ -154,10 +152,10 @@ def test_cut_link_is_detected(daemons, secret, netns_host):
                            "--heartbeat", "1", secret=secret)
     wait_for(lambda: port_file.exists() or server.poll() is not None, what="server port")
     port = int(port_file.read_text())
-    remote = daemons.start("node", "--host", ours, "--port", str(port), "--processes", "1",
+    daemons.start("node", "--host", ours, "--port", str(port), "--processes", "1",
                            "--name", "remote", "--heartbeat", "1", secret=secret,
                            netns=ns)
-    local = daemons.start("node", "--host", ours, "--port", str(port), "--processes", "1",
+    daemons.start("node", "--host", ours, "--port", str(port), "--processes", "1",
                           "--name", "local", "--heartbeat", "1", secret=secret)
     c = Cluster(Config(host=ours, port=port, username="tester", secret_key=secret, heartbeat=1))
     try:
