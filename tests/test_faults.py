@@ -152,6 +152,19 @@ def test_server_restart_resumes_map(make_cluster):
     assert lc.cluster.map(square, [4]) == [16]
 
 
+def test_server_restart_resumes_graph(make_cluster):
+    """A call graph running when the server restarts is resubmitted and completes."""
+    from achilles import task
+
+    lc = make_cluster(nodes=1, processes=2, reconnect_timeout=60)
+    leaves = [task(sleepy)(i) for i in range(150)]
+    future = lc.cluster.submit_graph(task(sum)(leaves))
+    wait_for(lambda: any(j["done"] >= 20 for j in lc.cluster.status()["jobs"]),
+             what="part of the graph to run")
+    lc.restart_server(down_for=0.5)
+    assert future.result(timeout=60) == sum(range(150))
+
+
 def test_server_gone_past_deadline(make_cluster):
     """If the server stays down past the reconnect deadline, the caller gets ConnectionLost
     saying how many items were done."""
