@@ -148,10 +148,17 @@ def test_pip_install_gives_console_scripts(tmp_path, editable):
     venv.create(env_dir, with_pip=True)
     py = env_dir / "bin" / "python"
     # Offline: the new venv sees this environment's packages (twisted, setuptools, wheel...)
-    # after its own, so the copy installed here must win.
-    outer = [p for p in site.getsitepackages() if os.path.isdir(p)]
+    # through a folder of links that leaves out any Achilles installed here, so only the copy
+    # installed below can be imported.
+    view = tmp_path / "outer-packages"
+    view.mkdir()
+    for sp in (p for p in site.getsitepackages() if os.path.isdir(p)):
+        for entry in os.listdir(sp):
+            if entry.lower().startswith(("achilles", "__editable__")) or (view / entry).exists():
+                continue
+            (view / entry).symlink_to(os.path.join(sp, entry))
     site_dir = next((env_dir / "lib").glob("python*/site-packages"))
-    (site_dir / "outer-env.pth").write_text("\n".join(outer) + "\n")
+    (site_dir / "outer-env.pth").write_text(f"{view}\n")
     source = tmp_path / "src"  # build from a copy: the build leaves build/ and egg-info behind
     shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
         ".git", ".venv", "build", "*.egg-info", "__pycache__", ".pytest_cache", ".hypothesis"))
