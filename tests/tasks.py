@@ -4,6 +4,17 @@ import os
 import time
 
 
+def pause(seconds):
+    """Simulated work: the one place where test tasks sleep."""
+    time.sleep(seconds)
+
+
+def delayed(seconds):
+    """Return ``seconds`` after sleeping that long."""
+    pause(seconds)
+    return seconds
+
+
 def square(x):
     return x * x
 
@@ -13,13 +24,13 @@ def add_one(x):
 
 
 def slow_square(x, delay=0.01):
-    time.sleep(delay)
+    pause(delay)
     return x * x
 
 
 def where(x):
     """Which node process ran the item."""
-    time.sleep(0.005)
+    pause(0.005)
     return os.getpid()
 
 
@@ -68,12 +79,15 @@ def segfault(x):
 
 
 def sleepy(x):
-    time.sleep(0.02)
+    pause(0.02)
     return x
 
 
-def long_sleep(x):
-    time.sleep(60)
+def long_sleep(arg):
+    """Announce the start (a file in the given folder), then run for a minute."""
+    x, folder = arg
+    open(os.path.join(folder, f"started-{x}"), "w").close()
+    pause(60)
     return x
 
 

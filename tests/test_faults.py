@@ -107,7 +107,7 @@ CONTROLLER_SCRIPT = textwrap.dedent("""
     from tasks import long_sleep
     with achilles.connect() as c:
         print("started", flush=True)
-        c.map(long_sleep, range(8), chunksize=1)
+        c.map(long_sleep, [(i, {folder!r}) for i in range(8)], chunksize=1)
 """)
 
 
@@ -119,13 +119,13 @@ def test_controller_killed(make_cluster, tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT, ACHILLES_HOST="127.0.0.1", ACHILLES_PORT=str(lc.port),
                ACHILLES_USERNAME=cfg.username, ACHILLES_SECRET_KEY=cfg.secret_key)
     script = tmp_path / "ctl.py"
-    script.write_text(CONTROLLER_SCRIPT.format(tests=os.path.dirname(__file__)))
+    script.write_text(CONTROLLER_SCRIPT.format(tests=os.path.dirname(__file__), folder=str(tmp_path)))
     proc = subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE,
                             cwd=str(tmp_path))
     try:
         assert proc.stdout.readline().strip() == b"started"
-        wait_for(lambda: lc.cluster.status()["nodes"][0]["busy"] == 4, what="4 chunks in flight")
-        time.sleep(0.5)  # let both workers start their 60 s sleeps
+        wait_for(lambda: len(list(tmp_path.glob("started-*"))) == 2,
+                 what="both workers to start their 60 s tasks")
         proc.kill()
         proc.wait(10)
     finally:

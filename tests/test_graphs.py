@@ -11,7 +11,7 @@ import pytest
 
 from achilles import TaskTimeout, dataflow, task, workflow
 from achilles.errors import RemoteTraceback, ResourceUnavailable
-from tasks import TaskFailure, record
+from tasks import TaskFailure, pause, record
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -198,7 +198,7 @@ def test_resources_limit_concurrency(make_cluster, tmp_path):
     @task(resources={"gpu": 1})
     def on_gpu(i):
         start = time.time()
-        time.sleep(0.15)
+        pause(0.15)
         return start, time.time()
 
     spans = lc.cluster.compute(*[on_gpu(i) for i in range(4)])
@@ -208,7 +208,7 @@ def test_resources_limit_concurrency(make_cluster, tmp_path):
     @task
     def plain(i):
         start = time.time()
-        time.sleep(0.3)
+        pause(0.3)
         return start, time.time()
 
     spans = sorted(lc.cluster.compute(*[plain(i) for i in range(2)]))

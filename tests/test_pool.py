@@ -15,7 +15,10 @@ import pytest
 import achilles
 from achilles.errors import RemoteError, RemoteTraceback
 from conftest import wait_for
-from tasks import TaskFailure, add_one, fail_on_three, slow_square, square, unpicklable_error, where
+from tasks import (
+    TaskFailure, add_one, delayed, fail_on_three, pause, slow_square, square, unpicklable_error,
+    where,
+)
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -70,13 +73,13 @@ def test_chunksize(cluster, chunksize):
 def test_imap_unordered_is_completion_order(cluster):
     """imap_unordered yields a fast item before a slow one submitted earlier."""
     delays = [0.6, 0.0]
-    out = list(cluster.imap_unordered(lambda d: (time.sleep(d), d)[1], delays, chunksize=1))
+    out = list(cluster.imap_unordered(delayed, delays, chunksize=1))
     assert out == [0.0, 0.6]
 
 
 def test_imap_yields_before_job_ends(cluster):
     """imap gives the first result while later items are still running."""
-    it = cluster.imap(lambda d: (time.sleep(d), d)[1], [0.0] + [1.0] * 3, chunksize=1)
+    it = cluster.imap(delayed, [0.0] + [1.0] * 3, chunksize=1)
     assert next(it) == 0.0
     status = cluster.status()
     assert any(job["done"] < 4 for job in status["jobs"]), status
@@ -188,7 +191,7 @@ def test_two_controllers_at_once(shared_cluster):
     results = {}
 
     def run(name, c, offset):
-        results[name] = c.map(lambda x: (time.sleep(0.002), x + offset)[1], range(400), chunksize=4)
+        results[name] = c.map(lambda x: (pause(0.002), x + offset)[1], range(400), chunksize=4)
 
     try:
         threads = [threading.Thread(target=run, args=("a", shared_cluster.cluster, 0)),
