@@ -32,6 +32,16 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 20.0, interval: flo
         time.sleep(interval)
 
 
+class MarkerPickle:
+    """Unpickling this creates a file: proof that someone unpickled it."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
 def alive(pid: int) -> bool:
     """Whether a process exists and is not a zombie."""
     try:

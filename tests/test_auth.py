@@ -15,18 +15,9 @@ from achilles.config import Config
 from achilles.controller.cluster import Cluster
 from achilles.errors import AuthenticationError, ConnectionFailed
 from achilles.handshake import derive_key
+from conftest import MarkerPickle
 
 pytestmark = pytest.mark.timeout(60)
-
-
-class MarkerPickle:
-    """Unpickling this creates a file: proof that someone unpickled it."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
 
 
 def read_frame(sock):

@@ -22,22 +22,13 @@ from achilles.errors import AuthenticationError, ConnectionFailed
 from achilles.handshake import PeerHandshake
 from achilles.protocol import PeerSideProtocol, bind_handlers
 from achilles.server.service import ServerFactory
+from conftest import MarkerPickle
 
 pytestmark = pytest.mark.timeout(60)
 
 USER = "tester"
 SECRET = "protocol-sim-secret-0123456789abcdef"
 PEER = IPv4Address("TCP", "10.0.0.7", 40000)
-
-
-class MarkerPickle:
-    """Unpickling this creates a file: proof that someone unpickled it."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
 
 
 class RecordingTransport(FakeTransport):
