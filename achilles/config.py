@@ -17,14 +17,13 @@ from typing import Any, Dict, Optional
 from dotenv import dotenv_values
 
 from achilles.errors import ConfigError
+from achilles.wire import DEFAULT_HEARTBEAT, DEFAULT_MAX_CRASHES
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 9999
 DEFAULT_USERNAME = "achilles"
 DEFAULT_PREFETCH = 2
-DEFAULT_HEARTBEAT = 10.0
 DEFAULT_RECONNECT_TIMEOUT = 60.0
-DEFAULT_MAX_CRASHES = 3
 ENV_FILE_VAR = "ACHILLES_ENV_FILE"
 
 #: Every variable Achilles reads, with what it means (``.env.example`` mirrors this).

@@ -23,7 +23,7 @@ from achilles.handshake import PeerHandshake, ServerHandshake
 log = logging.getLogger("achilles.protocol")
 
 HANDSHAKE_TIMEOUT = 10.0
-HEARTBEAT = 10.0
+HEARTBEAT = wire.DEFAULT_HEARTBEAT
 
 
 class AchillesProtocol(protocol.Protocol):

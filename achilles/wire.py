@@ -23,6 +23,13 @@ PREAUTH_MAX_FRAME = 512
 DEFAULT_MAX_FRAME = 1 << 30
 PICKLE_PROTOCOL = 5
 
+#: Chunks a controller may send for a new job before the first WANT (saves a round trip).
+INITIAL_CREDIT = 2
+#: Seconds of silence after which a peer counts as dead (ACHILLES_HEARTBEAT).
+DEFAULT_HEARTBEAT = 10.0
+#: A chunk whose item kills its worker this many times fails with WorkerCrashed (ACHILLES_MAX_CRASHES).
+DEFAULT_MAX_CRASHES = 3
+
 # --- pre-auth (JSON bodies) ---------------------------------------------------------------
 HELLO = 1          # server -> peer: {"achilles", "proto", "nonce"}
 AUTH = 2           # peer -> server: {"proto", "role", "user", "nonce", "proof"}
@@ -61,7 +68,8 @@ META = struct.Struct("!I")
 
 NAMES: Dict[int, str] = {
     value: name for name, value in globals().items() if name.isupper() and isinstance(value, int)
-    and name not in ("PROTOCOL_VERSION", "PREAUTH_MAX_FRAME", "DEFAULT_MAX_FRAME", "PICKLE_PROTOCOL")
+    and name not in ("PROTOCOL_VERSION", "PREAUTH_MAX_FRAME", "DEFAULT_MAX_FRAME", "PICKLE_PROTOCOL",
+                     "INITIAL_CREDIT", "DEFAULT_MAX_CRASHES")
 }
 
 # Result status codes carried in RESULT.

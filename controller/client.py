@@ -100,7 +100,7 @@ class ControllerProtocol(PeerSideProtocol):
 
 
 def connect(host: str, port: int, username: str, secret_key: str,
-            timeout: float = CONNECT_TIMEOUT, heartbeat: float = 10.0,
+            timeout: float = CONNECT_TIMEOUT, heartbeat: float = wire.DEFAULT_HEARTBEAT,
             tls: Any = None) -> defer.Deferred:
     """Connect and authenticate; fires with a ready :class:`ControllerProtocol`.
 

@@ -20,7 +20,7 @@ from achilles.errors import ConnectionLost, JobCancelled, WorkerCrashed, describ
 from achilles.serialization import dumps_code, dumps_data, function_name, load_error, loads_data
 from achilles.controller.chunking import ChunkSizer
 
-INITIAL_CREDIT = 2  # must match achilles.server.scheduler.INITIAL_CREDIT
+INITIAL_CREDIT = wire.INITIAL_CREDIT
 MIN_WINDOW = 8
 
 

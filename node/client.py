@@ -94,7 +94,7 @@ class NodeFactory(protocol.ReconnectingClientFactory):
 
     def __init__(self, name: str, processes: int, username: str, secret_key: str,
                  address: str, resources: Optional[Dict[str, float]] = None,
-                 heartbeat: float = 10.0) -> None:
+                 heartbeat: float = wire.DEFAULT_HEARTBEAT) -> None:
         self.name = name
         self.heartbeat = heartbeat
         self.username = username

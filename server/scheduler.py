@@ -23,10 +23,8 @@ from achilles.server.graphs import GraphState, GraphTask, QUEUED, RUNNING, retry
 
 log = logging.getLogger("achilles.server")
 
-#: Chunks a controller may send for a new job before the first WANT (saves a round trip).
-INITIAL_CREDIT = 2
-#: A chunk whose item kills its worker this many times fails with WorkerCrashed.
-DEFAULT_MAX_CRASHES = 3
+INITIAL_CREDIT = wire.INITIAL_CREDIT
+DEFAULT_MAX_CRASHES = wire.DEFAULT_MAX_CRASHES
 
 
 class Peer(Protocol):

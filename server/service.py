@@ -122,7 +122,7 @@ class ServerFactory(protocol.ServerFactory):
     protocol = ServerConnection
 
     def __init__(self, username: str, secret_key: str, prefetch: int = 2,
-                 heartbeat: float = 10.0, max_crashes: int = 3) -> None:
+                 heartbeat: float = wire.DEFAULT_HEARTBEAT, max_crashes: int = wire.DEFAULT_MAX_CRASHES) -> None:
         self.username = username
         self.secret_key = secret_key
         self.heartbeat = heartbeat
