@@ -9,6 +9,10 @@
 Each side is authenticated only once it has checked the other's proof; before that only these
 small JSON frames are accepted. Fresh random nonces on both sides make a recorded handshake
 useless for a replay, and the direction label stops a proof being reflected back.
+
+Both ends then derive two session keys from the same inputs, one per direction
+(:func:`session_keys`); :mod:`achilles.session` tags every later frame with them, so a
+relayed handshake gives a man in the middle nothing it can use.
 """
 
 from __future__ import annotations
@@ -38,6 +42,17 @@ def derive_key(username: str, secret_key: str) -> bytes:
 def _proof(key: bytes, label: str, server_nonce: str, peer_nonce: str, role: str, user: str) -> str:
     msg = "|".join((label, server_nonce, peer_nonce, role, user)).encode("utf-8")
     return hmac.new(key, msg, hashlib.sha256).hexdigest()
+
+
+def session_keys(key: bytes, server_nonce: str, peer_nonce: str, role: str,
+                 user: str) -> Tuple[bytes, bytes]:
+    """The keys that tag post-auth frames: ``(server -> peer, peer -> server)``."""
+
+    def one(label: str) -> bytes:
+        msg = "|".join(("achilles-frames-v1", label, server_nonce, peer_nonce, role, user))
+        return hmac.new(key, msg.encode("utf-8"), hashlib.sha256).digest()
+
+    return one("server->peer"), one("peer->server")
 
 
 def _proof_field(obj: dict) -> str:
@@ -70,6 +85,7 @@ class ServerHandshake:
         self.state = "start"
         self.role: Optional[str] = None
         self.failure: Optional[str] = None
+        self._keys: Tuple[bytes, bytes] = (b"", b"")
 
     def start(self) -> List[bytes]:
         """Frames to send when the connection opens."""
@@ -115,8 +131,16 @@ class ServerHandshake:
             raise
         self.state = "done"
         self.role = role
+        self._keys = session_keys(self._key, self.nonce, peer_nonce, role, user)
         reply = _proof(self._key, "server", self.nonce, peer_nonce, role, user)
         return [wire.encode_json(wire.AUTH_OK, {"proof": reply})]
+
+    def session_keys(self) -> Tuple[bytes, bytes]:
+        """``(send key, receive key)`` for this side, once the handshake is done."""
+        if self.state != "done":
+            raise ProtocolError("no session keys before the handshake is done")
+        to_peer, to_server = self._keys
+        return to_peer, to_server
 
     def fail_frame(self) -> bytes:
         """The AUTH_FAIL frame telling the peer why it was refused (never secret material)."""
@@ -135,6 +159,7 @@ class PeerHandshake:
         self.nonce = nonce or secrets.token_hex(NONCE_BYTES)
         self.server_nonce: Optional[str] = None
         self.state = "start"
+        self._keys: Tuple[bytes, bytes] = (b"", b"")
 
     def receive(self, code: int, body: bytes) -> List[bytes]:
         """Handle HELLO, AUTH_OK or AUTH_FAIL; returns frames to send. Raises on failure."""
@@ -175,8 +200,17 @@ class PeerHandshake:
                         "configured, or its ACHILLES_SECRET_KEY differs from this machine's"
                     )
                 self.state = "done"
+                self._keys = session_keys(self._key, self.server_nonce, self.nonce, self.role,
+                                          self._username)
                 return []
             raise ProtocolError(f"unexpected {wire.NAMES.get(code, code)} during handshake")
         except (ProtocolError, AuthenticationError):
             self.state = "failed"
             raise
+
+    def session_keys(self) -> Tuple[bytes, bytes]:
+        """``(send key, receive key)`` for this side, once the handshake is done."""
+        if self.state != "done":
+            raise ProtocolError("no session keys before the handshake is done")
+        to_peer, to_server = self._keys
+        return to_server, to_peer

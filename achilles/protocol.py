@@ -2,43 +2,90 @@
 
 A connection is a small state machine: ``handshake`` (only the pre-auth JSON frames of
 :mod:`achilles.handshake`, each at most :data:`wire.PREAUTH_MAX_FRAME` bytes) -> ``ready``
-(pickled messages dispatched to the handler named in :attr:`AchillesProtocol.handlers`) ->
-``closed``. Any protocol or authentication error closes the connection with a logged reason.
+(session-tagged messages, validated against :data:`wire.REGISTRY` and dispatched to the
+method marked ``@handles(code)``) -> ``closed``. Any protocol or authentication error closes
+the connection with a logged reason. Timers (handshake deadline, heartbeats) run on
+:attr:`AchillesProtocol.clock`, the reactor unless a test gives a ``task.Clock``.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, ClassVar, Dict, FrozenSet, List, Optional, TypeVar
 
 from twisted.internet import protocol
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 
 from achilles import wire
 from achilles.errors import AchillesError, AuthenticationError, ProtocolError
 from achilles.handshake import PeerHandshake, ServerHandshake
+from achilles.session import FrameOpener, FrameSealer
 
 log = logging.getLogger("achilles.protocol")
 
 HANDSHAKE_TIMEOUT = 10.0
 HEARTBEAT = wire.DEFAULT_HEARTBEAT
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def handles(*codes: wire.Msg) -> Callable[[F], F]:
+    """Mark a method as the handler of these post-auth messages; it is called with the
+    message's declared fields, already validated."""
+
+    def mark(method: F) -> F:
+        method._achilles_handles = codes  # type: ignore[attr-defined]
+        return method
+
+    return mark
+
+
+def default_clock() -> IReactorTime:
+    """The global reactor, as a clock."""
+    from twisted.internet import reactor
+
+    return reactor  # type: ignore[return-value]
+
 
 class AchillesProtocol(protocol.Protocol):
-    """Base protocol. Subclasses fill :attr:`handlers` ``{code: method name}`` and the hooks."""
+    """Base protocol. Subclasses mark handlers with :func:`handles` and fill the hooks.
 
-    handlers: Dict[int, str] = {}
+    :attr:`local_role` is this end's role; :attr:`peer_role`, once known, picks the messages
+    the peer may send (:func:`wire.inbound`).
+    """
+
+    handlers: ClassVar[Dict[int, str]] = {}
+    local_role: ClassVar[str] = ""
     handshake_timeout: float = HANDSHAKE_TIMEOUT
     #: Seconds of silence after which the peer counts as dead; PINGs go out 4 times as often.
     heartbeat: float = HEARTBEAT
     max_frame: int = wire.DEFAULT_MAX_FRAME
 
-    def __init__(self) -> None:
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        table: Dict[int, str] = {}
+        for klass in reversed(cls.__mro__):
+            for name, attr in vars(klass).items():
+                for code in getattr(attr, "_achilles_handles", ()):
+                    table[code] = name
+        if cls.local_role:
+            for code in table:
+                if not any(receiver == cls.local_role
+                           for _, receiver in wire.REGISTRY[code].routes):
+                    raise TypeError(f"{cls.__name__} handles {wire.name_of(code)}, which is "
+                                    f"never sent to a {cls.local_role}")
+        cls.handlers = table
+
+    def __init__(self, clock: Optional[IReactorTime] = None) -> None:
+        self.clock: IReactorTime = clock or default_clock()
         self.decoder = wire.FrameDecoder()
         self.state = "handshake"
         self.peer_address = "?"
+        self.peer_role: Optional[str] = None
+        self._inbound: FrozenSet[int] = frozenset()
+        self._sealer: Optional[FrameSealer] = None
         self._timer: Optional[IDelayedCall] = None
         self._beat: Optional[LoopingCall] = None
         self._last_heard = 0.0
@@ -70,9 +117,7 @@ class AchillesProtocol(protocol.Protocol):
                 set_nodelay(True)
             except Exception:  # not a TCP socket (tests with StringTransport, TLS wrappers)
                 pass
-        from twisted.internet import reactor
-
-        self._timer = reactor.callLater(self.handshake_timeout, self._handshake_timed_out)
+        self._timer = self.clock.callLater(self.handshake_timeout, self._handshake_timed_out)
         self.start_handshake()
 
     def _handshake_timed_out(self) -> None:
@@ -80,29 +125,29 @@ class AchillesProtocol(protocol.Protocol):
         if self.state == "handshake":
             self.fail(f"handshake not finished within {self.handshake_timeout:g} s")
 
-    def authenticated(self) -> None:
-        """Move to ``ready``: lift the frame limit and accept post-auth messages."""
+    def authenticated(self, peer_role: str, send_key: bytes, recv_key: bytes) -> None:
+        """Move to ``ready``: lift the frame limit, accept the peer's post-auth messages, and
+        tag every frame from now on with the session keys."""
         self.state = "ready"
+        self.peer_role = peer_role
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-        self.decoder.set_limit(self.max_frame, wire.POSTAUTH_CODES)
+        self._inbound = wire.inbound(self.local_role, peer_role)
+        self._sealer = FrameSealer(send_key)
+        self.decoder.set_limit(self.max_frame, self._inbound, FrameOpener(recv_key))
         self._start_heartbeat()
         self.on_authenticated()
 
     def _start_heartbeat(self) -> None:
-        from twisted.internet import reactor
-
-        self._last_heard = reactor.seconds()
+        self._last_heard = self.clock.seconds()
         if self.heartbeat > 0:
             self._beat = LoopingCall(self._heartbeat_tick)
-            self._beat.clock = reactor
+            self._beat.clock = self.clock
             self._beat.start(self.heartbeat / 4, now=False)
 
     def _heartbeat_tick(self) -> None:
-        from twisted.internet import reactor
-
-        silent = reactor.seconds() - self._last_heard
+        silent = self.clock.seconds() - self._last_heard
         if silent > self.heartbeat:
             log.warning("no heartbeat from %s for %.1f s; dropping the connection",
                         self.peer_address, silent)
@@ -115,9 +160,7 @@ class AchillesProtocol(protocol.Protocol):
         if self.state == "closed":
             return
         if self._beat is not None:
-            from twisted.internet import reactor
-
-            self._last_heard = reactor.seconds()
+            self._last_heard = self.clock.seconds()
         try:
             self.decoder.feed(data)
             while self.state != "closed":
@@ -133,25 +176,47 @@ class AchillesProtocol(protocol.Protocol):
             self.fail(str(exc))
 
     def dispatch(self, code: int, body: bytes) -> None:
-        """Decode a post-auth message and call its handler."""
+        """Decode a post-auth message, validate it against its declaration, and call its
+        handler. A handler that raises closes the connection (its peer's work is then
+        re-queued by the scheduler) with the error logged; it never goes unnoticed."""
         name = self.handlers.get(code)
-        if name is None:
-            raise ProtocolError(f"{wire.NAMES.get(code, code)} is not valid on this connection")
+        if name is None or code not in self._inbound:
+            raise ProtocolError(f"{wire.name_of(code)} is not valid on this connection")
         fields = wire.decode_message(body, code)
         try:
             getattr(self, name)(*fields)
-        except TypeError as exc:
-            raise ProtocolError(f"malformed {wire.NAMES[code]}: {exc}") from None
+        except ProtocolError:
+            raise
+        except Exception:
+            log.exception("handling %s from %s failed; closing the connection",
+                          wire.name_of(code), self.peer_address)
+            raise ProtocolError(f"handling {wire.name_of(code)} failed") from None
 
     def send(self, code: int, *fields: Any) -> None:
         """Send one post-auth message."""
         if self.state == "ready":
-            self.transport.writeSequence(wire.encode_message(code, fields))
+            self.send_encoded(wire.encode_message(code, fields))
 
-    def send_encoded(self, pieces: list) -> None:
+    def send_encoded(self, pieces: List[bytes]) -> None:
         """Send an already-encoded message (from :func:`wire.encode_message`)."""
         if self.state == "ready":
-            self.transport.writeSequence(pieces)
+            assert self._sealer is not None
+            self.transport.writeSequence(self._sealer.seal(pieces))
+
+    def send_many(self, messages: List[List[bytes]]) -> None:
+        """Send several encoded messages in one write."""
+        if self.state == "ready":
+            assert self._sealer is not None
+            seal = self._sealer.seal
+            self.transport.writeSequence([piece for m in messages for piece in seal(m)])
+
+    @handles(wire.PING)
+    def ping(self, token: int) -> None:
+        self.send(wire.PONG, token)
+
+    @handles(wire.PONG)
+    def pong(self, token: int) -> None:
+        pass
 
     def fail(self, reason: str) -> None:
         """Log why and close the connection."""
@@ -177,6 +242,8 @@ class AchillesProtocol(protocol.Protocol):
 class ServerSideProtocol(AchillesProtocol):
     """The server's end of a connection: it speaks first and checks the peer's proof."""
 
+    local_role = "server"
+
     username: str = ""
     secret_key: str = ""
 
@@ -185,9 +252,7 @@ class ServerSideProtocol(AchillesProtocol):
         self.role: Optional[str] = None
         delay = self.hello_delay()
         if delay > 0:
-            from twisted.internet import reactor
-
-            reactor.callLater(delay, self._say_hello)
+            self.clock.callLater(delay, self._say_hello)
         else:
             self._say_hello()
 
@@ -213,19 +278,21 @@ class ServerSideProtocol(AchillesProtocol):
         for data in replies:
             self.transport.write(data)
         self.role = self.handshake.role
-        self.authenticated()
+        assert self.role is not None
+        send_key, recv_key = self.handshake.session_keys()
+        self.authenticated(self.role, send_key, recv_key)
 
 
 class PeerSideProtocol(AchillesProtocol):
-    """A node's or controller's end: it answers the server and checks the server's proof."""
+    """A node's or controller's end: it answers the server and checks the server's proof.
+    Subclasses set :attr:`local_role` (``node`` or ``controller``)."""
 
-    role: str = ""
     username: str = ""
     secret_key: str = ""
     auth_error: Optional[AchillesError] = None
 
     def start_handshake(self) -> None:
-        self.handshake = PeerHandshake(self.role, self.username, self.secret_key)
+        self.handshake = PeerHandshake(self.local_role, self.username, self.secret_key)
 
     def handshake_frame(self, code: int, body: bytes) -> None:
         try:
@@ -236,17 +303,5 @@ class PeerSideProtocol(AchillesProtocol):
         for data in replies:
             self.transport.write(data)
         if self.handshake.state == "done":
-            self.authenticated()
-
-
-def bind_handlers(table: Dict[int, str]) -> Callable[[type], type]:
-    """Class decorator checking that every handler named in ``table`` exists."""
-
-    def check(cls: type) -> type:
-        for code, name in table.items():
-            if not callable(getattr(cls, name, None)):
-                raise TypeError(f"{cls.__name__} lacks handler {name} for {wire.NAMES[code]}")
-        cls.handlers = dict(table)
-        return cls
-
-    return check
+            send_key, recv_key = self.handshake.session_keys()
+            self.authenticated("server", send_key, recv_key)

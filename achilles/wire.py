@@ -1,11 +1,18 @@
-"""The wire protocol: frame header, limits and message codes, free of I/O.
+"""The wire protocol: frame header, limits and the message registry, free of I/O.
 
 A frame is a 5-byte header ``!BI`` (message code, body length) followed by the body. Before
 authentication bodies are small JSON objects (at most :data:`PREAUTH_MAX_FRAME` bytes); after
-it they are C-pickled tuples of plain fields. The messages in :data:`PAYLOAD_CODES` end with a
-task payload (opaque bytes that only worker processes and the controller unpickle), carried
-raw after the pickled fields — ``!I`` fields length, fields, payload — so the server relays it
+it they are C-pickled tuples of plain fields, and every frame ends with a tag that binds it to
+the session (:mod:`achilles.session`). Messages declared with ``payload=True`` end with a task
+payload (opaque bytes that only worker processes and the controller unpickle), carried raw
+after the pickled fields — ``!I`` fields length, fields, payload — so the server relays it
 without pickling it again.
+
+Every message is declared once in :data:`REGISTRY` (code, typed fields, raw payload or not,
+which role may send it to which, and in which phase); encoding, decoding and validation all
+read that declaration, so a frame whose fields have the wrong number or types is a
+:class:`ProtocolError` before any handler runs. Adding a message is two edits: its
+declaration here and a ``@handles`` method on the role that receives it.
 """
 
 from __future__ import annotations
@@ -13,9 +20,12 @@ from __future__ import annotations
 import json
 import pickle
 import struct
-from typing import Any, Dict, List, Tuple
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any, Dict, FrozenSet, List, Tuple
 
 from achilles.errors import ProtocolError
+from achilles.session import TAG_SIZE, FrameOpener
 
 PROTOCOL_VERSION = 1
 HEADER = struct.Struct("!BI")
@@ -30,53 +40,186 @@ DEFAULT_HEARTBEAT = 10.0
 #: A chunk whose item kills its worker this many times fails with WorkerCrashed (ACHILLES_MAX_CRASHES).
 DEFAULT_MAX_CRASHES = 3
 
-# --- pre-auth (JSON bodies) ---------------------------------------------------------------
-HELLO = 1          # server -> peer: {"achilles", "proto", "nonce"}
-AUTH = 2           # peer -> server: {"proto", "role", "user", "nonce", "proof"}
-AUTH_OK = 3        # server -> peer: {"proof"}
-AUTH_FAIL = 4      # server -> peer: {"reason"}
-PREAUTH_CODES = frozenset({HELLO, AUTH, AUTH_OK, AUTH_FAIL})
+ROLES = ("server", "node", "controller")
 
-# --- post-auth (pickled tuple bodies); the comment gives the fields ------------------------
-NODE_READY = 16    # node -> server: (name, processes, hostname, pid, resources)
-SUBMIT = 17        # controller -> server: (job_id, function_name, func_bytes, callback_bytes, options)
-CHUNK = 18         # controller -> server: (job_id, chunk_id, n_items | payload)
-END = 19           # controller -> server: (job_id, n_chunks)
-WANT = 20          # server -> controller: (job_id, n_chunks, cluster_processes, capacity)
-RESULT = 21        # node -> server -> controller: (job_id, chunk_id, status, elapsed, node | payload)
-                   # status CRASHED: payload is pickled (exitcode, item or None[, crashes])
-CANCEL = 22        # controller -> server, server -> node: (job_id, reason)
-JOB_FAILED = 23    # server -> controller: (job_id, message)
-TASK = 24          # server -> node: (job_id, chunk_id, payload, careful)
-JOB_CODE = 25      # server -> node: (job_id, func_bytes, callback_bytes, options)
-JOB_DONE = 26      # server -> node: (job_id,)
-STATUS = 27        # controller -> server: (request_id,)
-STATUS_REPLY = 28  # server -> controller: (request_id, status_dict)
-KILL = 29          # controller -> server: (request_id,)
-KILL_DONE = 30     # server -> controller: (request_id, nodes_stopped)
-SHUTDOWN = 31      # server -> node: (reason,)
-PING = 32          # either way: (token,)
-PONG = 33          # either way: (token,)
-GRAPH = 34         # controller -> server: (graph_id, funcs_bytes, tasks, outputs)
-                   # tasks: [(task_id, name, deps, options, func_key, args_bytes)]
-TASK_DONE = 35     # server -> controller: (graph_id, task_id, status, node, elapsed | payload)
-GRAPH_DONE = 36    # server -> controller: (graph_id, report {task_id: {state, node, duration, attempts}})
 
-#: Messages whose last field is a raw payload (``| payload`` above).
-PAYLOAD_CODES = frozenset({CHUNK, RESULT, TASK, TASK_DONE})
+class Msg(IntEnum):
+    """Message codes. Pre-auth codes are below 16."""
+
+    HELLO = 1
+    AUTH = 2
+    AUTH_OK = 3
+    AUTH_FAIL = 4
+    NODE_READY = 16
+    SUBMIT = 17
+    CHUNK = 18
+    END = 19
+    WANT = 20
+    RESULT = 21
+    CANCEL = 22
+    JOB_FAILED = 23
+    TASK = 24
+    JOB_CODE = 25
+    JOB_DONE = 26
+    STATUS = 27
+    STATUS_REPLY = 28
+    KILL = 29
+    KILL_DONE = 30
+    SHUTDOWN = 31
+    PING = 32
+    PONG = 33
+    GRAPH = 34
+    TASK_DONE = 35
+    GRAPH_DONE = 36
+
+
+@dataclass(frozen=True)
+class Field:
+    """One field of a message: its name and the Python types it may hold."""
+
+    name: str
+    types: Tuple[type, ...]
+
+
+@dataclass(frozen=True)
+class Message:
+    """The declaration of one message type."""
+
+    code: Msg
+    fields: Tuple[Field, ...]
+    routes: FrozenSet[Tuple[str, str]]  # (sender role, receiver role)
+    payload: bool = False  # the last field is a raw payload, carried after the pickled fields
+    preauth: bool = False  # a JSON frame of the handshake (fields are its keys)
+    doc: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.code.name
+
+
+STR: Tuple[type, ...] = (str,)
+INT: Tuple[type, ...] = (int,)
+NUM: Tuple[type, ...] = (int, float)
+OPT_NUM: Tuple[type, ...] = (int, float, type(None))
+BOOL: Tuple[type, ...] = (bool,)
+BYTES: Tuple[type, ...] = (bytes,)
+DICT: Tuple[type, ...] = (dict,)
+LIST: Tuple[type, ...] = (list, tuple)
+ANY: Tuple[type, ...] = (object,)
+PAYLOAD: Tuple[type, ...] = (bytes, bytearray, memoryview)
+
+S, N, C = "server", "node", "controller"
+TO_PEERS = frozenset({(S, N), (S, C)})
+FROM_PEERS = frozenset({(N, S), (C, S)})
+EITHER_WAY = TO_PEERS | FROM_PEERS
+
+REGISTRY: Dict[int, Message] = {}
+
+
+def declare(code: Msg, *fields: Tuple[str, Tuple[type, ...]], routes: FrozenSet[Tuple[str, str]],
+            payload: bool = False, preauth: bool = False, doc: str = "") -> Message:
+    """Add one message to :data:`REGISTRY`."""
+    if code in REGISTRY:
+        raise ValueError(f"{code.name} is declared twice")
+    message = Message(code, tuple(Field(n, t) for n, t in fields), frozenset(routes), payload,
+                      preauth, doc)
+    REGISTRY[code] = message
+    return message
+
+
+# --- pre-auth: small JSON objects (see achilles.handshake) --------------------------------
+declare(Msg.HELLO, ("achilles", INT), ("proto", INT), ("nonce", STR), routes=TO_PEERS,
+        preauth=True, doc="the server opens the handshake")
+declare(Msg.AUTH, ("proto", INT), ("role", STR), ("user", STR), ("nonce", STR), ("proof", STR),
+        routes=FROM_PEERS, preauth=True, doc="the peer proves the secret")
+declare(Msg.AUTH_OK, ("proof", STR), routes=TO_PEERS, preauth=True,
+        doc="the server proves the secret")
+declare(Msg.AUTH_FAIL, ("reason", STR), routes=TO_PEERS, preauth=True,
+        doc="the server refuses the peer and closes")
+
+# --- post-auth: pickled tuples -----------------------------------------------------------
+declare(Msg.NODE_READY, ("name", STR), ("processes", INT), ("hostname", STR), ("pid", INT),
+        ("resources", DICT), routes={(N, S)}, doc="a node announces itself")
+declare(Msg.SUBMIT, ("job_id", STR), ("function", STR), ("func_bytes", BYTES),
+        ("callback_bytes", BYTES), ("options", DICT), routes={(C, S)}, doc="start a map job")
+declare(Msg.CHUNK, ("job_id", STR), ("chunk_id", INT), ("n_items", INT), ("payload", PAYLOAD),
+        routes={(C, S)}, payload=True, doc="a slice of a job's input")
+declare(Msg.END, ("job_id", STR), ("n_chunks", INT), routes={(C, S)},
+        doc="the job's input is exhausted after n_chunks chunks on this connection")
+declare(Msg.WANT, ("job_id", STR), ("n_chunks", INT), ("processes", INT), ("capacity", INT),
+        routes={(S, C)}, doc="the server asks for more input")
+declare(Msg.RESULT, ("job_id", STR), ("chunk_id", INT), ("status", INT), ("elapsed", NUM),
+        ("node", STR), ("payload", PAYLOAD), routes={(N, S), (S, C)}, payload=True,
+        doc="a chunk's results (status OK), error record (ITEM_ERROR) or crash record (CRASHED)")
+declare(Msg.CANCEL, ("job_id", STR), ("reason", STR), routes={(C, S), (S, N)},
+        doc="drop a job; nodes kill its running tasks")
+declare(Msg.JOB_FAILED, ("job_id", STR), ("message", STR), routes={(S, C)},
+        doc="the server refused or dropped a job")
+declare(Msg.TASK, ("job_id", STR), ("chunk_id", INT), ("careful", BOOL), ("timeout", OPT_NUM),
+        ("payload", PAYLOAD), routes={(S, N)}, payload=True, doc="run a chunk")
+declare(Msg.JOB_CODE, ("job_id", STR), ("func_bytes", BYTES), ("callback_bytes", BYTES),
+        ("options", DICT), routes={(S, N)}, doc="a job's function, sent before its first TASK")
+declare(Msg.JOB_DONE, ("job_id", STR), routes={(S, N)}, doc="forget a finished job's code")
+declare(Msg.STATUS, ("request_id", INT), routes={(C, S)}, doc="ask for the cluster status")
+declare(Msg.STATUS_REPLY, ("request_id", INT), ("status", DICT), routes={(S, C)},
+        doc="the cluster status")
+declare(Msg.KILL, ("request_id", INT), routes={(C, S)}, doc="stop every node and the server")
+declare(Msg.KILL_DONE, ("request_id", INT), ("nodes_stopped", INT), routes={(S, C)},
+        doc="the cluster is stopping")
+declare(Msg.SHUTDOWN, ("reason", STR), routes={(S, N)}, doc="the node must exit")
+declare(Msg.PING, ("token", INT), routes=EITHER_WAY, doc="heartbeat")
+declare(Msg.PONG, ("token", INT), routes=EITHER_WAY, doc="heartbeat answer")
+declare(Msg.GRAPH, ("graph_id", STR), ("funcs", BYTES), ("tasks", LIST), ("outputs", LIST),
+        routes={(C, S)},
+        doc="a call graph; tasks: [(task_id, name, deps, options, func_key, args_bytes)]")
+declare(Msg.TASK_DONE, ("graph_id", STR), ("task_id", INT), ("status", INT), ("node", STR),
+        ("elapsed", NUM), ("payload", PAYLOAD), routes={(S, C)}, payload=True,
+        doc="an output task's value, or a task's failure")
+declare(Msg.GRAPH_DONE, ("graph_id", STR), ("report", DICT), routes={(S, C)},
+        doc="{task_id: {state, node, duration, attempts}}")
+
+# Module-level names for every code (``wire.SUBMIT`` is ``Msg.SUBMIT``).
+globals().update({m.name: m for m in Msg})
+HELLO, AUTH, AUTH_OK, AUTH_FAIL = Msg.HELLO, Msg.AUTH, Msg.AUTH_OK, Msg.AUTH_FAIL
+
+NAMES: Dict[int, str] = {code: message.name for code, message in REGISTRY.items()}
+ALL_CODES = frozenset(REGISTRY)
+PREAUTH_CODES = frozenset(c for c, m in REGISTRY.items() if m.preauth)
+POSTAUTH_CODES = ALL_CODES - PREAUTH_CODES
+PAYLOAD_CODES = frozenset(c for c, m in REGISTRY.items() if m.payload)
 META = struct.Struct("!I")
 
-NAMES: Dict[int, str] = {
-    value: name for name, value in globals().items() if name.isupper() and isinstance(value, int)
-    and name not in ("PROTOCOL_VERSION", "PREAUTH_MAX_FRAME", "DEFAULT_MAX_FRAME", "PICKLE_PROTOCOL",
-                     "INITIAL_CREDIT", "DEFAULT_MAX_CRASHES")
-}
+
+def inbound(local: str, peer: str) -> FrozenSet[int]:
+    """Post-auth codes that ``peer`` may send to ``local``."""
+    return frozenset(c for c, m in REGISTRY.items()
+                     if not m.preauth and (peer, local) in m.routes)
+
+
+def name_of(code: int) -> str:
+    """A message's name, or its number when it has none."""
+    return NAMES.get(code, str(code))
+
+
+def validate(message: Message, fields: Tuple[Any, ...]) -> None:
+    """Raise :class:`ProtocolError` unless ``fields`` match the declaration."""
+    spec = message.fields
+    if len(fields) != len(spec):
+        raise ProtocolError(f"malformed {message.name}: {len(fields)} fields, expected "
+                            f"{len(spec)} ({', '.join(f.name for f in spec)})")
+    for value, f in zip(fields, spec):
+        if not isinstance(value, f.types):
+            raise ProtocolError(f"malformed {message.name}: field {f.name!r} is "
+                                f"{type(value).__name__}, expected "
+                                f"{' or '.join(t.__name__ for t in f.types)}")
+
 
 # Result status codes carried in RESULT.
 OK = 0
 ITEM_ERROR = 1
 CRASHED = 2
 TIMED_OUT = 3
+STATUSES = frozenset({OK, ITEM_ERROR, CRASHED, TIMED_OUT})
 
 
 def frame(code: int, body: bytes) -> bytes:
@@ -85,7 +228,9 @@ def frame(code: int, body: bytes) -> bytes:
 
 
 def encode_json(code: int, obj: Dict[str, Any]) -> bytes:
-    """Encode a pre-auth JSON frame; refuses bodies over the pre-auth cap."""
+    """Encode a pre-auth JSON frame; refuses bodies over the pre-auth cap. (Tests use it to
+    build hostile frames too, so it does not insist on the declared keys; the handshake
+    sends exactly those.)"""
     body = json.dumps(obj, separators=(",", ":")).encode("utf-8")
     if len(body) > PREAUTH_MAX_FRAME:
         raise ProtocolError(f"pre-auth frame of {len(body)} bytes exceeds {PREAUTH_MAX_FRAME}")
@@ -93,7 +238,8 @@ def encode_json(code: int, obj: Dict[str, Any]) -> bytes:
 
 
 def decode_json(body: bytes) -> Dict[str, Any]:
-    """Decode a pre-auth JSON body; anything but a small JSON object is a ProtocolError."""
+    """Decode a pre-auth JSON body; anything but a small JSON object is a ProtocolError.
+    The handshake checks each key itself (:mod:`achilles.handshake`)."""
     try:
         obj = json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
@@ -105,8 +251,12 @@ def decode_json(body: bytes) -> Dict[str, Any]:
 
 def encode_message(code: int, fields: Tuple[Any, ...]) -> List[bytes]:
     """Encode a post-auth message as pieces for ``writeSequence`` (no join, no payload copy
-    unless the payload is a memoryview)."""
-    if code in PAYLOAD_CODES:
+    unless the payload is a memoryview). The fields must match the declaration."""
+    message = REGISTRY.get(code)
+    if message is None or message.preauth:
+        raise ProtocolError(f"{name_of(code)} is not a post-auth message")
+    validate(message, fields)
+    if message.payload:
         payload = fields[-1]
         if not isinstance(payload, bytes):
             payload = bytes(payload)
@@ -117,25 +267,37 @@ def encode_message(code: int, fields: Tuple[Any, ...]) -> List[bytes]:
     return [HEADER.pack(code, len(body)), body]
 
 
-def decode_message(body: bytes, code: int = 0) -> Tuple[Any, ...]:
-    """Decode a post-auth message body. Only call this once the peer has proven the secret.
+def _unpickle_tuple(data: Any, message: Message) -> Tuple[Any, ...]:
+    try:
+        fields = pickle.loads(data)
+    except Exception as exc:
+        raise ProtocolError(f"malformed {message.name}: cannot decode fields ({exc})") from None
+    if not isinstance(fields, tuple):
+        raise ProtocolError(f"malformed {message.name}: body is not a tuple")
+    return fields
 
-    For :data:`PAYLOAD_CODES` the payload comes last, as a zero-copy ``memoryview`` of ``body``.
+
+def decode_message(body: bytes, code: int) -> Tuple[Any, ...]:
+    """Decode and validate a post-auth message body. Only call this once the frame has been
+    authenticated (the peer proved the secret and the frame's tag checked out).
+
+    For messages with a raw payload, the payload comes last, as a zero-copy ``memoryview`` of
+    ``body``. Fields that do not match the declaration raise :class:`ProtocolError`.
     """
-    if code in PAYLOAD_CODES:
+    message = REGISTRY.get(code)
+    if message is None or message.preauth:
+        raise ProtocolError(f"{name_of(code)} is not a post-auth message")
+    if message.payload:
         if len(body) < META.size:
-            raise ProtocolError("message body too short")
+            raise ProtocolError(f"malformed {message.name}: body too short")
         (n,) = META.unpack_from(body, 0)
         view = memoryview(body)
         if META.size + n > len(body):
-            raise ProtocolError("message fields overrun the body")
-        fields = pickle.loads(view[META.size:META.size + n])
-        if not isinstance(fields, tuple):
-            raise ProtocolError("message body is not a tuple")
-        return fields + (view[META.size + n:],)
-    fields = pickle.loads(body)
-    if not isinstance(fields, tuple):
-        raise ProtocolError("message body is not a tuple")
+            raise ProtocolError(f"malformed {message.name}: fields overrun the body")
+        fields = _unpickle_tuple(view[META.size:META.size + n], message) + (view[META.size + n:],)
+    else:
+        fields = _unpickle_tuple(body, message)
+    validate(message, fields)
     return fields
 
 
@@ -147,17 +309,22 @@ class FrameDecoder:
     After a ProtocolError the decoder is dead: every later call raises again.
     """
 
-    def __init__(self, max_frame: int = PREAUTH_MAX_FRAME, allowed: frozenset = PREAUTH_CODES):
+    def __init__(self, max_frame: int = PREAUTH_MAX_FRAME,
+                 allowed: FrozenSet[int] = PREAUTH_CODES) -> None:
         self._buf = bytearray()
         self._pos = 0
         self._error: "ProtocolError | None" = None
+        self._opener: "FrameOpener | None" = None
         self.max_frame = max_frame
         self.allowed = allowed
 
-    def set_limit(self, max_frame: int, allowed: frozenset) -> None:
-        """Change the size cap and the accepted codes (after the handshake)."""
+    def set_limit(self, max_frame: int, allowed: FrozenSet[int],
+                  opener: "FrameOpener | None" = None) -> None:
+        """Change the size cap and the accepted codes (after the handshake); with ``opener``,
+        every later frame must end with a valid session tag (:mod:`achilles.session`)."""
         self.max_frame = max_frame
         self.allowed = allowed
+        self._opener = opener
 
     @property
     def buffered(self) -> int:
@@ -183,15 +350,24 @@ class FrameDecoder:
         code, length = HEADER.unpack_from(buf, pos)
         if code not in self.allowed:
             hint = " (a TLS handshake? this end is not using TLS)" if code == 0x16 else ""
-            self._fail(f"unexpected message code {code}{hint}")
+            self._fail(f"unexpected message code {code} ({name_of(code)}){hint}")
         if length > self.max_frame:
             self._fail(f"frame of {length} bytes exceeds the limit of {self.max_frame}")
         end = pos + HEADER.size + length
         if end > len(buf):
             return None
+        opener = self._opener
         with memoryview(buf) as view:
+            if opener is not None:
+                if length < TAG_SIZE:
+                    self._fail("frame too short to carry its session tag")
+                end -= TAG_SIZE
+                try:
+                    opener.check(view[pos:end], bytes(view[end:end + TAG_SIZE]))
+                except ProtocolError as exc:
+                    self._fail(str(exc))
             body = bytes(view[pos + HEADER.size:end])
-        self._pos = end
+        self._pos = end + (TAG_SIZE if opener is not None else 0)
         return code, body
 
     def _fail(self, reason: str) -> None:
@@ -211,5 +387,3 @@ class FrameDecoder:
             out.append(f)
 
 
-ALL_CODES = frozenset(NAMES)
-POSTAUTH_CODES = frozenset(c for c in NAMES if c not in PREAUTH_CODES)

@@ -13,21 +13,17 @@ from twisted.python.failure import Failure
 
 from achilles import wire
 from achilles.errors import AuthenticationError, ConnectionFailed
-from achilles.protocol import PeerSideProtocol, bind_handlers
+from achilles.protocol import PeerSideProtocol, handles
 
 log = logging.getLogger("achilles.controller")
 
 CONNECT_TIMEOUT = 10.0
 
 
-@bind_handlers({wire.WANT: "want", wire.RESULT: "result", wire.JOB_FAILED: "job_failed",
-                wire.STATUS_REPLY: "reply", wire.KILL_DONE: "reply", wire.TASK_DONE: "task_done",
-                wire.GRAPH_DONE: "graph_done", wire.PING: "ping",
-                wire.PONG: "pong"})
 class ControllerProtocol(PeerSideProtocol):
     """Routes server messages to the waiting caller's queue."""
 
-    role = "controller"
+    local_role = "controller"
 
     def __init__(self, username: str, secret_key: str, address: str) -> None:
         super().__init__()
@@ -55,48 +51,44 @@ class ControllerProtocol(PeerSideProtocol):
             q.put(("lost", self.lost_reason, id(self)))
         self.closed.callback(None)
 
+    @handles(wire.WANT)
     def want(self, job_id: str, n: int, processes: int, capacity: int) -> None:
         q = self.jobs.get(job_id)
         if q is not None:
             q.put(("want", n, processes, capacity))
 
+    @handles(wire.RESULT)
     def result(self, job_id: str, chunk_id: int, status: int, elapsed: float, node: str,
                payload: bytes) -> None:
         q = self.jobs.get(job_id)
         if q is not None:
             q.put(("result", chunk_id, status, payload, elapsed, node))
 
+    @handles(wire.TASK_DONE)
     def task_done(self, graph_id: str, task_id: int, status: int, node: str, elapsed: float,
                   payload: bytes) -> None:
         q = self.jobs.get(graph_id)
         if q is not None:
             q.put(("task_done", task_id, status, payload, node, elapsed))
 
+    @handles(wire.GRAPH_DONE)
     def graph_done(self, graph_id: str, report: Dict[int, Dict[str, Any]]) -> None:
         q = self.jobs.get(graph_id)
         if q is not None:
             q.put(("graph_done", report))
 
+    @handles(wire.JOB_FAILED)
     def job_failed(self, job_id: str, message: str) -> None:
         q = self.jobs.get(job_id)
         if q is not None:
             q.put(("failed", message))
 
+    @handles(wire.STATUS_REPLY, wire.KILL_DONE)
     def reply(self, request_id: int, value: Any) -> None:
         q = self.requests.pop(request_id, None)
         if q is not None:
             q.put(("reply", value))
 
-    def ping(self, token: Any) -> None:
-        self.send(wire.PONG, token)
-
-    def pong(self, token: Any) -> None:
-        pass
-
-    def send_many(self, messages: List[List[bytes]]) -> None:
-        """Write several encoded messages (called via ``callFromThread``)."""
-        if self.state == "ready":
-            self.transport.writeSequence([piece for m in messages for piece in m])
 
 
 def connect(host: str, port: int, username: str, secret_key: str,

@@ -8,26 +8,24 @@ import socket
 from typing import Any, Dict, Optional, Tuple
 
 from twisted.internet import protocol, reactor
+from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 from achilles import wire
-from achilles.protocol import PeerSideProtocol, bind_handlers
+from achilles.protocol import PeerSideProtocol, handles
 from achilles.node.pool import Task, WorkerPool
 
 log = logging.getLogger("achilles.node")
 
 
-@bind_handlers({wire.JOB_CODE: "job_code", wire.TASK: "task", wire.CANCEL: "cancel",
-                wire.JOB_DONE: "job_done", wire.SHUTDOWN: "shutdown", wire.PING: "ping",
-                wire.PONG: "pong"})
 class NodeProtocol(PeerSideProtocol):
     """One session with the server. Results of an earlier session are never sent on this one."""
 
-    role = "node"
+    local_role = "node"
     factory: "NodeFactory"
 
-    def __init__(self, session: int) -> None:
-        super().__init__()
+    def __init__(self, session: int, clock: Optional[IReactorTime] = None) -> None:
+        super().__init__(clock)
         self.session = session
         self.jobs: Dict[str, Tuple[bytes, bytes, Dict[str, Any]]] = {}
 
@@ -50,10 +48,12 @@ class NodeProtocol(PeerSideProtocol):
         if self.auth_error is not None:
             f.fatal(str(self.auth_error))
 
+    @handles(wire.JOB_CODE)
     def job_code(self, job_id: str, func_bytes: bytes, callback_bytes: bytes,
                  options: Dict[str, Any]) -> None:
         self.jobs[job_id] = (func_bytes, callback_bytes, options)
 
+    @handles(wire.TASK)
     def task(self, job_id: str, chunk_id: int, careful: bool, timeout: Optional[float],
              payload: bytes) -> None:
         code = self.jobs.get(job_id)
@@ -63,22 +63,19 @@ class NodeProtocol(PeerSideProtocol):
         self.factory.pool.submit(Task(self.session, job_id, chunk_id, code[0], code[1], payload,
                                       bool(careful), timeout, str(code[2].get("kind", "map"))))
 
-    def cancel(self, job_id: str, reason: str = "") -> None:
+    @handles(wire.CANCEL)
+    def cancel(self, job_id: str, reason: str) -> None:
         self.jobs.pop(job_id, None)
         self.factory.pool.cancel_job(self.session, job_id)
 
+    @handles(wire.JOB_DONE)
     def job_done(self, job_id: str) -> None:
         self.jobs.pop(job_id, None)
 
-    def shutdown(self, reason: str = "") -> None:
+    @handles(wire.SHUTDOWN)
+    def shutdown(self, reason: str) -> None:
         log.warning("server asked this node to stop: %s", reason)
         self.factory.stop()
-
-    def ping(self, token: Any) -> None:
-        self.send(wire.PONG, token)
-
-    def pong(self, token: Any) -> None:
-        pass
 
     def send_result(self, task: Task, status: int, payload: bytes, elapsed: float) -> None:
         self.send(wire.RESULT, task.job_id, task.chunk_id, status, elapsed, self.factory.name,
@@ -109,7 +106,7 @@ class NodeFactory(protocol.ReconnectingClientFactory):
 
     def buildProtocol(self, addr: Any) -> NodeProtocol:
         self._sessions += 1
-        proto = NodeProtocol(self._sessions)
+        proto = NodeProtocol(self._sessions, self.clock)
         proto.factory = self
         proto.username = self.username
         proto.secret_key = self.secret_key

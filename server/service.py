@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 from typing import Any, Dict, List, Optional
 
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import defer, protocol
+from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 from achilles import wire
-from achilles.protocol import ServerSideProtocol, bind_handlers
+from achilles.protocol import ServerSideProtocol, default_clock, handles
 from achilles.server.guard import HandshakeGuard
 from achilles.server.scheduler import ControllerState, NodeState, Scheduler
 
@@ -17,28 +18,20 @@ log = logging.getLogger("achilles.server")
 
 KILL_GRACE = 10.0
 
-NODE_HANDLERS = {wire.NODE_READY: "node_ready", wire.RESULT: "node_result",
-                 wire.PING: "ping", wire.PONG: "pong"}
-CONTROLLER_HANDLERS = {wire.SUBMIT: "submit", wire.GRAPH: "graph", wire.CHUNK: "chunk", wire.END: "end",
-                       wire.CANCEL: "cancel", wire.STATUS: "status", wire.KILL: "kill",
-                       wire.PING: "ping", wire.PONG: "pong"}
-
-
-@bind_handlers({**NODE_HANDLERS, **CONTROLLER_HANDLERS})
 class ServerConnection(ServerSideProtocol):
-    """One authenticated peer; its role (node or controller) picks the handlers it may use."""
+    """One authenticated peer; its role (node or controller) picks the messages it may send
+    (:func:`achilles.wire.inbound`)."""
 
     factory: "ServerFactory"
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, clock: Optional[IReactorTime] = None) -> None:
+        super().__init__(clock)
         self.node: Optional[NodeState] = None
         self.controller: Optional[ControllerState] = None
         self.role: Optional[str] = None
         self._refused = False
 
     def on_authenticated(self) -> None:
-        self.handlers = NODE_HANDLERS if self.role == "node" else CONTROLLER_HANDLERS
         if self.role == "controller":
             self.controller = self.factory.scheduler.add_controller(self, self.peer_address)
         else:
@@ -48,7 +41,7 @@ class ServerConnection(ServerSideProtocol):
         return getattr(self.transport.getPeer(), "host", "?")
 
     def hello_delay(self) -> float:
-        delay = self.factory.guard.delay(self._host(), reactor.seconds())
+        delay = self.factory.guard.delay(self._host(), self.clock.seconds())
         if delay:
             log.warning("slowing down handshakes from %s (%.2f s): too many failures",
                         self._host(), delay)
@@ -57,7 +50,7 @@ class ServerConnection(ServerSideProtocol):
     def on_refused(self, reason: str) -> None:
         if not self._refused:
             self._refused = True
-            self.factory.guard.record_failure(self._host(), reactor.seconds())
+            self.factory.guard.record_failure(self._host(), self.clock.seconds())
 
     def on_closed(self, reason: Failure) -> None:
         if self.role is None:
@@ -70,50 +63,52 @@ class ServerConnection(ServerSideProtocol):
             sched.remove_controller(self.controller)
 
     # --- node messages ----------------------------------------------------------------------
-    def node_ready(self, name: str, processes: int, hostname: str = "", pid: int = 0,
-                   resources: Optional[Dict[str, float]] = None) -> None:
+    @handles(wire.NODE_READY)
+    def node_ready(self, name: str, processes: int, hostname: str, pid: int,
+                   resources: Dict[str, float]) -> None:
         if self.node is None:
             self.node = self.factory.scheduler.add_node(
                 self, str(name)[:100], self.peer_address, int(processes), str(hostname)[:100],
                 int(pid), resources)
 
+    @handles(wire.RESULT)
     def node_result(self, job_id: str, chunk_id: int, status: int, elapsed: float,
                     node_name: str, payload: bytes) -> None:
         if self.node is not None:
             self.factory.scheduler.result(self.node, job_id, chunk_id, status, payload, elapsed)
 
     # --- controller messages ----------------------------------------------------------------
+    @handles(wire.SUBMIT)
     def submit(self, job_id: str, function: str, func_bytes: bytes, callback_bytes: bytes,
                options: Dict[str, Any]) -> None:
         self.factory.scheduler.submit(self.controller, job_id, function, func_bytes,
                                       callback_bytes, options)
 
+    @handles(wire.GRAPH)
     def graph(self, graph_id: str, funcs: bytes, tasks: list, outputs: list) -> None:
         self.factory.scheduler.submit_graph(self.controller, graph_id, funcs, tasks, outputs)
 
+    @handles(wire.CHUNK)
     def chunk(self, job_id: str, chunk_id: int, n_items: int, payload: bytes) -> None:
         self.factory.scheduler.add_chunk(self.controller, job_id, chunk_id, n_items, payload)
 
+    @handles(wire.END)
     def end(self, job_id: str, n_chunks: int) -> None:
         self.factory.scheduler.end(self.controller, job_id, n_chunks)
 
-    def cancel(self, job_id: str, reason: str = "cancelled by the controller") -> None:
+    @handles(wire.CANCEL)
+    def cancel(self, job_id: str, reason: str) -> None:
         self.factory.scheduler.cancel(self.controller, job_id, str(reason)[:200])
 
+    @handles(wire.STATUS)
     def status(self, request_id: int) -> None:
         self.send(wire.STATUS_REPLY, request_id, self.factory.scheduler.status())
 
+    @handles(wire.KILL)
     def kill(self, request_id: int) -> None:
         log.warning("controller %s asked to stop the cluster", self.peer_address)
         self.factory.kill_cluster().addCallback(
             lambda stopped: self.send(wire.KILL_DONE, request_id, stopped))
-
-    # --- both -------------------------------------------------------------------------------
-    def ping(self, token: Any) -> None:
-        self.send(wire.PONG, token)
-
-    def pong(self, token: Any) -> None:
-        pass
 
 
 class ServerFactory(protocol.ServerFactory):
@@ -122,7 +117,10 @@ class ServerFactory(protocol.ServerFactory):
     protocol = ServerConnection
 
     def __init__(self, username: str, secret_key: str, prefetch: int = 2,
-                 heartbeat: float = wire.DEFAULT_HEARTBEAT, max_crashes: int = wire.DEFAULT_MAX_CRASHES) -> None:
+                 heartbeat: float = wire.DEFAULT_HEARTBEAT,
+                 max_crashes: int = wire.DEFAULT_MAX_CRASHES,
+                 clock: Optional[IReactorTime] = None) -> None:
+        self.clock: IReactorTime = clock or default_clock()
         self.username = username
         self.secret_key = secret_key
         self.heartbeat = heartbeat
@@ -132,7 +130,7 @@ class ServerFactory(protocol.ServerFactory):
         self.stopping = False
 
     def buildProtocol(self, addr: Any) -> ServerConnection:
-        proto = ServerConnection()
+        proto = ServerConnection(self.clock)
         proto.factory = self
         proto.username = self.username
         proto.secret_key = self.secret_key
@@ -155,14 +153,16 @@ class ServerFactory(protocol.ServerFactory):
         gone: defer.Deferred = defer.Deferred()
         if nodes:
             self._waiting_for_nodes.append(gone)
-            timer = reactor.callLater(KILL_GRACE, lambda: gone.called or gone.callback(None))
+            timer = self.clock.callLater(KILL_GRACE, lambda: gone.called or gone.callback(None))
             gone.addBoth(lambda r: (timer.active() and timer.cancel(), r)[1])
         else:
             gone.callback(None)
 
         def stop(_: Any) -> int:
             log.warning("cluster stopped: %d node(s) shut down; server exiting", len(nodes))
-            reactor.callLater(0.2, reactor.stop)
+            from twisted.internet import reactor
+
+            self.clock.callLater(0.2, reactor.stop)
             return len(nodes)
 
         return gone.addCallback(stop)

@@ -12,6 +12,7 @@ import pytest
 from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.test.iosim import FakeTransport, connectedServerAndClient
@@ -20,7 +21,8 @@ from achilles import wire
 from achilles.controller.client import ControllerProtocol
 from achilles.errors import AuthenticationError, ConnectionFailed
 from achilles.handshake import PeerHandshake
-from achilles.protocol import PeerSideProtocol, bind_handlers
+from achilles.protocol import PeerSideProtocol, handles
+from achilles.session import TAG_SIZE, FrameOpener, FrameSealer
 from achilles.server.service import ServerFactory
 from conftest import MarkerPickle
 
@@ -44,13 +46,10 @@ class RecordingTransport(FakeTransport):
         super().write(data)
 
 
-@bind_handlers({wire.JOB_CODE: "job_code", wire.TASK: "task", wire.JOB_DONE: "job_done",
-                wire.CANCEL: "cancel", wire.SHUTDOWN: "shutdown", wire.PING: "ping",
-                wire.PONG: "pong"})
 class SimNode(PeerSideProtocol):
     """A minimal node: announces itself and records what the server sends it."""
 
-    role = "node"
+    local_role = "node"
 
     def __init__(self, username, secret_key, name="sim-node", processes=1):
         super().__init__()
@@ -64,26 +63,25 @@ class SimNode(PeerSideProtocol):
     def on_authenticated(self):
         self.send(wire.NODE_READY, self.name, self.processes, "sim-host", 4242, {})
 
+    @handles(wire.JOB_CODE)
     def job_code(self, *fields):
         self.got.append((wire.JOB_CODE,) + fields)
 
+    @handles(wire.TASK)
     def task(self, *fields):
         self.got.append((wire.TASK,) + fields[:-1] + (bytes(fields[-1]),))
 
+    @handles(wire.JOB_DONE)
     def job_done(self, *fields):
         self.got.append((wire.JOB_DONE,) + fields)
 
+    @handles(wire.CANCEL)
     def cancel(self, *fields):
         self.got.append((wire.CANCEL,) + fields)
 
+    @handles(wire.SHUTDOWN)
     def shutdown(self, *fields):
         self.got.append((wire.SHUTDOWN,) + fields)
-
-    def ping(self, token):
-        self.send(wire.PONG, token)
-
-    def pong(self, token):
-        pass
 
 
 @pytest.fixture
@@ -146,8 +144,16 @@ def close(client, pump):
 
 
 def frames_of(data: bytes):
+    """Every frame in ``data`` as (code, body), post-auth bodies without their session tag
+    (not checked here: the protocols under test check them)."""
     decoder = wire.FrameDecoder(wire.DEFAULT_MAX_FRAME, wire.ALL_CODES)
-    return decoder.frames(data)
+    return [(code, body if code in wire.PREAUTH_CODES else body[:-TAG_SIZE])
+            for code, body in decoder.frames(data)]
+
+
+def sealed(sealer, code, *fields):
+    """One post-auth frame, tagged for its session."""
+    return b"".join(sealer.seal(wire.encode_message(code, fields)))
 
 
 def outcome(d):
@@ -213,7 +219,7 @@ def test_ping_is_answered(factory, protos):
     client.send(wire.PING, 12345)
     pump.flush()
     assert frames_of(server.transport.written)[-1][0] == wire.PONG
-    assert wire.decode_message(frames_of(server.transport.written)[-1][1]) == (12345,)
+    assert wire.decode_message(frames_of(server.transport.written)[-1][1], wire.PONG) == (12345,)
     close(client, pump)
 
 
@@ -349,15 +355,54 @@ def test_data_after_close_is_ignored(factory, protos):
     lose(proto)
 
 
-def test_handshake_timeout_closes_silent_peer(factory, protos):
-    """A peer that never answers HELLO is dropped when the handshake timer fires."""
+def test_handshake_timeout_closes_silent_peer(protos):
+    """A peer that never answers HELLO is dropped exactly when the handshake deadline passes
+    (on a test clock: still open 1 ms before, closed 1 ms after)."""
+    clock = Clock()
+    factory = ServerFactory(USER, SECRET, prefetch=1, heartbeat=0, clock=clock)
     proto, transport, _ = raw_server(factory, protos)
-    call = proto._timer
-    assert call is not None and call.active()
-    func, args, kw = call.func, call.args, call.kw
-    call.cancel()  # run it by hand instead of waiting on the real reactor
-    func(*args, **kw)
+    clock.advance(proto.handshake_timeout - 0.001)
+    assert proto.state == "handshake" and not transport.disconnecting
+    clock.advance(0.002)
     assert proto.state == "closed" and transport.disconnecting
+    lose(proto)
+
+
+def test_authenticated_peer_is_not_timed_out(protos):
+    """Once authenticated, the handshake deadline no longer applies."""
+    clock = Clock()
+    factory = ServerFactory(USER, SECRET, prefetch=1, heartbeat=0, clock=clock)
+    proto, transport, hello = raw_server(factory, protos)
+    peer = PeerHandshake("controller", USER, SECRET)
+    [auth] = peer.receive(*hello)
+    proto.dataReceived(auth)
+    clock.advance(10 * proto.handshake_timeout)
+    assert proto.state == "ready" and not transport.disconnecting
+    lose(proto)
+
+
+def test_silent_peer_is_dropped_after_heartbeat(protos):
+    """An authenticated peer that sends nothing for longer than the heartbeat is aborted;
+    one that keeps talking is not (test clock, heartbeat 1 s)."""
+    clock = Clock()
+    factory = ServerFactory(USER, SECRET, prefetch=1, heartbeat=1.0, clock=clock)
+    proto, transport, hello = raw_server(factory, protos)
+    peer = PeerHandshake("controller", USER, SECRET)
+    [auth] = peer.receive(*hello)
+    proto.dataReceived(auth)
+    peer.receive(*wire.FrameDecoder().frames(transport.value())[0])
+    transport.clear()
+    sealer = FrameSealer(peer.session_keys()[0])
+    for _ in range(8):  # 2 s of pings every 0.25 s: alive
+        clock.advance(0.25)
+        proto.dataReceived(sealed(sealer, wire.PING, 1))
+    assert proto.state == "ready"
+    pings = [c for c, _ in frames_of(transport.value())].count(wire.PING)
+    assert pings >= 4  # the server pings 4 times per heartbeat period
+    clock.advance(1.0)
+    assert proto.state == "ready"
+    clock.advance(0.3)
+    assert proto.state == "closed" and transport.disconnected
     lose(proto)
 
 
@@ -367,23 +412,41 @@ def test_pipelined_auth_and_status(factory, protos):
     proto, transport, hello = raw_server(factory, protos)
     peer = PeerHandshake("controller", USER, SECRET)
     [auth] = peer.receive(*hello)
-    proto.dataReceived(auth + b"".join(wire.encode_message(wire.STATUS, (3,))))
-    out = frames_of(transport.value())
-    assert [c for c, _ in out] == [wire.AUTH_OK, wire.STATUS_REPLY]
-    assert peer.receive(*out[0]) == [] and peer.state == "done"
-    assert wire.decode_message(out[1][1]) == (3, {"nodes": [], "jobs": []})
+    # the peer may pipeline before it has AUTH_OK: its keys depend only on its own inputs
+    peer_keys = _keys_before_auth_ok(peer, hello)
+    proto.dataReceived(auth + sealed(FrameSealer(peer_keys[0]), wire.STATUS, 3))
+    decoder = wire.FrameDecoder()
+    decoder.feed(transport.value())
+    code, body = decoder.next_frame()
+    assert code == wire.AUTH_OK
+    assert peer.receive(code, body) == [] and peer.state == "done"
+    assert peer.session_keys() == peer_keys
+    decoder.set_limit(wire.DEFAULT_MAX_FRAME, wire.POSTAUTH_CODES, FrameOpener(peer_keys[1]))
+    [(code, body)] = decoder.frames(b"")
+    assert code == wire.STATUS_REPLY
+    assert wire.decode_message(body, code) == (3, {"nodes": [], "jobs": []})
     lose(proto)
 
 
-@pytest.mark.parametrize("message", [(wire.NODE_READY, ("n", 1)), (wire.STATUS, ()),
-                                     (wire.STATUS, (1, 2, 3))])
+def _keys_before_auth_ok(peer, hello):
+    from achilles.handshake import derive_key, session_keys
+
+    server_nonce = json.loads(hello[1])["nonce"]
+    to_peer, to_server = session_keys(derive_key(USER, SECRET), server_nonce, peer.nonce,
+                                      "controller", USER)
+    return to_server, to_peer
+
+
+@pytest.mark.parametrize("message", [(wire.NODE_READY, ("n", 1, "h", 1, {})), (wire.STATUS, ()),
+                                     (wire.STATUS, (1, 2, 3)), (wire.STATUS, ("one",))])
 def test_bad_postauth_message_closes(factory, protos, message):
     """After auth, a message not valid for the peer's role or with the wrong fields closes
-    the connection."""
+    the connection (sent raw: encode_message itself refuses to build such messages)."""
     client = controller()
     server, pump = connect(factory, client, protos)
     code, fields = message
-    client.send(code, *fields)
+    body = pickle.dumps(fields)
+    client.send_encoded([wire.HEADER.pack(code, len(body)), body])
     pump.flush()
     assert server.state == "closed" and client.state == "closed"
     assert frames_of(server.transport.written)[-1][0] == wire.AUTH_OK
@@ -435,15 +498,44 @@ def test_pickle_behind_failed_auth_is_never_unpickled(factory, protos, tmp_path)
 
 
 def test_pickle_after_auth_reaches_unpickling(factory, protos, tmp_path):
-    """Control: the very same frame after a successful handshake is decoded (so the tests
-    above would notice if pre-auth frames were unpickled)."""
+    """Control: the very same frame after a successful handshake, tagged with the session
+    key, is decoded (so the tests above would notice if pre-auth frames were unpickled)."""
     marker = tmp_path / "decoded"
     proto, transport, hello = raw_server(factory, protos)
     peer = PeerHandshake("controller", USER, SECRET)
     [auth] = peer.receive(*hello)
-    proto.dataReceived(auth + wire.frame(wire.SUBMIT, marker_body(marker)))
+    sealer = FrameSealer(_keys_before_auth_ok(peer, hello)[0])
+    body = marker_body(marker)
+    proto.dataReceived(auth + b"".join(sealer.seal([wire.HEADER.pack(wire.SUBMIT, len(body)),
+                                                    body])))
     assert marker.exists()
     assert proto.state == "closed"  # SUBMIT with one field is malformed
+    lose(proto)
+
+
+@pytest.mark.parametrize("tag", [None, b"\0" * TAG_SIZE, "other-connection"])
+def test_untagged_frame_after_auth_is_never_unpickled(factory, protos, tmp_path, tag):
+    """After a genuine handshake, a frame with no tag, a zero tag, or a tag from another
+    connection's keys is refused before anything is unpickled (what a man in the middle who
+    relayed the handshake would send)."""
+    marker = tmp_path / "pwned"
+    proto, transport, hello = raw_server(factory, protos)
+    peer = PeerHandshake("controller", USER, SECRET)
+    [auth] = peer.receive(*hello)
+    body = marker_body(marker)
+    frame = wire.frame(wire.SUBMIT, body)
+    if tag is not None:
+        if tag == "other-connection":
+            other = PeerHandshake("controller", USER, SECRET)
+            other.receive(wire.HELLO, hello[1])
+            key = _keys_before_auth_ok(other, hello)[0]
+            frame = b"".join(FrameSealer(key).seal([frame[:5], body]))
+        else:
+            frame = wire.HEADER.pack(wire.SUBMIT, len(body) + TAG_SIZE) + body + tag
+    proto.dataReceived(auth + frame)
+    assert not marker.exists()
+    assert proto.state == "closed" and transport.disconnecting
+    assert factory.scheduler.jobs == {}
     lose(proto)
 
 

@@ -236,17 +236,29 @@ def test_decode_json_rejects_non_object(body):
 # --- pickled bodies ---------------------------------------------------------------------------
 
 def test_encode_decode_message_round_trip():
-    """encode_message/decode_message carry a tuple of plain fields unchanged."""
-    fields = ("job-1", 7, wire.OK, b"\x00payload\xff", 0.25, "node-\u00e9", None,
-              {"timeout": 3.5, "tags": ["a", "b"]}, True)
-    pieces = wire.encode_message(wire.STATUS_REPLY, fields)
+    """encode_message/decode_message carry a declared message's fields unchanged."""
+    fields = ("job-1", "pkg.square", b"\x00code\xff", b"", {"timeout": 3.5, "tags": ["a", "b"]})
+    pieces = wire.encode_message(wire.SUBMIT, fields)
     assert len(pieces) == 2
     header, body = pieces
-    assert wire.HEADER.unpack(header) == (wire.STATUS_REPLY, len(body))
+    assert wire.HEADER.unpack(header) == (wire.SUBMIT, len(body))
     decoder = wire.FrameDecoder(wire.DEFAULT_MAX_FRAME, wire.POSTAUTH_CODES)
     [(code, raw)] = decoder.frames(b"".join(pieces))
-    assert code == wire.STATUS_REPLY
+    assert code == wire.SUBMIT
     assert wire.decode_message(raw, code) == fields
+
+
+PAYLOAD_FIELDS = {
+    wire.CHUNK: ("job-1", 7, 3),
+    wire.RESULT: ("job-1", 7, wire.OK, 0.25, "node-\u00e9"),
+    wire.TASK: ("job-1", 7, False, None),
+    wire.TASK_DONE: ("graph-1", 7, wire.OK, "node-1", 0.5),
+}
+
+
+def test_every_payload_message_is_covered():
+    """The payload test below covers every message declared with a raw payload."""
+    assert set(PAYLOAD_FIELDS) == wire.PAYLOAD_CODES
 
 
 @pytest.mark.parametrize("code", sorted(wire.PAYLOAD_CODES))
@@ -254,13 +266,13 @@ def test_payload_messages_carry_payload_raw(code):
     """Payload messages put the payload after the pickled fields, unpickled and uncopied:
     it appears verbatim at the end of the body and decodes as the last field."""
     payload = b"\x80\x05raw payload bytes" * 100
-    pieces = wire.encode_message(code, ("job-1", 7, wire.OK, payload))
+    pieces = wire.encode_message(code, PAYLOAD_FIELDS[code] + (payload,))
     assert pieces[-1] is payload
     body = b"".join(pieces[1:])
     assert body.endswith(payload)
     fields = wire.decode_message(body, code)
-    assert fields[:3] == ("job-1", 7, wire.OK)
-    assert isinstance(fields[3], memoryview) and bytes(fields[3]) == payload
+    assert fields[:-1] == PAYLOAD_FIELDS[code]
+    assert isinstance(fields[-1], memoryview) and bytes(fields[-1]) == payload
 
 
 def test_payload_message_with_bad_length_is_protocol_error():
@@ -271,17 +283,102 @@ def test_payload_message_with_bad_length_is_protocol_error():
         wire.decode_message(b"\x00", wire.RESULT)
 
 
-def test_encode_message_empty_tuple():
-    """A message with no fields round-trips as the empty tuple."""
-    _, body = wire.encode_message(wire.PING, ())
-    assert wire.decode_message(body) == ()
-
-
 @pytest.mark.parametrize("value", [[1, 2], {"a": 1}, "text", 5, None])
 def test_decode_message_rejects_non_tuple(value):
     """decode_message refuses a body that does not unpickle to a tuple."""
     with pytest.raises(ProtocolError, match="not a tuple"):
-        wire.decode_message(pickle.dumps(value))
+        wire.decode_message(pickle.dumps(value), wire.STATUS)
+
+
+@pytest.mark.parametrize("body", [b"", b"\x80\x05garbage", b"not a pickle"])
+def test_decode_message_rejects_undecodable_body(body):
+    """A body that does not unpickle is a ProtocolError, not whatever pickle raised."""
+    with pytest.raises(ProtocolError, match="malformed STATUS"):
+        wire.decode_message(body, wire.STATUS)
+
+
+# --- the message registry ---------------------------------------------------------------------
+
+def test_every_code_is_declared_once_with_a_name():
+    """Every Msg code has exactly one declaration, and module names match the enum."""
+    assert set(wire.REGISTRY) == set(wire.Msg)
+    for code, message in wire.REGISTRY.items():
+        assert message.code == code and getattr(wire, message.name) == code
+        assert message.routes and all(s in wire.ROLES and r in wire.ROLES
+                                      for s, r in message.routes)
+        assert not message.payload or message.fields[-1].name == "payload"
+
+
+def test_only_enum_members_are_codes():
+    """Only declared Msg codes are message codes (no scan of module globals, so a new constant
+    never becomes an accepted code); an undeclared code is refused."""
+    assert wire.ALL_CODES == frozenset(wire.Msg)
+    assert wire.POSTAUTH_CODES == frozenset(m for m in wire.Msg if m >= 16)
+    with pytest.raises(ProtocolError, match="not a post-auth message"):
+        wire.decode_message(pickle.dumps((1,)), 99)
+
+
+@pytest.mark.parametrize("code,fields,what", [
+    (wire.SUBMIT, ("job",), "1 fields, expected 5"),
+    (wire.CHUNK, ("job", "seven", 3, b"p"), "'chunk_id' is str"),
+    (wire.NODE_READY, ("n", 2.5, "h", 1, {}), "'processes' is float"),
+    (wire.RESULT, ("job", 1, 0, "fast", "n", b""), "'elapsed' is str"),
+    (wire.CANCEL, ("job", None), "'reason' is NoneType"),
+    (wire.WANT, ("job", 1, 2), "3 fields, expected 4"),
+    (wire.PING, ("token",), "'token' is str"),
+    (wire.GRAPH, ("g", b"", {"not": "a list"}, []), "'tasks' is dict"),
+])
+def test_wrong_field_types_are_protocol_errors(code, fields, what):
+    """A message whose fields do not match its declaration is a ProtocolError when decoded,
+    before any handler could run, and encode_message refuses to send it."""
+    message = wire.REGISTRY[code]
+    if message.payload:
+        meta = pickle.dumps(tuple(fields[:-1]))
+        body = wire.META.pack(len(meta)) + meta + bytes(fields[-1])
+    else:
+        body = pickle.dumps(tuple(fields))
+    with pytest.raises(ProtocolError, match=what):
+        wire.decode_message(body, code)
+    with pytest.raises(ProtocolError, match=what):
+        wire.encode_message(code, fields)
+
+
+def test_inbound_sets_follow_routes():
+    """Each role accepts from each peer exactly the messages declared for that direction."""
+    assert wire.inbound("server", "node") == {wire.NODE_READY, wire.RESULT, wire.PING, wire.PONG}
+    assert wire.inbound("node", "server") == {wire.TASK, wire.JOB_CODE, wire.JOB_DONE,
+                                              wire.CANCEL, wire.SHUTDOWN, wire.PING, wire.PONG}
+    assert wire.SUBMIT in wire.inbound("server", "controller")
+    assert wire.SUBMIT not in wire.inbound("server", "node")
+    assert wire.TASK not in wire.inbound("controller", "server")
+    assert not wire.inbound("node", "controller")
+
+
+def test_every_role_handles_everything_it_can_receive():
+    """The server, node and controller protocols each have a handler for every message
+    their peers may send them, and none for messages they can never receive."""
+    from achilles.controller.client import ControllerProtocol
+    from achilles.node.client import NodeProtocol
+    from achilles.server.service import ServerConnection
+
+    assert set(ServerConnection.handlers) == (wire.inbound("server", "node")
+                                              | wire.inbound("server", "controller"))
+    assert set(NodeProtocol.handlers) == wire.inbound("node", "server")
+    assert set(ControllerProtocol.handlers) == wire.inbound("controller", "server")
+
+
+def test_handler_for_a_message_the_role_never_receives_is_refused():
+    """Declaring a handler for a message that is never sent to that role fails at class
+    creation, so a handler table cannot drift from the registry."""
+    from achilles.protocol import PeerSideProtocol, handles
+
+    with pytest.raises(TypeError, match="SUBMIT"):
+        class Confused(PeerSideProtocol):
+            local_role = "node"
+
+            @handles(wire.SUBMIT)
+            def submit(self, *fields):
+                pass
 
 
 # --- fuzzing ----------------------------------------------------------------------------------
