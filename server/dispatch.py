@@ -13,7 +13,7 @@ import itertools
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Dict, Iterator, Optional, Protocol, Set, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Protocol, Set, Tuple
 
 if TYPE_CHECKING:
     from achilles.server.jobs import Chunk, Job
@@ -45,6 +45,7 @@ class NodeState:
     done: int = 0  # items this node completed with status OK
     capacity: int = field(init=False)
     bucket: int = field(default=-1, init=False)  # the FreeSlots bucket this node sits in
+    bucket_pos: int = field(default=-1, init=False)  # and its position there
 
     def __post_init__(self) -> None:
         self.capacity = self.processes * self.prefetch
@@ -66,11 +67,13 @@ class NodeState:
 class FreeSlots:
     """Every node, bucketed by free credit; O(1) access to a node with the most free credit.
 
-    Call :meth:`update` after each change to a node's ``inflight``.
+    A bucket is a list with each node's position kept on the node, so moving a node between
+    buckets is O(1) (swap with the last, pop). Call :meth:`update` after each change to a
+    node's ``inflight``.
     """
 
     def __init__(self) -> None:
-        self._buckets: Dict[int, Dict[int, NodeState]] = {}
+        self._buckets: Dict[int, List[NodeState]] = {}
         self.top = 0  # highest free credit of any node (0: no node has free credit)
 
     def add(self, node: NodeState) -> None:
@@ -92,21 +95,21 @@ class FreeSlots:
         """A node with the most free credit, or None when no node has any."""
         if self.top <= 0:
             return None
-        return next(iter(self._buckets[self.top].values()))
+        return self._buckets[self.top][-1]
 
     def descending(self) -> Iterator[NodeState]:
-        """Nodes with free credit, most free first."""
+        """Nodes with free credit, most free first (do not move nodes while iterating)."""
         for level in range(self.top, 0, -1):
-            yield from list(self._buckets.get(level, {}).values())
+            yield from reversed(self._buckets.get(level, ()))
 
     def check(self, nodes: Dict[int, NodeState]) -> None:
         """Raise AssertionError unless the buckets hold exactly ``nodes`` at their free credit."""
         seen = 0
         for level, bucket in self._buckets.items():
             assert bucket, f"empty free-credit bucket {level} kept"
-            for node_id, node in bucket.items():
-                assert nodes.get(node_id) is node, f"free-slot bucket holds unknown node {node_id}"
-                assert node.bucket == level == node.free, \
+            for pos, node in enumerate(bucket):
+                assert nodes.get(node.node_id) is node, f"bucket holds unknown node {node.node_id}"
+                assert node.bucket == level == node.free and node.bucket_pos == pos, \
                     f"node {node.name} is in bucket {level} with {node.free} free"
                 seen += 1
         assert seen == len(nodes), f"{seen} nodes bucketed, {len(nodes)} connected"
@@ -115,16 +118,20 @@ class FreeSlots:
 
     def _put(self, node: NodeState) -> None:
         level = node.free
-        self._buckets.setdefault(level, {})[node.node_id] = node
+        bucket = self._buckets.setdefault(level, [])
         node.bucket = level
-        if level > self.top:
-            self.top = level
+        node.bucket_pos = len(bucket)
+        bucket.append(node)
+        self.top = max(self.top, level)
 
     def _take(self, node: NodeState) -> None:
         level = node.bucket
         bucket = self._buckets[level]
-        del bucket[node.node_id]
-        node.bucket = -1
+        last = bucket.pop()
+        if last is not node:
+            bucket[node.bucket_pos] = last
+            last.bucket_pos = node.bucket_pos
+        node.bucket = node.bucket_pos = -1
         if not bucket:
             del self._buckets[level]
             if level == self.top:

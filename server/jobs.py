@@ -79,6 +79,7 @@ class Job(ABC):
         self.items_done = 0
         self.chunks_done = 0
         self.chunks_failed = 0
+        self.recheck = False  # a chunk needing resources was queued since the last check
 
     # figures shown in status() and used by older callers
     @property
@@ -227,7 +228,6 @@ class GraphJob(Job):
         super().__init__(job_id, owner, f"graph of {len(graph.tasks)} tasks", funcs, b"",
                          {"kind": "graph"}, started)
         self.graph = graph
-        self.recheck = False  # a task needing resources was queued since the last check
 
     def start(self) -> None:
         """Queue the tasks that have no inputs."""

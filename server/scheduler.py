@@ -119,7 +119,8 @@ class Scheduler:
 
     def remove_node(self, node: NodeState) -> None:
         """Forget a node; every chunk it had in flight goes back to the front of its job's queue."""
-        if self.nodes.get(node.node_id) is not node:
+        current = self.nodes.get(node.node_id)
+        if current is None or current is not node:
             return
         del self.nodes[node.node_id]
         self._free.discard(node)
@@ -303,7 +304,7 @@ class Scheduler:
 
     def _settle(self, job: Job) -> None:
         """After a job's queue or counters changed: ready it, finish it, or ask for input."""
-        if getattr(job, "recheck", False):
+        if job.recheck:
             self._check_resources(job)
         if job.queue:
             self._mark_ready(job)
@@ -319,8 +320,10 @@ class Scheduler:
 
     def _retry(self, job: Job, chunk: Chunk) -> None:
         job.retry_calls.pop(chunk.chunk_id, None)
-        if self.jobs.get(job.job_id) is job and job.retrying.pop(chunk.chunk_id, None) is chunk:
-            job.requeue(chunk)
+        live = job.job_id in self.jobs and self.jobs[job.job_id] is job
+        waiting = job.retrying.pop(chunk.chunk_id, None) if live else None
+        if waiting is not None:
+            job.requeue(waiting)
             self._mark_ready(job)
             self.pump()
 
@@ -407,7 +410,7 @@ class Scheduler:
 
     def _check_resources(self, job: Job, force: bool = False) -> None:
         """Fail queued chunks that ask for resources no connected node offers."""
-        if not self.nodes or job.state != "running" or not (force or getattr(job, "recheck", False)):
+        if not self.nodes or job.state != "running" or not (force or job.recheck):
             return
         job.unplaceable(self.nodes.values())
         if job.queue:
@@ -436,7 +439,7 @@ class Scheduler:
         placed: Dict[Tuple[str, int], NodeState] = {}
         for job_id, job in self.jobs.items():
             assert job.job_id == job_id and job.state == "running", f"job {job_id} is {job.state}"
-            assert self.controllers.get(job.owner.controller_id) is job.owner, \
+            assert job.owner.controller_id in self.controllers, \
                 f"job {job_id} belongs to a departed controller"
             assert job_id in job.owner.jobs, f"job {job_id} missing from its controller's jobs"
             assert not job.finished, f"job {job_id} is finished but still listed"
@@ -444,7 +447,9 @@ class Scheduler:
             for chunk_id, node in job.placed.items():
                 placed[(job_id, chunk_id)] = node
             for node_id, node in job.shipped_to.items():
-                assert self.nodes.get(node_id) is node and job_id in node.jobs_shipped, \
+                assert node_id in self.nodes and self.nodes[node_id] is node, \
+                    f"job {job_id} shipped to departed node {node_id}"
+                assert job_id in node.jobs_shipped, \
                     f"job {job_id} shipped to node {node_id} out of step"
             if job.queue:
                 assert job_id in self._ready_set, f"job {job_id} has queued chunks but is not ready"
