@@ -198,6 +198,8 @@ class Scheduler:
         job = self._owned(ctrl, job_id)
         if not isinstance(job, MapJob):
             return
+        if not isinstance(n_chunks, int) or n_chunks < 0:
+            raise ProtocolError(f"END for job {job_id[:8]} has a malformed chunk count")
         job.n_chunks = n_chunks
         job.credit = 0
         self._maybe_finish(job)
