@@ -4,129 +4,74 @@ Pure bookkeeping with no I/O: peers are handles with ``send(code, *fields)``. Di
 credit-based (a node holds at most ``processes x prefetch`` chunks) and fair (round-robin over
 jobs with queued chunks). Input is pulled from controllers with ``WANT`` only while a job's
 queue runs low, so memory stays bounded whatever the input size.
+
+What a chunk's result means belongs to its job's kind (:mod:`achilles.server.jobs`); which node
+gets a chunk belongs to the dispatch policy (:mod:`achilles.server.dispatch`). The scheduler
+keeps the rest: nodes, credit, the round-robin of ready jobs, and the chunk -> node index
+(``job.placed``), always in step with every node's ``inflight``; :meth:`Scheduler.check_invariants`
+verifies all of it.
 """
 
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import pickle
-import time
-from dataclasses import dataclass, field
-import itertools
-from typing import Any, Callable, Deque, Dict, List, Optional, Protocol, Set, Tuple
+from typing import Any, Deque, Dict, List, Optional, Set, Tuple
 
 from achilles import wire
-from achilles.errors import ResourceUnavailable
-from achilles.serialization import error_record
-from achilles.server.graphs import GraphState, GraphTask, QUEUED, RUNNING, retry_status
+from achilles.errors import ProtocolError
+from achilles.server.dispatch import DispatchPolicy, FreeSlots, LeastLoaded, NodeState, Peer
+from achilles.server.graphs import GraphState
+from achilles.server.jobs import Chunk, ControllerState, GraphJob, Job, MapJob
 
 log = logging.getLogger("achilles.server")
 
 INITIAL_CREDIT = wire.INITIAL_CREDIT
 DEFAULT_MAX_CRASHES = wire.DEFAULT_MAX_CRASHES
+#: A node advertising more worker processes than this is taken to have this many.
+MAX_NODE_PROCESSES = 4096
+#: No WANT asks a controller for more chunks than this at once.
+MAX_WANT = 1024
+#: Result status codes a node may report.
+KNOWN_STATUSES = frozenset({wire.OK, wire.ITEM_ERROR, wire.CRASHED, wire.TIMED_OUT})
 
-
-class Peer(Protocol):
-    """What the scheduler needs of a connection."""
-
-    def send(self, code: int, *fields: Any) -> None: ...
-
-
-@dataclass
-class Chunk:
-    """A slice of a job's input, as opaque bytes from the controller."""
-
-    job_id: str
-    chunk_id: int
-    n_items: int
-    payload: bytes
-    crashes: int = 0  # workers this chunk has killed; after the first, it re-runs carefully
-    timeout: Optional[float] = None
-    resources: Dict[str, float] = field(default_factory=dict)
-
-
-@dataclass
-class NodeState:
-    """A connected node."""
-
-    peer: Peer
-    node_id: int
-    name: str
-    address: str
-    processes: int
-    prefetch: int
-    hostname: str = ""
-    pid: int = 0
-    resources: Dict[str, float] = field(default_factory=dict)
-    connected_since: float = field(default_factory=time.time)
-    inflight: Dict[Tuple[str, int], Chunk] = field(default_factory=dict)
-    jobs_shipped: Set[str] = field(default_factory=set)
-    used: Dict[str, float] = field(default_factory=dict)
-    done: int = 0
-
-    def fits(self, need: Dict[str, float]) -> bool:
-        """Whether this node has ``need`` free now."""
-        return all(self.resources.get(k, 0.0) - self.used.get(k, 0.0) >= v for k, v in need.items())
-
-    def offers(self, need: Dict[str, float]) -> bool:
-        """Whether this node could ever run a task needing ``need``."""
-        return all(self.resources.get(k, 0.0) >= v for k, v in need.items())
-
-    @property
-    def capacity(self) -> int:
-        return self.processes * self.prefetch
-
-    @property
-    def free(self) -> int:
-        return self.capacity - len(self.inflight)
-
-
-@dataclass
-class ControllerState:
-    """A connected controller."""
-
-    peer: Peer
-    controller_id: int
-    address: str
-    jobs: Set[str] = field(default_factory=set)
-
-
-@dataclass
-class Job:
-    """One map/imap call of one controller."""
-
-    job_id: str
-    owner: ControllerState
-    function: str
-    func_bytes: bytes
-    callback_bytes: bytes
-    options: Dict[str, Any]
-    queue: Deque[Chunk] = field(default_factory=collections.deque)
-    credit: int = INITIAL_CREDIT  # chunks the controller may still send unasked
-    n_chunks: Optional[int] = None
-    chunks_done: int = 0
-    sent: int = 0
-    done: int = 0
-    failed: int = 0
-    started: float = field(default_factory=time.time)
-    state: str = "running"
-    graph: Optional[GraphState] = None
+__all__ = ["Chunk", "ControllerState", "GraphJob", "Job", "MapJob", "NodeState", "Peer",
+           "Scheduler", "INITIAL_CREDIT", "DEFAULT_MAX_CRASHES", "MAX_NODE_PROCESSES", "MAX_WANT"]
 
 
 class Scheduler:
-    """Tracks nodes, controllers and jobs, and moves chunks between them."""
+    """Tracks nodes, controllers and jobs, and moves chunks between them.
+
+    ``clock`` is an ``IReactorTime`` (default: the global reactor, imported when first needed);
+    retry delays use ``clock.callLater`` and durations ``clock.seconds()``.
+    """
 
     def __init__(self, prefetch: int = 2, max_crashes: int = DEFAULT_MAX_CRASHES,
-                 call_later: Optional[Callable[[float, Callable[[], None]], Any]] = None) -> None:
+                 clock: Any = None, policy: Optional[DispatchPolicy] = None) -> None:
         self.prefetch = prefetch
         self.max_crashes = max_crashes
-        self._call_later = call_later
+        self._clock = clock
+        self.policy = policy or LeastLoaded()
         self.nodes: Dict[int, NodeState] = {}
         self.controllers: Dict[int, ControllerState] = {}
         self.jobs: Dict[str, Job] = {}
         self._ready: Deque[str] = collections.deque()  # job ids with queued chunks, round-robin
+        self._ready_set: Set[str] = set()
+        self._free = FreeSlots()
+        self._processes = 0
+        self._capacity = 0
         self._next_id = 1
+
+    @property
+    def clock(self) -> Any:
+        """The ``IReactorTime`` used for timers and durations."""
+        if self._clock is None:
+            from twisted.internet import reactor
+
+            self._clock = reactor
+        return self._clock
 
     def _new_id(self) -> int:
         self._next_id += 1
@@ -136,23 +81,36 @@ class Scheduler:
     @property
     def processes(self) -> int:
         """Worker processes across all nodes."""
-        return sum(n.processes for n in self.nodes.values())
+        return self._processes
 
     @property
     def capacity(self) -> int:
         """Chunks the nodes can hold in flight."""
-        return sum(n.capacity for n in self.nodes.values())
+        return self._capacity
 
     def _target_queue(self) -> int:
-        return max(2, self.capacity)
+        return max(2, self._capacity)
+
+    def where(self, job_id: str, chunk_id: int) -> Optional[NodeState]:
+        """The node a chunk is in flight on, if any."""
+        job = self.jobs.get(job_id)
+        return None if job is None else job.placed.get(chunk_id)
 
     # --- peers ------------------------------------------------------------------------------
     def add_node(self, peer: Peer, name: str, address: str, processes: int, hostname: str = "",
                  pid: int = 0, resources: Optional[Dict[str, float]] = None) -> NodeState:
         """Register an authenticated node; it gets work at once."""
-        node = NodeState(peer, self._new_id(), name, address, max(1, int(processes)),
-                         self.prefetch, hostname, pid, dict(resources or {}))
+        count = max(1, int(processes))
+        if count > MAX_NODE_PROCESSES:
+            log.warning("node %s at %s claims %d processes; counting it as %d", name, address,
+                        count, MAX_NODE_PROCESSES)
+            count = MAX_NODE_PROCESSES
+        node = NodeState(peer, self._new_id(), name, address, count, self.prefetch, hostname, pid,
+                         dict(resources or {}))
         self.nodes[node.node_id] = node
+        self._processes += node.processes
+        self._capacity += node.capacity
+        self._free.add(node)
         log.info("node %s joined from %s with %d processes", name, address, node.processes)
         for job in list(self.jobs.values()):
             self._refill(job)
@@ -161,20 +119,28 @@ class Scheduler:
 
     def remove_node(self, node: NodeState) -> None:
         """Forget a node; every chunk it had in flight goes back to the front of its job's queue."""
-        if self.nodes.pop(node.node_id, None) is None:
+        current = self.nodes.get(node.node_id)
+        if current is None or current is not node:
             return
+        del self.nodes[node.node_id]
+        self._free.discard(node)
+        self._processes -= node.processes
+        self._capacity -= node.capacity
         requeued = 0
         for chunk in sorted(node.inflight.values(), key=lambda c: c.chunk_id, reverse=True):
-            job = self.jobs.get(chunk.job_id)
-            if job is not None and job.state == "running":
-                job.queue.appendleft(chunk)
-                self._mark_ready(job)
-                requeued += 1
+            job = self.jobs[chunk.job_id]  # placed entries are dropped with their job
+            del job.placed[chunk.chunk_id]
+            job.requeue(chunk)
+            self._mark_ready(job)
+            requeued += 1
         node.inflight.clear()
+        node.used.clear()
+        for job_id in node.jobs_shipped:
+            self.jobs[job_id].shipped_to.pop(node.node_id, None)
+        node.jobs_shipped.clear()
         log.warning("node %s lost; %d chunk(s) re-queued", node.name, requeued)
         for job in list(self.jobs.values()):
-            if job.graph is not None:
-                self._check_resources(job)
+            self._check_resources(job, force=True)
         self.pump()
 
     def add_controller(self, peer: Peer, address: str) -> ControllerState:
@@ -199,31 +165,41 @@ class Scheduler:
         if job_id in self.jobs:
             ctrl.peer.send(wire.JOB_FAILED, job_id, f"job id {job_id} is already in use")
             return
-        job = Job(job_id, ctrl, str(function)[:200], func_bytes, callback_bytes, dict(options or {}))
-        self.jobs[job_id] = job
-        ctrl.jobs.add(job_id)
+        job = MapJob(job_id, ctrl, str(function)[:200], func_bytes, callback_bytes,
+                     dict(options or {}), self.clock.seconds())
+        self._start(job)
         log.info("job %s started by controller %d: %s", job_id[:8], ctrl.controller_id, job.function)
         if not self.nodes:
             log.warning("job %s is waiting: no node is connected", job_id[:8])
         self._refill(job)
 
+    def _start(self, job: Job) -> None:
+        self.jobs[job.job_id] = job
+        job.owner.jobs.add(job.job_id)
+
     def add_chunk(self, ctrl: ControllerState, job_id: str, chunk_id: int, n_items: int,
                   payload: bytes) -> None:
-        """Queue a chunk of input."""
+        """Queue a chunk of input. A malformed or repeated chunk raises ProtocolError."""
         job = self._owned(ctrl, job_id)
         if job is None:
             return
-        job.credit = max(0, job.credit - 1)
-        job.sent += n_items
-        job.queue.append(Chunk(job_id, chunk_id, n_items, bytes(payload)))
+        if not isinstance(job, MapJob):
+            raise ProtocolError(f"CHUNK for {job.kind} job {job_id[:8]}, which takes no chunks")
+        if not isinstance(chunk_id, int) or not isinstance(n_items, int) or n_items < 0:
+            raise ProtocolError(f"CHUNK for job {job_id[:8]} has a malformed chunk id or item count")
+        if job.is_live(chunk_id):
+            raise ProtocolError(f"chunk {chunk_id} of job {job_id[:8]} was sent twice")
+        job.add(Chunk(job_id, chunk_id, n_items, bytes(payload)))
         self._mark_ready(job)
         self.pump()
 
     def end(self, ctrl: ControllerState, job_id: str, n_chunks: int) -> None:
         """The controller's input is exhausted after ``n_chunks`` chunks."""
         job = self._owned(ctrl, job_id)
-        if job is None:
+        if not isinstance(job, MapJob):
             return
+        if not isinstance(n_chunks, int) or n_chunks < 0:
+            raise ProtocolError(f"END for job {job_id[:8]} has a malformed chunk count")
         job.n_chunks = n_chunks
         job.credit = 0
         self._maybe_finish(job)
@@ -238,137 +214,181 @@ class Scheduler:
         self._drop(job, reason)
 
     def _owned(self, ctrl: ControllerState, job_id: str) -> Optional[Job]:
-        job = self.jobs.get(job_id)
+        job = self.jobs.get(job_id) if isinstance(job_id, str) else None
         if job is None or job.owner is not ctrl:
             return None
         return job
 
-    def _drop(self, job: Job, reason: str) -> None:
-        job.queue.clear()
+    def _forget(self, job: Job, code: int, *fields: Any) -> None:
+        """Remove a job everywhere, telling each node that holds its code with ``code``."""
+        job.drop()
         self.jobs.pop(job.job_id, None)
         job.owner.jobs.discard(job.job_id)
-        for node in self.nodes.values():
-            stale = [key for key in node.inflight if key[0] == job.job_id]
-            for key in stale:
-                self._free(node, node.inflight.pop(key))
-            if job.job_id in node.jobs_shipped:
-                node.jobs_shipped.discard(job.job_id)
-                node.peer.send(wire.CANCEL, job.job_id, reason)
+        if job.job_id in self._ready_set:
+            self._ready_set.discard(job.job_id)
+            self._ready.remove(job.job_id)
+        for chunk_id, node in job.placed.items():
+            self._unplace(node, node.inflight.pop((job.job_id, chunk_id)))
+        job.placed.clear()
+        for node in job.shipped_to.values():
+            node.jobs_shipped.discard(job.job_id)
+            node.peer.send(code, job.job_id, *fields)
+        job.shipped_to.clear()
+
+    def _drop(self, job: Job, reason: str) -> None:
+        self._forget(job, wire.CANCEL, reason)
         self.pump()
 
     def _maybe_finish(self, job: Job) -> None:
-        if job.n_chunks is not None and job.chunks_done >= job.n_chunks and job.state == "running":
+        if job.state == "running" and job.finished:
             job.state = "done"
-            self.jobs.pop(job.job_id, None)
-            job.owner.jobs.discard(job.job_id)
-            for node in self.nodes.values():
-                if job.job_id in node.jobs_shipped:
-                    node.jobs_shipped.discard(job.job_id)
-                    node.peer.send(wire.JOB_DONE, job.job_id)
-            log.info("job %s finished: %d items in %.3f s", job.job_id[:8], job.done,
-                     time.time() - job.started)
+            job.on_finish()
+            self._forget(job, wire.JOB_DONE)
+            log.info("job %s finished: %d items in %.3f s", job.job_id[:8], job.items_done,
+                     self.clock.seconds() - job.started)
 
     # --- results ----------------------------------------------------------------------------
     def result(self, node: NodeState, job_id: str, chunk_id: int, status: int, payload: bytes,
                elapsed: float) -> None:
-        """A node finished a chunk. Late or unknown results are dropped, so none counts twice."""
-        chunk = node.inflight.pop((job_id, chunk_id), None)
-        if chunk is None:
-            return
-        self._free(node, chunk)
+        """A node finished a chunk. Late or unknown results are dropped, so none counts twice.
+
+        A malformed result raises :class:`ProtocolError` before anything changes, leaving the
+        chunk in flight; dropping the node then re-queues it.
+        """
+        if not isinstance(job_id, str) or not isinstance(chunk_id, int):
+            raise ProtocolError("RESULT with a malformed job or chunk id")
+        if status not in KNOWN_STATUSES:
+            raise ProtocolError(f"RESULT for chunk {chunk_id} of job {job_id[:8]} has unknown "
+                                f"status {status!r}")
+        if not isinstance(elapsed, (int, float)) or not isinstance(payload, (bytes, bytearray,
+                                                                             memoryview)):
+            raise ProtocolError(f"RESULT for chunk {chunk_id} of job {job_id[:8]} is malformed")
         job = self.jobs.get(job_id)
-        if job is not None and job.state == "running" and status == wire.CRASHED:
-            exitcode, item = pickle.loads(payload)
+        if job is None or job.state != "running" or job.placed.get(chunk_id) is not node:
+            return
+        crash = self._crash_info(payload, job_id, chunk_id) if status == wire.CRASHED else None
+
+        chunk = node.inflight.pop((job_id, chunk_id))
+        del job.placed[chunk_id]
+        self._unplace(node, chunk)
+        if crash is not None:
+            exitcode, item = crash
             chunk.crashes += 1
             if chunk.crashes < self.max_crashes:
                 log.warning("chunk %d of job %s killed a worker on node %s (%s); retrying it "
                             "(%d of %d)", chunk_id, job_id[:8], node.name, exitcode,
                             chunk.crashes, self.max_crashes)
-                job.queue.appendleft(chunk)
+                job.requeue(chunk)
                 self._mark_ready(job)
                 self.pump()
                 return
             payload = pickle.dumps((exitcode, item, chunk.crashes))
-        if job is not None and job.state == "running" and job.graph is not None:
-            self._graph_result(node, job, chunk, status, payload, elapsed)
-        elif job is not None and job.state == "running":
-            job.chunks_done += 1
-            if status == wire.OK:
-                job.done += chunk.n_items
-                node.done += chunk.n_items
-            else:
-                job.failed += 1
-            job.owner.peer.send(wire.RESULT, job_id, chunk_id, status, elapsed, node.name, payload)
-            self._maybe_finish(job)
-            if job.state == "running":
-                self._refill(job)
+        if status == wire.OK:
+            node.done += chunk.n_items
+        delay = job.on_result(chunk, status, payload, elapsed, node)
+        if delay is not None:
+            self._retry_later(job, chunk, delay)
+        self._settle(job)
         self.pump()
+
+    @staticmethod
+    def _crash_info(payload: Any, job_id: str, chunk_id: int) -> Tuple[Any, Any]:
+        """Decode a CRASHED payload, ``(exitcode, item)``, or raise ProtocolError."""
+        try:
+            info = pickle.loads(payload)
+        except Exception:
+            info = None
+        if (not isinstance(info, tuple) or len(info) != 2
+                or not all(v is None or isinstance(v, int) for v in info)):
+            raise ProtocolError(f"CRASHED result for chunk {chunk_id} of job {job_id[:8]} does not "
+                                "carry (exitcode, item)")
+        return info[0], info[1]
+
+    def _settle(self, job: Job) -> None:
+        """After a job's queue or counters changed: ready it, finish it, or ask for input."""
+        if job.recheck:
+            self._check_resources(job)
+        if job.queue:
+            self._mark_ready(job)
+        self._maybe_finish(job)
+        self._refill(job)
+
+    def _retry_later(self, job: Job, chunk: Chunk, delay: float) -> None:
+        if delay <= 0:
+            job.requeue(chunk)
+            return
+        job.retrying[chunk.chunk_id] = chunk
+        job.retry_calls[chunk.chunk_id] = self.clock.callLater(delay, self._retry, job, chunk)
+
+    def _retry(self, job: Job, chunk: Chunk) -> None:
+        job.retry_calls.pop(chunk.chunk_id, None)
+        live = job.job_id in self.jobs and self.jobs[job.job_id] is job
+        waiting = job.retrying.pop(chunk.chunk_id, None) if live else None
+        if waiting is not None:
+            job.requeue(waiting)
+            self._mark_ready(job)
+            self.pump()
 
     # --- dispatch ---------------------------------------------------------------------------
     def _mark_ready(self, job: Job) -> None:
-        if job.job_id not in self._ready:
+        if job.job_id not in self._ready_set:
+            self._ready_set.add(job.job_id)
             self._ready.append(job.job_id)
 
     def _refill(self, job: Job) -> None:
         """Ask the controller for more input when the job's queue runs low."""
-        if job.state != "running" or job.n_chunks is not None:
+        if not isinstance(job, MapJob) or not job.wants_input():
             return
         target = self._target_queue()
         want = target - len(job.queue) - job.credit
         if want > 0 and (want >= max(1, target // 2) or not job.queue):
+            want = min(want, MAX_WANT)
             job.credit += want
-            job.owner.peer.send(wire.WANT, job.job_id, want, self.processes, self.capacity)
+            job.owner.peer.send(wire.WANT, job.job_id, want, self._processes, self._capacity)
 
     def pump(self) -> None:
         """Hand queued chunks to nodes with free credit, one job at a time in turn."""
-        blocked: List[str] = []
-        while self._ready:
-            free = [n for n in self.nodes.values() if n.free > 0]
-            if not free:
-                break
+        blocked: List[Job] = []
+        while self._ready and self._free.top > 0:
             job_id = self._ready.popleft()
-            job = self.jobs.get(job_id)
-            if job is None or not job.queue:
+            self._ready_set.discard(job_id)
+            job = self.jobs[job_id]  # ready holds only live jobs
+            if not job.queue:
                 continue
-            pick = self._pick(job, free)
+            pick = self.policy.pick(job, self._free)
             if pick is None:  # nothing of this job fits a free node now
-                blocked.append(job_id)
+                blocked.append(job)
                 continue
             index, node = pick
-            chunk = job.queue[index]
-            del job.queue[index]
+            chunk = job.take(index)
             if job.queue:
-                self._ready.append(job_id)
+                self._mark_ready(job)
             self._dispatch(node, job, chunk)
-        self._ready.extend(j for j in blocked if j not in self._ready)
-
-    @staticmethod
-    def _pick(job: Job, free: List[NodeState]) -> Optional[Tuple[int, NodeState]]:
-        for index, chunk in enumerate(itertools.islice(job.queue, 64)):
-            fits = [n for n in free if n.fits(chunk.resources)] if chunk.resources else free
-            if fits:
-                return index, max(fits, key=lambda n: n.free)
-        return None
+        for job in blocked:
+            if self.jobs.get(job.job_id) is job:
+                self._mark_ready(job)
 
     def _dispatch(self, node: NodeState, job: Job, chunk: Chunk) -> None:
         if job.job_id not in node.jobs_shipped:
             node.jobs_shipped.add(job.job_id)
+            job.shipped_to[node.node_id] = node
             node.peer.send(wire.JOB_CODE, job.job_id, job.func_bytes, job.callback_bytes, job.options)
         for k, v in chunk.resources.items():
             node.used[k] = node.used.get(k, 0.0) + v
         node.inflight[(job.job_id, chunk.chunk_id)] = chunk
-        if job.graph is not None:
-            t = job.graph.tasks[chunk.chunk_id]
-            t.state = RUNNING
-            t.node = node.name
+        job.placed[chunk.chunk_id] = node
+        self._free.update(node)
+        job.on_dispatch(chunk, node)
         node.peer.send(wire.TASK, job.job_id, chunk.chunk_id, chunk.crashes > 0, chunk.timeout,
                        chunk.payload)
         self._refill(job)
 
-    @staticmethod
-    def _free(node: NodeState, chunk: Chunk) -> None:
+    def _unplace(self, node: NodeState, chunk: Chunk) -> None:
+        """``chunk`` left ``node``'s inflight: give back its resources and credit."""
         for k, v in chunk.resources.items():
             node.used[k] = node.used.get(k, 0.0) - v
+        if node.bucket >= 0:
+            self._free.update(node)
 
     # --- graphs -----------------------------------------------------------------------------
     def submit_graph(self, ctrl: ControllerState, graph_id: str, funcs: bytes,
@@ -382,107 +402,22 @@ class Scheduler:
         except (ValueError, TypeError) as exc:
             ctrl.peer.send(wire.JOB_FAILED, graph_id, f"malformed graph: {exc}")
             return
-        job = Job(graph_id, ctrl, f"graph of {len(graph.tasks)} tasks", funcs, b"",
-                  {"kind": "graph"}, n_chunks=len(graph.tasks), graph=graph)
-        self.jobs[graph_id] = job
-        ctrl.jobs.add(graph_id)
+        job = GraphJob(graph_id, ctrl, funcs, graph, self.clock.seconds())
+        self._start(job)
         log.info("graph %s started by controller %d: %d tasks", graph_id[:8],
                  ctrl.controller_id, len(graph.tasks))
-        for t in graph.initial():
-            self._release(job, t)
-        self._graph_maybe_done(job)
+        job.start()
+        self._settle(job)
         self.pump()
 
-    def _release(self, job: Job, t: GraphTask) -> None:
-        assert job.graph is not None
-        opts = t.options
-        need = {str(k): float(v) for k, v in (opts.get("resources") or {}).items()}
-        t.state = QUEUED
-        chunk = Chunk(job.job_id, t.task_id, 1, job.graph.payload(t), timeout=opts.get("timeout"),
-                      resources=need)
-        job.sent += 1
-        job.queue.append(chunk)
-        self._mark_ready(job)
-        if need:
-            self._check_resources(job)
-
-    def _check_resources(self, job: Job) -> None:
-        """Fail queued tasks that ask for resources no connected node offers."""
-        if not self.nodes or job.graph is None or job.state != "running":
+    def _check_resources(self, job: Job, force: bool = False) -> None:
+        """Fail queued chunks that ask for resources no connected node offers."""
+        if not self.nodes or job.state != "running" or not (force or job.recheck):
             return
-        for chunk in list(job.queue):
-            if chunk.resources and not any(n.offers(chunk.resources) for n in self.nodes.values()):
-                job.queue.remove(chunk)
-                offered = sorted({f"{k}={v:g}" for n in self.nodes.values()
-                                  for k, v in n.resources.items()})
-                want = ", ".join(f"{k}={v:g}" for k, v in chunk.resources.items())
-                exc = ResourceUnavailable(
-                    f"no connected node offers {want} (nodes offer: {', '.join(offered) or 'nothing'}); "
-                    "start a node with --resources")
-                self._graph_fail(job, job.graph.tasks[chunk.chunk_id], wire.ITEM_ERROR,
-                                 error_record(0, exc, []), "", 0.0)
-
-    def _graph_result(self, node: NodeState, job: Job, chunk: Chunk, status: int, payload: bytes,
-                      elapsed: float) -> None:
-        graph = job.graph
-        assert graph is not None
-        t = graph.tasks[chunk.chunk_id]
-        t.attempts += 1
-        t.duration = elapsed
-        if status == wire.OK:
-            job.done += 1
-            node.done += 1
-            if t.task_id in graph.outputs:
-                job.owner.peer.send(wire.TASK_DONE, job.job_id, t.task_id, status, node.name,
-                                    elapsed, payload)
-            for ready in graph.finished(t, bytes(payload)):
-                self._release(job, ready)
-        elif retry_status(status) and t.attempts <= int(t.options.get("retries") or 0):
-            delay = float(t.options.get("retry_delay") or 0.0)
-            log.info("task %s#%d of graph %s failed (attempt %d); retrying in %g s", t.name,
-                     t.task_id, job.job_id[:8], t.attempts, delay)
-            t.state = QUEUED
-            self._later(delay, lambda: self._requeue(job, chunk))
-            return
-        else:
-            self._graph_fail(job, t, status, payload, node.name, elapsed)
-        self._graph_maybe_done(job)
-
-    def _graph_fail(self, job: Job, t: GraphTask, status: int, payload: bytes, node: str,
-                    elapsed: float) -> None:
-        assert job.graph is not None
-        job.failed += 1
-        skipped = job.graph.failed(t)
-        if skipped:
-            dropped = {s.task_id for s in skipped}
-            for chunk in [c for c in job.queue if c.chunk_id in dropped]:
-                job.queue.remove(chunk)
-        job.owner.peer.send(wire.TASK_DONE, job.job_id, t.task_id, status, node, elapsed, payload)
-        self._graph_maybe_done(job)
-
-    def _graph_maybe_done(self, job: Job) -> None:
-        if job.graph is None or not job.graph.complete or job.state != "running":
-            return
-        job.owner.peer.send(wire.GRAPH_DONE, job.job_id, job.graph.report())
-        job.chunks_done = job.n_chunks or 0
-        self._maybe_finish(job)
-
-    def _requeue(self, job: Job, chunk: Chunk) -> None:
-        if self.jobs.get(job.job_id) is job and job.state == "running":
-            job.queue.appendleft(chunk)
+        job.unplaceable(self.nodes.values())
+        if job.queue:
             self._mark_ready(job)
-            self.pump()
-
-    def _later(self, delay: float, fn: Callable[[], None]) -> None:
-        if delay <= 0:
-            fn()
-            return
-        call_later = self._call_later
-        if call_later is None:
-            from twisted.internet import reactor
-
-            call_later = reactor.callLater
-        call_later(delay, fn)
+        self._maybe_finish(job)
 
     # --- status -----------------------------------------------------------------------------
     def status(self) -> Dict[str, List[Dict[str, Any]]]:
@@ -494,9 +429,65 @@ class Scheduler:
                  "connected_since": n.connected_since, "resources": dict(n.resources)}
                 for n in self.nodes.values()
             ],
-            "jobs": [
-                {"id": j.job_id, "owner": j.owner.address, "function": j.function,
-                 "sent": j.sent, "done": j.done, "failed": j.failed, "queued": len(j.queue)}
-                for j in self.jobs.values()
-            ],
+            "jobs": [j.status() for j in self.jobs.values()],
         }
+
+    # --- invariants -------------------------------------------------------------------------
+    def check_invariants(self) -> None:
+        """Raise AssertionError if the bookkeeping is inconsistent anywhere (for tests)."""
+        assert self._processes == sum(n.processes for n in self.nodes.values()), "processes total"
+        assert self._capacity == sum(n.capacity for n in self.nodes.values()), "capacity total"
+        self._free.check(self.nodes)
+        placed: Dict[Tuple[str, int], NodeState] = {}
+        for job_id, job in self.jobs.items():
+            assert job.job_id == job_id and job.state == "running", f"job {job_id} is {job.state}"
+            assert job.owner.controller_id in self.controllers, \
+                f"job {job_id} belongs to a departed controller"
+            assert job_id in job.owner.jobs, f"job {job_id} missing from its controller's jobs"
+            assert not job.finished, f"job {job_id} is finished but still listed"
+            job.check()
+            for chunk_id, node in job.placed.items():
+                placed[(job_id, chunk_id)] = node
+            for node_id, node in job.shipped_to.items():
+                assert node_id in self.nodes and self.nodes[node_id] is node, \
+                    f"job {job_id} shipped to departed node {node_id}"
+                assert job_id in node.jobs_shipped, \
+                    f"job {job_id} shipped to node {node_id} out of step"
+            if job.queue:
+                assert job_id in self._ready_set, f"job {job_id} has queued chunks but is not ready"
+            if isinstance(job, MapJob) and job.n_chunks is not None:
+                assert job.credit == 0
+        inflight = 0
+        for node_id, node in self.nodes.items():
+            assert node.node_id == node_id
+            assert 0 <= len(node.inflight) <= node.capacity, f"node {node.name} over its credit"
+            assert node.capacity == node.processes * node.prefetch
+            assert 1 <= node.processes <= MAX_NODE_PROCESSES
+            for key, chunk in node.inflight.items():
+                assert (chunk.job_id, chunk.chunk_id) == key
+                assert placed.get(key) is node, f"chunk {key} on node {node.name} not in the index"
+            inflight += len(node.inflight)
+            need: Dict[str, float] = collections.defaultdict(float)
+            for chunk in node.inflight.values():
+                for k, v in chunk.resources.items():
+                    need[k] += v
+            for k in set(need) | set(node.used):
+                assert abs(node.used.get(k, 0.0) - need.get(k, 0.0)) < 1e-6, \
+                    f"node {node.name} uses {node.used.get(k)} of {k}, in flight {need.get(k)}"
+            assert node.jobs_shipped <= set(self.jobs), f"node {node.name} holds code of gone jobs"
+            for job_id in node.jobs_shipped:
+                assert self.jobs[job_id].shipped_to.get(node_id) is node
+        assert inflight == len(placed), f"index has {len(placed)} chunks, nodes hold {inflight}"
+        assert len(self._ready) == len(self._ready_set) and set(self._ready) == self._ready_set, \
+            "ready round-robin holds a job twice"
+        assert self._ready_set <= set(self.jobs), "ready round-robin holds a gone job"
+        if self._free.top > 0:
+            window = getattr(self.policy, "window", 64)
+            for job in self.jobs.values():
+                assert all(c.resources for c in itertools.islice(job.queue, window)), \
+                    f"job {job.job_id} has a chunk queued while a node has free credit"
+        for ctrl_id, ctrl in self.controllers.items():
+            assert ctrl.controller_id == ctrl_id
+            for job_id in ctrl.jobs:
+                assert self.jobs.get(job_id) is not None and self.jobs[job_id].owner is ctrl
+

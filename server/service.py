@@ -124,7 +124,7 @@ class ServerFactory(protocol.ServerFactory):
         self.username = username
         self.secret_key = secret_key
         self.heartbeat = heartbeat
-        self.scheduler = Scheduler(prefetch=prefetch, max_crashes=max_crashes)
+        self.scheduler = Scheduler(prefetch=prefetch, max_crashes=max_crashes, clock=reactor)
         self.guard = HandshakeGuard()
         self._waiting_for_nodes: List[defer.Deferred] = []
         self.stopping = False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import pickle
 import random
@@ -114,6 +115,7 @@ def test_credit_never_exceeded_under_random_events():
             else:
                 _, n = nodes.pop(rng.choice(sorted(nodes)))
                 sched.remove_node(n)
+            sched.check_invariants()
             job = sched.jobs["j"]
             located = [c.chunk_id for c in job.queue]
             for peer, n in nodes.values():
@@ -628,3 +630,425 @@ def test_status_is_json_with_documented_keys():
 def test_status_empty_cluster():
     """An empty scheduler reports no nodes and no jobs."""
     assert json.loads(json.dumps(make().status())) == {"nodes": [], "jobs": []}
+
+
+# --- invariants under random events -----------------------------------------------------------
+
+def graph_tasks(rng, n):
+    """A random DAG of ``n`` tasks in GRAPH's wire form, some with retries or resource needs."""
+    out = []
+    for tid in range(n):
+        deps = sorted(rng.sample(range(tid), rng.randint(0, min(2, tid))))
+        options = {}
+        if rng.random() < 0.3:
+            options["retries"] = rng.randint(1, 2)
+            options["retry_delay"] = rng.choice([0.0, 0.25, 1.0])
+        if rng.random() < 0.15:
+            options["resources"] = {"gpu": 1}
+        out.append((tid, f"t{tid}", deps, options, "f", b""))
+    return out
+
+
+CRASH = pickle.dumps((-9, None))
+
+
+def test_invariants_hold_under_random_events():
+    """Random joins and departures of nodes and controllers, map and graph jobs, chunks, END,
+    results (OK, ITEM_ERROR, TIMED_OUT, CRASHED), retry timers, cancels and malformed results:
+    check_invariants holds after every step, no chunk's result reaches its controller twice,
+    and once the input ends and nodes answer, every job completes with every chunk settled."""
+    from twisted.internet.task import Clock
+
+    from achilles.errors import ProtocolError
+
+    stats = collections.Counter()
+    for seed in range(30):
+        rng = random.Random(seed)
+        clock = Clock()
+        sched = make(prefetch=rng.randint(1, 3), max_crashes=2, clock=clock)
+        ctrls = []  # (peer, state)
+        nodes = []  # (peer, state)
+        maps = {}  # job id -> [owner peer, next chunk id, ended]
+        graphs = {}  # job id -> (owner peer, number of tasks)
+        counter = iter(range(10**6))
+        dropped = set()  # jobs cancelled or whose controller left
+
+        def new_node():
+            res = {"gpu": 1.0} if rng.random() < 0.4 else {}
+            peer = Recorder()
+            name = f"n{next(counter)}"
+            nodes.append((peer, sched.add_node(peer, name, f"{name}:1", rng.randint(1, 3),
+                                               resources=res)))
+
+        def settle_one(status=None):
+            live = [n for _, n in nodes if n.inflight]
+            if not live:
+                return
+            n = rng.choice(live)
+            job_id, cid = rng.choice(sorted(n.inflight))
+            status = status if status is not None else rng.choice(
+                [wire.OK] * 6 + [wire.ITEM_ERROR, wire.TIMED_OUT, wire.CRASHED])
+            payload = CRASH if status == wire.CRASHED else pickle.dumps(cid)
+            sched.result(n, job_id, cid, status, payload, 0.01)
+
+        for step in range(250):
+            op = rng.random()
+            live_ctrls = [c for c in ctrls if c[1].controller_id in sched.controllers]
+            running_maps = [j for j in maps if j in sched.jobs and not maps[j][2]]
+            if op < 0.06 or not live_ctrls:
+                peer = Recorder("ctrl")
+                ctrls.append((peer, sched.add_controller(peer, f"c{step}:1")))
+            elif op < 0.14:
+                new_node()
+            elif op < 0.18 and nodes:
+                _, n = nodes.pop(rng.randrange(len(nodes)))
+                sched.remove_node(n)
+            elif op < 0.24:
+                peer, c = rng.choice(live_ctrls)
+                job_id = f"m{step}"
+                submit(sched, c, job_id)
+                maps[job_id] = [peer, 0, False]
+            elif op < 0.28:
+                peer, c = rng.choice(live_ctrls)
+                job_id = f"g{step}"
+                n_tasks = rng.randint(1, 6)
+                sched.submit_graph(c, job_id, b"FUNCS", graph_tasks(rng, n_tasks),
+                                   list(range(n_tasks)))
+                graphs[job_id] = (peer, n_tasks)
+            elif op < 0.45 and running_maps:
+                job_id = rng.choice(running_maps)
+                c = sched.jobs[job_id].owner
+                chunks(sched, c, job_id, [maps[job_id][1]], n_items=rng.randint(1, 4))
+                maps[job_id][1] += 1
+            elif op < 0.5 and running_maps:
+                job_id = rng.choice(running_maps)
+                sched.end(sched.jobs[job_id].owner, job_id, maps[job_id][1])
+                maps[job_id][2] = True
+            elif op < 0.78:
+                settle_one()
+            elif op < 0.84:
+                clock.advance(rng.choice([0.001, 0.1, 0.3, 1.0]))
+            elif op < 0.87 and sched.jobs:
+                job = sched.jobs[rng.choice(sorted(sched.jobs))]
+                dropped.add(job.job_id)
+                sched.cancel(job.owner, job.job_id, "test")
+            elif op < 0.89 and len(live_ctrls) > 1:
+                c = rng.choice(live_ctrls)[1]
+                dropped.update(c.jobs)
+                sched.remove_controller(c)
+            elif op < 0.92:
+                live = [(p, n) for p, n in nodes if n.inflight]
+                if live:
+                    pair = rng.choice(live)
+                    key = sorted(pair[1].inflight)[0]
+                    with pytest.raises(ProtocolError):
+                        sched.result(pair[1], *key, wire.CRASHED, b"not a pickle", 0.1)
+                    assert sched.where(*key) is pair[1]
+                    sched.check_invariants()
+                    nodes.remove(pair)
+                    sched.remove_node(pair[1])  # what the connection layer does next
+            sched.check_invariants()
+
+        # the input ends, a node that offers everything joins, and every chunk is answered
+        for job_id, (peer, n_sent, ended) in maps.items():
+            if job_id in sched.jobs and not ended:
+                sched.end(sched.jobs[job_id].owner, job_id, n_sent)
+        peer = Recorder()
+        nodes.append((peer, sched.add_node(peer, "big", "big:1", 2, resources={"gpu": 9.0})))
+        for _ in range(5000):
+            if not sched.jobs:
+                break
+            if any(n.inflight for _, n in nodes):
+                settle_one(wire.OK)
+            else:
+                clock.advance(1.0)
+            sched.check_invariants()
+        assert not sched.jobs, f"seed {seed}: jobs never finished: {sorted(sched.jobs)}"
+        assert not clock.getDelayedCalls(), f"seed {seed}: retry timers left behind"
+        for job_id, (cpeer, n_sent, _) in maps.items():
+            got = [m[2] for m in cpeer.of(wire.RESULT) if m[1] == job_id]
+            assert len(got) == len(set(got)), f"seed {seed}: duplicate RESULT in {job_id}"
+            if job_id not in dropped:
+                assert sorted(got) == list(range(n_sent)), f"seed {seed}: {job_id} lost chunks"
+        for job_id, (cpeer, n_tasks) in graphs.items():
+            got = [m[2] for m in cpeer.of(wire.TASK_DONE) if m[1] == job_id]
+            assert len(got) == len(set(got)), f"seed {seed}: duplicate TASK_DONE in {job_id}"
+            if job_id not in dropped:
+                assert [m[1] for m in cpeer.of(wire.GRAPH_DONE)].count(job_id) == 1, \
+                    f"seed {seed}: {job_id} did not finish once"
+        stats["results"] += sum(len(p.of(wire.RESULT)) for p, _ in ctrls)
+        stats["graphs"] += sum(len(p.of(wire.GRAPH_DONE)) for p, _ in ctrls)
+        stats["dropped"] += len(dropped)
+    assert min(stats.values()) > 20, stats  # the random walk did reach these paths
+
+
+def test_every_chunk_answered_once_without_cancels():
+    """With no cancels or disconnects, random node churn and crash retries still give each
+    map chunk exactly one RESULT and each graph exactly one GRAPH_DONE with one TASK_DONE
+    per task that ran or failed."""
+    from twisted.internet.task import Clock
+
+    for seed in range(20):
+        rng = random.Random(1000 + seed)
+        clock = Clock()
+        sched = make(prefetch=rng.randint(1, 2), max_crashes=3, clock=clock)
+        cpeer, ctrl = controller(sched)
+        nodes = []
+        for j in range(3):
+            submit(sched, ctrl, f"m{j}")
+        chunks_sent = {f"m{j}": 0 for j in range(3)}
+        sched.submit_graph(ctrl, "g", b"FUNCS", graph_tasks(rng, 8), list(range(8)))
+        for step in range(300):
+            op = rng.random()
+            if op < 0.1 or not nodes:
+                peer = Recorder()
+                nodes.append(sched.add_node(peer, f"n{step}", "x:1", rng.randint(1, 3),
+                                            resources={"gpu": 1.0}))
+            elif op < 0.15 and len(nodes) > 1:
+                sched.remove_node(nodes.pop(rng.randrange(len(nodes))))
+            elif op < 0.45:
+                job_id = rng.choice(sorted(chunks_sent))
+                chunks(sched, ctrl, job_id, [chunks_sent[job_id]])
+                chunks_sent[job_id] += 1
+            elif op < 0.95:
+                live = [n for n in nodes if n.inflight]
+                if live:
+                    n = rng.choice(live)
+                    key = rng.choice(sorted(n.inflight))
+                    status = rng.choice([wire.OK] * 5 + [wire.CRASHED, wire.ITEM_ERROR])
+                    sched.result(n, *key, status, CRASH if status == wire.CRASHED else b"v", 0.0)
+            else:
+                clock.advance(0.5)
+            sched.check_invariants()
+        for job_id, n in chunks_sent.items():
+            sched.end(ctrl, job_id, n)
+        for _ in range(5000):
+            if not sched.jobs:
+                break
+            live = [n for n in nodes if n.inflight]
+            if live:
+                key = sorted(live[0].inflight)[0]
+                sched.result(live[0], *key, wire.OK, b"v", 0.0)
+            else:
+                clock.advance(1.0)
+            sched.check_invariants()
+        assert not sched.jobs, f"seed {seed}"
+        for job_id, n in chunks_sent.items():
+            got = sorted(m[2] for m in cpeer.of(wire.RESULT) if m[1] == job_id)
+            assert got == list(range(n)), f"seed {seed} {job_id}"
+        assert len(cpeer.of(wire.GRAPH_DONE)) == 1
+        report = cpeer.of(wire.GRAPH_DONE)[0][2]
+        ran = sorted(t for t, r in report.items() if r["state"] in ("done", "failed"))
+        assert sorted(m[2] for m in cpeer.of(wire.TASK_DONE)) == ran
+
+
+# --- dispatch cost ----------------------------------------------------------------------------
+
+class Null:
+    """A peer that drops what it is sent (counts TASKs only)."""
+
+    def __init__(self):
+        self.tasks = 0
+
+    def send(self, code, *fields):
+        if code == wire.TASK:
+            self.tasks += 1
+
+
+def test_dispatch_examines_constant_nodes_whatever_the_cluster_size():
+    """Dispatching a chunk without resource needs examines the same small number of nodes
+    (counted by the policy) with 10, 100 or 1,000 nodes: the free-credit index, not a scan."""
+    per_dispatch = {}
+    for n_nodes in (10, 100, 1000):
+        sched = make(prefetch=2)
+        cpeer = Null()
+        ctrl = sched.add_controller(cpeer, "c:1")
+        peers = [Null() for _ in range(n_nodes)]
+        nodes = [sched.add_node(p, f"n{i}", "x:1", 4) for i, p in enumerate(peers)]
+        submit(sched, ctrl, "j")
+        before = sched.policy.examined
+        dispatched = 0
+        for cid in range(3000):
+            sched.add_chunk(ctrl, "j", cid, 1, b"x")
+            if cid % 3 == 2:  # keep some chunks in flight, free others
+                for n in nodes[:5]:
+                    for key in list(n.inflight)[:1]:
+                        sched.result(n, *key, wire.OK, b"r", 0.0)
+        dispatched = sum(p.tasks for p in peers)
+        per_dispatch[n_nodes] = (sched.policy.examined - before) / dispatched
+        sched.check_invariants()
+    assert per_dispatch[10] == per_dispatch[100] == per_dispatch[1000] == 1.0, per_dispatch
+
+
+def test_running_totals_follow_joins_and_departures():
+    """processes and capacity are kept as running totals that match the connected nodes."""
+    sched = make(prefetch=3)
+    a = sched.add_node(Null(), "a", "a:1", 2)
+    b = sched.add_node(Null(), "b", "b:1", 5)
+    assert (sched.processes, sched.capacity) == (7, 21)
+    sched.remove_node(a)
+    assert (sched.processes, sched.capacity) == (5, 15)
+    sched.remove_node(a)
+    sched.remove_node(b)
+    assert (sched.processes, sched.capacity) == (0, 0)
+    sched.check_invariants()
+
+
+# --- clock ------------------------------------------------------------------------------------
+
+def test_retry_delay_uses_the_injected_clock():
+    """A failed graph task with retries waits retry_delay on the scheduler's clock (no real
+    sleep) before it is queued and sent again; while it waits its node's credit serves others."""
+    from twisted.internet.task import Clock
+
+    clock = Clock()
+    sched = make(prefetch=1, clock=clock)
+    cpeer, ctrl = controller(sched)
+    npeer, n = node(sched)
+    sched.submit_graph(ctrl, "g", b"FUNCS",
+                       [(0, "flaky", [], {"retries": 1, "retry_delay": 0.25}, "f", b"")], [0])
+    assert tasks(npeer) == [("g", 0)]
+    sched.result(n, "g", 0, wire.ITEM_ERROR, b"err", 0.01)
+    sched.check_invariants()
+    assert not n.inflight and sched.jobs["g"].retrying
+    clock.advance(0.249)
+    assert tasks(npeer) == [("g", 0)]
+    clock.advance(0.001)
+    assert tasks(npeer) == [("g", 0), ("g", 0)]
+    sched.check_invariants()
+    sched.result(n, "g", 0, wire.OK, b"v", 0.01)
+    assert "g" not in sched.jobs
+    assert cpeer.of(wire.GRAPH_DONE)[0][2][0]["attempts"] == 2
+
+
+def test_cancel_stops_pending_retry_timer():
+    """Cancelling a graph whose task waits for a retry cancels the timer; advancing the clock
+    sends nothing more."""
+    from twisted.internet.task import Clock
+
+    clock = Clock()
+    sched = make(prefetch=1, clock=clock)
+    cpeer, ctrl = controller(sched)
+    npeer, n = node(sched)
+    sched.submit_graph(ctrl, "g", b"FUNCS",
+                       [(0, "flaky", [], {"retries": 3, "retry_delay": 5}, "f", b"")], [0])
+    sched.result(n, "g", 0, wire.TIMED_OUT, b"err", 0.01)
+    assert len(clock.getDelayedCalls()) == 1
+    sched.cancel(ctrl, "g")
+    assert clock.getDelayedCalls() == []
+    clock.advance(10)
+    assert len(tasks(npeer)) == 1
+    sched.check_invariants()
+
+
+def test_job_duration_uses_the_clock():
+    """A job's start time comes from the injected clock (durations), not wall time."""
+    from twisted.internet.task import Clock
+
+    clock = Clock()
+    clock.advance(1234.5)
+    sched = make(clock=clock)
+    cpeer, ctrl = controller(sched)
+    submit(sched, ctrl, "j")
+    assert sched.jobs["j"].started == 1234.5
+
+
+# --- hardening --------------------------------------------------------------------------------
+
+def test_huge_process_count_is_clamped_and_want_bounded():
+    """A node claiming 10**9 processes counts as MAX_NODE_PROCESSES, and no WANT ever asks a
+    controller for more than MAX_WANT chunks."""
+    from achilles.server.scheduler import MAX_NODE_PROCESSES, MAX_WANT
+
+    sched = make(prefetch=2)
+    cpeer, ctrl = controller(sched)
+    n = sched.add_node(Recorder(), "liar", "x:1", 10**9)
+    assert n.processes == MAX_NODE_PROCESSES
+    assert sched.capacity == MAX_NODE_PROCESSES * 2
+    submit(sched, ctrl, "j")
+    for cid in range(50):
+        sched.add_chunk(ctrl, "j", cid, 1, b"x")
+    wants = cpeer.of(wire.WANT)
+    assert wants and all(0 < m[2] <= MAX_WANT for m in wants)
+    sched.check_invariants()
+
+
+def test_malformed_crash_payload_leaves_chunk_in_flight():
+    """A CRASHED result whose payload is not (exitcode, item) raises ProtocolError with the
+    chunk still in flight and the bookkeeping intact; removing the node (as the connection
+    layer does) re-queues it and the job completes on another node."""
+    from achilles.errors import ProtocolError
+
+    sched = make(prefetch=1)
+    cpeer, ctrl = controller(sched)
+    apeer, a = node(sched, name="a")
+    submit(sched, ctrl, "j")
+    chunks(sched, ctrl, "j", [0])
+    sched.end(ctrl, "j", 1)
+    for bad in (b"garbage", pickle.dumps("text"), pickle.dumps((1, 2, 3, 4)),
+                pickle.dumps(("x", None))):
+        with pytest.raises(ProtocolError, match="CRASHED"):
+            sched.result(a, "j", 0, wire.CRASHED, bad, 0.1)
+        assert ("j", 0) in a.inflight and sched.where("j", 0) is a
+        sched.check_invariants()
+    bpeer, b = node(sched, name="b")
+    sched.remove_node(a)
+    sched.check_invariants()
+    assert tasks(bpeer) == [("j", 0)]
+    ok(sched, b, "j", 0)
+    assert "j" not in sched.jobs
+    assert [m[2] for m in cpeer.of(wire.RESULT)] == [0]
+
+
+def test_unknown_status_or_bad_fields_raise_without_change():
+    """A RESULT with an unknown status, a non-bytes payload or malformed ids raises
+    ProtocolError and changes nothing."""
+    from achilles.errors import ProtocolError
+
+    sched = make()
+    cpeer, ctrl = controller(sched)
+    npeer, n = node(sched)
+    submit(sched, ctrl, "j")
+    chunks(sched, ctrl, "j", [0])
+    with pytest.raises(ProtocolError, match="unknown status"):
+        sched.result(n, "j", 0, 99, b"x", 0.1)
+    with pytest.raises(ProtocolError):
+        sched.result(n, "j", 0, wire.OK, ["not", "bytes"], 0.1)
+    with pytest.raises(ProtocolError):
+        sched.result(n, ["j"], 0, wire.OK, b"x", 0.1)
+    with pytest.raises(ProtocolError):
+        sched.result(n, "j", 0, wire.OK, b"x", "slow")
+    assert ("j", 0) in n.inflight and cpeer.of(wire.RESULT) == []
+    sched.check_invariants()
+
+
+def test_duplicate_live_chunk_id_is_a_protocol_error():
+    """A controller sending a chunk id that is still queued or in flight is refused with
+    ProtocolError, and the first chunk is untouched."""
+    from achilles.errors import ProtocolError
+
+    sched = make()
+    cpeer, ctrl = controller(sched)
+    npeer, n = node(sched)
+    submit(sched, ctrl, "j")
+    chunks(sched, ctrl, "j", [0])
+    with pytest.raises(ProtocolError, match="twice"):
+        chunks(sched, ctrl, "j", [0])
+    assert sched.jobs["j"].sent == 1
+    sched.check_invariants()
+
+
+def test_counters_are_items_and_failed_chunks():
+    """done and sent count items; failed counts chunks; status shows both kinds of figure."""
+    sched = make()
+    cpeer, ctrl = controller(sched)
+    npeer, n = node(sched, processes=2)
+    submit(sched, ctrl, "j")
+    chunks(sched, ctrl, "j", [0, 1], n_items=5)
+    ok(sched, n, "j", 0)
+    ok(sched, n, "j", 1, status=wire.ITEM_ERROR)
+    job = sched.jobs["j"]
+    assert (job.items_sent, job.items_done, job.chunks_done, job.chunks_failed) == (10, 5, 2, 1)
+    [st] = sched.status()["jobs"]
+    assert (st["sent"], st["done"], st["failed"], st["chunks_done"], st["kind"]) == \
+        (10, 5, 1, 2, "map")

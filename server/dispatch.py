@@ -1,0 +1,173 @@
+"""Nodes as the scheduler sees them, the index of nodes with free credit, and dispatch policies.
+
+Picking a node for a chunk must not cost more as the cluster grows: :class:`FreeSlots` keeps
+the nodes in buckets keyed by their free credit, with the highest non-empty bucket at hand, so
+the node with the most free credit is found in O(1). A :class:`DispatchPolicy` chooses, for
+one job, which queued chunk goes to which node; it counts the nodes it examines so that tests
+can check that per-dispatch work does not grow with the number of nodes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Protocol, Set, Tuple
+
+if TYPE_CHECKING:
+    from achilles.server.jobs import Chunk, Job
+
+
+class Peer(Protocol):
+    """What the scheduler needs of a connection."""
+
+    def send(self, code: int, *fields: Any) -> None: ...
+
+
+@dataclass(eq=False)
+class NodeState:
+    """A connected node. ``capacity`` (processes x prefetch) is fixed when it joins."""
+
+    peer: Peer
+    node_id: int
+    name: str
+    address: str
+    processes: int
+    prefetch: int
+    hostname: str = ""
+    pid: int = 0
+    resources: Dict[str, float] = field(default_factory=dict)
+    connected_since: float = field(default_factory=time.time)  # wall time, shown to users
+    inflight: Dict[Tuple[str, int], "Chunk"] = field(default_factory=dict)
+    jobs_shipped: Set[str] = field(default_factory=set)
+    used: Dict[str, float] = field(default_factory=dict)
+    done: int = 0  # items this node completed with status OK
+    capacity: int = field(init=False)
+    bucket: int = field(default=-1, init=False)  # the FreeSlots bucket this node sits in
+    bucket_pos: int = field(default=-1, init=False)  # and its position there
+
+    def __post_init__(self) -> None:
+        self.capacity = self.processes * self.prefetch
+
+    def fits(self, need: Dict[str, float]) -> bool:
+        """Whether this node has ``need`` free now."""
+        return all(self.resources.get(k, 0.0) - self.used.get(k, 0.0) >= v for k, v in need.items())
+
+    def offers(self, need: Dict[str, float]) -> bool:
+        """Whether this node could ever run a task needing ``need``."""
+        return all(self.resources.get(k, 0.0) >= v for k, v in need.items())
+
+    @property
+    def free(self) -> int:
+        """Chunks this node may still be handed."""
+        return self.capacity - len(self.inflight)
+
+
+class FreeSlots:
+    """Every node, bucketed by free credit; O(1) access to a node with the most free credit.
+
+    A bucket is a list with each node's position kept on the node, so moving a node between
+    buckets is O(1) (swap with the last, pop). Call :meth:`update` after each change to a
+    node's ``inflight``.
+    """
+
+    def __init__(self) -> None:
+        self._buckets: Dict[int, List[NodeState]] = {}
+        self.top = 0  # highest free credit of any node (0: no node has free credit)
+
+    def add(self, node: NodeState) -> None:
+        """Start tracking ``node``."""
+        self._put(node)
+
+    def discard(self, node: NodeState) -> None:
+        """Stop tracking ``node`` (no-op if it is not tracked)."""
+        if node.bucket >= 0:
+            self._take(node)
+
+    def update(self, node: NodeState) -> None:
+        """``node``'s free credit changed: move it to its new bucket."""
+        if node.bucket != node.free:
+            self._take(node)
+            self._put(node)
+
+    def best(self) -> Optional[NodeState]:
+        """A node with the most free credit, or None when no node has any."""
+        if self.top <= 0:
+            return None
+        return self._buckets[self.top][-1]
+
+    def descending(self) -> Iterator[NodeState]:
+        """Nodes with free credit, most free first (do not move nodes while iterating)."""
+        for level in range(self.top, 0, -1):
+            yield from reversed(self._buckets.get(level, ()))
+
+    def check(self, nodes: Dict[int, NodeState]) -> None:
+        """Raise AssertionError unless the buckets hold exactly ``nodes`` at their free credit."""
+        seen = 0
+        for level, bucket in self._buckets.items():
+            assert bucket, f"empty free-credit bucket {level} kept"
+            for pos, node in enumerate(bucket):
+                assert nodes.get(node.node_id) is node, f"bucket holds unknown node {node.node_id}"
+                assert node.bucket == level == node.free and node.bucket_pos == pos, \
+                    f"node {node.name} is in bucket {level} with {node.free} free"
+                seen += 1
+        assert seen == len(nodes), f"{seen} nodes bucketed, {len(nodes)} connected"
+        expect = max((lvl for lvl in self._buckets if lvl > 0), default=0)
+        assert self.top == expect, f"top free credit {self.top}, expected {expect}"
+
+    def _put(self, node: NodeState) -> None:
+        level = node.free
+        bucket = self._buckets.setdefault(level, [])
+        node.bucket = level
+        node.bucket_pos = len(bucket)
+        bucket.append(node)
+        self.top = max(self.top, level)
+
+    def _take(self, node: NodeState) -> None:
+        level = node.bucket
+        bucket = self._buckets[level]
+        last = bucket.pop()
+        if last is not node:
+            bucket[node.bucket_pos] = last
+            last.bucket_pos = node.bucket_pos
+        node.bucket = node.bucket_pos = -1
+        if not bucket:
+            del self._buckets[level]
+            if level == self.top:
+                while self.top > 0 and self.top not in self._buckets:
+                    self.top -= 1
+
+
+class DispatchPolicy(ABC):
+    """Chooses which of a job's queued chunks goes to which node with free credit."""
+
+    def __init__(self) -> None:
+        self.examined = 0  # NodeState objects looked at, over the policy's life
+
+    @abstractmethod
+    def pick(self, job: "Job", free: FreeSlots) -> Optional[Tuple[int, NodeState]]:
+        """Return (index in ``job.queue``, node) for the next dispatch, or None if nothing fits."""
+
+
+class LeastLoaded(DispatchPolicy):
+    """The first of the job's first ``window`` queued chunks that fits goes to the fitting
+    node with the most free credit. A chunk without resource needs costs O(1)."""
+
+    def __init__(self, window: int = 64) -> None:
+        super().__init__()
+        self.window = window
+
+    def pick(self, job: "Job", free: FreeSlots) -> Optional[Tuple[int, NodeState]]:
+        for index, chunk in enumerate(itertools.islice(job.queue, self.window)):
+            if not chunk.resources:
+                node = free.best()
+                if node is None:
+                    return None
+                self.examined += 1
+                return index, node
+            for node in free.descending():
+                self.examined += 1
+                if node.fits(chunk.resources):
+                    return index, node
+        return None

@@ -1,0 +1,321 @@
+"""Job kinds: what a job does with its chunks, behind one small interface.
+
+The :class:`~achilles.server.scheduler.Scheduler` owns nodes, credit and fairness; a
+:class:`Job` owns its queue and decides what a result means. Each job kind (:class:`MapJob`,
+:class:`GraphJob`, later stage pipelines) implements :meth:`Job.on_result`,
+:attr:`Job.finished`, :meth:`Job.live_ids` and :meth:`Job.status`; the rest is shared.
+
+Counters are named by unit: ``items_sent`` / ``items_done`` count items (a graph task is one
+item), ``chunks_done`` / ``chunks_failed`` count chunks (tasks). ``sent``, ``done`` and
+``failed`` are the figures shown in ``status()`` (items, items, chunks).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Deque, Dict, Iterable, Optional, Set
+
+from achilles import wire
+from achilles.errors import ResourceUnavailable
+from achilles.serialization import error_record
+from achilles.server.dispatch import NodeState, Peer
+from achilles.server.graphs import QUEUED, RUNNING, GraphState, GraphTask, retry_status
+
+log = logging.getLogger("achilles.server")
+
+
+@dataclass
+class Chunk:
+    """A slice of a job's input, as opaque bytes from the controller."""
+
+    job_id: str
+    chunk_id: int
+    n_items: int
+    payload: bytes
+    crashes: int = 0  # workers this chunk has killed; after the first, it re-runs carefully
+    timeout: Optional[float] = None
+    resources: Dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class ControllerState:
+    """A connected controller."""
+
+    peer: Peer
+    controller_id: int
+    address: str
+    jobs: Set[str] = field(default_factory=set)
+
+
+class Job(ABC):
+    """One job of one controller: its queue of chunks and what their results mean.
+
+    Where a chunk of a running job is, is known exactly: in :attr:`queue`, in flight on one
+    node (:attr:`placed`, kept by the scheduler), or waiting for a retry timer
+    (:attr:`retrying`).
+    """
+
+    kind: ClassVar[str]
+
+    def __init__(self, job_id: str, owner: ControllerState, function: str, func_bytes: bytes,
+                 callback_bytes: bytes, options: Dict[str, Any], started: float) -> None:
+        self.job_id = job_id
+        self.owner = owner
+        self.function = function
+        self.func_bytes = func_bytes
+        self.callback_bytes = callback_bytes
+        self.options = options
+        self.started = started  # clock seconds, for durations
+        self.state = "running"
+        self.queue: Deque[Chunk] = collections.deque()
+        self.placed: Dict[int, NodeState] = {}  # chunk id -> node it is in flight on
+        self.retrying: Dict[int, Chunk] = {}  # chunk id -> chunk waiting for its retry timer
+        self.retry_calls: Dict[int, Any] = {}  # chunk id -> IDelayedCall
+        self.shipped_to: Dict[int, NodeState] = {}  # node id -> node holding this job's code
+        self.items_sent = 0
+        self.items_done = 0
+        self.chunks_done = 0
+        self.chunks_failed = 0
+        self.recheck = False  # a chunk needing resources was queued since the last check
+
+    # figures shown in status() and used by older callers
+    @property
+    def sent(self) -> int:
+        """Items received (map) or released (graph)."""
+        return self.items_sent
+
+    @property
+    def done(self) -> int:
+        """Items completed with status OK."""
+        return self.items_done
+
+    @property
+    def failed(self) -> int:
+        """Chunks (graph: tasks) that failed for good."""
+        return self.chunks_failed
+
+    def wants_input(self) -> bool:
+        """Whether the controller should be asked (WANT) for more chunks."""
+        return False
+
+    def take(self, index: int) -> Chunk:
+        """Remove and return the queued chunk at ``index`` (the policy's choice)."""
+        chunk = self.queue[index]
+        del self.queue[index]
+        return chunk
+
+    def requeue(self, chunk: Chunk) -> None:
+        """Put a chunk back at the front of the queue (its node was lost, or it crashed)."""
+        self.queue.appendleft(chunk)
+
+    def on_dispatch(self, chunk: Chunk, node: NodeState) -> None:
+        """``chunk`` was handed to ``node``."""
+
+    @abstractmethod
+    def on_result(self, chunk: Chunk, status: int, payload: bytes, elapsed: float,
+                  node: NodeState) -> Optional[float]:
+        """Account for a chunk's final result (crash retries are the scheduler's). Return a
+        delay in seconds to run the chunk again after it, or None when the chunk is settled."""
+
+    @property
+    @abstractmethod
+    def finished(self) -> bool:
+        """Whether every chunk of the job is settled and no more can come."""
+
+    def on_finish(self) -> None:
+        """The job is finished; tell the controller what it needs to know."""
+
+    @abstractmethod
+    def live_ids(self) -> Set[int]:
+        """Ids of chunks not yet settled (queued, in flight or waiting for a retry)."""
+
+    def unplaceable(self, nodes: Iterable[NodeState]) -> None:
+        """Fail queued chunks that need resources no node in ``nodes`` offers."""
+
+    def drop(self) -> None:
+        """Forget queued and retrying chunks and cancel retry timers."""
+        self.queue.clear()
+        self.retrying.clear()
+        for call in self.retry_calls.values():
+            if call.active():
+                call.cancel()
+        self.retry_calls.clear()
+
+    def status(self) -> Dict[str, Any]:
+        """A JSON-serializable summary."""
+        return {"id": self.job_id, "owner": self.owner.address, "function": self.function,
+                "kind": self.kind, "sent": self.items_sent, "done": self.items_done,
+                "failed": self.chunks_failed, "chunks_done": self.chunks_done,
+                "queued": len(self.queue)}
+
+    def check(self) -> None:
+        """Raise AssertionError unless every live chunk is in exactly one place."""
+        queued = [c.chunk_id for c in self.queue]
+        assert len(queued) == len(set(queued)), f"job {self.job_id}: a chunk is queued twice"
+        assert all(c.job_id == self.job_id for c in self.queue)
+        places = [set(queued), set(self.placed), set(self.retrying)]
+        for i, a in enumerate(places):
+            for b in places[i + 1:]:
+                assert not a & b, f"job {self.job_id}: chunks {sorted(a & b)} are in two places"
+        assert set().union(*places) == self.live_ids(), \
+            f"job {self.job_id}: located {sorted(set().union(*places))}, live {sorted(self.live_ids())}"
+        assert set(self.retry_calls) <= set(self.retrying)
+
+
+class MapJob(Job):
+    """One map/imap call: chunks come from the controller as it is asked (WANT)."""
+
+    kind = "map"
+
+    def __init__(self, *args: Any, credit: int = wire.INITIAL_CREDIT, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.credit = credit  # chunks the controller may still send unasked
+        self.n_chunks: Optional[int] = None
+        self._live: Set[int] = set()
+        self.chunks_received = 0
+
+    def wants_input(self) -> bool:
+        return self.state == "running" and self.n_chunks is None
+
+    def add(self, chunk: Chunk) -> None:
+        """Queue a chunk from the controller (its id must not be live already)."""
+        self.credit = max(0, self.credit - 1)
+        self.items_sent += chunk.n_items
+        self.chunks_received += 1
+        self._live.add(chunk.chunk_id)
+        self.queue.append(chunk)
+
+    def is_live(self, chunk_id: int) -> bool:
+        """Whether a chunk with this id is queued, in flight or retrying."""
+        return chunk_id in self._live
+
+    def on_result(self, chunk: Chunk, status: int, payload: bytes, elapsed: float,
+                  node: NodeState) -> Optional[float]:
+        self._live.discard(chunk.chunk_id)
+        self.chunks_done += 1
+        if status == wire.OK:
+            self.items_done += chunk.n_items
+        else:
+            self.chunks_failed += 1
+        self.owner.peer.send(wire.RESULT, self.job_id, chunk.chunk_id, status, elapsed, node.name,
+                             payload)
+        return None
+
+    @property
+    def finished(self) -> bool:
+        return self.n_chunks is not None and self.chunks_done >= self.n_chunks
+
+    def live_ids(self) -> Set[int]:
+        return set(self._live)
+
+    def check(self) -> None:
+        super().check()
+        assert self.chunks_received == len(self._live) + self.chunks_done, \
+            f"job {self.job_id}: {self.chunks_received} chunks received, " \
+            f"{len(self._live)} live + {self.chunks_done} done"
+
+
+class GraphJob(Job):
+    """A call graph: each task is a one-item chunk, queued once its inputs are done."""
+
+    kind = "graph"
+
+    def __init__(self, job_id: str, owner: ControllerState, funcs: bytes, graph: GraphState,
+                 started: float) -> None:
+        super().__init__(job_id, owner, f"graph of {len(graph.tasks)} tasks", funcs, b"",
+                         {"kind": "graph"}, started)
+        self.graph = graph
+
+    def start(self) -> None:
+        """Queue the tasks that have no inputs."""
+        for t in self.graph.initial():
+            self._release(t)
+
+    def _release(self, t: GraphTask) -> None:
+        opts = t.options
+        need = {str(k): float(v) for k, v in (opts.get("resources") or {}).items()}
+        t.state = QUEUED
+        self.items_sent += 1
+        self.queue.append(Chunk(self.job_id, t.task_id, 1, self.graph.payload(t),
+                                timeout=opts.get("timeout"), resources=need))
+        if need:
+            self.recheck = True
+
+    def on_dispatch(self, chunk: Chunk, node: NodeState) -> None:
+        t = self.graph.tasks[chunk.chunk_id]
+        t.state = RUNNING
+        t.node = node.name
+
+    def on_result(self, chunk: Chunk, status: int, payload: bytes, elapsed: float,
+                  node: NodeState) -> Optional[float]:
+        t = self.graph.tasks[chunk.chunk_id]
+        t.attempts += 1
+        t.duration = elapsed
+        if status == wire.OK:
+            self.items_done += 1
+            self.chunks_done += 1
+            if t.task_id in self.graph.outputs:
+                self.owner.peer.send(wire.TASK_DONE, self.job_id, t.task_id, status, node.name,
+                                     elapsed, payload)
+            for ready in self.graph.finished(t, bytes(payload)):
+                self._release(ready)
+            return None
+        if retry_status(status) and t.attempts <= int(t.options.get("retries") or 0):
+            delay = float(t.options.get("retry_delay") or 0.0)
+            log.info("task %s#%d of graph %s failed (attempt %d); retrying in %g s", t.name,
+                     t.task_id, self.job_id[:8], t.attempts, delay)
+            t.state = QUEUED
+            return delay
+        self._fail(t, status, payload, node.name, elapsed)
+        return None
+
+    def _fail(self, t: GraphTask, status: int, payload: bytes, node: str, elapsed: float) -> None:
+        self.chunks_done += 1
+        self.chunks_failed += 1
+        skipped = self.graph.failed(t)
+        if skipped:
+            dropped = {s.task_id for s in skipped}
+            self.queue = collections.deque(c for c in self.queue if c.chunk_id not in dropped)
+            for task_id in dropped:
+                self.retrying.pop(task_id, None)
+        self.owner.peer.send(wire.TASK_DONE, self.job_id, t.task_id, status, node, elapsed, payload)
+
+    def unplaceable(self, nodes: Iterable[NodeState]) -> None:
+        nodes = list(nodes)
+        self.recheck = False
+        for chunk in [c for c in self.queue if c.resources]:
+            if any(n.offers(chunk.resources) for n in nodes):
+                continue
+            if chunk not in self.queue:  # skipped by an earlier failure in this loop
+                continue
+            self.queue.remove(chunk)
+            offered = sorted({f"{k}={v:g}" for n in nodes for k, v in n.resources.items()})
+            want = ", ".join(f"{k}={v:g}" for k, v in chunk.resources.items())
+            exc = ResourceUnavailable(
+                f"no connected node offers {want} (nodes offer: {', '.join(offered) or 'nothing'}); "
+                "start a node with --resources")
+            self._fail(self.graph.tasks[chunk.chunk_id], wire.ITEM_ERROR, error_record(0, exc, []),
+                       "", 0.0)
+
+    @property
+    def finished(self) -> bool:
+        return self.graph.complete
+
+    def on_finish(self) -> None:
+        self.owner.peer.send(wire.GRAPH_DONE, self.job_id, self.graph.report())
+
+    def live_ids(self) -> Set[int]:
+        return {t.task_id for t in self.graph.tasks.values() if t.state in (QUEUED, RUNNING)}
+
+    def check(self) -> None:
+        super().check()
+        for chunk_id in self.placed:
+            assert self.graph.tasks[chunk_id].state == RUNNING, \
+                f"graph {self.job_id}: task {chunk_id} in flight but not running"
+        settled = sum(1 for t in self.graph.tasks.values() if t.state in ("done", "failed"))
+        assert settled == self.chunks_done, f"graph {self.job_id}: {settled} settled tasks, " \
+            f"{self.chunks_done} counted"
+
