@@ -18,6 +18,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Protocol, Set, Tu
 
 from achilles import wire
 from achilles.errors import ResourceUnavailable
+from achilles.logs import printable
 from achilles.serialization import error_record
 from achilles.server.graphs import GraphState, GraphTask, QUEUED, RUNNING, retry_status
 
@@ -199,7 +200,7 @@ class Scheduler:
         if job_id in self.jobs:
             ctrl.peer.send(wire.JOB_FAILED, job_id, f"job id {job_id} is already in use")
             return
-        job = Job(job_id, ctrl, str(function)[:200], func_bytes, callback_bytes, dict(options or {}))
+        job = Job(job_id, ctrl, printable(function), func_bytes, callback_bytes, dict(options or {}))
         self.jobs[job_id] = job
         ctrl.jobs.add(job_id)
         log.info("job %s started by controller %d: %s", job_id[:8], ctrl.controller_id, job.function)

@@ -9,6 +9,7 @@ from twisted.internet import defer, protocol, reactor
 from twisted.python.failure import Failure
 
 from achilles import wire
+from achilles.logs import printable
 from achilles.protocol import ServerSideProtocol, bind_handlers
 from achilles.server.guard import HandshakeGuard
 from achilles.server.scheduler import ControllerState, NodeState, Scheduler
@@ -74,7 +75,7 @@ class ServerConnection(ServerSideProtocol):
                    resources: Optional[Dict[str, float]] = None) -> None:
         if self.node is None:
             self.node = self.factory.scheduler.add_node(
-                self, str(name)[:100], self.peer_address, int(processes), str(hostname)[:100],
+                self, printable(name, 100), self.peer_address, int(processes), printable(hostname, 100),
                 int(pid), resources)
 
     def node_result(self, job_id: str, chunk_id: int, status: int, elapsed: float,
@@ -98,7 +99,7 @@ class ServerConnection(ServerSideProtocol):
         self.factory.scheduler.end(self.controller, job_id, n_chunks)
 
     def cancel(self, job_id: str, reason: str = "cancelled by the controller") -> None:
-        self.factory.scheduler.cancel(self.controller, job_id, str(reason)[:200])
+        self.factory.scheduler.cancel(self.controller, job_id, printable(reason))
 
     def status(self, request_id: int) -> None:
         self.send(wire.STATUS_REPLY, request_id, self.factory.scheduler.status())
