@@ -24,6 +24,7 @@ from typing import List, Optional, Tuple
 
 from achilles import wire
 from achilles.errors import AuthenticationError, ProtocolError
+from achilles.logs import printable
 
 NONCE_BYTES = 32
 ROLES = ("node", "controller")
@@ -170,7 +171,7 @@ class PeerHandshake:
                     raise ProtocolError("the server is not an Achilles server")
                 if obj.get("proto") != wire.PROTOCOL_VERSION:
                     raise AuthenticationError(
-                        f"protocol version mismatch: server speaks {obj.get('proto')!r}, "
+                        f"protocol version mismatch: server speaks {printable(repr(obj.get('proto')), 40)}, "
                         f"this {self.role} {wire.PROTOCOL_VERSION}; install the same Achilles version"
                     )
                 self.server_nonce = _nonce(obj, "nonce")
@@ -181,7 +182,7 @@ class PeerHandshake:
                     "nonce": self.nonce, "proof": proof,
                 })]
             if self.state == "sent_auth" and code == wire.AUTH_FAIL:
-                reason = str(wire.decode_json(body).get("reason", "refused"))[:200]
+                reason = printable(wire.decode_json(body).get("reason", "refused"))
                 raise AuthenticationError(
                     f"the server refused this {self.role}: {reason}; check ACHILLES_USERNAME "
                     "and ACHILLES_SECRET_KEY match the server's"

@@ -12,6 +12,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 from achilles import wire
+from achilles.logs import printable
 from achilles.protocol import PeerSideProtocol, handles
 from achilles.node.pool import Task, WorkerPool
 
@@ -28,10 +29,16 @@ class NodeProtocol(PeerSideProtocol):
         super().__init__(clock)
         self.session = session
         self.jobs: Dict[str, Tuple[bytes, bytes, Dict[str, Any]]] = {}
+        self.refusal: Optional[str] = None
+        self.was_ready = False
+
+    def on_refused(self, reason: str) -> None:
+        self.refusal = reason
 
     def on_authenticated(self) -> None:
         f = self.factory
-        f.resetDelay()
+        f.authenticated()
+        self.was_ready = True
         f.current = self
         log.info("connected to server %s as %s with %d processes", self.peer_address, f.name,
                  f.pool.processes)
@@ -44,9 +51,10 @@ class NodeProtocol(PeerSideProtocol):
             f.current = None
             dropped = f.pool.drain()
             log.warning("lost the server connection (%s); dropped %d queued chunk(s)",
-                        reason.getErrorMessage(), dropped)
-        if self.auth_error is not None:
-            f.fatal(str(self.auth_error))
+                        printable(reason.getErrorMessage()), dropped)
+        if not self.was_ready and not f.stopping:
+            why = self.auth_error or self.refusal or printable(reason.getErrorMessage())
+            f.handshake_failed(str(why))
 
     @handles(wire.JOB_CODE)
     def job_code(self, job_id: str, func_bytes: bytes, callback_bytes: bytes,
@@ -74,7 +82,7 @@ class NodeProtocol(PeerSideProtocol):
 
     @handles(wire.SHUTDOWN)
     def shutdown(self, reason: str) -> None:
-        log.warning("server asked this node to stop: %s", reason)
+        log.warning("server asked this node to stop: %s", printable(reason))
         self.factory.stop()
 
     def send_result(self, task: Task, status: int, payload: bytes, elapsed: float) -> None:
@@ -83,9 +91,19 @@ class NodeProtocol(PeerSideProtocol):
 
 
 class NodeFactory(protocol.ReconnectingClientFactory):
-    """Connects, and reconnects with backoff while the server is unreachable."""
+    """Connects, and reconnects with backoff for as long as the node runs.
 
-    maxDelay = 5.0
+    Nothing a peer sends stops the node: a refused or broken handshake (wrong secret, a fake
+    or foreign server on the port) is logged as an ERROR and retried, with the backoff capped
+    at :attr:`refusedMaxDelay` instead of :attr:`maxDelay` until a handshake succeeds or the
+    port stops answering. Only local configuration errors, found before connecting, end it.
+    """
+
+    #: Backoff cap while the server is unreachable.
+    reachableMaxDelay = 5.0
+    #: Backoff cap while something on the port answers but the handshake fails.
+    refusedMaxDelay = 30.0
+    maxDelay = reachableMaxDelay
     initialDelay = 0.5
     factor = 2.0
 
@@ -99,8 +117,8 @@ class NodeFactory(protocol.ReconnectingClientFactory):
         self.address = address
         self.resources = dict(resources or {})
         self.current: Optional[NodeProtocol] = None
-        self.exit_code = 0
         self.stopping = False
+        self.refusals = 0
         self._sessions = 0
         self.pool = WorkerPool(processes, self._from_worker)
 
@@ -121,21 +139,35 @@ class NodeFactory(protocol.ReconnectingClientFactory):
         if proto is not None and proto.session == task.session:
             proto.send_result(task, status, payload, elapsed)
 
+    def authenticated(self) -> None:
+        """A handshake succeeded: back to the short backoff."""
+        if self.refusals:
+            log.info("handshake with the server at %s succeeded after %d failed attempt(s)",
+                     self.address, self.refusals)
+        self.refusals = 0
+        self.maxDelay = self.reachableMaxDelay
+        self.resetDelay()
+
+    def handshake_failed(self, why: str) -> None:
+        """Log a failed handshake loudly and keep retrying, more slowly."""
+        self.refusals += 1
+        self.maxDelay = self.refusedMaxDelay
+        log.error("handshake with the server at %s failed (attempt %d): %s. Check that "
+                  "ACHILLES_USERNAME and ACHILLES_SECRET_KEY match the server's, that TLS is "
+                  "used on both sides or on neither (--tls-ca), and that what listens on %s is "
+                  "an Achilles server; retrying with backoff (up to %g s)", self.address,
+                  self.refusals, printable(why, 400), self.address, self.maxDelay)
+
     def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
         if not self.stopping:
+            self.maxDelay = self.reachableMaxDelay
             log.warning("cannot reach the server at %s (%s); retrying", self.address,
-                        reason.getErrorMessage())
+                        printable(reason.getErrorMessage()))
         super().clientConnectionFailed(connector, reason)
 
     def clientConnectionLost(self, connector: Any, reason: Failure) -> None:
         if not self.stopping:
             super().clientConnectionLost(connector, reason)
-
-    def fatal(self, message: str) -> None:
-        """Stop for good with a clear error (a failed handshake is a configuration error)."""
-        log.error("%s", message)
-        self.exit_code = 2
-        self.stop()
 
     def stop(self) -> None:
         """Stop reconnecting and stop the reactor."""

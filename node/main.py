@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         factory.pool.close()
     log.info("node %s stopped", name)
-    return factory.exit_code
+    return 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 from achilles import wire
+from achilles.logs import printable
 
 WAITING, QUEUED, RUNNING, DONE, FAILED, SKIPPED = (
     "waiting", "queued", "running", "done", "failed", "skipped")
@@ -48,7 +49,7 @@ class GraphState:
                  outputs: List[int]) -> None:
         self.tasks: Dict[int, GraphTask] = {}
         for task_id, name, deps, options, func_key, args in tasks:
-            self.tasks[int(task_id)] = GraphTask(int(task_id), str(name)[:100],
+            self.tasks[int(task_id)] = GraphTask(int(task_id), printable(name, 100),
                                                  [int(d) for d in deps], dict(options or {}),
                                                  str(func_key), args)
         for t in self.tasks.values():

@@ -22,6 +22,7 @@ from typing import Any, Deque, Dict, List, Optional, Set, Tuple
 
 from achilles import wire
 from achilles.errors import ProtocolError
+from achilles.logs import printable
 from achilles.server.dispatch import DispatchPolicy, FreeSlots, LeastLoaded, NodeState, Peer
 from achilles.server.graphs import GraphState
 from achilles.server.jobs import Chunk, ControllerState, GraphJob, Job, MapJob
@@ -165,7 +166,7 @@ class Scheduler:
         if job_id in self.jobs:
             ctrl.peer.send(wire.JOB_FAILED, job_id, f"job id {job_id} is already in use")
             return
-        job = MapJob(job_id, ctrl, str(function)[:200], func_bytes, callback_bytes,
+        job = MapJob(job_id, ctrl, printable(function), func_bytes, callback_bytes,
                      dict(options or {}), self.clock.seconds())
         self._start(job)
         log.info("job %s started by controller %d: %s", job_id[:8], ctrl.controller_id, job.function)

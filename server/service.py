@@ -10,6 +10,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 from achilles import wire
+from achilles.logs import printable
 from achilles.protocol import ServerSideProtocol, default_clock, handles
 from achilles.server.guard import HandshakeGuard
 from achilles.server.scheduler import ControllerState, NodeState, Scheduler
@@ -68,7 +69,7 @@ class ServerConnection(ServerSideProtocol):
                    resources: Dict[str, float]) -> None:
         if self.node is None:
             self.node = self.factory.scheduler.add_node(
-                self, str(name)[:100], self.peer_address, int(processes), str(hostname)[:100],
+                self, printable(name, 100), self.peer_address, int(processes), printable(hostname, 100),
                 int(pid), resources)
 
     @handles(wire.RESULT)
@@ -98,7 +99,7 @@ class ServerConnection(ServerSideProtocol):
 
     @handles(wire.CANCEL)
     def cancel(self, job_id: str, reason: str) -> None:
-        self.factory.scheduler.cancel(self.controller, job_id, str(reason)[:200])
+        self.factory.scheduler.cancel(self.controller, job_id, printable(reason))
 
     @handles(wire.STATUS)
     def status(self, request_id: int) -> None:

@@ -15,7 +15,7 @@ from achilles.config import Config
 from achilles.controller.cluster import Cluster
 from achilles.errors import AuthenticationError, ConnectionFailed
 from achilles.handshake import derive_key
-from conftest import MarkerPickle
+from conftest import MarkerPickle, wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -59,12 +59,16 @@ def test_controller_with_wrong_secret_is_refused(daemons, secret):
 
 
 def test_node_with_wrong_secret_is_refused(daemons, secret):
-    """A node with the wrong secret is refused, exits with code 2 and never joins."""
+    """A node with the wrong secret is refused and never joins; it keeps running and retrying,
+    logging an ERROR for each refusal that says which settings to check."""
     port = daemons.server(secret)
     node = daemons.start("node", "--host", "127.0.0.1", "--port", str(port), "--processes", "1",
                          secret="not-the-secret")
-    assert node.wait(30) == 2
-    assert "refused" in daemons.log(node)
+    wait_for(lambda: daemons.log(node).count(" ERROR handshake with the server") >= 2
+             or node.poll() is not None, what="two refusals")
+    assert node.poll() is None, daemons.log(node)
+    assert "refused this node" in daemons.log(node)
+    assert "ACHILLES_SECRET_KEY" in daemons.log(node)
     with Cluster(Config(host="127.0.0.1", port=port, username="tester", secret_key=secret)) as c:
         assert c.status()["nodes"] == []
 
@@ -80,7 +84,8 @@ def test_unreachable_server_says_what_to_fix(secret):
 
 
 def test_node_refuses_fake_server(daemons, secret, tmp_path):
-    """A node refuses a server that cannot prove the secret, and unpickles nothing from it."""
+    """A node refuses a server that cannot prove the secret, unpickles nothing from it, and
+    keeps running (it will retry) instead of exiting."""
     marker = tmp_path / "pwned"
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
@@ -104,10 +109,12 @@ def test_node_refuses_fake_server(daemons, secret, tmp_path):
     try:
         node = daemons.start("node", "--host", "127.0.0.1", "--port", str(port), "--processes",
                              "1", secret=secret)
-        assert node.wait(30) == 2
         t.join(15)
+        wait_for(lambda: "ERROR handshake with the server" in daemons.log(node)
+                 or node.poll() is not None, what="the refusal to be logged")
     finally:
         listener.close()
+    assert node.poll() is None, daemons.log(node)
     assert seen["auth"][0] == wire.AUTH
     assert seen.get("closed") is True
     assert not marker.exists()
