@@ -25,6 +25,8 @@ DEFAULT_USERNAME = "achilles"
 DEFAULT_PREFETCH = 2
 DEFAULT_RECONNECT_TIMEOUT = 60.0
 ENV_FILE_VAR = "ACHILLES_ENV_FILE"
+#: Shortest secret key accepted: one captured handshake lets anyone test guesses offline.
+MIN_SECRET_LENGTH = 16
 
 #: Every variable Achilles reads, with what it means (``.env.example`` mirrors this).
 VARIABLES: Dict[str, str] = {
@@ -102,14 +104,29 @@ class Config:
         return client_context(self.host, self.tls_ca, self.tls_client_cert, self.tls_client_key)
 
     def require_secret(self) -> str:
-        """Return the secret key, or raise :class:`ConfigError` saying how to set one."""
+        """Return the secret key, or raise :class:`ConfigError` saying how to set one
+        (none set, or shorter than :data:`MIN_SECRET_LENGTH`)."""
+        where = f" (read {self.env_file})" if self.env_file else ""
         if not self.secret_key:
-            where = f" (read {self.env_file})" if self.env_file else ""
             raise ConfigError(
                 "no secret key: set ACHILLES_SECRET_KEY, pass secret_key=, or run "
                 f"`achilles config` to write a .env with a fresh secret{where}"
             )
-        return self.secret_key
+        return check_secret(self.secret_key, where)
+
+
+def check_secret(secret_key: str, where: str = "") -> str:
+    """Return ``secret_key`` if it is long enough to resist guessing, else raise
+    :class:`ConfigError` saying how to generate one (the message never contains the secret)."""
+    if not isinstance(secret_key, str) or len(secret_key) < MIN_SECRET_LENGTH:
+        length = len(secret_key) if isinstance(secret_key, (str, bytes)) else 0
+        raise ConfigError(
+            f"the secret key (ACHILLES_SECRET_KEY) is too short: {length} characters, at least "
+            f"{MIN_SECRET_LENGTH} needed, since a weak secret can be guessed offline; run "
+            "`achilles config` to write a .env with a fresh random one, or use "
+            f"python3 -c \"import secrets; print(secrets.token_urlsafe(32))\"{where}"
+        )
+    return secret_key
 
 
 def _env_file_path() -> Optional[str]:
@@ -202,7 +219,7 @@ def gen_config(
     path = os.path.abspath(path)
     if os.path.exists(path) and not overwrite:
         raise ConfigError(f"{path} exists; pass overwrite=True (or --force) to replace it")
-    key = secret_key or secrets.token_urlsafe(32)
+    key = check_secret(secret_key) if secret_key else secrets.token_urlsafe(32)
     text = (
         "# Achilles cluster configuration (keep this file private: it holds the secret)\n"
         f"ACHILLES_HOST={host}\n"

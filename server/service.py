@@ -9,6 +9,7 @@ from twisted.internet import defer, protocol, reactor
 from twisted.python.failure import Failure
 
 from achilles import wire
+from achilles.handshake import derive_key
 from achilles.protocol import ServerSideProtocol, bind_handlers
 from achilles.server.guard import HandshakeGuard
 from achilles.server.scheduler import ControllerState, NodeState, Scheduler
@@ -124,7 +125,7 @@ class ServerFactory(protocol.ServerFactory):
     def __init__(self, username: str, secret_key: str, prefetch: int = 2,
                  heartbeat: float = wire.DEFAULT_HEARTBEAT, max_crashes: int = wire.DEFAULT_MAX_CRASHES) -> None:
         self.username = username
-        self.secret_key = secret_key
+        self.auth_key = derive_key(username, secret_key)
         self.heartbeat = heartbeat
         self.scheduler = Scheduler(prefetch=prefetch, max_crashes=max_crashes)
         self.guard = HandshakeGuard()
@@ -135,7 +136,7 @@ class ServerFactory(protocol.ServerFactory):
         proto = ServerConnection()
         proto.factory = self
         proto.username = self.username
-        proto.secret_key = self.secret_key
+        proto.auth_key = self.auth_key
         proto.heartbeat = self.heartbeat
         return proto
 

@@ -53,7 +53,7 @@ def test_controller_with_wrong_secret_is_refused(daemons, secret):
     """A controller with the wrong secret gets AuthenticationError saying what to check."""
     port = daemons.server(secret)
     with pytest.raises(AuthenticationError, match="ACHILLES_SECRET_KEY"):
-        Cluster(Config(host="127.0.0.1", port=port, username="tester", secret_key="wrong"))
+        Cluster(Config(host="127.0.0.1", port=port, username="tester", secret_key="wrong-" + secret))
     with pytest.raises(AuthenticationError):
         Cluster(Config(host="127.0.0.1", port=port, username="someone", secret_key=secret))
 
@@ -62,7 +62,7 @@ def test_node_with_wrong_secret_is_refused(daemons, secret):
     """A node with the wrong secret is refused, exits with code 2 and never joins."""
     port = daemons.server(secret)
     node = daemons.start("node", "--host", "127.0.0.1", "--port", str(port), "--processes", "1",
-                         secret="not-the-secret")
+                         secret="not-the-" + secret)
     assert node.wait(30) == 2
     assert "refused" in daemons.log(node)
     with Cluster(Config(host="127.0.0.1", port=port, username="tester", secret_key=secret)) as c:

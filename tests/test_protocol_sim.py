@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pickle
@@ -19,7 +20,7 @@ from twisted.test.iosim import FakeTransport, connectedServerAndClient
 from achilles import wire
 from achilles.controller.client import ControllerProtocol
 from achilles.errors import AuthenticationError, ConnectionFailed
-from achilles.handshake import PeerHandshake
+from achilles.handshake import PeerHandshake, derive_key
 from achilles.protocol import PeerSideProtocol, bind_handlers
 from achilles.server.service import ServerFactory
 from conftest import MarkerPickle
@@ -28,6 +29,8 @@ pytestmark = pytest.mark.timeout(60)
 
 USER = "tester"
 SECRET = "protocol-sim-secret-0123456789abcdef"
+key_for = functools.lru_cache(maxsize=None)(derive_key)  # scrypt is deliberately slow
+KEY = key_for(USER, SECRET)
 PEER = IPv4Address("TCP", "10.0.0.7", 40000)
 
 
@@ -55,7 +58,7 @@ class SimNode(PeerSideProtocol):
     def __init__(self, username, secret_key, name="sim-node", processes=1):
         super().__init__()
         self.username = username
-        self.secret_key = secret_key
+        self.auth_key = key_for(username, secret_key)
         self.name = name
         self.processes = processes
         self.heartbeat = 0
@@ -135,7 +138,7 @@ def connect(factory, client, protos):
 
 
 def controller(username=USER, secret=SECRET):
-    client = ControllerProtocol(username, secret, "sim-server:1")
+    client = ControllerProtocol(username, key_for(username, secret), "sim-server:1")
     client.heartbeat = 0
     return client
 
@@ -365,7 +368,7 @@ def test_pipelined_auth_and_status(factory, protos):
     """An AUTH and a STATUS in the same TCP segment both get handled: the frame limit is
     lifted between them, and the STATUS gets its reply."""
     proto, transport, hello = raw_server(factory, protos)
-    peer = PeerHandshake("controller", USER, SECRET)
+    peer = PeerHandshake("controller", USER, KEY)
     [auth] = peer.receive(*hello)
     proto.dataReceived(auth + b"".join(wire.encode_message(wire.STATUS, (3,))))
     out = frames_of(transport.value())
@@ -425,7 +428,7 @@ def test_pickle_behind_failed_auth_is_never_unpickled(factory, protos, tmp_path)
     """A pickled message pipelined behind an AUTH with a wrong secret is never unpickled."""
     marker = tmp_path / "pwned"
     proto, transport, hello = raw_server(factory, protos)
-    peer = PeerHandshake("controller", USER, "wrong-secret")
+    peer = PeerHandshake("controller", USER, key_for(USER, "wrong-" + SECRET))
     [auth] = peer.receive(*hello)
     proto.dataReceived(auth + wire.frame(wire.SUBMIT, marker_body(marker)))
     assert not marker.exists()
@@ -439,7 +442,7 @@ def test_pickle_after_auth_reaches_unpickling(factory, protos, tmp_path):
     above would notice if pre-auth frames were unpickled)."""
     marker = tmp_path / "decoded"
     proto, transport, hello = raw_server(factory, protos)
-    peer = PeerHandshake("controller", USER, SECRET)
+    peer = PeerHandshake("controller", USER, KEY)
     [auth] = peer.receive(*hello)
     proto.dataReceived(auth + wire.frame(wire.SUBMIT, marker_body(marker)))
     assert marker.exists()
@@ -488,7 +491,7 @@ def test_non_ascii_proof_gets_clean_refusal(factory, protos):
     """An AUTH whose proof has non-ASCII characters is refused like any wrong proof: no
     exception escapes dataReceived, and the connection is closed."""
     proto, transport, hello = raw_server(factory, protos)
-    peer = PeerHandshake("controller", USER, SECRET)
+    peer = PeerHandshake("controller", USER, KEY)
     [auth] = peer.receive(*hello)
     obj = json.loads(wire.FrameDecoder().frames(auth)[0][1])
     obj["proof"] = "\u00e9" * 4  # JSON-escaped, so keep the frame under the pre-auth cap
