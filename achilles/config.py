@@ -6,6 +6,7 @@ It is read with python-dotenv and never written into the installed package.
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import stat
@@ -129,6 +130,41 @@ def check_secret(secret_key: str, where: str = "") -> str:
     return secret_key
 
 
+def write_file_safely(path: str, data: bytes, overwrite: bool = False, mode: int = 0o600) -> None:
+    """Write ``data`` to ``path`` with exactly ``mode`` (default 0600), never through a link.
+
+    Without ``overwrite`` the file must not exist yet; with it, an existing regular file that
+    this user owns is replaced in place. A symbolic link, a hard-linked or foreign-owned file
+    or anything else at ``path`` raises :class:`ConfigError` and nothing is written.
+    """
+    # O_NONBLOCK: opening a FIFO planted at path must fail rather than wait for a reader.
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+    if not overwrite:
+        flags |= os.O_EXCL
+    try:
+        fd = os.open(path, flags, mode)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP or os.path.islink(path):
+            raise ConfigError(f"{path} is a symbolic link; refusing to write through "
+                              "it: remove the link or choose another path") from None
+        if exc.errno == errno.EEXIST:
+            raise ConfigError(f"{path} exists; pass overwrite=True (or --force) to replace it") from None
+        raise ConfigError(f"cannot write {path}: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_uid != os.geteuid():
+            raise ConfigError(f"{path} is not a plain file of this user's (another owner, "
+                              "several hard links, or not a regular file); refusing to write "
+                              "into it: remove it or choose another path")
+        os.fchmod(fd, mode)
+        os.ftruncate(fd, 0)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
+
+
 def _env_file_path() -> Optional[str]:
     path = os.environ.get(ENV_FILE_VAR)
     if path:
@@ -139,15 +175,37 @@ def _env_file_path() -> Optional[str]:
     return local if os.path.isfile(local) else None
 
 
-def _warn_if_world_readable(path: str) -> None:
+def _read_env_file(path: str) -> Dict[str, Optional[str]]:
+    """The variables of ``path``, warning first if other users can read or change it."""
     try:
-        mode = os.stat(path).st_mode
-    except OSError:
-        return
-    if mode & (stat.S_IRGRP | stat.S_IROTH):
+        fh = open(path, encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    with fh:
+        _warn_if_unsafe(path, os.fstat(fh.fileno()))
+        return dotenv_values(stream=fh)
+
+
+def _warn_if_unsafe(path: str, st: os.stat_result) -> None:
+    """Warn when the file's permissions or owner let someone else read the secret or choose
+    the server and secret this process trusts (root-owned files are trusted)."""
+    if st.st_mode & (stat.S_IRGRP | stat.S_IROTH):
         warnings.warn(
             f"{path} is readable by other users and holds the cluster secret; run `chmod 600 {path}`",
-            stacklevel=3,
+            stacklevel=4,
+        )
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        warnings.warn(
+            f"{path} is writable by other users, who could set the server address and secret "
+            f"this process trusts; run `chmod 600 {path}`",
+            stacklevel=4,
+        )
+    if st.st_uid not in (os.geteuid(), 0):
+        warnings.warn(
+            f"{path} is owned by another user (uid {st.st_uid}), who could set the server "
+            "address and secret this process trusts; use a .env you own (`achilles config` "
+            "writes one)",
+            stacklevel=4,
         )
 
 
@@ -168,8 +226,7 @@ def load_config(**overrides: Any) -> Config:
     env_file = _env_file_path()
     file_values: Dict[str, Optional[str]] = {}
     if env_file:
-        _warn_if_world_readable(env_file)
-        file_values = dotenv_values(env_file)
+        file_values = _read_env_file(env_file)
 
     def pick(key: str, var: str) -> Any:
         if overrides.get(key) is not None:
@@ -214,11 +271,10 @@ def gen_config(
 ) -> str:
     """Write a ``.env`` (mode 0600) with a fresh secret unless one is given; return its path.
 
-    Copy the file to every machine of the cluster (server, nodes, controllers).
+    Copy the file to every machine of the cluster (server, nodes, controllers). The file is
+    never written through a symbolic link (see :func:`write_file_safely`).
     """
     path = os.path.abspath(path)
-    if os.path.exists(path) and not overwrite:
-        raise ConfigError(f"{path} exists; pass overwrite=True (or --force) to replace it")
     key = check_secret(secret_key) if secret_key else secrets.token_urlsafe(32)
     text = (
         "# Achilles cluster configuration (keep this file private: it holds the secret)\n"
@@ -227,10 +283,7 @@ def gen_config(
         f"ACHILLES_USERNAME={username}\n"
         f"ACHILLES_SECRET_KEY={key}\n"
     )
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.chmod(path, 0o600)
+    write_file_safely(path, text.encode("utf-8"), overwrite=overwrite)
     return path
 
 
