@@ -33,8 +33,8 @@ MIN_SECRET_LENGTH = 16
 VARIABLES: Dict[str, str] = {
     "ACHILLES_HOST": "server address: where nodes and controllers connect, and what the server binds",
     "ACHILLES_PORT": "server TCP port (0 lets the OS pick one; the server prints it)",
-    "ACHILLES_USERNAME": "cluster user name, part of the shared secret",
-    "ACHILLES_SECRET_KEY": "shared secret key; generate one with `achilles config`",
+    "ACHILLES_USERNAME": "cluster user name: must match, but is not secret (sent in clear; salts the key)",
+    "ACHILLES_SECRET_KEY": "shared secret key, at least 16 characters; generate one with `achilles config`",
     "ACHILLES_PROCESSES": "worker processes per node (default: the CPU count)",
     "ACHILLES_PREFETCH": "chunks in flight per node process (default 2)",
     "ACHILLES_NODE_NAME": "readable node id (default: hostname-pid)",
