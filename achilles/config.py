@@ -6,6 +6,7 @@ It is read with python-dotenv and never written into the installed package.
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import stat
@@ -25,13 +26,15 @@ DEFAULT_USERNAME = "achilles"
 DEFAULT_PREFETCH = 2
 DEFAULT_RECONNECT_TIMEOUT = 60.0
 ENV_FILE_VAR = "ACHILLES_ENV_FILE"
+#: Shortest secret key accepted: one captured handshake lets anyone test guesses offline.
+MIN_SECRET_LENGTH = 16
 
 #: Every variable Achilles reads, with what it means (``.env.example`` mirrors this).
 VARIABLES: Dict[str, str] = {
     "ACHILLES_HOST": "server address: where nodes and controllers connect, and what the server binds",
     "ACHILLES_PORT": "server TCP port (0 lets the OS pick one; the server prints it)",
-    "ACHILLES_USERNAME": "cluster user name, part of the shared secret",
-    "ACHILLES_SECRET_KEY": "shared secret key; generate one with `achilles config`",
+    "ACHILLES_USERNAME": "cluster user name: must match, but is not secret (sent in clear; salts the key)",
+    "ACHILLES_SECRET_KEY": "shared secret key, at least 16 characters; generate one with `achilles config`",
     "ACHILLES_PROCESSES": "worker processes per node (default: the CPU count)",
     "ACHILLES_PREFETCH": "chunks in flight per node process (default 2)",
     "ACHILLES_NODE_NAME": "readable node id (default: hostname-pid)",
@@ -102,14 +105,64 @@ class Config:
         return client_context(self.host, self.tls_ca, self.tls_client_cert, self.tls_client_key)
 
     def require_secret(self) -> str:
-        """Return the secret key, or raise :class:`ConfigError` saying how to set one."""
+        """Return the secret key, or raise :class:`ConfigError` saying how to set one
+        (none set, or shorter than :data:`MIN_SECRET_LENGTH`)."""
+        where = f" (read {self.env_file})" if self.env_file else ""
         if not self.secret_key:
-            where = f" (read {self.env_file})" if self.env_file else ""
             raise ConfigError(
                 "no secret key: set ACHILLES_SECRET_KEY, pass secret_key=, or run "
                 f"`achilles config` to write a .env with a fresh secret{where}"
             )
-        return self.secret_key
+        return check_secret(self.secret_key, where)
+
+
+def check_secret(secret_key: str, where: str = "") -> str:
+    """Return ``secret_key`` if it is long enough to resist guessing, else raise
+    :class:`ConfigError` saying how to generate one (the message never contains the secret)."""
+    if not isinstance(secret_key, str) or len(secret_key) < MIN_SECRET_LENGTH:
+        length = len(secret_key) if isinstance(secret_key, (str, bytes)) else 0
+        raise ConfigError(
+            f"the secret key (ACHILLES_SECRET_KEY) is too short: {length} characters, at least "
+            f"{MIN_SECRET_LENGTH} needed, since a weak secret can be guessed offline; run "
+            "`achilles config` to write a .env with a fresh random one, or use "
+            f"python3 -c \"import secrets; print(secrets.token_urlsafe(32))\"{where}"
+        )
+    return secret_key
+
+
+def write_file_safely(path: str, data: bytes, overwrite: bool = False, mode: int = 0o600) -> None:
+    """Write ``data`` to ``path`` with exactly ``mode`` (default 0600), never through a link.
+
+    Without ``overwrite`` the file must not exist yet; with it, an existing regular file that
+    this user owns is replaced in place. A symbolic link, a hard-linked or foreign-owned file
+    or anything else at ``path`` raises :class:`ConfigError` and nothing is written.
+    """
+    # O_NONBLOCK: opening a FIFO planted at path must fail rather than wait for a reader.
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+    if not overwrite:
+        flags |= os.O_EXCL
+    try:
+        fd = os.open(path, flags, mode)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP or os.path.islink(path):
+            raise ConfigError(f"{path} is a symbolic link; refusing to write through "
+                              "it: remove the link or choose another path") from None
+        if exc.errno == errno.EEXIST:
+            raise ConfigError(f"{path} exists; pass overwrite=True (or --force) to replace it") from None
+        raise ConfigError(f"cannot write {path}: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_uid != os.geteuid():
+            raise ConfigError(f"{path} is not a plain file of this user's (another owner, "
+                              "several hard links, or not a regular file); refusing to write "
+                              "into it: remove it or choose another path")
+        os.fchmod(fd, mode)
+        os.ftruncate(fd, 0)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
 
 
 def _env_file_path() -> Optional[str]:
@@ -122,15 +175,37 @@ def _env_file_path() -> Optional[str]:
     return local if os.path.isfile(local) else None
 
 
-def _warn_if_world_readable(path: str) -> None:
+def _read_env_file(path: str) -> Dict[str, Optional[str]]:
+    """The variables of ``path``, warning first if other users can read or change it."""
     try:
-        mode = os.stat(path).st_mode
-    except OSError:
-        return
-    if mode & (stat.S_IRGRP | stat.S_IROTH):
+        fh = open(path, encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    with fh:
+        _warn_if_unsafe(path, os.fstat(fh.fileno()))
+        return dotenv_values(stream=fh)
+
+
+def _warn_if_unsafe(path: str, st: os.stat_result) -> None:
+    """Warn when the file's permissions or owner let someone else read the secret or choose
+    the server and secret this process trusts (root-owned files are trusted)."""
+    if st.st_mode & (stat.S_IRGRP | stat.S_IROTH):
         warnings.warn(
             f"{path} is readable by other users and holds the cluster secret; run `chmod 600 {path}`",
-            stacklevel=3,
+            stacklevel=4,
+        )
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        warnings.warn(
+            f"{path} is writable by other users, who could set the server address and secret "
+            f"this process trusts; run `chmod 600 {path}`",
+            stacklevel=4,
+        )
+    if st.st_uid not in (os.geteuid(), 0):
+        warnings.warn(
+            f"{path} is owned by another user (uid {st.st_uid}), who could set the server "
+            "address and secret this process trusts; use a .env you own (`achilles config` "
+            "writes one)",
+            stacklevel=4,
         )
 
 
@@ -151,8 +226,7 @@ def load_config(**overrides: Any) -> Config:
     env_file = _env_file_path()
     file_values: Dict[str, Optional[str]] = {}
     if env_file:
-        _warn_if_world_readable(env_file)
-        file_values = dotenv_values(env_file)
+        file_values = _read_env_file(env_file)
 
     def pick(key: str, var: str) -> Any:
         if overrides.get(key) is not None:
@@ -197,12 +271,11 @@ def gen_config(
 ) -> str:
     """Write a ``.env`` (mode 0600) with a fresh secret unless one is given; return its path.
 
-    Copy the file to every machine of the cluster (server, nodes, controllers).
+    Copy the file to every machine of the cluster (server, nodes, controllers). The file is
+    never written through a symbolic link (see :func:`write_file_safely`).
     """
     path = os.path.abspath(path)
-    if os.path.exists(path) and not overwrite:
-        raise ConfigError(f"{path} exists; pass overwrite=True (or --force) to replace it")
-    key = secret_key or secrets.token_urlsafe(32)
+    key = check_secret(secret_key) if secret_key else secrets.token_urlsafe(32)
     text = (
         "# Achilles cluster configuration (keep this file private: it holds the secret)\n"
         f"ACHILLES_HOST={host}\n"
@@ -210,10 +283,7 @@ def gen_config(
         f"ACHILLES_USERNAME={username}\n"
         f"ACHILLES_SECRET_KEY={key}\n"
     )
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.chmod(path, 0o600)
+    write_file_safely(path, text.encode("utf-8"), overwrite=overwrite)
     return path
 
 

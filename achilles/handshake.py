@@ -10,6 +10,10 @@ Each side is authenticated only once it has checked the other's proof; before th
 small JSON frames are accepted. Fresh random nonces on both sides make a recorded handshake
 useless for a replay, and the direction label stops a proof being reflected back.
 
+``key`` is :func:`derive_key` (scrypt of the secret key, salted with the user name), computed
+once per process and handed to every handshake: a captured AUTH frame lets an attacker test
+guesses of the secret offline, and scrypt makes each guess cost memory and time.
+
 Both ends then derive two session keys from the same inputs, one per direction
 (:func:`session_keys`); :mod:`achilles.session` tags every later frame with them, so a
 relayed handshake gives a man in the middle nothing it can use.
@@ -23,6 +27,7 @@ import secrets
 from typing import List, Optional, Tuple
 
 from achilles import wire
+from achilles.config import check_secret
 from achilles.errors import AuthenticationError, ProtocolError
 from achilles.logs import printable
 
@@ -33,11 +38,29 @@ MAX_USERNAME = 128
 Frame = Tuple[int, bytes]
 
 
+#: scrypt cost: 16 MiB and tens of milliseconds per guess (RFC 7914's interactive setting).
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2 ** 14, 8, 1
+KEY_BYTES = 32
+
+
 def derive_key(username: str, secret_key: str) -> bytes:
-    """The HMAC key: both the user name and the secret key must match."""
-    return hashlib.sha256(
-        b"achilles-v1\0" + username.encode("utf-8") + b"\0" + secret_key.encode("utf-8")
-    ).digest()
+    """The HMAC key for ``username`` and ``secret_key`` (both must match on each side).
+
+    Deliberately slow (scrypt): derive it once per process, not per connection. Raises
+    :class:`ConfigError` for a secret too short to resist guessing.
+    """
+    check_secret(secret_key)
+    return hashlib.scrypt(
+        secret_key.encode("utf-8"), salt=b"achilles-v2 scrypt\0" + username.encode("utf-8"),
+        n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P, maxmem=64 * 1024 * 1024, dklen=KEY_BYTES,
+    )
+
+
+def _check_key(key: bytes) -> bytes:
+    if not isinstance(key, bytes) or len(key) != KEY_BYTES:
+        raise TypeError("a handshake takes the derived key (derive_key(username, secret_key)), "
+                        "not the secret key itself")
+    return key
 
 
 def _proof(key: bytes, label: str, server_nonce: str, peer_nonce: str, role: str, user: str) -> str:
@@ -79,8 +102,8 @@ def _nonce(obj: dict, name: str) -> str:
 class ServerHandshake:
     """The server's side. States: ``start`` -> ``sent_hello`` -> ``done`` | ``failed``."""
 
-    def __init__(self, username: str, secret_key: str, nonce: Optional[str] = None) -> None:
-        self._key = derive_key(username, secret_key)
+    def __init__(self, username: str, key: bytes, nonce: Optional[str] = None) -> None:
+        self._key = _check_key(key)
         self._username = username
         self.nonce = nonce or secrets.token_hex(NONCE_BYTES)
         self.state = "start"
@@ -151,12 +174,12 @@ class ServerHandshake:
 class PeerHandshake:
     """A node's or controller's side. States: ``start`` -> ``sent_auth`` -> ``done`` | ``failed``."""
 
-    def __init__(self, role: str, username: str, secret_key: str, nonce: Optional[str] = None) -> None:
+    def __init__(self, role: str, username: str, key: bytes, nonce: Optional[str] = None) -> None:
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}")
         self.role = role
         self._username = username
-        self._key = derive_key(username, secret_key)
+        self._key = _check_key(key)
         self.nonce = nonce or secrets.token_hex(NONCE_BYTES)
         self.server_nonce: Optional[str] = None
         self.state = "start"

@@ -245,10 +245,10 @@ class ServerSideProtocol(AchillesProtocol):
     local_role = "server"
 
     username: str = ""
-    secret_key: str = ""
+    auth_key: bytes = b""  # handshake.derive_key(username, secret), derived once per process
 
     def start_handshake(self) -> None:
-        self.handshake = ServerHandshake(self.username, self.secret_key)
+        self.handshake = ServerHandshake(self.username, self.auth_key)
         self.role: Optional[str] = None
         delay = self.hello_delay()
         if delay > 0:
@@ -288,11 +288,11 @@ class PeerSideProtocol(AchillesProtocol):
     Subclasses set :attr:`local_role` (``node`` or ``controller``)."""
 
     username: str = ""
-    secret_key: str = ""
+    auth_key: bytes = b""  # handshake.derive_key(username, secret), derived once per process
     auth_error: Optional[AchillesError] = None
 
     def start_handshake(self) -> None:
-        self.handshake = PeerHandshake(self.local_role, self.username, self.secret_key)
+        self.handshake = PeerHandshake(self.local_role, self.username, self.auth_key)
 
     def handshake_frame(self, code: int, body: bytes) -> None:
         try:

@@ -12,15 +12,10 @@ import ipaddress
 import os
 from typing import Any, Dict, List, Optional, Sequence
 
+from achilles.config import write_file_safely
 from achilles.errors import ConfigError
 
 CERT_FILES = ("ca.pem", "ca.key", "server.pem", "server.key", "client.pem", "client.key")
-
-
-def _write(path: str, data: bytes, private: bool) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
 
 
 def generate_certs(directory: str, hosts: Sequence[str] = ("127.0.0.1", "localhost"),
@@ -28,7 +23,8 @@ def generate_certs(directory: str, hosts: Sequence[str] = ("127.0.0.1", "localho
     """Write a CA, a server certificate valid for ``hosts`` and a client certificate.
 
     Returns the paths by file name (``ca.pem``, ``server.pem``, ``server.key``, ``client.pem``,
-    ``client.key``, ``ca.key``). Keys are written mode 0600.
+    ``client.key``, ``ca.key``). Keys end mode 0600 and certificates 0644, even when they
+    replace existing files; nothing is written through a symbolic link.
     """
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
@@ -37,7 +33,7 @@ def generate_certs(directory: str, hosts: Sequence[str] = ("127.0.0.1", "localho
 
     os.makedirs(directory, exist_ok=True)
     paths = {name: os.path.join(directory, name) for name in CERT_FILES}
-    existing = [p for p in paths.values() if os.path.exists(p)]
+    existing = [p for p in paths.values() if os.path.lexists(p)]
     if existing and not overwrite:
         raise ConfigError(f"{existing[0]} exists; pass overwrite=True (or --force) to replace it")
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -88,12 +84,13 @@ def generate_certs(directory: str, hosts: Sequence[str] = ("127.0.0.1", "localho
                                serialization.NoEncryption())
 
     pem = serialization.Encoding.PEM
-    _write(paths["ca.pem"], ca.public_bytes(pem), False)
-    _write(paths["ca.key"], pem_key(ca_key), True)
-    _write(paths["server.pem"], server.public_bytes(pem), False)
-    _write(paths["server.key"], pem_key(server_key), True)
-    _write(paths["client.pem"], client.public_bytes(pem), False)
-    _write(paths["client.key"], pem_key(client_key), True)
+    for file_name, data in (("ca.pem", ca.public_bytes(pem)), ("ca.key", pem_key(ca_key)),
+                            ("server.pem", server.public_bytes(pem)),
+                            ("server.key", pem_key(server_key)),
+                            ("client.pem", client.public_bytes(pem)),
+                            ("client.key", pem_key(client_key))):
+        write_file_safely(paths[file_name], data, overwrite=overwrite,
+                          mode=0o600 if file_name.endswith(".key") else 0o644)
     return paths
 
 

@@ -25,10 +25,10 @@ class ControllerProtocol(PeerSideProtocol):
 
     local_role = "controller"
 
-    def __init__(self, username: str, secret_key: str, address: str) -> None:
+    def __init__(self, username: str, auth_key: bytes, address: str) -> None:
         super().__init__()
         self.username = username
-        self.secret_key = secret_key
+        self.auth_key = auth_key
         self.address = address
         self.ready: defer.Deferred = defer.Deferred()
         self.closed: defer.Deferred = defer.Deferred()
@@ -91,15 +91,16 @@ class ControllerProtocol(PeerSideProtocol):
 
 
 
-def connect(host: str, port: int, username: str, secret_key: str,
+def connect(host: str, port: int, username: str, auth_key: bytes,
             timeout: float = CONNECT_TIMEOUT, heartbeat: float = wire.DEFAULT_HEARTBEAT,
             tls: Any = None) -> defer.Deferred:
     """Connect and authenticate; fires with a ready :class:`ControllerProtocol`.
 
+    ``auth_key`` is ``derive_key(username, secret_key)``, derived once by the caller.
     ``tls`` is Twisted client TLS options (see :mod:`achilles.tls`), or None for plain TCP.
     """
     address = f"{host}:{port}"
-    proto = ControllerProtocol(username, secret_key, address)
+    proto = ControllerProtocol(username, auth_key, address)
     proto.heartbeat = heartbeat
     if tls is None:
         endpoint = TCP4ClientEndpoint(reactor, host, port, timeout=timeout)

@@ -13,6 +13,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional
 from achilles import wire
 from achilles.config import Config, is_interactive, load_config
 from achilles.errors import AchillesError, ConnectionFailed, ConnectionLost
+from achilles.handshake import derive_key
 from achilles.controller import reactor_thread
 from achilles.controller.client import CONNECT_TIMEOUT, ControllerProtocol, connect
 from achilles.controller.job import JobRun, ResultIterator
@@ -33,7 +34,7 @@ class Cluster:
     def __init__(self, config: Config, timeout: float = CONNECT_TIMEOUT) -> None:
         self.config = config
         self.timeout = timeout
-        self._secret = config.require_secret()
+        self._key = derive_key(config.username, config.require_secret())
         self._tls = config.client_tls()
         self._lock = threading.Lock()
         self._proto: Optional[ControllerProtocol] = None
@@ -50,7 +51,7 @@ class Cluster:
             if proto is None or proto.state != "ready":
                 proto = reactor_thread.call(
                     connect, self.config.host, self.config.port, self.config.username,
-                    self._secret, self.timeout, self.config.heartbeat, self._tls,
+                    self._key, self.timeout, self.config.heartbeat, self._tls,
                     timeout=self.timeout + 5)
                 self._proto = proto
             return proto

@@ -12,6 +12,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 from achilles import wire
+from achilles.handshake import derive_key
 from achilles.logs import printable
 from achilles.protocol import PeerSideProtocol, handles
 from achilles.node.pool import Task, WorkerPool
@@ -113,7 +114,7 @@ class NodeFactory(protocol.ReconnectingClientFactory):
         self.name = name
         self.heartbeat = heartbeat
         self.username = username
-        self.secret_key = secret_key
+        self.auth_key = derive_key(username, secret_key)
         self.address = address
         self.resources = dict(resources or {})
         self.current: Optional[NodeProtocol] = None
@@ -127,7 +128,7 @@ class NodeFactory(protocol.ReconnectingClientFactory):
         proto = NodeProtocol(self._sessions, self.clock)
         proto.factory = self
         proto.username = self.username
-        proto.secret_key = self.secret_key
+        proto.auth_key = self.auth_key
         proto.heartbeat = self.heartbeat
         return proto
 

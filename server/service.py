@@ -10,6 +10,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 from achilles import wire
+from achilles.handshake import derive_key
 from achilles.logs import printable
 from achilles.protocol import ServerSideProtocol, default_clock, handles
 from achilles.server.guard import HandshakeGuard
@@ -123,9 +124,9 @@ class ServerFactory(protocol.ServerFactory):
                  clock: Optional[IReactorTime] = None) -> None:
         self.clock: IReactorTime = clock or default_clock()
         self.username = username
-        self.secret_key = secret_key
+        self.auth_key = derive_key(username, secret_key)
         self.heartbeat = heartbeat
-        self.scheduler = Scheduler(prefetch=prefetch, max_crashes=max_crashes, clock=reactor)
+        self.scheduler = Scheduler(prefetch=prefetch, max_crashes=max_crashes, clock=self.clock)
         self.guard = HandshakeGuard()
         self._waiting_for_nodes: List[defer.Deferred] = []
         self.stopping = False
@@ -134,7 +135,7 @@ class ServerFactory(protocol.ServerFactory):
         proto = ServerConnection(self.clock)
         proto.factory = self
         proto.username = self.username
-        proto.secret_key = self.secret_key
+        proto.auth_key = self.auth_key
         proto.heartbeat = self.heartbeat
         return proto
 

@@ -53,7 +53,7 @@ def test_controller_with_wrong_secret_is_refused(daemons, secret):
     """A controller with the wrong secret gets AuthenticationError saying what to check."""
     port = daemons.server(secret)
     with pytest.raises(AuthenticationError, match="ACHILLES_SECRET_KEY"):
-        Cluster(Config(host="127.0.0.1", port=port, username="tester", secret_key="wrong"))
+        Cluster(Config(host="127.0.0.1", port=port, username="tester", secret_key="wrong-" + secret))
     with pytest.raises(AuthenticationError):
         Cluster(Config(host="127.0.0.1", port=port, username="someone", secret_key=secret))
 
@@ -63,7 +63,7 @@ def test_node_with_wrong_secret_is_refused(daemons, secret):
     logging an ERROR for each refusal that says which settings to check."""
     port = daemons.server(secret)
     node = daemons.start("node", "--host", "127.0.0.1", "--port", str(port), "--processes", "1",
-                         secret="not-the-secret")
+                         secret="not-the-" + secret)
     wait_for(lambda: daemons.log(node).count(" ERROR handshake with the server") >= 2
              or node.poll() is not None, what="two refusals")
     assert node.poll() is None, daemons.log(node)

@@ -84,17 +84,18 @@ def test_config_precedence(tmp_path, monkeypatch):
     for var in list(os.environ):
         if var.startswith("ACHILLES_"):
             monkeypatch.delenv(var)
-    gen_config(str(tmp_path / ".env"), host="10.1.1.1", port=1111, username="file", secret_key="s1")
+    s1, s2 = "first-secret-0123456789", "second-secret-0123456789"
+    gen_config(str(tmp_path / ".env"), host="10.1.1.1", port=1111, username="file", secret_key=s1)
     monkeypatch.chdir(tmp_path)
     cfg = load_config()
-    assert (cfg.host, cfg.port, cfg.username, cfg.secret_key) == ("10.1.1.1", 1111, "file", "s1")
+    assert (cfg.host, cfg.port, cfg.username, cfg.secret_key) == ("10.1.1.1", 1111, "file", s1)
     monkeypatch.setenv("ACHILLES_PORT", "2222")
-    monkeypatch.setenv("ACHILLES_SECRET_KEY", "s2")
+    monkeypatch.setenv("ACHILLES_SECRET_KEY", s2)
     cfg = load_config()
-    assert (cfg.port, cfg.secret_key, cfg.username) == (2222, "s2", "file")
+    assert (cfg.port, cfg.secret_key, cfg.username) == (2222, s2, "file")
     cfg = load_config(port=3333, username="arg")
     assert (cfg.port, cfg.username) == (3333, "arg")
-    assert "s2" not in repr(cfg)
+    assert s2 not in repr(cfg)
     other = tmp_path / "other.env"
     other.write_text("ACHILLES_USERNAME=elsewhere\n")
     os.chmod(other, 0o600)
@@ -107,7 +108,7 @@ def test_world_readable_env_warns(tmp_path, monkeypatch):
     for var in list(os.environ):
         if var.startswith("ACHILLES_"):
             monkeypatch.delenv(var)
-    path = gen_config(str(tmp_path / ".env"), secret_key="s")
+    path = gen_config(str(tmp_path / ".env"), secret_key="a-long-enough-secret-0123")
     os.chmod(path, 0o644)
     monkeypatch.chdir(tmp_path)
     with pytest.warns(UserWarning, match="chmod 600"):
@@ -121,7 +122,7 @@ def test_bad_config_is_one_clear_line(tmp_path):
     out = run([sys.executable, "-m", "achilles.server", "--port", "0"], tmp_path, env)
     assert out.returncode == 2
     assert out.stderr.strip().count("\n") == 0 and "achilles config" in out.stderr
-    env["ACHILLES_SECRET_KEY"] = "x"
+    env["ACHILLES_SECRET_KEY"] = "x" * 32
     env["ACHILLES_PORT"] = "nine"
     out = run([sys.executable, "-m", "achilles.node"], tmp_path, env)
     assert out.returncode == 2 and "ACHILLES_PORT must be a whole number" in out.stderr

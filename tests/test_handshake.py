@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -18,6 +19,13 @@ pytestmark = pytest.mark.timeout(60)
 
 USER = "tester"
 SECRET = "s3cret-Key-that-must-never-leak-0123456789"
+KEY = derive_key(USER, SECRET)
+
+
+@functools.lru_cache(maxsize=None)
+def key_for(user: str, secret: str) -> bytes:
+    """derive_key, memoised: scrypt is deliberately slow."""
+    return derive_key(user, secret)
 
 
 def unframe(data: bytes):
@@ -45,7 +53,7 @@ def run_to_auth(server: ServerHandshake, peer: PeerHandshake):
 
 def valid_auth_obj(server: ServerHandshake, role="node", user=USER, secret=SECRET):
     """A correct AUTH body (as a dict) for ``server``, built by a real PeerHandshake."""
-    peer = PeerHandshake(role, user, secret)
+    peer = PeerHandshake(role, user, key_for(user, secret))
     _, body = run_to_auth(server, peer)
     return json.loads(body)
 
@@ -59,8 +67,8 @@ def auth_body(obj) -> bytes:
 @pytest.mark.parametrize("role", ["node", "controller"])
 def test_handshake_completes_with_same_credentials(role):
     """Matching credentials authenticate both sides; the server learns the peer's role."""
-    server = ServerHandshake(USER, SECRET)
-    peer = PeerHandshake(role, USER, SECRET)
+    server = ServerHandshake(USER, KEY)
+    peer = PeerHandshake(role, USER, KEY)
     assert server.state == "start" and peer.state == "start"
     auth = run_to_auth(server, peer)
     assert server.state == "sent_hello" and peer.state == "sent_auth"
@@ -75,8 +83,8 @@ def test_handshake_completes_with_same_credentials(role):
 
 def test_hello_and_auth_carry_documented_fields():
     """HELLO carries achilles/proto/nonce; AUTH carries proto/role/user/nonce/proof, no secret."""
-    server = ServerHandshake(USER, SECRET)
-    peer = PeerHandshake("controller", USER, SECRET)
+    server = ServerHandshake(USER, KEY)
+    peer = PeerHandshake("controller", USER, KEY)
     hello = json.loads(unframe(server.start()[0])[1])
     assert hello == {"achilles": 1, "proto": wire.PROTOCOL_VERSION, "nonce": server.nonce}
     assert len(bytes.fromhex(server.nonce)) == NONCE_BYTES
@@ -87,24 +95,23 @@ def test_hello_and_auth_carry_documented_fields():
     assert auth["role"] == "controller" and auth["user"] == USER
     assert auth["nonce"] == peer.nonce != server.nonce
     assert SECRET not in raw.decode()
-    assert derive_key(USER, SECRET).hex() not in raw.decode()
+    assert KEY.hex() not in raw.decode()
 
 
 def test_nonces_are_fresh():
     """Each handshake object draws a new random nonce."""
-    nonces = {ServerHandshake(USER, SECRET).nonce for _ in range(20)}
-    nonces |= {PeerHandshake("node", USER, SECRET).nonce for _ in range(20)}
+    nonces = {ServerHandshake(USER, KEY).nonce for _ in range(20)}
+    nonces |= {PeerHandshake("node", USER, KEY).nonce for _ in range(20)}
     assert len(nonces) == 40
 
 
 def test_key_depends_on_username_and_secret():
     """derive_key differs when either the user name or the secret differs."""
-    base = derive_key(USER, SECRET)
-    assert derive_key(USER, SECRET) == base
-    assert derive_key(USER + "x", SECRET) != base
-    assert derive_key(USER, SECRET + "x") != base
-    # the separator stops ("ab", "c") colliding with ("a", "bc")
-    assert derive_key("ab", "c") != derive_key("a", "bc")
+    assert derive_key(USER, SECRET) == KEY
+    assert derive_key(USER + "x", SECRET) != KEY
+    assert derive_key(USER, SECRET + "x") != KEY
+    # the user name salts the secret: ("ab", "c...") does not collide with ("a", "bc...")
+    assert derive_key("ab", "c" + SECRET) != derive_key("a", "bc" + SECRET)
 
 
 # --- refusals ---------------------------------------------------------------------------------
@@ -121,7 +128,7 @@ def _refused(server: ServerHandshake, peer: PeerHandshake, secret_in_peer: str):
     assert reason and reason == server.failure
     for secret in (SECRET, secret_in_peer):
         assert secret not in body.decode()
-        assert derive_key(USER, secret).hex() not in body.decode()
+        assert key_for(USER, secret).hex() not in body.decode()
     with pytest.raises(AuthenticationError, match="refused") as info:
         peer.receive(code, body)
     assert reason in str(info.value)
@@ -132,30 +139,30 @@ def _refused(server: ServerHandshake, peer: PeerHandshake, secret_in_peer: str):
 def test_wrong_secret_is_refused():
     """A peer with a different secret key is refused with a reason that leaks no secret."""
     wrong = "not-the-" + SECRET
-    reason = _refused(ServerHandshake(USER, SECRET), PeerHandshake("node", USER, wrong), wrong)
+    reason = _refused(ServerHandshake(USER, KEY), PeerHandshake("node", USER, key_for(USER, wrong)), wrong)
     assert "wrong username or secret key" in reason
 
 
 def test_wrong_username_is_refused():
     """A peer with the right secret but another user name is refused the same way."""
-    reason = _refused(ServerHandshake(USER, SECRET),
-                      PeerHandshake("controller", "mallory", SECRET), SECRET)
+    reason = _refused(ServerHandshake(USER, KEY),
+                      PeerHandshake("controller", "mallory", key_for("mallory", SECRET)), SECRET)
     assert "wrong username or secret key" in reason
 
 
 def test_fail_frame_without_failure_says_refused():
     """fail_frame before any failure still produces a small, valid AUTH_FAIL frame."""
-    code, body = unframe(ServerHandshake(USER, SECRET).fail_frame())
+    code, body = unframe(ServerHandshake(USER, KEY).fail_frame())
     assert code == wire.AUTH_FAIL
     assert wire.decode_json(body) == {"reason": "refused"}
 
 
 def test_fake_server_with_other_secret_is_detected():
     """A server that answers AUTH_OK with a proof made from a different secret is refused."""
-    fake = ServerHandshake(USER, "the-fake-servers-secret")
-    peer = PeerHandshake("node", USER, SECRET)
+    fake = ServerHandshake(USER, key_for(USER, "the-fake-servers-secret"))
+    peer = PeerHandshake("node", USER, KEY)
     auth = json.loads(run_to_auth(fake, peer)[1])
-    forged = handshake._proof(derive_key(USER, "the-fake-servers-secret"), "server",
+    forged = handshake._proof(key_for(USER, "the-fake-servers-secret"), "server",
                               fake.nonce, auth["nonce"], "node", USER)
     with pytest.raises(AuthenticationError, match="failed to prove"):
         peer.receive(wire.AUTH_OK, auth_body({"proof": forged}))
@@ -164,8 +171,8 @@ def test_fake_server_with_other_secret_is_detected():
 
 def test_reflected_proof_is_refused():
     """A fake server echoing the peer's own proof back as AUTH_OK is refused (direction label)."""
-    fake = ServerHandshake(USER, SECRET)
-    peer = PeerHandshake("node", USER, SECRET)
+    fake = ServerHandshake(USER, KEY)
+    peer = PeerHandshake("node", USER, KEY)
     auth = json.loads(run_to_auth(fake, peer)[1])
     with pytest.raises(AuthenticationError):
         peer.receive(wire.AUTH_OK, auth_body({"proof": auth["proof"]}))
@@ -175,8 +182,8 @@ def test_reflected_proof_is_refused():
 @pytest.mark.parametrize("body", [{}, {"proof": None}, {"proof": 12}, {"proof": ""}])
 def test_auth_ok_without_valid_proof_is_refused(body):
     """AUTH_OK with a missing, non-string or empty proof fails authentication."""
-    peer = PeerHandshake("node", USER, SECRET)
-    run_to_auth(ServerHandshake(USER, SECRET), peer)
+    peer = PeerHandshake("node", USER, KEY)
+    run_to_auth(ServerHandshake(USER, KEY), peer)
     with pytest.raises(AuthenticationError):
         peer.receive(wire.AUTH_OK, auth_body(body))
     assert peer.state == "failed"
@@ -184,12 +191,12 @@ def test_auth_ok_without_valid_proof_is_refused(body):
 
 def test_replayed_auth_fails_against_new_server():
     """An AUTH frame recorded from a successful handshake is refused by a fresh ServerHandshake."""
-    first = ServerHandshake(USER, SECRET)
-    peer = PeerHandshake("node", USER, SECRET)
+    first = ServerHandshake(USER, KEY)
+    peer = PeerHandshake("node", USER, KEY)
     recorded = run_to_auth(first, peer)
     first.receive(*recorded)
     assert first.state == "done"
-    second = ServerHandshake(USER, SECRET)
+    second = ServerHandshake(USER, KEY)
     second.start()
     assert second.nonce != first.nonce
     with pytest.raises(AuthenticationError):
@@ -199,11 +206,11 @@ def test_replayed_auth_fails_against_new_server():
 
 def test_auth_ok_cannot_be_replayed_to_new_peer():
     """An AUTH_OK recorded from one handshake does not authenticate a server to a new peer."""
-    server = ServerHandshake(USER, SECRET)
-    peer = PeerHandshake("node", USER, SECRET)
+    server = ServerHandshake(USER, KEY)
+    peer = PeerHandshake("node", USER, KEY)
     recorded_ok = one(server.receive(*run_to_auth(server, peer)))
     # a new connection: the attacker replays the old HELLO (same server nonce) and the old AUTH_OK
-    peer2 = PeerHandshake("node", USER, SECRET)
+    peer2 = PeerHandshake("node", USER, KEY)
     peer2.receive(wire.HELLO, auth_body({"achilles": 1, "proto": wire.PROTOCOL_VERSION,
                                          "nonce": server.nonce}))
     with pytest.raises(AuthenticationError):
@@ -212,8 +219,8 @@ def test_auth_ok_cannot_be_replayed_to_new_peer():
 
 def test_second_auth_after_done_is_refused():
     """Once done, the server handshake accepts no further frames."""
-    server = ServerHandshake(USER, SECRET)
-    auth = run_to_auth(server, PeerHandshake("node", USER, SECRET))
+    server = ServerHandshake(USER, KEY)
+    auth = run_to_auth(server, PeerHandshake("node", USER, KEY))
     server.receive(*auth)
     with pytest.raises(ProtocolError):
         server.receive(*auth)
@@ -222,7 +229,7 @@ def test_second_auth_after_done_is_refused():
 
 def test_auth_before_hello_is_refused():
     """The server refuses an AUTH before it has sent HELLO (no nonce on the wire yet)."""
-    server = ServerHandshake(USER, SECRET)
+    server = ServerHandshake(USER, KEY)
     with pytest.raises(ProtocolError):
         server.receive(wire.AUTH, b"{}")
     assert server.state == "failed"
@@ -231,7 +238,7 @@ def test_auth_before_hello_is_refused():
 @pytest.mark.parametrize("code", [wire.HELLO, wire.AUTH_OK, wire.AUTH_FAIL, wire.TASK, 200])
 def test_server_refuses_other_codes(code):
     """The server handshake accepts only AUTH after HELLO."""
-    server = ServerHandshake(USER, SECRET)
+    server = ServerHandshake(USER, KEY)
     server.start()
     with pytest.raises(ProtocolError, match="during handshake"):
         server.receive(code, b"{}")
@@ -241,7 +248,7 @@ def test_server_refuses_other_codes(code):
 @pytest.mark.parametrize("code", [wire.AUTH, wire.AUTH_OK, wire.AUTH_FAIL, wire.TASK])
 def test_peer_refuses_frames_out_of_order(code):
     """Before HELLO the peer accepts nothing else; AUTH_OK cannot skip the exchange."""
-    peer = PeerHandshake("node", USER, SECRET)
+    peer = PeerHandshake("node", USER, KEY)
     with pytest.raises(ProtocolError):
         peer.receive(code, auth_body({"proof": "00" * 32, "reason": "x"}))
     assert peer.state == "failed"
@@ -249,8 +256,8 @@ def test_peer_refuses_frames_out_of_order(code):
 
 def test_peer_refuses_second_hello():
     """A second HELLO after the peer sent AUTH is a protocol error."""
-    server = ServerHandshake(USER, SECRET)
-    peer = PeerHandshake("node", USER, SECRET)
+    server = ServerHandshake(USER, KEY)
+    peer = PeerHandshake("node", USER, KEY)
     hello = one(server.start())
     peer.receive(*hello)
     with pytest.raises(ProtocolError):
@@ -261,7 +268,7 @@ def test_peer_refuses_second_hello():
 def test_peer_rejects_bad_role():
     """PeerHandshake only plays the node or controller role."""
     with pytest.raises(ValueError):
-        PeerHandshake("server", USER, SECRET)
+        PeerHandshake("server", USER, KEY)
 
 
 # --- versions and malformed frames ------------------------------------------------------------
@@ -269,7 +276,7 @@ def test_peer_rejects_bad_role():
 @pytest.mark.parametrize("proto", [0, 2, 99, "1", None])
 def test_server_reports_version_mismatch(proto):
     """An AUTH with another protocol version is refused, naming both versions."""
-    server = ServerHandshake(USER, SECRET)
+    server = ServerHandshake(USER, KEY)
     obj = valid_auth_obj(server)
     if proto is None:
         del obj["proto"]
@@ -285,7 +292,7 @@ def test_server_reports_version_mismatch(proto):
 
 def test_peer_reports_version_mismatch():
     """A HELLO with another protocol version tells the peer to install the same version."""
-    peer = PeerHandshake("node", USER, SECRET)
+    peer = PeerHandshake("node", USER, KEY)
     hello = {"achilles": 1, "proto": wire.PROTOCOL_VERSION + 1, "nonce": "ab" * NONCE_BYTES}
     with pytest.raises(AuthenticationError, match="protocol version mismatch") as info:
         peer.receive(wire.HELLO, auth_body(hello))
@@ -303,7 +310,7 @@ def test_peer_reports_version_mismatch():
 ])
 def test_peer_rejects_malformed_hello(hello):
     """A HELLO that is not from an Achilles server or has a bad nonce is a ProtocolError."""
-    peer = PeerHandshake("controller", USER, SECRET)
+    peer = PeerHandshake("controller", USER, KEY)
     with pytest.raises(ProtocolError):
         peer.receive(wire.HELLO, auth_body(hello))
     assert peer.state == "failed"
@@ -312,7 +319,7 @@ def test_peer_rejects_malformed_hello(hello):
 @pytest.mark.parametrize("body", [b"", b"\x80\x04pickle", b"[1]", b'"hello"'])
 def test_peer_rejects_non_json_hello(body):
     """A HELLO body that is not a JSON object is a ProtocolError."""
-    peer = PeerHandshake("node", USER, SECRET)
+    peer = PeerHandshake("node", USER, KEY)
     with pytest.raises(ProtocolError):
         peer.receive(wire.HELLO, body)
 
@@ -344,7 +351,7 @@ MALFORMED = [
                          ids=[f"{f}-{i}" for i, (f, _) in enumerate(MALFORMED)])
 def test_server_rejects_malformed_auth_fields(field, value):
     """AUTH with a bad nonce, unknown role, missing proof or bad user name is a ProtocolError."""
-    server = ServerHandshake(USER, SECRET)
+    server = ServerHandshake(USER, KEY)
     obj = valid_auth_obj(server)
     if value is DELETE:
         del obj[field]
@@ -359,8 +366,8 @@ def test_server_rejects_malformed_auth_fields(field, value):
 def test_long_username_rejected_even_when_server_uses_it():
     """A user name over MAX_USERNAME is malformed even if it is the configured one."""
     long_user = "u" * (MAX_USERNAME + 1)
-    server = ServerHandshake(long_user, SECRET)
-    peer = PeerHandshake("node", long_user, SECRET)
+    server = ServerHandshake(long_user, key_for(long_user, SECRET))
+    peer = PeerHandshake("node", long_user, key_for(long_user, SECRET))
     with pytest.raises(ProtocolError, match="user"):
         server.receive(*run_to_auth(server, peer))
 
@@ -368,7 +375,7 @@ def test_long_username_rejected_even_when_server_uses_it():
 @pytest.mark.parametrize("body", [b"", b"\xff", b"[]", b"null", b"\x80\x05N."])
 def test_server_rejects_non_json_auth(body):
     """An AUTH body that is not a JSON object is a ProtocolError."""
-    server = ServerHandshake(USER, SECRET)
+    server = ServerHandshake(USER, KEY)
     server.start()
     with pytest.raises(ProtocolError):
         server.receive(wire.AUTH, body)
@@ -378,7 +385,7 @@ def test_server_rejects_non_json_auth(body):
 def test_server_rejects_non_ascii_proof_cleanly():
     """A proof string with non-ASCII characters is refused with AuthenticationError or
     ProtocolError (the handshake's documented errors), never another exception type."""
-    server = ServerHandshake(USER, SECRET)
+    server = ServerHandshake(USER, KEY)
     obj = valid_auth_obj(server)
     obj["proof"] = "\u00e9" * 64
     with pytest.raises((AuthenticationError, ProtocolError)):
@@ -389,7 +396,7 @@ def test_server_rejects_non_ascii_proof_cleanly():
 def test_server_rejects_lone_surrogate_username_cleanly():
     """A user name that JSON decodes to a lone surrogate is refused with a handshake error,
     not a UnicodeEncodeError."""
-    server = ServerHandshake(USER, SECRET)
+    server = ServerHandshake(USER, KEY)
     obj = valid_auth_obj(server)
     body = auth_body(obj).replace(b'"user": "tester"', b'"user": "\\ud800"')
     assert b"\\ud800" in body
@@ -401,8 +408,8 @@ def test_server_rejects_lone_surrogate_username_cleanly():
 def test_peer_rejects_non_ascii_server_proof_cleanly():
     """A (fake) server's AUTH_OK with a non-ASCII proof fails authentication on the peer
     with AuthenticationError, not another exception type."""
-    peer = PeerHandshake("node", USER, SECRET)
-    run_to_auth(ServerHandshake(USER, SECRET), peer)
+    peer = PeerHandshake("node", USER, KEY)
+    run_to_auth(ServerHandshake(USER, KEY), peer)
     with pytest.raises(AuthenticationError):
         peer.receive(wire.AUTH_OK, auth_body({"proof": "\u00e9" * 64}))
     assert peer.state == "failed"
@@ -458,7 +465,7 @@ def test_fuzz_server_receive(case, started):
     """Whatever frame reaches ServerHandshake.receive, only ProtocolError or
     AuthenticationError escape; on error the state is ``failed`` and fail_frame is valid."""
     code, build = case
-    server = ServerHandshake(USER, SECRET)
+    server = ServerHandshake(USER, KEY)
     body = build(server)  # draws HELLO (server.start) when building a field-wise body
     if started and server.state == "start":
         server.start()

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pickle
@@ -20,7 +21,7 @@ from twisted.test.iosim import FakeTransport, connectedServerAndClient
 from achilles import wire
 from achilles.controller.client import ControllerProtocol
 from achilles.errors import AuthenticationError, ConnectionFailed
-from achilles.handshake import PeerHandshake
+from achilles.handshake import PeerHandshake, derive_key
 from achilles.protocol import PeerSideProtocol, handles
 from achilles.session import TAG_SIZE, FrameOpener, FrameSealer
 from achilles.server.service import ServerFactory
@@ -30,6 +31,8 @@ pytestmark = pytest.mark.timeout(60)
 
 USER = "tester"
 SECRET = "protocol-sim-secret-0123456789abcdef"
+key_for = functools.lru_cache(maxsize=None)(derive_key)  # scrypt is deliberately slow
+KEY = key_for(USER, SECRET)
 PEER = IPv4Address("TCP", "10.0.0.7", 40000)
 
 
@@ -54,7 +57,7 @@ class SimNode(PeerSideProtocol):
     def __init__(self, username, secret_key, name="sim-node", processes=1):
         super().__init__()
         self.username = username
-        self.secret_key = secret_key
+        self.auth_key = key_for(username, secret_key)
         self.name = name
         self.processes = processes
         self.heartbeat = 0
@@ -133,7 +136,7 @@ def connect(factory, client, protos):
 
 
 def controller(username=USER, secret=SECRET):
-    client = ControllerProtocol(username, secret, "sim-server:1")
+    client = ControllerProtocol(username, key_for(username, secret), "sim-server:1")
     client.heartbeat = 0
     return client
 
@@ -373,7 +376,7 @@ def test_authenticated_peer_is_not_timed_out(protos):
     clock = Clock()
     factory = ServerFactory(USER, SECRET, prefetch=1, heartbeat=0, clock=clock)
     proto, transport, hello = raw_server(factory, protos)
-    peer = PeerHandshake("controller", USER, SECRET)
+    peer = PeerHandshake("controller", USER, KEY)
     [auth] = peer.receive(*hello)
     proto.dataReceived(auth)
     clock.advance(10 * proto.handshake_timeout)
@@ -387,7 +390,7 @@ def test_silent_peer_is_dropped_after_heartbeat(protos):
     clock = Clock()
     factory = ServerFactory(USER, SECRET, prefetch=1, heartbeat=1.0, clock=clock)
     proto, transport, hello = raw_server(factory, protos)
-    peer = PeerHandshake("controller", USER, SECRET)
+    peer = PeerHandshake("controller", USER, KEY)
     [auth] = peer.receive(*hello)
     proto.dataReceived(auth)
     peer.receive(*wire.FrameDecoder().frames(transport.value())[0])
@@ -410,7 +413,7 @@ def test_pipelined_auth_and_status(factory, protos):
     """An AUTH and a STATUS in the same TCP segment both get handled: the frame limit is
     lifted between them, and the STATUS gets its reply."""
     proto, transport, hello = raw_server(factory, protos)
-    peer = PeerHandshake("controller", USER, SECRET)
+    peer = PeerHandshake("controller", USER, KEY)
     [auth] = peer.receive(*hello)
     # the peer may pipeline before it has AUTH_OK: its keys depend only on its own inputs
     peer_keys = _keys_before_auth_ok(peer, hello)
@@ -429,10 +432,10 @@ def test_pipelined_auth_and_status(factory, protos):
 
 
 def _keys_before_auth_ok(peer, hello):
-    from achilles.handshake import derive_key, session_keys
+    from achilles.handshake import session_keys
 
     server_nonce = json.loads(hello[1])["nonce"]
-    to_peer, to_server = session_keys(derive_key(USER, SECRET), server_nonce, peer.nonce,
+    to_peer, to_server = session_keys(KEY, server_nonce, peer.nonce,
                                       "controller", USER)
     return to_server, to_peer
 
@@ -488,7 +491,7 @@ def test_pickle_behind_failed_auth_is_never_unpickled(factory, protos, tmp_path)
     """A pickled message pipelined behind an AUTH with a wrong secret is never unpickled."""
     marker = tmp_path / "pwned"
     proto, transport, hello = raw_server(factory, protos)
-    peer = PeerHandshake("controller", USER, "wrong-secret")
+    peer = PeerHandshake("controller", USER, key_for(USER, "wrong-" + SECRET))
     [auth] = peer.receive(*hello)
     proto.dataReceived(auth + wire.frame(wire.SUBMIT, marker_body(marker)))
     assert not marker.exists()
@@ -502,7 +505,7 @@ def test_pickle_after_auth_reaches_unpickling(factory, protos, tmp_path):
     key, is decoded (so the tests above would notice if pre-auth frames were unpickled)."""
     marker = tmp_path / "decoded"
     proto, transport, hello = raw_server(factory, protos)
-    peer = PeerHandshake("controller", USER, SECRET)
+    peer = PeerHandshake("controller", USER, KEY)
     [auth] = peer.receive(*hello)
     sealer = FrameSealer(_keys_before_auth_ok(peer, hello)[0])
     body = marker_body(marker)
@@ -520,13 +523,13 @@ def test_untagged_frame_after_auth_is_never_unpickled(factory, protos, tmp_path,
     relayed the handshake would send)."""
     marker = tmp_path / "pwned"
     proto, transport, hello = raw_server(factory, protos)
-    peer = PeerHandshake("controller", USER, SECRET)
+    peer = PeerHandshake("controller", USER, KEY)
     [auth] = peer.receive(*hello)
     body = marker_body(marker)
     frame = wire.frame(wire.SUBMIT, body)
     if tag is not None:
         if tag == "other-connection":
-            other = PeerHandshake("controller", USER, SECRET)
+            other = PeerHandshake("controller", USER, KEY)
             other.receive(wire.HELLO, hello[1])
             key = _keys_before_auth_ok(other, hello)[0]
             frame = b"".join(FrameSealer(key).seal([frame[:5], body]))
@@ -580,7 +583,7 @@ def test_non_ascii_proof_gets_clean_refusal(factory, protos):
     """An AUTH whose proof has non-ASCII characters is refused like any wrong proof: no
     exception escapes dataReceived, and the connection is closed."""
     proto, transport, hello = raw_server(factory, protos)
-    peer = PeerHandshake("controller", USER, SECRET)
+    peer = PeerHandshake("controller", USER, KEY)
     [auth] = peer.receive(*hello)
     obj = json.loads(wire.FrameDecoder().frames(auth)[0][1])
     obj["proof"] = "\u00e9" * 4  # JSON-escaped, so keep the frame under the pre-auth cap
