@@ -27,7 +27,7 @@ from typing import Any, Dict, FrozenSet, List, Tuple
 from achilles.errors import ProtocolError
 from achilles.session import TAG_SIZE, FrameOpener
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 HEADER = struct.Struct("!BI")
 PREAUTH_MAX_FRAME = 512
 DEFAULT_MAX_FRAME = 1 << 30

@@ -273,7 +273,7 @@ def test_peer_rejects_bad_role():
 
 # --- versions and malformed frames ------------------------------------------------------------
 
-@pytest.mark.parametrize("proto", [0, 2, 99, "1", None])
+@pytest.mark.parametrize("proto", [0, 1, 99, "2", None])
 def test_server_reports_version_mismatch(proto):
     """An AUTH with another protocol version is refused, naming both versions."""
     server = ServerHandshake(USER, KEY)
@@ -301,12 +301,12 @@ def test_peer_reports_version_mismatch():
 
 
 @pytest.mark.parametrize("hello", [
-    {"proto": 1, "nonce": "ab" * NONCE_BYTES},
-    {"achilles": 2, "proto": 1, "nonce": "ab" * NONCE_BYTES},
-    {"achilles": 1, "proto": 1},
-    {"achilles": 1, "proto": 1, "nonce": "ab" * (NONCE_BYTES - 1)},
-    {"achilles": 1, "proto": 1, "nonce": "zz" * NONCE_BYTES},
-    {"achilles": 1, "proto": 1, "nonce": 5},
+    {"proto": wire.PROTOCOL_VERSION, "nonce": "ab" * NONCE_BYTES},
+    {"achilles": 2, "proto": wire.PROTOCOL_VERSION, "nonce": "ab" * NONCE_BYTES},
+    {"achilles": 1, "proto": wire.PROTOCOL_VERSION},
+    {"achilles": 1, "proto": wire.PROTOCOL_VERSION, "nonce": "ab" * (NONCE_BYTES - 1)},
+    {"achilles": 1, "proto": wire.PROTOCOL_VERSION, "nonce": "zz" * NONCE_BYTES},
+    {"achilles": 1, "proto": wire.PROTOCOL_VERSION, "nonce": 5},
 ])
 def test_peer_rejects_malformed_hello(hello):
     """A HELLO that is not from an Achilles server or has a bad nonce is a ProtocolError."""

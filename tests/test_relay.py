@@ -195,8 +195,8 @@ def test_relay_cannot_submit_a_job_as_the_controller(relayed_controller, tmp_pat
     relay, cluster, daemons = relayed_controller
     link = relay.link()
     marker = tmp_path / "pwned"
-    for code, fields in evil_job(marker):
-        link.up.inject(make_frame(code, fields))
+    # in one write: the server may close the connection as soon as it sees the first frame
+    link.up.inject(b"".join(make_frame(code, fields) for code, fields in evil_job(marker)))
     assert link.down.closed.wait(10), "the server kept the tampered connection open"
     assert still_absent(marker)
     server = daemons.procs[0]
@@ -247,8 +247,8 @@ def test_relay_cannot_make_a_node_run_code(daemons, secret, relay_to, tmp_path, 
     link = relay.link()
     marker = tmp_path / "pwned"
     bomb = pickle.dumps(MarkerPickle(str(marker)))
-    link.down.inject(make_frame(wire.JOB_CODE, ("evil", bomb, b"", {})))
-    link.down.inject(make_frame(wire.TASK, ("evil", 0, False, None, bomb)))
+    link.down.inject(make_frame(wire.JOB_CODE, ("evil", bomb, b"", {}))
+                     + make_frame(wire.TASK, ("evil", 0, False, None, bomb)))
     assert link.up.closed.wait(10), "the node kept the tampered connection open"
     assert still_absent(marker)
     wait_for(lambda: "failed authentication" in daemons.log(node), 10, what="the node's log line")
