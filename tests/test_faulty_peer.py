@@ -1,0 +1,120 @@
+"""An authenticated but faulty peer cannot lose work: a real server, a real node and a real
+controller run a map while a scripted node or controller (tests/rawpeer.py, correctly
+authenticated) sends messages of every type with wrong shapes. The faulty peer is dropped,
+and the map still returns every result exactly once."""
+
+from __future__ import annotations
+
+import pickle
+import threading
+from typing import Any, List
+
+import pytest
+
+from achilles import wire
+from achilles.config import Config
+from achilles.controller.cluster import Cluster
+from rawpeer import RawPeer
+
+pytestmark = [pytest.mark.timeout(120), pytest.mark.faults]
+
+ITEMS = list(range(-40, 0))
+
+# (code, fields, raw payload or None): every message a node may send, in wrong shapes.
+BAD_FROM_NODE = {
+    "result-wrong-types": (wire.RESULT, ("JOB", "zero", "ok", "fast", 7), b"x"),
+    "result-too-few-fields": (wire.RESULT, ("JOB", 0), b"x"),
+    "result-not-a-tuple": (wire.RESULT, ["JOB", 0, 0, 0.1, "rogue"], b"x"),
+    "result-unknown-status": (wire.RESULT, ("JOB", "CHUNK", 99, 0.1, "rogue"), b"x"),
+    "crashed-garbage-record": (wire.RESULT, ("JOB", "CHUNK", wire.CRASHED, 0.1, "rogue"),
+                               b"not a crash record"),
+    "crashed-wrong-record": (wire.RESULT, ("JOB", "CHUNK", wire.CRASHED, 0.1, "rogue"),
+                             pickle.dumps(("one", "two", "three", "four"))),
+    "node-ready-again-bad": (wire.NODE_READY, ("rogue", "many"), None),
+    "controller-message": (wire.SUBMIT, ("j", "f", b"", b"", {}), None),
+    "ping-wrong-token": (wire.PING, ("token",), None),
+}
+
+
+def run_map(cluster: Cluster, out: List[Any]) -> threading.Thread:
+    def work() -> None:
+        try:
+            out.append(cluster.map(abs, ITEMS, chunksize=1))
+        except BaseException as exc:  # reported by the test
+            out.append(exc)
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    return thread
+
+
+def fill(template: tuple, job_id: str, chunk_id: int) -> Any:
+    def sub(v: Any) -> Any:
+        return job_id if v == "JOB" else chunk_id if v == "CHUNK" else v
+    return type(template)(sub(v) for v in template)
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FROM_NODE))
+def test_faulty_node_loses_no_work(daemons, secret, case):
+    """A node that sends a malformed message while it holds chunks is dropped, its chunks
+    run elsewhere, and the map completes with every result exactly once."""
+    port = daemons.server(secret)
+    rogue = RawPeer(port, "node", secret)
+    rogue.send(wire.NODE_READY, "rogue", 4, "rogue-host", 1, {})
+    cluster = Cluster(Config(host="127.0.0.1", port=port, username="tester", secret_key=secret))
+    try:
+        out: List[Any] = []
+        thread = run_map(cluster, out)
+        tasks = []
+        while not tasks:
+            code, fields = rogue.receive()
+            if code == wire.TASK:
+                tasks.append(fields)
+        job_id, chunk_id = tasks[0][0], tasks[0][1]
+        daemons.start("node", "--host", "127.0.0.1", "--port", str(port), "--processes", "1",
+                      secret=secret)
+        code, fields, payload = BAD_FROM_NODE[case]
+        rogue.send_raw(code, fill(fields, job_id, chunk_id), payload)
+        assert rogue.closed_by_server(), "the server kept a node that sent a malformed message"
+        thread.join(60)
+        assert not thread.is_alive(), "the map hung: a chunk was lost"
+        assert out == [[abs(x) for x in ITEMS]]
+    finally:
+        rogue.close()
+        cluster.close()
+
+
+BAD_FROM_CONTROLLER = {
+    "submit-wrong-types": (wire.SUBMIT, ("j", 5, "code", None, []), None),
+    "chunk-wrong-types": (wire.CHUNK, ("j", "zero", 1), b"x"),
+    "end-wrong-types": (wire.END, ("j", "all")), 
+    "cancel-too-many": (wire.CANCEL, ("j", "r", "extra"), None),
+    "graph-wrong-types": (wire.GRAPH, ("g", b"", {"tasks": 1}, None), None),
+    "status-wrong-type": (wire.STATUS, ("one",), None),
+    "node-message": (wire.NODE_READY, ("x", 1, "h", 1, {}), None),
+    "result-from-controller": (wire.RESULT, ("j", 0, 0, 0.1, "n"), b"x"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FROM_CONTROLLER))
+def test_faulty_controller_harms_no_other_job(daemons, secret, case):
+    """A controller that sends a malformed message is dropped; another controller's map
+    running at the same time completes with every result exactly once."""
+    port = daemons.server(secret)
+    daemons.start("node", "--host", "127.0.0.1", "--port", str(port), "--processes", "2",
+                  secret=secret)
+    cluster = Cluster(Config(host="127.0.0.1", port=port, username="tester", secret_key=secret))
+    rogue = RawPeer(port, "controller", secret)
+    try:
+        out: List[Any] = []
+        thread = run_map(cluster, out)
+        spec = BAD_FROM_CONTROLLER[case]
+        code, fields, payload = spec if len(spec) == 3 else (*spec, None)
+        rogue.send_raw(code, fields, payload)
+        assert rogue.closed_by_server(), "the server kept a controller that sent a malformed message"
+        thread.join(60)
+        assert not thread.is_alive(), "the map hung"
+        assert out == [[abs(x) for x in ITEMS]]
+    finally:
+        rogue.close()
+        cluster.close()
