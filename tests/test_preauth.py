@@ -210,6 +210,17 @@ def test_total_preauth_cap_refuses_beyond_it_and_frees_slots_on_close(make_clust
     finally:
         for s in first + second:
             s.close()
+
+    def admitted() -> bool:
+        # The server handles the 16 closes asynchronously: wait until a new socket gets HELLO.
+        with connect_from("127.0.0.4", lc.port) as probe:
+            probe.settimeout(PATIENCE)
+            try:
+                return probe.recv(5)[:1] == bytes([wire.HELLO])
+            except ConnectionResetError:
+                return False
+
+    wait_for(admitted, timeout=PATIENCE, what="the closed sockets' slots to be freed")
     cfg = Config(host="127.0.0.1", port=lc.port, username="local",
                  secret_key=lc.cluster.config.secret_key)
     with Cluster(cfg) as c:
