@@ -161,7 +161,7 @@ class ServerFactory(protocol.ServerFactory):
         self._waiting_for_nodes: List[defer.Deferred] = []
         self.stopping = False
 
-    def buildProtocol(self, addr: Any) -> protocol.Protocol:
+    def buildProtocol(self, addr: Any) -> "ServerConnection | RefusedConnection":
         source = source_key(str(getattr(addr, "host", "?")))
         refusal = self.preauth.admit(source)
         if refusal is not None:
