@@ -58,10 +58,14 @@ class ServerConnection(ServerSideProtocol):
         return getattr(self.transport.getPeer(), "host", "?")
 
     def hello_delay(self) -> float:
-        delay = self.factory.guard.delay(self._host(), reactor.seconds())
+        now = reactor.seconds()
+        delay = self.factory.guard.delay(self._host(), now)
         if delay:
-            log.warning("slowing down handshakes from %s (%.2f s): too many failures",
-                        self._host(), delay)
+            dropped = self.factory.slowdown_log.allow(now)
+            if dropped is not None:
+                more = f" ({dropped} more slowed down since the last such message)" if dropped else ""
+                log.warning("slowing down handshakes from %s (%.2f s): too many failures%s",
+                            self._host(), delay, more)
         return delay
 
     def on_refused(self, reason: str) -> None:
@@ -158,6 +162,7 @@ class ServerFactory(protocol.ServerFactory):
         self.guard = HandshakeGuard()
         self.preauth = PreauthLimiter(max_preauth, max_preauth_per_source)
         self._refusal_log = LogThrottle()
+        self.slowdown_log = LogThrottle()
         self._waiting_for_nodes: List[defer.Deferred] = []
         self.stopping = False
 
