@@ -25,6 +25,9 @@ DEFAULT_PORT = 9999
 DEFAULT_USERNAME = "achilles"
 DEFAULT_PREFETCH = 2
 DEFAULT_RECONNECT_TIMEOUT = 60.0
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+DEFAULT_MAX_PREAUTH = 1024
+DEFAULT_MAX_PREAUTH_PER_SOURCE = 32
 ENV_FILE_VAR = "ACHILLES_ENV_FILE"
 #: Shortest secret key accepted: one captured handshake lets anyone test guesses offline.
 MIN_SECRET_LENGTH = 16
@@ -42,6 +45,10 @@ VARIABLES: Dict[str, str] = {
     "ACHILLES_HEARTBEAT": "seconds of silence after which a peer counts as dead (default 10)",
     "ACHILLES_RECONNECT_TIMEOUT": "seconds a controller keeps trying to reach a restarted server (default 60)",
     "ACHILLES_MAX_CRASHES": "times an item may kill its worker before it fails with WorkerCrashed (default 3)",
+    "ACHILLES_HANDSHAKE_TIMEOUT": "server: seconds a new connection has to finish the handshake (default 10)",
+    "ACHILLES_MAX_PREAUTH": "server: connections allowed in the handshake at once; more are refused (default 1024)",
+    "ACHILLES_MAX_PREAUTH_PER_SOURCE": ("server: the same, per source address (an IPv6 /64 counts as one "
+                                        "source; default 32)"),
     "ACHILLES_TLS_CERT": "server: its TLS certificate (PEM); turns TLS on",
     "ACHILLES_TLS_KEY": "server: the key of ACHILLES_TLS_CERT",
     "ACHILLES_TLS_CLIENT_CA": "server: require client certificates signed by this CA (mutual TLS)",
@@ -67,6 +74,9 @@ class Config:
     heartbeat: float = DEFAULT_HEARTBEAT
     reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT
     max_crashes: int = DEFAULT_MAX_CRASHES
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
+    max_preauth: int = DEFAULT_MAX_PREAUTH
+    max_preauth_per_source: int = DEFAULT_MAX_PREAUTH_PER_SOURCE
     tls_cert: Optional[str] = None
     tls_key: Optional[str] = None
     tls_client_ca: Optional[str] = None
@@ -256,6 +266,14 @@ def load_config(**overrides: Any) -> Config:
                              else _as_number("ACHILLES_RECONNECT_TIMEOUT", reconnect, 0, float))
     crashes = pick("max_crashes", "ACHILLES_MAX_CRASHES")
     cfg.max_crashes = DEFAULT_MAX_CRASHES if crashes is None else _as_number("ACHILLES_MAX_CRASHES", crashes, 1)
+    handshake = pick("handshake_timeout", "ACHILLES_HANDSHAKE_TIMEOUT")
+    cfg.handshake_timeout = (DEFAULT_HANDSHAKE_TIMEOUT if handshake is None
+                             else _as_number("ACHILLES_HANDSHAKE_TIMEOUT", handshake, 0.1, float))
+    preauth = pick("max_preauth", "ACHILLES_MAX_PREAUTH")
+    cfg.max_preauth = DEFAULT_MAX_PREAUTH if preauth is None else _as_number("ACHILLES_MAX_PREAUTH", preauth, 1)
+    per_source = pick("max_preauth_per_source", "ACHILLES_MAX_PREAUTH_PER_SOURCE")
+    cfg.max_preauth_per_source = (DEFAULT_MAX_PREAUTH_PER_SOURCE if per_source is None
+                                  else _as_number("ACHILLES_MAX_PREAUTH_PER_SOURCE", per_source, 1))
     for name in TLS_FIELDS:
         setattr(cfg, name, pick(name, "ACHILLES_" + name.upper()))
     return cfg

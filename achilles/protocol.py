@@ -124,6 +124,10 @@ class AchillesProtocol(protocol.Protocol):
         self._timer = None
         if self.state == "handshake":
             self.fail(f"handshake not finished within {self.handshake_timeout:g} s")
+        elif self.state == "closed":
+            # Refused before auth and still not gone (a TLS peer that never answers our
+            # close_notify keeps it open): drop it now.
+            self.transport.abortConnection()
 
     def authenticated(self, peer_role: str, send_key: bytes, recv_key: bytes) -> None:
         """Move to ``ready``: lift the frame limit, accept the peer's post-auth messages, and
@@ -219,14 +223,19 @@ class AchillesProtocol(protocol.Protocol):
         pass
 
     def fail(self, reason: str) -> None:
-        """Log why and close the connection."""
+        """Log why and close the connection (at once, without a graceful close, before auth)."""
         if self.state == "closed":
             return
-        if self.state == "handshake":
+        preauth = self.state == "handshake"
+        if preauth:
             self.on_refused(reason)
         log.warning("closing connection from %s: %s", self.peer_address, reason)
         self.state = "closed"
-        self.transport.loseConnection()
+        if preauth:
+            # loseConnection would wait for a TLS peer's close_notify, possibly forever.
+            self.transport.abortConnection()
+        else:
+            self.transport.loseConnection()
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self.state = "closed"

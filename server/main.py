@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from achilles.cli_common import add_connection_options, run_main
 from achilles.config import load_config
@@ -36,6 +37,62 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Descriptors the server needs besides pre-auth connections (listening socket, logs, peers).
+FD_HEADROOM = 256
+
+
+def raise_fd_limit() -> Tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; return (before, after).
+
+    Every connection, also one that never authenticates, holds a file descriptor; a low soft
+    limit would let a handful of idle sockets lock nodes and controllers out.
+    """
+    try:
+        import resource
+    except ImportError:  # not a POSIX system
+        return -1, -1
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if hard == resource.RLIM_INFINITY:
+        try:
+            with open("/proc/sys/fs/nr_open") as fh:
+                target = int(fh.read())
+        except (OSError, ValueError):
+            target = 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open file limit from %d to %d: %s", soft, target, exc)
+    return soft, resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or a name) only listens on this machine."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def startup_warnings(host: str, tls: bool, max_preauth: int) -> None:
+    """Raise the open file limit and log it; warn about settings that put the server at risk."""
+    before, limit = raise_fd_limit()
+    if limit >= 0:
+        raised = f" (raised from {before})" if limit != before else ""
+        log.info("open file limit: %d%s", limit, raised)
+        if limit < max_preauth + FD_HEADROOM:
+            log.warning("the open file limit (%d) leaves little room beyond ACHILLES_MAX_PREAUTH=%d "
+                        "connections in the handshake; raise the hard limit (ulimit -Hn) or lower "
+                        "ACHILLES_MAX_PREAUTH", limit, max_preauth)
+    if not tls and not is_loopback(host):
+        log.warning("listening on %s without TLS: jobs, results and the cluster's traffic are "
+                    "readable by anyone on the path; use TLS (--tls-cert/--tls-key, certificates "
+                    "from `achilles certs DIR`)", host)
+
+
 def serve(args: argparse.Namespace) -> int:
     """Listen and run until stopped (SIGTERM, SIGINT, or a controller's kill)."""
     cfg = load_config(host=args.host, port=args.port, username=args.username,
@@ -50,8 +107,11 @@ def serve(args: argparse.Namespace) -> int:
 
     from achilles.server.service import ServerFactory
 
+    startup_warnings(cfg.host, tls is not None, cfg.max_preauth)
     factory = ServerFactory(cfg.username, secret, prefetch=cfg.prefetch, heartbeat=cfg.heartbeat,
-                            max_crashes=cfg.max_crashes)
+                            max_crashes=cfg.max_crashes, handshake_timeout=cfg.handshake_timeout,
+                            max_preauth=cfg.max_preauth,
+                            max_preauth_per_source=cfg.max_preauth_per_source)
     try:
         if tls is None:
             port = reactor.listenTCP(cfg.port, factory, interface=cfg.host)

@@ -10,10 +10,12 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 from achilles import wire
+from achilles.config import (DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_PREAUTH,
+                             DEFAULT_MAX_PREAUTH_PER_SOURCE)
 from achilles.handshake import derive_key
 from achilles.logs import printable
 from achilles.protocol import ServerSideProtocol, default_clock, handles
-from achilles.server.guard import HandshakeGuard
+from achilles.server.guard import HandshakeGuard, LogThrottle, PreauthLimiter, source_key
 from achilles.server.scheduler import ControllerState, NodeState, Scheduler
 
 log = logging.getLogger("achilles.server")
@@ -32,8 +34,16 @@ class ServerConnection(ServerSideProtocol):
         self.controller: Optional[ControllerState] = None
         self.role: Optional[str] = None
         self._refused = False
+        #: Source this connection counts against in the pre-auth limiter, until it is released.
+        self.preauth_source: Optional[str] = None
+
+    def _release_preauth(self) -> None:
+        if self.preauth_source is not None:
+            self.factory.preauth.release(self.preauth_source)
+            self.preauth_source = None
 
     def on_authenticated(self) -> None:
+        self._release_preauth()
         if self.role == "controller":
             self.controller = self.factory.scheduler.add_controller(self, self.peer_address)
         else:
@@ -43,10 +53,14 @@ class ServerConnection(ServerSideProtocol):
         return getattr(self.transport.getPeer(), "host", "?")
 
     def hello_delay(self) -> float:
-        delay = self.factory.guard.delay(self._host(), self.clock.seconds())
+        now = self.clock.seconds()
+        delay = self.factory.guard.delay(self._host(), now)
         if delay:
-            log.warning("slowing down handshakes from %s (%.2f s): too many failures",
-                        self._host(), delay)
+            dropped = self.factory.slowdown_log.allow(now)
+            if dropped is not None:
+                more = f" ({dropped} more slowed down since the last such message)" if dropped else ""
+                log.warning("slowing down handshakes from %s (%.2f s): too many failures%s",
+                            self._host(), delay, more)
         return delay
 
     def on_refused(self, reason: str) -> None:
@@ -55,6 +69,7 @@ class ServerConnection(ServerSideProtocol):
             self.factory.guard.record_failure(self._host(), self.clock.seconds())
 
     def on_closed(self, reason: Failure) -> None:
+        self._release_preauth()
         if self.role is None:
             self.on_refused("closed during the handshake")
         sched = self.factory.scheduler
@@ -113,30 +128,60 @@ class ServerConnection(ServerSideProtocol):
             lambda stopped: self.send(wire.KILL_DONE, request_id, stopped))
 
 
+def addr_text(addr: Any) -> str:
+    """``host:port`` of a Twisted address."""
+    return f"{getattr(addr, 'host', '?')}:{getattr(addr, 'port', '?')}"
+
+
+class RefusedConnection(protocol.Protocol):
+    """Stands in for a connection over a pre-auth cap: drops it the moment it is made."""
+
+    def connectionMade(self) -> None:
+        self.transport.abortConnection()
+
+
 class ServerFactory(protocol.ServerFactory):
-    """Holds the scheduler and the credentials every connection checks."""
+    """Holds the scheduler and the credentials every connection checks, and caps the
+    connections still in the handshake (in total and per source)."""
 
     protocol = ServerConnection
 
     def __init__(self, username: str, secret_key: str, prefetch: int = 2,
                  heartbeat: float = wire.DEFAULT_HEARTBEAT,
                  max_crashes: int = wire.DEFAULT_MAX_CRASHES,
+                 handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+                 max_preauth: int = DEFAULT_MAX_PREAUTH,
+                 max_preauth_per_source: int = DEFAULT_MAX_PREAUTH_PER_SOURCE,
                  clock: Optional[IReactorTime] = None) -> None:
         self.clock: IReactorTime = clock or default_clock()
         self.username = username
         self.auth_key = derive_key(username, secret_key)
         self.heartbeat = heartbeat
+        self.handshake_timeout = handshake_timeout
         self.scheduler = Scheduler(prefetch=prefetch, max_crashes=max_crashes, clock=self.clock)
         self.guard = HandshakeGuard()
+        self.preauth = PreauthLimiter(max_preauth, max_preauth_per_source)
+        self._refusal_log = LogThrottle()
+        self.slowdown_log = LogThrottle()
         self._waiting_for_nodes: List[defer.Deferred] = []
         self.stopping = False
 
-    def buildProtocol(self, addr: Any) -> ServerConnection:
+    def buildProtocol(self, addr: Any) -> "ServerConnection | RefusedConnection":
+        source = source_key(str(getattr(addr, "host", "?")))
+        refusal = self.preauth.admit(source)
+        if refusal is not None:
+            dropped = self._refusal_log.allow(self.clock.seconds())
+            if dropped is not None:
+                more = f" ({dropped} more refused since the last such message)" if dropped else ""
+                log.warning("refusing a connection from %s: %s%s", addr_text(addr), refusal, more)
+            return RefusedConnection()
         proto = ServerConnection(self.clock)
         proto.factory = self
+        proto.preauth_source = source
         proto.username = self.username
         proto.auth_key = self.auth_key
         proto.heartbeat = self.heartbeat
+        proto.handshake_timeout = self.handshake_timeout
         return proto
 
     def node_gone(self) -> None:

@@ -15,7 +15,7 @@ import pytest
 from achilles import wire
 from achilles.config import Config
 from achilles.controller.cluster import Cluster
-from achilles.server.guard import FREE_FAILURES, HandshakeGuard
+from achilles.server.guard import FREE_FAILURES, MAX_DELAY, HandshakeGuard
 from conftest import wait_for
 from tasks import sleepy, square
 
@@ -32,10 +32,10 @@ def test_guard_delays_only_repeat_offenders():
     g.record_failure("10.0.0.1", 100.0)
     first = g.delay("10.0.0.1", 100.0)
     g.record_failure("10.0.0.1", 100.0)
-    assert 0 < first < g.delay("10.0.0.1", 100.0) <= 5.0
+    assert 0 < first < g.delay("10.0.0.1", 100.0) <= MAX_DELAY
     for _ in range(50):
         g.record_failure("10.0.0.1", 100.0)
-    assert g.delay("10.0.0.1", 100.0) == 5.0
+    assert g.delay("10.0.0.1", 100.0) == MAX_DELAY
     assert g.delay("10.0.0.2", 100.0) == 0.0
     assert g.delay("10.0.0.1", 1000.0) == 0.0
 
@@ -60,8 +60,8 @@ def test_flood_of_bad_handshakes_is_slowed_and_jobs_go_on(make_cluster):
 
 
 def test_slowloris_is_closed(make_cluster):
-    """A connection that never finishes the handshake is closed by the server (after the
-    handshake timeout), and the server keeps serving meanwhile."""
+    """A connection that never finishes the handshake is closed by the server (aborted, so
+    possibly with a reset, after the handshake timeout), and the server keeps serving meanwhile."""
     lc = make_cluster(nodes=1, processes=1)
     s = socket.create_connection(("127.0.0.1", lc.port))
     with s:
@@ -70,10 +70,11 @@ def test_slowloris_is_closed(make_cluster):
         assert header[0] == wire.HELLO
         s.sendall(struct.pack("!BI", wire.AUTH, 100))  # announce a body, never send it
         assert lc.cluster.map(square, [7]) == [49]
-        while True:
-            data = s.recv(4096)
-            if not data:
-                break
+        try:
+            while s.recv(4096):
+                pass
+        except ConnectionResetError:
+            pass
 
 
 def test_random_bytes_do_not_disturb_the_server(make_cluster):
