@@ -21,6 +21,7 @@ from twisted.python.failure import Failure
 from achilles import wire
 from achilles.errors import AchillesError, AuthenticationError, ProtocolError
 from achilles.handshake import PeerHandshake, ServerHandshake
+from achilles.logs import printable
 from achilles.session import FrameOpener, FrameSealer
 
 log = logging.getLogger("achilles.protocol")
@@ -223,19 +224,16 @@ class AchillesProtocol(protocol.Protocol):
         pass
 
     def fail(self, reason: str) -> None:
-        """Log why and close the connection (at once, without a graceful close, before auth)."""
+        """Log why and drop the connection at once: after a protocol error nothing more is
+        read or sent, and a graceful close would wait for a TLS peer's close_notify, possibly
+        forever."""
         if self.state == "closed":
             return
-        preauth = self.state == "handshake"
-        if preauth:
+        if self.state == "handshake":
             self.on_refused(reason)
-        log.warning("closing connection from %s: %s", self.peer_address, reason)
+        log.warning("closing connection from %s: %s", self.peer_address, printable(reason))
         self.state = "closed"
-        if preauth:
-            # loseConnection would wait for a TLS peer's close_notify, possibly forever.
-            self.transport.abortConnection()
-        else:
-            self.transport.loseConnection()
+        self.transport.abortConnection()
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self.state = "closed"

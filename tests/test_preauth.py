@@ -13,7 +13,7 @@ import pytest
 from achilles import wire
 from achilles.config import Config
 from achilles.controller.cluster import Cluster
-from achilles.handshake import PeerHandshake
+from achilles.handshake import PeerHandshake, derive_key
 from achilles.tls import generate_certs
 from conftest import wait_for
 from tasks import square
@@ -147,7 +147,7 @@ def test_idle_preauth_socket_is_closed_after_the_deadline(daemons, secret, tmp_p
         elif how == "tls-refused-no-close-notify":
             tls = RawTLS(s, certs["ca.pem"])
             hello = tls.read_frame()
-            [auth] = PeerHandshake("controller", "tester", "not-the-secret").receive(*hello)
+            [auth] = PeerHandshake("controller", "tester", derive_key("tester", "not-the-secret-0123456789")).receive(*hello)
             tls.write(auth)
             assert tls.read_frame()[0] == wire.AUTH_FAIL
         assert closed_within(s), f"the server kept the {how} connection open"
