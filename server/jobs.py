@@ -146,7 +146,9 @@ class Job(ABC):
 
     def status(self) -> Dict[str, Any]:
         """A JSON-serializable summary."""
-        return {"id": self.job_id, "owner": self.owner.address, "function": self.function,
+        # Only a prefix: the full id is what lets its controller resume the job, so no other
+        # controller may learn it.
+        return {"id": self.job_id[:8], "owner": self.owner.address, "function": self.function,
                 "kind": self.kind, "sent": self.items_sent, "done": self.items_done,
                 "failed": self.chunks_failed, "chunks_done": self.chunks_done,
                 "queued": len(self.queue)}

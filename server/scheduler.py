@@ -163,8 +163,7 @@ class Scheduler:
     def submit(self, ctrl: ControllerState, job_id: str, function: str, func_bytes: bytes,
                callback_bytes: bytes, options: Dict[str, Any]) -> None:
         """Start a job; its chunks follow in CHUNK messages."""
-        if job_id in self.jobs:
-            ctrl.peer.send(wire.JOB_FAILED, job_id, f"job id {job_id} is already in use")
+        if not self._claim(ctrl, job_id, "job"):
             return
         job = MapJob(job_id, ctrl, printable(function), func_bytes, callback_bytes,
                      dict(options or {}), self.clock.seconds())
@@ -173,6 +172,27 @@ class Scheduler:
         if not self.nodes:
             log.warning("job %s is waiting: no node is connected", job_id[:8])
         self._refill(job)
+
+    def _claim(self, ctrl: ControllerState, job_id: str, what: str) -> bool:
+        """Whether ``ctrl`` may start a job under ``job_id``.
+
+        A job id is the capability of the controller that made it (128 random bits, never
+        shown to other controllers: status shows a prefix). A controller that lost its link
+        resubmits its unanswered work under the same id, possibly before the server has noticed
+        the old connection is dead: then the old copy is dropped (results still in flight for
+        it are discarded, so none is delivered twice) and the job starts afresh here.
+        """
+        old = self.jobs.get(job_id)
+        if old is None:
+            return True
+        if old.owner is ctrl:
+            ctrl.peer.send(wire.JOB_FAILED, job_id, f"{what} id {job_id[:8]} is already in use")
+            return False
+        log.warning("%s %s resumed by controller %d; dropping its copy from controller %d",
+                    what, job_id[:8], ctrl.controller_id, old.owner.controller_id)
+        old.state = "cancelled"
+        self._drop(old, "resumed on another connection")
+        return True
 
     def _start(self, job: Job) -> None:
         self.jobs[job.job_id] = job
@@ -395,8 +415,7 @@ class Scheduler:
     def submit_graph(self, ctrl: ControllerState, graph_id: str, funcs: bytes,
                      tasks: List[Tuple[Any, ...]], outputs: List[int]) -> None:
         """Start a call graph: tasks run as soon as their inputs are done."""
-        if graph_id in self.jobs:
-            ctrl.peer.send(wire.JOB_FAILED, graph_id, f"graph id {graph_id} is already in use")
+        if not self._claim(ctrl, graph_id, "graph"):
             return
         try:
             graph = GraphState(tasks, outputs)

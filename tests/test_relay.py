@@ -89,9 +89,10 @@ class Link:
     def close(self) -> None:
         for s in self.sockets:
             try:
-                s.close()
+                s.shutdown(socket.SHUT_RDWR)  # wakes the relay threads; close alone does not
             except OSError:
                 pass
+            s.close()
 
 
 class Relay:
@@ -254,3 +255,36 @@ def test_relay_cannot_make_a_node_run_code(daemons, secret, relay_to, tmp_path, 
     wait_for(lambda: "failed authentication" in daemons.log(node), 10, what="the node's log line")
     relay.link(1, timeout=30)  # it comes back through the relay with a fresh handshake
     assert node.poll() is None
+
+
+def test_another_controller_cannot_take_over_a_resuming_job(daemons, secret, relay_to):
+    """While a controller's link is down and it reconnects, another (authenticated)
+    controller that read the cluster status cannot claim its job: status shows only a prefix
+    of each job id, the full id is the job's capability, and the resumed map returns its own
+    results in full."""
+    from rawpeer import RawPeer
+    from tasks import slow_square
+
+    port = daemons.server(secret)
+    daemons.start("node", "--host", "127.0.0.1", "--port", str(port), "--processes", "2",
+                  secret=secret)
+    relay = relay_to(port)
+    victim = Cluster(Config(host="127.0.0.1", port=relay.port, username="tester",
+                            secret_key=secret, reconnect_timeout=20))
+    attacker = RawPeer(port, "controller", secret)
+    try:
+        results = victim.imap(slow_square, range(60), chunksize=1)
+        assert next(results) == 0
+        attacker.send(wire.STATUS, 1)
+        code, (_, status) = attacker.receive()
+        [job] = status["jobs"]
+        assert len(job["id"]) == 8, "status gives away the full job id"
+        relay.links[0].close()  # the victim's link drops; it will reconnect and resume
+        for guess in (job["id"], job["id"] + "0" * 24):
+            attacker.send(wire.SUBMIT, guess, "evil", b"", b"", {})
+        rest = list(results)
+        assert rest == [x * x for x in range(1, 60)]
+        assert len(relay.links) >= 2, "the victim did not reconnect through the relay"
+    finally:
+        attacker.close()
+        victim.close()

@@ -571,16 +571,40 @@ def test_cancel_by_other_controller_is_ignored():
     assert npeer.sent == []
 
 
-def test_duplicate_job_id_is_refused():
-    """Submitting a job id already in use answers JOB_FAILED and keeps the first job."""
+def test_duplicate_job_id_on_one_connection_is_refused():
+    """The same controller submitting a job id it already runs gets JOB_FAILED; the first
+    job is kept."""
     sched = make()
     p1, c1 = controller(sched, "c1:1")
-    p2, c2 = controller(sched, "c2:1")
     submit(sched, c1, "j", function="first")
-    submit(sched, c2, "j", function="second")
-    assert p2.of(wire.JOB_FAILED) and p2.of(wire.JOB_FAILED)[0][1] == "j"
+    submit(sched, c1, "j", function="second")
+    assert p1.of(wire.JOB_FAILED) and p1.of(wire.JOB_FAILED)[0][1] == "j"
     assert sched.jobs["j"].function == "first"
-    assert sched.jobs["j"].owner is c1
+    sched.check_invariants()
+
+
+def test_job_id_resubmitted_from_a_new_connection_resumes_there():
+    """A job id resubmitted on another connection (its controller reconnected before the
+    server noticed the old link died) moves there: the old copy is cancelled on the nodes,
+    its late results are dropped, and only the new copy's results reach the controller."""
+    sched = make(prefetch=1)
+    p1, c1 = controller(sched, "c1:1")
+    npeer, n = node(sched, processes=1)
+    submit(sched, c1, "j", function="first")
+    chunks(sched, c1, "j", range(1))
+    [task] = npeer.of(wire.TASK)
+    p2, c2 = controller(sched, "c1:2")
+    submit(sched, c2, "j", function="first")
+    assert sched.jobs["j"].owner is c2
+    assert [m[1] for m in npeer.of(wire.CANCEL)] == ["j"]
+    sched.result(n, "j", task[2], wire.OK, b"late", 0.1)  # the old copy's result: dropped
+    assert not p1.of(wire.RESULT) and not p2.of(wire.RESULT)
+    chunks(sched, c2, "j", range(1))
+    sched.check_invariants()
+    [task] = npeer.of(wire.TASK)[1:]
+    sched.result(n, "j", task[2], wire.OK, b"fresh", 0.1)
+    assert [bytes(m[-1]) for m in p2.of(wire.RESULT)] == [b"fresh"]
+    sched.check_invariants()
 
 
 def test_remove_controller_cancels_its_jobs():
