@@ -71,6 +71,7 @@ class Msg(IntEnum):
     GRAPH = 34
     TASK_DONE = 35
     GRAPH_DONE = 36
+    NODE_LOAD = 37
 
 
 @dataclass(frozen=True)
@@ -177,6 +178,8 @@ declare(Msg.TASK_DONE, ("graph_id", STR), ("task_id", INT), ("status", INT), ("n
         doc="an output task's value, or a task's failure")
 declare(Msg.GRAPH_DONE, ("graph_id", STR), ("report", DICT), routes={(S, C)},
         doc="{task_id: {state, node, duration, attempts}}")
+declare(Msg.NODE_LOAD, ("load1", NUM), ("cpus", INT), ("mem_total", INT), ("mem_available", INT),
+        routes={(N, S)}, doc="the node host's load average, CPUs and memory (bytes; 0: unknown)")
 
 # Module-level names for every code (``wire.SUBMIT`` is ``Msg.SUBMIT``).
 globals().update({m.name: m for m in Msg})

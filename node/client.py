@@ -9,6 +9,7 @@ from typing import Any, Dict, Optional, Tuple
 
 from twisted.internet import protocol, reactor
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 
 from achilles import wire
@@ -18,6 +19,28 @@ from achilles.protocol import PeerSideProtocol, handles
 from achilles.node.pool import Task, WorkerPool
 
 log = logging.getLogger("achilles.node")
+
+#: Seconds between two NODE_LOAD reports.
+LOAD_INTERVAL = 5.0
+
+
+def host_load() -> Tuple[float, int, int, int]:
+    """``(1-minute load average, CPUs, total memory, available memory)``; memory in bytes,
+    0 where this platform does not say."""
+    try:
+        load1 = os.getloadavg()[0]
+    except OSError:
+        load1 = 0.0
+    mem: Dict[str, int] = {}
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                name, _, rest = line.partition(":")
+                if name in ("MemTotal", "MemAvailable"):
+                    mem[name] = int(rest.split()[0]) * 1024
+    except (OSError, ValueError):
+        pass
+    return load1, os.cpu_count() or 1, mem.get("MemTotal", 0), mem.get("MemAvailable", 0)
 
 
 class NodeProtocol(PeerSideProtocol):
@@ -32,6 +55,7 @@ class NodeProtocol(PeerSideProtocol):
         self.jobs: Dict[str, Tuple[bytes, bytes, Dict[str, Any]]] = {}
         self.refusal: Optional[str] = None
         self.was_ready = False
+        self._load: Optional[LoopingCall] = None
 
     def on_refused(self, reason: str) -> None:
         self.refusal = reason
@@ -45,8 +69,17 @@ class NodeProtocol(PeerSideProtocol):
                  f.pool.processes)
         self.send(wire.NODE_READY, f.name, f.pool.processes, socket.gethostname(), os.getpid(),
                   f.resources)
+        self._load = LoopingCall(self.report_load)
+        self._load.clock = self.clock
+        self._load.start(LOAD_INTERVAL)
+
+    def report_load(self) -> None:
+        """Tell the server how loaded this host is (for status and the dashboard)."""
+        self.send(wire.NODE_LOAD, *host_load())
 
     def on_closed(self, reason: Failure) -> None:
+        if self._load is not None and self._load.running:
+            self._load.stop()
         f = self.factory
         if f.current is self:
             f.current = None

@@ -43,6 +43,7 @@ class NodeState:
     jobs_shipped: Set[str] = field(default_factory=set)
     used: Dict[str, float] = field(default_factory=dict)
     done: int = 0  # items this node completed with status OK
+    load: Dict[str, float] = field(default_factory=dict)  # the host's last NODE_LOAD report
     capacity: int = field(init=False)
     bucket: int = field(default=-1, init=False)  # the FreeSlots bucket this node sits in
     bucket_pos: int = field(default=-1, init=False)  # and its position there

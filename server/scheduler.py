@@ -446,7 +446,8 @@ class Scheduler:
             "nodes": [
                 {"name": n.name, "address": n.address, "processes": n.processes,
                  "busy": len(n.inflight), "done": n.done, "hostname": n.hostname,
-                 "connected_since": n.connected_since, "resources": dict(n.resources)}
+                 "connected_since": n.connected_since, "resources": dict(n.resources),
+                 "load": dict(n.load)}
                 for n in self.nodes.values()
             ],
             "jobs": [j.status() for j in self.jobs.values()],

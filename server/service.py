@@ -88,6 +88,12 @@ class ServerConnection(ServerSideProtocol):
                 self, printable(name, 100), self.peer_address, int(processes), printable(hostname, 100),
                 int(pid), resources)
 
+    @handles(wire.NODE_LOAD)
+    def node_load(self, load1: float, cpus: int, mem_total: int, mem_available: int) -> None:
+        if self.node is not None:
+            self.node.load = {"load1": float(load1), "cpus": cpus, "mem_total": mem_total,
+                              "mem_available": mem_available}
+
     @handles(wire.RESULT)
     def node_result(self, job_id: str, chunk_id: int, status: int, elapsed: float,
                     node_name: str, payload: bytes) -> None:

@@ -239,3 +239,14 @@ def test_node_joins_mid_job(make_cluster):
     late = [n for n in c.status()["nodes"] if n["name"] == "late"]
     assert late and late[0]["done"] > 0
     assert len(pids) == 2
+
+
+def test_status_shows_each_node_host_load(cluster):
+    """Nodes report their host's load average, CPUs and memory (NODE_LOAD), and status
+    shows the latest report per node."""
+    wait_for(lambda: all(n["load"] for n in cluster.status()["nodes"]), what="load reports")
+    for n in cluster.status()["nodes"]:
+        load = n["load"]
+        assert load["cpus"] == os.cpu_count()
+        assert load["load1"] >= 0
+        assert load["mem_total"] > load["mem_available"] > 0
