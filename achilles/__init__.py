@@ -17,7 +17,7 @@ from achilles.flows import dataflow  # noqa: E402
 from achilles.graph import TaskCall, task, workflow  # noqa: E402
 from achilles.errors import (  # noqa: E402
     AchillesError, AuthenticationError, ConfigError, ConnectionFailed, ConnectionLost,
-    JobCancelled, ProtocolError, RemoteError, ResourceUnavailable, TaskTimeout, WorkerCrashed,
+    FrameTooLarge, JobCancelled, ProtocolError, RemoteError, ResourceUnavailable, TaskTimeout, WorkerCrashed,
 )
 
 __version__ = "0.1.0"
@@ -26,7 +26,7 @@ __all__ = [
     "task", "workflow", "dataflow", "TaskCall", "connect", "map", "imap", "imap_unordered", "status", "kill_cluster", "LocalCluster",
     "gen_config", "load_config", "default_cluster",
     "AchillesError", "AuthenticationError", "ConfigError", "ConnectionFailed", "ConnectionLost",
-    "JobCancelled", "ProtocolError", "RemoteError", "ResourceUnavailable", "TaskTimeout",
+    "FrameTooLarge", "JobCancelled", "ProtocolError", "RemoteError", "ResourceUnavailable", "TaskTimeout",
     "WorkerCrashed",
 ]
 

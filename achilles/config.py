@@ -18,7 +18,7 @@ from typing import Any, Dict, Optional
 from dotenv import dotenv_values
 
 from achilles.errors import ConfigError
-from achilles.wire import DEFAULT_HEARTBEAT, DEFAULT_MAX_CRASHES
+from achilles.wire import DEFAULT_HEARTBEAT, DEFAULT_MAX_CRASHES, DEFAULT_MAX_FRAME
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 9999
@@ -45,6 +45,8 @@ VARIABLES: Dict[str, str] = {
     "ACHILLES_HEARTBEAT": "seconds of silence after which a peer counts as dead (default 10)",
     "ACHILLES_RECONNECT_TIMEOUT": "seconds a controller keeps trying to reach a restarted server (default 60)",
     "ACHILLES_MAX_CRASHES": "times an item may kill its worker before it fails with WorkerCrashed (default 3)",
+    "ACHILLES_MAX_FRAME": ("largest message in bytes, the same on every machine (default 268435456, "
+                           "256 MiB); a bigger chunk or result fails on the sending side"),
     "ACHILLES_HANDSHAKE_TIMEOUT": "server: seconds a new connection has to finish the handshake (default 10)",
     "ACHILLES_MAX_PREAUTH": "server: connections allowed in the handshake at once; more are refused (default 1024)",
     "ACHILLES_MAX_PREAUTH_PER_SOURCE": ("server: the same, per source address (an IPv6 /64 counts as one "
@@ -74,6 +76,7 @@ class Config:
     heartbeat: float = DEFAULT_HEARTBEAT
     reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT
     max_crashes: int = DEFAULT_MAX_CRASHES
+    max_frame: int = DEFAULT_MAX_FRAME
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
     max_preauth: int = DEFAULT_MAX_PREAUTH
     max_preauth_per_source: int = DEFAULT_MAX_PREAUTH_PER_SOURCE
@@ -266,6 +269,9 @@ def load_config(**overrides: Any) -> Config:
                              else _as_number("ACHILLES_RECONNECT_TIMEOUT", reconnect, 0, float))
     crashes = pick("max_crashes", "ACHILLES_MAX_CRASHES")
     cfg.max_crashes = DEFAULT_MAX_CRASHES if crashes is None else _as_number("ACHILLES_MAX_CRASHES", crashes, 1)
+    max_frame = pick("max_frame", "ACHILLES_MAX_FRAME")
+    cfg.max_frame = (DEFAULT_MAX_FRAME if max_frame is None
+                     else _as_number("ACHILLES_MAX_FRAME", max_frame, 1 << 16))
     handshake = pick("handshake_timeout", "ACHILLES_HANDSHAKE_TIMEOUT")
     cfg.handshake_timeout = (DEFAULT_HANDSHAKE_TIMEOUT if handshake is None
                              else _as_number("ACHILLES_HANDSHAKE_TIMEOUT", handshake, 0.1, float))

@@ -30,6 +30,10 @@ class ProtocolError(AchillesError):
     """A peer sent a frame that breaks the wire protocol."""
 
 
+class FrameTooLarge(AchillesError):
+    """A message would be larger than ACHILLES_MAX_FRAME allows."""
+
+
 class ConnectionLost(AchillesError):
     """The connection to the server was lost while work was outstanding."""
 

@@ -1,6 +1,6 @@
 """Mutual HMAC authentication, as I/O-free state machines (frames in, frames out).
 
-1. server -> peer ``HELLO``    ``{"achilles": 1, "proto": V, "nonce": Ns}``
+1. server -> peer ``HELLO``    ``{"achilles": 1, "proto": V, "nonce": Ns, "max_frame": M}``
 2. peer -> server ``AUTH``     ``{"proto": V, "role": R, "user": U, "nonce": Np,
                                   "proof": HMAC(key, "peer" | Ns | Np | R | U)}``
 3. server -> peer ``AUTH_OK``  ``{"proof": HMAC(key, "server" | Ns | Np | R | U)}``
@@ -102,9 +102,11 @@ def _nonce(obj: dict, name: str) -> str:
 class ServerHandshake:
     """The server's side. States: ``start`` -> ``sent_hello`` -> ``done`` | ``failed``."""
 
-    def __init__(self, username: str, key: bytes, nonce: Optional[str] = None) -> None:
+    def __init__(self, username: str, key: bytes, nonce: Optional[str] = None,
+                 max_frame: int = wire.DEFAULT_MAX_FRAME) -> None:
         self._key = _check_key(key)
         self._username = username
+        self.max_frame = max_frame
         self.nonce = nonce or secrets.token_hex(NONCE_BYTES)
         self.state = "start"
         self.role: Optional[str] = None
@@ -116,7 +118,8 @@ class ServerHandshake:
         assert self.state == "start"
         self.state = "sent_hello"
         return [wire.encode_json(
-            wire.HELLO, {"achilles": 1, "proto": wire.PROTOCOL_VERSION, "nonce": self.nonce}
+            wire.HELLO, {"achilles": 1, "proto": wire.PROTOCOL_VERSION, "nonce": self.nonce,
+                         "max_frame": self.max_frame}
         )]
 
     def receive(self, code: int, body: bytes) -> List[bytes]:
@@ -182,6 +185,8 @@ class PeerHandshake:
         self._key = _check_key(key)
         self.nonce = nonce or secrets.token_hex(NONCE_BYTES)
         self.server_nonce: Optional[str] = None
+        #: The largest frame the server accepts, as its HELLO says (None: not said).
+        self.server_max_frame: Optional[int] = None
         self.state = "start"
         self._keys: Tuple[bytes, bytes] = (b"", b"")
 
@@ -198,6 +203,9 @@ class PeerHandshake:
                         f"this {self.role} {wire.PROTOCOL_VERSION}; install the same Achilles version"
                     )
                 self.server_nonce = _nonce(obj, "nonce")
+                announced = obj.get("max_frame")
+                if isinstance(announced, int) and not isinstance(announced, bool) and announced > 0:
+                    self.server_max_frame = announced
                 proof = _proof(self._key, "peer", self.server_nonce, self.nonce, self.role, self._username)
                 self.state = "sent_auth"
                 return [wire.encode_json(wire.AUTH, {

@@ -19,7 +19,7 @@ from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 
 from achilles import wire
-from achilles.errors import AchillesError, AuthenticationError, ProtocolError
+from achilles.errors import AchillesError, AuthenticationError, FrameTooLarge, ProtocolError
 from achilles.handshake import PeerHandshake, ServerHandshake
 from achilles.logs import printable
 from achilles.session import FrameOpener, FrameSealer
@@ -202,16 +202,34 @@ class AchillesProtocol(protocol.Protocol):
         if self.state == "ready":
             self.send_encoded(wire.encode_message(code, fields))
 
+    @property
+    def send_limit(self) -> int:
+        """The largest message this end may send: its own limit, or the server's if lower."""
+        return self.max_frame
+
+    def check_size(self, pieces: List[bytes]) -> None:
+        """Raise :class:`FrameTooLarge`, naming the setting, if a message is over the limit."""
+        size = wire.frame_size(pieces)
+        if size > self.send_limit:
+            raise FrameTooLarge(
+                f"a {wire.name_of(pieces[0][0])} message of {size:,} bytes is over the "
+                f"{self.send_limit:,}-byte limit; send less per message (a smaller chunksize, "
+                "smaller arguments or results) or raise ACHILLES_MAX_FRAME on every machine")
+
     def send_encoded(self, pieces: List[bytes]) -> None:
-        """Send an already-encoded message (from :func:`wire.encode_message`)."""
+        """Send an already-encoded message (from :func:`wire.encode_message`); a message over
+        the frame limit raises :class:`FrameTooLarge` here, on the sending side."""
         if self.state == "ready":
             assert self._sealer is not None
+            self.check_size(pieces)
             self.transport.writeSequence(self._sealer.seal(pieces))
 
     def send_many(self, messages: List[List[bytes]]) -> None:
         """Send several encoded messages in one write."""
         if self.state == "ready":
             assert self._sealer is not None
+            for m in messages:
+                self.check_size(m)
             seal = self._sealer.seal
             self.transport.writeSequence([piece for m in messages for piece in seal(m)])
 
@@ -255,7 +273,7 @@ class ServerSideProtocol(AchillesProtocol):
     auth_key: bytes = b""  # handshake.derive_key(username, secret), derived once per process
 
     def start_handshake(self) -> None:
-        self.handshake = ServerHandshake(self.username, self.auth_key)
+        self.handshake = ServerHandshake(self.username, self.auth_key, max_frame=self.max_frame)
         self.role: Optional[str] = None
         delay = self.hello_delay()
         if delay > 0:
@@ -297,6 +315,11 @@ class PeerSideProtocol(AchillesProtocol):
     username: str = ""
     auth_key: bytes = b""  # handshake.derive_key(username, secret), derived once per process
     auth_error: Optional[AchillesError] = None
+
+    @property
+    def send_limit(self) -> int:
+        announced = self.handshake.server_max_frame
+        return self.max_frame if announced is None else min(self.max_frame, announced)
 
     def start_handshake(self) -> None:
         self.handshake = PeerHandshake(self.local_role, self.username, self.auth_key)

@@ -30,7 +30,8 @@ from achilles.session import TAG_SIZE, FrameOpener
 PROTOCOL_VERSION = 2
 HEADER = struct.Struct("!BI")
 PREAUTH_MAX_FRAME = 512
-DEFAULT_MAX_FRAME = 1 << 30
+#: The largest post-auth frame, by default (ACHILLES_MAX_FRAME).
+DEFAULT_MAX_FRAME = 256 << 20
 PICKLE_PROTOCOL = 5
 
 #: Chunks a controller may send for a new job before the first WANT (saves a round trip).
@@ -129,7 +130,8 @@ def declare(code: Msg, *fields: Tuple[str, Tuple[type, ...]], routes: FrozenSet[
 
 
 # --- pre-auth: small JSON objects (see achilles.handshake) --------------------------------
-declare(Msg.HELLO, ("achilles", INT), ("proto", INT), ("nonce", STR), routes=TO_PEERS,
+declare(Msg.HELLO, ("achilles", INT), ("proto", INT), ("nonce", STR), ("max_frame", INT),
+        routes=TO_PEERS,
         preauth=True, doc="the server opens the handshake")
 declare(Msg.AUTH, ("proto", INT), ("role", STR), ("user", STR), ("nonce", STR), ("proof", STR),
         routes=FROM_PEERS, preauth=True, doc="the peer proves the secret")
@@ -191,6 +193,11 @@ PREAUTH_CODES = frozenset(c for c, m in REGISTRY.items() if m.preauth)
 POSTAUTH_CODES = ALL_CODES - PREAUTH_CODES
 PAYLOAD_CODES = frozenset(c for c, m in REGISTRY.items() if m.payload)
 META = struct.Struct("!I")
+
+
+def frame_size(pieces: List[bytes]) -> int:
+    """The size of an encoded message (header included)."""
+    return sum(len(p) for p in pieces)
 
 
 def inbound(local: str, peer: str) -> FrozenSet[int]:

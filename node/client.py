@@ -14,7 +14,9 @@ from twisted.python.failure import Failure
 
 from achilles import wire
 from achilles.handshake import derive_key
+from achilles.errors import FrameTooLarge
 from achilles.logs import printable
+from achilles.serialization import error_record
 from achilles.protocol import PeerSideProtocol, handles
 from achilles.node.pool import Task, WorkerPool
 
@@ -120,8 +122,19 @@ class NodeProtocol(PeerSideProtocol):
         self.factory.stop()
 
     def send_result(self, task: Task, status: int, payload: bytes, elapsed: float) -> None:
-        self.send(wire.RESULT, task.job_id, task.chunk_id, status, elapsed, self.factory.name,
-                  payload)
+        """Send a chunk's outcome; one too large to send is turned into a FrameTooLarge error
+        for its caller, so it never stalls the job."""
+        pieces = wire.encode_message(wire.RESULT, (task.job_id, task.chunk_id, status, elapsed,
+                                                   self.factory.name, payload))
+        try:
+            self.check_size(pieces)
+        except FrameTooLarge as exc:
+            record = error_record(0, FrameTooLarge(
+                f"the results of chunk {task.chunk_id} are {len(payload):,} bytes: {exc}"), [])
+            pieces = wire.encode_message(wire.RESULT, (task.job_id, task.chunk_id,
+                                                       wire.ITEM_ERROR, elapsed,
+                                                       self.factory.name, record))
+        self.send_encoded(pieces)
 
 
 class NodeFactory(protocol.ReconnectingClientFactory):
@@ -143,7 +156,9 @@ class NodeFactory(protocol.ReconnectingClientFactory):
 
     def __init__(self, name: str, processes: int, username: str, secret_key: str,
                  address: str, resources: Optional[Dict[str, float]] = None,
-                 heartbeat: float = wire.DEFAULT_HEARTBEAT) -> None:
+                 heartbeat: float = wire.DEFAULT_HEARTBEAT,
+                 max_frame: int = wire.DEFAULT_MAX_FRAME) -> None:
+        self.max_frame = max_frame
         self.name = name
         self.heartbeat = heartbeat
         self.username = username
@@ -163,6 +178,7 @@ class NodeFactory(protocol.ReconnectingClientFactory):
         proto.username = self.username
         proto.auth_key = self.auth_key
         proto.heartbeat = self.heartbeat
+        proto.max_frame = self.max_frame
         return proto
 
     def _from_worker(self, task: Task, status: int, payload: bytes, elapsed: float) -> None:

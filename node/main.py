@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     name = cfg.node_name or node_default_name()
     processes = cfg.processes or cpu_count()
     factory = NodeFactory(name, processes, cfg.username, secret, f"{cfg.host}:{cfg.port}", resources,
-                          heartbeat=cfg.heartbeat)
+                          heartbeat=cfg.heartbeat, max_frame=cfg.max_frame)
     try:
         if tls is None:
             reactor.connectTCP(cfg.host, cfg.port, factory)

@@ -111,7 +111,8 @@ def serve(args: argparse.Namespace) -> int:
     factory = ServerFactory(cfg.username, secret, prefetch=cfg.prefetch, heartbeat=cfg.heartbeat,
                             max_crashes=cfg.max_crashes, handshake_timeout=cfg.handshake_timeout,
                             max_preauth=cfg.max_preauth,
-                            max_preauth_per_source=cfg.max_preauth_per_source)
+                            max_preauth_per_source=cfg.max_preauth_per_source,
+                            max_frame=cfg.max_frame)
     try:
         if tls is None:
             port = reactor.listenTCP(cfg.port, factory, interface=cfg.host)

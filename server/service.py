@@ -158,7 +158,9 @@ class ServerFactory(protocol.ServerFactory):
                  handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
                  max_preauth: int = DEFAULT_MAX_PREAUTH,
                  max_preauth_per_source: int = DEFAULT_MAX_PREAUTH_PER_SOURCE,
+                 max_frame: int = wire.DEFAULT_MAX_FRAME,
                  clock: Optional[IReactorTime] = None) -> None:
+        self.max_frame = max_frame
         self.clock: IReactorTime = clock or default_clock()
         self.username = username
         self.auth_key = derive_key(username, secret_key)
@@ -188,6 +190,7 @@ class ServerFactory(protocol.ServerFactory):
         proto.auth_key = self.auth_key
         proto.heartbeat = self.heartbeat
         proto.handshake_timeout = self.handshake_timeout
+        proto.max_frame = self.max_frame
         return proto
 
     def node_gone(self) -> None:

@@ -82,15 +82,20 @@ def test_handshake_completes_with_same_credentials(role):
 
 
 def test_hello_and_auth_carry_documented_fields():
-    """HELLO carries achilles/proto/nonce; AUTH carries proto/role/user/nonce/proof, no secret."""
-    server = ServerHandshake(USER, KEY)
+    """HELLO carries achilles/proto/nonce/max_frame, exactly the registry's declaration; AUTH
+    carries proto/role/user/nonce/proof, no secret. The peer keeps the server's frame limit."""
+    server = ServerHandshake(USER, KEY, max_frame=12345678)
     peer = PeerHandshake("controller", USER, KEY)
     hello = json.loads(unframe(server.start()[0])[1])
-    assert hello == {"achilles": 1, "proto": wire.PROTOCOL_VERSION, "nonce": server.nonce}
+    assert hello == {"achilles": 1, "proto": wire.PROTOCOL_VERSION, "nonce": server.nonce,
+                     "max_frame": 12345678}
+    assert set(hello) == {f.name for f in wire.REGISTRY[wire.HELLO].fields}
     assert len(bytes.fromhex(server.nonce)) == NONCE_BYTES
     _, raw = one(peer.receive(wire.HELLO, json.dumps(hello).encode()))
     auth = json.loads(raw)
     assert set(auth) == {"proto", "role", "user", "nonce", "proof"}
+    assert set(auth) == {f.name for f in wire.REGISTRY[wire.AUTH].fields}
+    assert peer.server_max_frame == 12345678
     assert auth["proto"] == wire.PROTOCOL_VERSION
     assert auth["role"] == "controller" and auth["user"] == USER
     assert auth["nonce"] == peer.nonce != server.nonce
