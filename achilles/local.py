@@ -13,8 +13,8 @@ import time
 from typing import Any, List, Optional
 
 import achilles
-from achilles.config import Config
-from achilles.errors import AchillesError
+from achilles.core.config import Config
+from achilles.core.errors import AchillesError
 from achilles.controller.cluster import Cluster
 
 START_TIMEOUT = 30.0
@@ -81,7 +81,7 @@ class LocalCluster:
             self._env["ACHILLES_MAX_CRASHES"] = str(max_crashes)
         self.tls: dict = {}
         if tls:
-            from achilles.tls import generate_certs
+            from achilles.core.tls import generate_certs
 
             paths = generate_certs(os.path.join(self._dir, "certs"))
             self.tls = {"tls_cert": paths["server.pem"], "tls_key": paths["server.key"],

@@ -11,9 +11,9 @@ from twisted.internet import defer, error as netError, reactor
 from twisted.internet.endpoints import SSL4ClientEndpoint, TCP4ClientEndpoint, connectProtocol
 from twisted.python.failure import Failure
 
-from achilles import wire
-from achilles.errors import AuthenticationError, ConnectionFailed
-from achilles.protocol import PeerSideProtocol, handles
+from achilles.core import wire
+from achilles.core.errors import AuthenticationError, ConnectionFailed
+from achilles.core.protocol import PeerSideProtocol, handles
 
 log = logging.getLogger("achilles.controller")
 
@@ -97,7 +97,7 @@ def connect(host: str, port: int, username: str, auth_key: bytes,
     """Connect and authenticate; fires with a ready :class:`ControllerProtocol`.
 
     ``auth_key`` is ``derive_key(username, secret_key)``, derived once by the caller.
-    ``tls`` is Twisted client TLS options (see :mod:`achilles.tls`), or None for plain TCP.
+    ``tls`` is Twisted client TLS options (see :mod:`achilles.core.tls`), or None for plain TCP.
     """
     address = f"{host}:{port}"
     proto = ControllerProtocol(username, auth_key, address)

@@ -11,10 +11,10 @@ from twisted.internet import protocol, reactor
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
-from achilles import wire
-from achilles.handshake import derive_key
-from achilles.logs import printable
-from achilles.protocol import PeerSideProtocol, handles
+from achilles.core import wire
+from achilles.core.handshake import derive_key
+from achilles.core.logs import printable
+from achilles.core.protocol import PeerSideProtocol, handles
 from achilles.node.pool import Task, WorkerPool
 
 log = logging.getLogger("achilles.node")

@@ -8,10 +8,10 @@ import logging
 import os
 from typing import List, Optional, Tuple
 
-from achilles.cli_common import add_connection_options, run_main
-from achilles.config import load_config
-from achilles.errors import ConfigError
-from achilles.logs import setup_logging
+from achilles.core.cli_common import add_connection_options, run_main
+from achilles.core.config import load_config
+from achilles.core.errors import ConfigError
+from achilles.core.logs import setup_logging
 
 log = logging.getLogger("achilles.server")
 
@@ -130,7 +130,7 @@ def serve(args: argparse.Namespace) -> int:
             fh.write(str(bound))
         os.replace(tmp, args.port_file)
     if args.exit_with_stdin:
-        from achilles.lifeline import exit_with_stdin
+        from achilles.core.lifeline import exit_with_stdin
 
         exit_with_stdin(lambda: reactor.running and reactor.stop())
     reactor.run()

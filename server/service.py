@@ -9,12 +9,12 @@ from twisted.internet import defer, protocol
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
-from achilles import wire
-from achilles.config import (DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_PREAUTH,
+from achilles.core import wire
+from achilles.core.config import (DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_PREAUTH,
                              DEFAULT_MAX_PREAUTH_PER_SOURCE)
-from achilles.handshake import derive_key
-from achilles.logs import printable
-from achilles.protocol import ServerSideProtocol, default_clock, handles
+from achilles.core.handshake import derive_key
+from achilles.core.logs import printable
+from achilles.core.protocol import ServerSideProtocol, default_clock, handles
 from achilles.server.guard import HandshakeGuard, LogThrottle, PreauthLimiter, source_key
 from achilles.server.scheduler import ControllerState, NodeState, Scheduler
 
@@ -24,7 +24,7 @@ KILL_GRACE = 10.0
 
 class ServerConnection(ServerSideProtocol):
     """One authenticated peer; its role (node or controller) picks the messages it may send
-    (:func:`achilles.wire.inbound`)."""
+    (:func:`achilles.core.wire.inbound`)."""
 
     factory: "ServerFactory"
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from achilles.errors import ConfigError
+from achilles.core.errors import ConfigError
 
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 

@@ -3,7 +3,7 @@
 A frame is a 5-byte header ``!BI`` (message code, body length) followed by the body. Before
 authentication bodies are small JSON objects (at most :data:`PREAUTH_MAX_FRAME` bytes); after
 it they are C-pickled tuples of plain fields, and every frame ends with a tag that binds it to
-the session (:mod:`achilles.session`). Messages declared with ``payload=True`` end with a task
+the session (:mod:`achilles.core.session`). Messages declared with ``payload=True`` end with a task
 payload (opaque bytes that only worker processes and the controller unpickle), carried raw
 after the pickled fields — ``!I`` fields length, fields, payload — so the server relays it
 without pickling it again.
@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, Dict, FrozenSet, List, Tuple
 
-from achilles.errors import ProtocolError
-from achilles.session import TAG_SIZE, FrameOpener
+from achilles.core.errors import ProtocolError
+from achilles.core.session import TAG_SIZE, FrameOpener
 
 PROTOCOL_VERSION = 2
 HEADER = struct.Struct("!BI")
@@ -127,7 +127,7 @@ def declare(code: Msg, *fields: Tuple[str, Tuple[type, ...]], routes: FrozenSet[
     return message
 
 
-# --- pre-auth: small JSON objects (see achilles.handshake) --------------------------------
+# --- pre-auth: small JSON objects (see achilles.core.handshake) --------------------------------
 declare(Msg.HELLO, ("achilles", INT), ("proto", INT), ("nonce", STR), routes=TO_PEERS,
         preauth=True, doc="the server opens the handshake")
 declare(Msg.AUTH, ("proto", INT), ("role", STR), ("user", STR), ("nonce", STR), ("proof", STR),
@@ -239,7 +239,7 @@ def encode_json(code: int, obj: Dict[str, Any]) -> bytes:
 
 def decode_json(body: bytes) -> Dict[str, Any]:
     """Decode a pre-auth JSON body; anything but a small JSON object is a ProtocolError.
-    The handshake checks each key itself (:mod:`achilles.handshake`)."""
+    The handshake checks each key itself (:mod:`achilles.core.handshake`)."""
     try:
         obj = json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
@@ -321,7 +321,7 @@ class FrameDecoder:
     def set_limit(self, max_frame: int, allowed: FrozenSet[int],
                   opener: "FrameOpener | None" = None) -> None:
         """Change the size cap and the accepted codes (after the handshake); with ``opener``,
-        every later frame must end with a valid session tag (:mod:`achilles.session`)."""
+        every later frame must end with a valid session tag (:mod:`achilles.core.session`)."""
         self.max_frame = max_frame
         self.allowed = allowed
         self._opener = opener

@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional, Tuple
 
 import dill
 
-from achilles.errors import RemoteError, RemoteTraceback
+from achilles.core.errors import RemoteError, RemoteTraceback
 
 PROTOCOL = 5
 

@@ -1,7 +1,7 @@
 """Twisted protocols shared by the three roles: framing, the handshake, and message dispatch.
 
 A connection is a small state machine: ``handshake`` (only the pre-auth JSON frames of
-:mod:`achilles.handshake`, each at most :data:`wire.PREAUTH_MAX_FRAME` bytes) -> ``ready``
+:mod:`achilles.core.handshake`, each at most :data:`wire.PREAUTH_MAX_FRAME` bytes) -> ``ready``
 (session-tagged messages, validated against :data:`wire.REGISTRY` and dispatched to the
 method marked ``@handles(code)``) -> ``closed``. Any protocol or authentication error closes
 the connection with a logged reason. Timers (handshake deadline, heartbeats) run on
@@ -18,11 +18,11 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 
-from achilles import wire
-from achilles.errors import AchillesError, AuthenticationError, ProtocolError
-from achilles.handshake import PeerHandshake, ServerHandshake
-from achilles.logs import printable
-from achilles.session import FrameOpener, FrameSealer
+from achilles.core import wire
+from achilles.core.errors import AchillesError, AuthenticationError, ProtocolError
+from achilles.core.handshake import PeerHandshake, ServerHandshake
+from achilles.core.logs import printable
+from achilles.core.session import FrameOpener, FrameSealer
 
 log = logging.getLogger("achilles.protocol")
 
