@@ -172,8 +172,9 @@ class LocalCluster:
         procs = processes or self.processes
         if procs:
             args += ["--processes", str(procs)]
-        if resources or self.resources:
-            args += ["--resources", resources or self.resources]
+        wanted = resources or self.resources
+        if wanted:
+            args += ["--resources", wanted]
         proc = self._spawn(f"node-{index}", args)
         self.nodes.append(proc)
         return proc

@@ -195,7 +195,7 @@ class Cluster:
             proto, self._proto = self._proto, None
         if proto is not None and proto.state != "closed":
             def drop() -> Any:
-                proto.transport.loseConnection()
+                proto.link.loseConnection()
                 return proto.closed
             try:
                 reactor_thread.call(drop, timeout=10)

@@ -28,10 +28,10 @@ class _CodeCache:
     """Functions already loaded, keyed by their dill bytes (a job ships the same bytes)."""
 
     def __init__(self) -> None:
-        self._items: "collections.OrderedDict[bytes, Optional[Callable[..., Any]]]" = \
+        self._items: "collections.OrderedDict[bytes, Callable[..., Any]]" = \
             collections.OrderedDict()
 
-    def get(self, data: bytes) -> Optional[Callable[..., Any]]:
+    def get(self, data: bytes) -> Callable[..., Any]:
         try:
             self._items.move_to_end(data)
             return self._items[data]

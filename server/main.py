@@ -102,10 +102,12 @@ def serve(args: argparse.Namespace) -> int:
     secret = cfg.require_secret()
     tls = cfg.server_tls()
     setup_logging(cfg.log_level, "server")
-    from twisted.internet import reactor
     from twisted.internet.error import CannotListenError
 
+    from achilles.core.reactor import get_reactor
     from achilles.server.service import ServerFactory
+
+    reactor = get_reactor()
 
     startup_warnings(cfg.host, tls is not None, cfg.max_preauth)
     factory = ServerFactory(cfg.username, secret, prefetch=cfg.prefetch, heartbeat=cfg.heartbeat,
@@ -132,7 +134,12 @@ def serve(args: argparse.Namespace) -> int:
     if args.exit_with_stdin:
         from achilles.core.lifeline import exit_with_stdin
 
-        exit_with_stdin(lambda: reactor.running and reactor.stop())
+
+        def stop() -> None:
+            if reactor.running:
+                reactor.stop()
+
+        exit_with_stdin(stop)
     reactor.run()
     log.info("server stopped")
     return 0

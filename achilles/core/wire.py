@@ -22,7 +22,7 @@ import pickle
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any, Dict, FrozenSet, List, Tuple
+from typing import AbstractSet, Any, Dict, FrozenSet, List, Tuple
 
 from achilles.core.errors import ProtocolError
 from achilles.core.session import TAG_SIZE, FrameOpener
@@ -116,7 +116,8 @@ EITHER_WAY = TO_PEERS | FROM_PEERS
 REGISTRY: Dict[int, Message] = {}
 
 
-def declare(code: Msg, *fields: Tuple[str, Tuple[type, ...]], routes: FrozenSet[Tuple[str, str]],
+def declare(code: Msg, *fields: Tuple[str, Tuple[type, ...]],
+            routes: AbstractSet[Tuple[str, str]],
             payload: bool = False, preauth: bool = False, doc: str = "") -> Message:
     """Add one message to :data:`REGISTRY`."""
     if code in REGISTRY:
@@ -178,9 +179,34 @@ declare(Msg.TASK_DONE, ("graph_id", STR), ("task_id", INT), ("status", INT), ("n
 declare(Msg.GRAPH_DONE, ("graph_id", STR), ("report", DICT), routes={(S, C)},
         doc="{task_id: {state, node, duration, attempts}}")
 
-# Module-level names for every code (``wire.SUBMIT`` is ``Msg.SUBMIT``).
-globals().update({m.name: m for m in Msg})
-HELLO, AUTH, AUTH_OK, AUTH_FAIL = Msg.HELLO, Msg.AUTH, Msg.AUTH_OK, Msg.AUTH_FAIL
+# Module-level names for every code (``wire.SUBMIT`` is ``Msg.SUBMIT``), spelled out so
+# type checkers see them.
+HELLO = Msg.HELLO
+AUTH = Msg.AUTH
+AUTH_OK = Msg.AUTH_OK
+AUTH_FAIL = Msg.AUTH_FAIL
+NODE_READY = Msg.NODE_READY
+SUBMIT = Msg.SUBMIT
+CHUNK = Msg.CHUNK
+END = Msg.END
+WANT = Msg.WANT
+RESULT = Msg.RESULT
+CANCEL = Msg.CANCEL
+JOB_FAILED = Msg.JOB_FAILED
+TASK = Msg.TASK
+JOB_CODE = Msg.JOB_CODE
+JOB_DONE = Msg.JOB_DONE
+STATUS = Msg.STATUS
+STATUS_REPLY = Msg.STATUS_REPLY
+KILL = Msg.KILL
+KILL_DONE = Msg.KILL_DONE
+SHUTDOWN = Msg.SHUTDOWN
+PING = Msg.PING
+PONG = Msg.PONG
+GRAPH = Msg.GRAPH
+TASK_DONE = Msg.TASK_DONE
+GRAPH_DONE = Msg.GRAPH_DONE
+assert all(globals().get(m.name) is m for m in Msg), "a Msg code has no module-level name"
 
 NAMES: Dict[int, str] = {code: message.name for code, message in REGISTRY.items()}
 ALL_CODES = frozenset(REGISTRY)
@@ -379,7 +405,7 @@ class FrameDecoder:
     def frames(self, data: bytes) -> List[Tuple[int, bytes]]:
         """Feed ``data`` and return every complete frame (limits stay as they are)."""
         self.feed(data)
-        out = []
+        out: List[Tuple[int, bytes]] = []
         while True:
             f = self.next_frame()
             if f is None:
