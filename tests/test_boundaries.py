@@ -164,13 +164,13 @@ def test_rules_table(source: str, target: str, ok: bool) -> None:
     assert allowed(layer(source), layer(target)) is ok
 
 
-def _python(code: str, cwd: str, tmp_path) -> "subprocess.CompletedProcess[str]":
+def _python(code: str, cwd: str) -> "subprocess.CompletedProcess[str]":
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=60)
 
 
-def test_roles_are_single_module_objects_from_a_checkout(tmp_path) -> None:
+def test_roles_are_single_module_objects_from_a_checkout() -> None:
     """From the checkout root, the roles import only as achilles.<role> (from the checkout's
     folders), no module is loaded twice, and `import server`/`node`/`controller` gives no copy."""
     code = textwrap.dedent(f"""
@@ -190,26 +190,28 @@ def test_roles_are_single_module_objects_from_a_checkout(tmp_path) -> None:
         assert len(files) == len(set(files)), "a file of the checkout is loaded as two modules"
         print(achilles.server.scheduler.__file__)
     """)
-    out = _python(code, ROOT, tmp_path)
+    out = _python(code, ROOT)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == os.path.join(ROOT, "server", "scheduler.py")
 
 
-def test_bare_role_name_before_achilles_is_refused_clearly(tmp_path) -> None:
+def test_bare_role_name_before_achilles_is_refused_clearly() -> None:
     """`import server` from the checkout root, before achilles is imported, fails with a
     message that names achilles.server and how to reach a module of one's own."""
-    out = _python("import server", ROOT, tmp_path)
+    out = _python("import server", ROOT)
     assert out.returncode != 0
     assert "ImportError" in out.stderr and "achilles.server" in out.stderr
     assert "module of your own" in out.stderr
 
 
 def test_users_own_module_named_like_a_role_is_not_shadowed(tmp_path) -> None:
-    """With the checkout first on sys.path, a user's own `server` module further down is the
-    one `import server` finds once achilles is imported."""
-    (tmp_path / "server.py").write_text("WHO = 'user'\n")
-    code = (f"import sys; sys.path[:0] = [{ROOT!r}, {str(tmp_path)!r}]; import achilles, server; "
+    """With the checkout before a user's folder on sys.path, the user's own `server` module is
+    the one `import server` finds once achilles is imported (not the checkout's role folder)."""
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "server.py").write_text("WHO = 'user'\n")
+    code = (f"import sys; sys.path[:0] = [{ROOT!r}, {str(user)!r}]; import achilles, server; "
             "import achilles.server.scheduler; print(server.WHO)")
-    out = _python(code, str(tmp_path / ".."), tmp_path)
+    out = _python(code, str(tmp_path))
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "user"
