@@ -12,10 +12,10 @@ _layout.install(__path__[0])
 from achilles.api import (  # noqa: E402
     connect, default_cluster, imap, imap_unordered, kill_cluster, map, status,
 )
-from achilles.config import gen_config, load_config  # noqa: E402
+from achilles.core.config import gen_config, load_config  # noqa: E402
 from achilles.flows import dataflow  # noqa: E402
 from achilles.graph import TaskCall, task, workflow  # noqa: E402
-from achilles.errors import (  # noqa: E402
+from achilles.core.errors import (  # noqa: E402
     AchillesError, AuthenticationError, ConfigError, ConnectionFailed, ConnectionLost,
     FrameTooLarge, JobCancelled, ProtocolError, RemoteError, ResourceUnavailable, TaskTimeout, WorkerCrashed,
 )

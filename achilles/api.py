@@ -6,7 +6,8 @@ from __future__ import annotations
 import threading
 from typing import Any, Callable, Dict, Iterable, List, Optional
 
-from achilles.config import load_config
+from achilles.core import taskgraph
+from achilles.core.config import load_config
 
 _lock = threading.Lock()
 _default: Any = None
@@ -65,3 +66,6 @@ def kill_cluster(command_verified: bool = False) -> int:
     with _lock:
         _default = None
     return stopped
+
+
+taskgraph.set_default_cluster(default_cluster)

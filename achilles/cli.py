@@ -7,13 +7,13 @@ import json
 import sys
 from typing import List, Optional
 
-from achilles.cli_common import add_client_tls_options, add_connection_options, run_main
+from achilles.core.cli_common import add_client_tls_options, add_connection_options, run_main
 
 COMMANDS = ("server", "node", "config", "certs", "demo", "status", "kill")
 
 
 def _config(args: argparse.Namespace) -> int:
-    from achilles.config import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_USERNAME, gen_config
+    from achilles.core.config import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_USERNAME, gen_config
 
     path = gen_config(args.path, host=args.host or DEFAULT_HOST,
                       port=DEFAULT_PORT if args.port is None else args.port,
@@ -24,7 +24,7 @@ def _config(args: argparse.Namespace) -> int:
 
 
 def _certs(args: argparse.Namespace) -> int:
-    from achilles.tls import generate_certs
+    from achilles.core.tls import generate_certs
 
     hosts = args.host or ["127.0.0.1", "localhost"]
     paths = generate_certs(args.directory, hosts=hosts, overwrite=args.force)
@@ -40,7 +40,7 @@ def _certs(args: argparse.Namespace) -> int:
 
 def _connect(args: argparse.Namespace):
     from achilles.controller.cluster import Cluster
-    from achilles.config import load_config
+    from achilles.core.config import load_config
 
     return Cluster(load_config(host=args.host, port=args.port, username=args.username,
                                tls_ca=args.tls_ca, tls_client_cert=args.tls_cert,

@@ -42,12 +42,13 @@ def run_demo(processes: Optional[int] = None, out=print) -> int:
             return 1
 
         t = time.perf_counter()
-        first = None
+        first: Optional[float] = None
         total = 0
         for square in cluster.imap(lambda x: x * x, numbers(100_000)):
             if first is None:
                 first = time.perf_counter() - t
             total += square
+        assert first is not None
         out(f"imap(lambda x: x * x, generator of 100,000) -> sum {total}; first result after "
             f"{first * 1000:.1f} ms, all in {time.perf_counter() - t:.2f} s")
         if total != sum(x * x for x in range(100_000)):

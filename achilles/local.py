@@ -13,8 +13,8 @@ import time
 from typing import Any, List, Optional
 
 import achilles
-from achilles.config import Config
-from achilles.errors import AchillesError
+from achilles.core.config import Config
+from achilles.core.errors import AchillesError
 from achilles.controller.cluster import Cluster
 
 START_TIMEOUT = 30.0
@@ -81,7 +81,7 @@ class LocalCluster:
             self._env["ACHILLES_MAX_CRASHES"] = str(max_crashes)
         self.tls: dict = {}
         if tls:
-            from achilles.tls import generate_certs
+            from achilles.core.tls import generate_certs
 
             paths = generate_certs(os.path.join(self._dir, "certs"))
             self.tls = {"tls_cert": paths["server.pem"], "tls_key": paths["server.key"],
@@ -172,8 +172,9 @@ class LocalCluster:
         procs = processes or self.processes
         if procs:
             args += ["--processes", str(procs)]
-        if resources or self.resources:
-            args += ["--resources", resources or self.resources]
+        wanted = resources or self.resources
+        if wanted:
+            args += ["--resources", wanted]
         proc = self._spawn(f"node-{index}", args)
         self.nodes.append(proc)
         return proc

@@ -19,7 +19,7 @@ from typing import Any, Deque, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from achilles import wire  # noqa: E402
+from achilles.core import wire  # noqa: E402
 from achilles.server.scheduler import Scheduler  # noqa: E402
 
 

@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import logging
 import queue
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Union
 
 from twisted.internet import defer, error as netError, reactor
 from twisted.internet.endpoints import SSL4ClientEndpoint, TCP4ClientEndpoint, connectProtocol
 from twisted.python.failure import Failure
 
-from achilles import wire
-from achilles.errors import AuthenticationError, ConnectionFailed
-from achilles.protocol import PeerSideProtocol, handles
+from achilles.core import wire
+from achilles.core.errors import AuthenticationError, ConnectionFailed
+from achilles.core.protocol import PeerSideProtocol, handles
+from achilles.core.reactor import get_reactor
 
 log = logging.getLogger("achilles.controller")
 
@@ -97,13 +98,14 @@ def connect(host: str, port: int, username: str, auth_key: bytes,
     """Connect and authenticate; fires with a ready :class:`ControllerProtocol`.
 
     ``auth_key`` is ``derive_key(username, secret_key)``, derived once by the caller.
-    ``tls`` is Twisted client TLS options (see :mod:`achilles.tls`), or None for plain TCP.
+    ``tls`` is Twisted client TLS options (see :mod:`achilles.core.tls`), or None for plain TCP.
     """
     address = f"{host}:{port}"
     proto = ControllerProtocol(username, auth_key, address)
     proto.heartbeat = heartbeat
     if tls is None:
-        endpoint = TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
+        endpoint: Union[TCP4ClientEndpoint, SSL4ClientEndpoint] = TCP4ClientEndpoint(
+            reactor, host, port, timeout=timeout)
     else:
         endpoint = SSL4ClientEndpoint(reactor, host, port, tls, timeout=timeout)
 
@@ -127,7 +129,7 @@ def connect(host: str, port: int, username: str, auth_key: bytes,
             proto.auth_error = AuthenticationError(
                 f"the server at {address} did not finish the handshake in {timeout:g} s; if it "
                 "uses TLS, set ACHILLES_TLS_CA (--tls-ca) here")
-            proto.transport.loseConnection()
+            proto.link.loseConnection()
 
-    reactor.callLater(timeout, auth_timeout)
+    get_reactor().callLater(timeout, auth_timeout)
     return d

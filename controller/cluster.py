@@ -10,10 +10,10 @@ import threading
 import time
 from typing import Any, Callable, Dict, Iterable, List, Optional
 
-from achilles import wire
-from achilles.config import Config, is_interactive, load_config
-from achilles.errors import AchillesError, ConnectionFailed, ConnectionLost
-from achilles.handshake import derive_key
+from achilles.core import wire
+from achilles.core.config import Config, is_interactive, load_config
+from achilles.core.errors import AchillesError, ConnectionFailed, ConnectionLost
+from achilles.core.handshake import derive_key
 from achilles.controller import reactor_thread
 from achilles.controller.client import CONNECT_TIMEOUT, ControllerProtocol, connect
 from achilles.controller.job import JobRun, ResultIterator
@@ -159,9 +159,9 @@ class Cluster:
     def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> "concurrent.futures.Future[Any]":
         """Run ``fn(*args, **kwargs)`` once on the cluster; returns a Future of its value.
         ``fn`` may be a ``@task`` (its options apply) or any function."""
-        from achilles.graph import TaskFunction, task
+        from achilles.core.taskgraph import TaskFunction, TaskOptions
 
-        wrapped = fn if isinstance(fn, TaskFunction) else task(fn)
+        wrapped = fn if isinstance(fn, TaskFunction) else TaskFunction(fn, TaskOptions())
         return self.submit_graph(wrapped(*args, **kwargs))
 
     # --- cluster management -----------------------------------------------------------------
@@ -195,7 +195,7 @@ class Cluster:
             proto, self._proto = self._proto, None
         if proto is not None and proto.state != "closed":
             def drop() -> Any:
-                proto.transport.loseConnection()
+                proto.link.loseConnection()
                 return proto.closed
             try:
                 reactor_thread.call(drop, timeout=10)

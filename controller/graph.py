@@ -15,10 +15,10 @@ import threading
 import uuid
 from typing import Any, Dict, List, Optional
 
-from achilles import wire
-from achilles.errors import ConnectionLost, JobCancelled, TaskTimeout, WorkerCrashed, describe_exit
-from achilles.graph import GraphSpec, TaskCall, build
-from achilles.serialization import load_error, loads_data
+from achilles.core import wire
+from achilles.core.errors import ConnectionLost, JobCancelled, TaskTimeout, WorkerCrashed, describe_exit
+from achilles.core.serialization import load_error, loads_data
+from achilles.core.taskgraph import GraphSpec, TaskCall, build
 
 
 class GraphRun:

@@ -15,9 +15,9 @@ import queue
 import uuid
 from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Tuple
 
-from achilles import wire
-from achilles.errors import ConnectionLost, JobCancelled, WorkerCrashed, describe_exit
-from achilles.serialization import dumps_code, dumps_data, function_name, load_error, loads_data
+from achilles.core import wire
+from achilles.core.errors import ConnectionLost, JobCancelled, WorkerCrashed, describe_exit
+from achilles.core.serialization import dumps_code, dumps_data, function_name, load_error, loads_data
 from achilles.controller.chunking import ChunkSizer
 
 INITIAL_CREDIT = wire.INITIAL_CREDIT

@@ -14,6 +14,8 @@ from typing import Any, Callable, Optional
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
+from achilles.core.reactor import get_reactor
+
 _lock = threading.Lock()
 _thread: Optional[threading.Thread] = None
 
@@ -21,7 +23,7 @@ _thread: Optional[threading.Thread] = None
 def ensure_running() -> None:
     """Start the reactor thread once (no-op if a reactor already runs in this process)."""
     global _thread
-    from twisted.internet import reactor
+    reactor = get_reactor()
 
     with _lock:
         if _thread is not None or reactor.running:
@@ -36,7 +38,7 @@ def ensure_running() -> None:
 
 
 def _stop() -> None:
-    from twisted.internet import reactor
+    reactor = get_reactor()
 
     if reactor.running:
         reactor.callFromThread(reactor.stop)
@@ -51,7 +53,7 @@ def in_reactor() -> bool:
 
 def call(fn: Callable[..., Any], *args: Any, timeout: Optional[float] = None, **kwargs: Any) -> Any:
     """Run ``fn`` in the reactor thread and wait for its result (a Deferred is waited on)."""
-    from twisted.internet import reactor
+    reactor = get_reactor()
 
     ensure_running()
     box: "queue.Queue[Any]" = queue.Queue(maxsize=1)
@@ -72,6 +74,6 @@ def call(fn: Callable[..., Any], *args: Any, timeout: Optional[float] = None, **
 
 def post(fn: Callable[..., Any], *args: Any) -> None:
     """Run ``fn`` in the reactor thread without waiting."""
-    from twisted.internet import reactor
+    reactor = get_reactor()
 
     reactor.callFromThread(fn, *args)

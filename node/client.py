@@ -7,20 +7,21 @@ import os
 import socket
 from typing import Any, Dict, Optional, Tuple
 
-from twisted.internet import protocol, reactor
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet import protocol
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 
-from achilles import wire
-from achilles.handshake import derive_key
-from achilles.errors import FrameTooLarge
-from achilles.logs import printable
-from achilles.serialization import error_record
-from achilles.protocol import PeerSideProtocol, handles
+from achilles.core import wire
+from achilles.core.errors import FrameTooLarge
+from achilles.core.handshake import derive_key
+from achilles.core.logs import printable
+from achilles.core.protocol import PeerSideProtocol, handles
+from achilles.core.reactor import Clock, get_reactor
+from achilles.core.serialization import error_record
 from achilles.node.pool import Task, WorkerPool
 
 log = logging.getLogger("achilles.node")
+reactor = get_reactor()
 
 #: Seconds between two NODE_LOAD reports.
 LOAD_INTERVAL = 5.0
@@ -51,7 +52,7 @@ class NodeProtocol(PeerSideProtocol):
     local_role = "node"
     factory: "NodeFactory"
 
-    def __init__(self, session: int, clock: Optional[IReactorTime] = None) -> None:
+    def __init__(self, session: int, clock: Optional[Clock] = None) -> None:
         super().__init__(clock)
         self.session = session
         self.jobs: Dict[str, Tuple[bytes, bytes, Dict[str, Any]]] = {}
@@ -150,7 +151,8 @@ class NodeFactory(protocol.ReconnectingClientFactory):
     reachableMaxDelay = 5.0
     #: Backoff cap while something on the port answers but the handshake fails.
     refusedMaxDelay = 30.0
-    maxDelay = reachableMaxDelay
+    # Twisted infers int from its default (3600); the backoff caps are seconds, as floats.
+    maxDelay = reachableMaxDelay  # type: ignore[assignment]
     initialDelay = 0.5
     factor = 2.0
 
@@ -171,7 +173,9 @@ class NodeFactory(protocol.ReconnectingClientFactory):
         self._sessions = 0
         self.pool = WorkerPool(processes, self._from_worker)
 
-    def buildProtocol(self, addr: Any) -> NodeProtocol:
+    # Twisted types buildProtocol's result as a protocol with a generic ``factory`` property;
+    # NodeProtocol's ``factory`` is this class.
+    def buildProtocol(self, addr: Any) -> NodeProtocol:  # type: ignore[override]
         self._sessions += 1
         proto = NodeProtocol(self._sessions, self.clock)
         proto.factory = self
@@ -226,5 +230,5 @@ class NodeFactory(protocol.ReconnectingClientFactory):
         self.stopping = True
         self.stopTrying()
         if self.current is not None:
-            self.current.transport.loseConnection()
+            self.current.link.loseConnection()
         reactor.callLater(0, reactor.stop)

@@ -6,10 +6,10 @@ import argparse
 import logging
 from typing import Dict, List, Optional
 
-from achilles.cli_common import add_client_tls_options, add_connection_options, run_main
-from achilles.config import cpu_count, load_config, node_default_name
-from achilles.errors import ConfigError
-from achilles.logs import setup_logging
+from achilles.core.cli_common import add_client_tls_options, add_connection_options, run_main
+from achilles.core.config import cpu_count, load_config, node_default_name
+from achilles.core.errors import ConfigError
+from achilles.core.logs import setup_logging
 
 log = logging.getLogger("achilles.node")
 
@@ -55,9 +55,10 @@ def run(args: argparse.Namespace) -> int:
     tls = cfg.client_tls()
     resources = parse_resources(args.resources)
     setup_logging(cfg.log_level, "node")
-    from twisted.internet import reactor
-
+    from achilles.core.reactor import get_reactor
     from achilles.node.client import NodeFactory
+
+    reactor = get_reactor()
 
     name = cfg.node_name or node_default_name()
     processes = cfg.processes or cpu_count()
@@ -69,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             reactor.connectSSL(cfg.host, cfg.port, factory, tls)
         if args.exit_with_stdin:
-            from achilles.lifeline import exit_with_stdin
+            from achilles.core.lifeline import exit_with_stdin
 
             exit_with_stdin(factory.stop)
         reactor.run()

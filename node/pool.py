@@ -21,8 +21,8 @@ from typing import Any, Callable, List, Optional, Set, Tuple
 
 import multiprocess
 
-from achilles import wire
-from achilles.errors import describe_exit
+from achilles.core import wire
+from achilles.core.errors import describe_exit
 
 log = logging.getLogger("achilles.node")
 

@@ -6,7 +6,7 @@ graph's functions by key; payload: one task's key, arguments and input values). 
 being run is written to shared memory first, so the node can blame the exact item if the
 worker dies again.
 Replies (worker -> parent): a pickled ``(status, elapsed)`` header, then the result payload —
-a pickled list of results, or an :func:`achilles.serialization.error_record`.
+a pickled list of results, or an :func:`achilles.core.serialization.error_record`.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import signal
 import time
 from typing import Any, Callable, Optional, Tuple
 
-from achilles import wire
-from achilles.serialization import dumps_data, error_record, loads_code, loads_data
+from achilles.core import wire
+from achilles.core.serialization import dumps_data, error_record, loads_code, loads_data
 
 CODE_CACHE = 32
 
@@ -28,10 +28,10 @@ class _CodeCache:
     """Functions already loaded, keyed by their dill bytes (a job ships the same bytes)."""
 
     def __init__(self) -> None:
-        self._items: "collections.OrderedDict[bytes, Optional[Callable[..., Any]]]" = \
+        self._items: "collections.OrderedDict[bytes, Callable[..., Any]]" = \
             collections.OrderedDict()
 
-    def get(self, data: bytes) -> Optional[Callable[..., Any]]:
+    def get(self, data: bytes) -> Callable[..., Any]:
         try:
             self._items.move_to_end(data)
             return self._items[data]
@@ -94,7 +94,7 @@ _graph_codes: "collections.OrderedDict[bytes, _GraphCode]" = collections.Ordered
 
 def run_graph_task(funcs_bytes: bytes, payload: bytes) -> Tuple[int, bytes]:
     """Run one call-graph task; returns ``(status, pickled value or error record)``."""
-    from achilles.graph import from_refs
+    from achilles.core.taskrefs import from_refs
 
     try:
         code = _graph_codes.get(funcs_bytes)

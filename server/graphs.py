@@ -14,8 +14,8 @@ import pickle
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
-from achilles import wire
-from achilles.logs import printable
+from achilles.core import wire
+from achilles.core.logs import printable
 
 WAITING, QUEUED, RUNNING, DONE, FAILED, SKIPPED = (
     "waiting", "queued", "running", "done", "failed", "skipped")

@@ -20,7 +20,7 @@ import collections
 import ipaddress
 from typing import Deque, Dict, Optional
 
-from achilles.config import DEFAULT_MAX_PREAUTH, DEFAULT_MAX_PREAUTH_PER_SOURCE
+from achilles.core.config import DEFAULT_MAX_PREAUTH, DEFAULT_MAX_PREAUTH_PER_SOURCE
 
 WINDOW = 60.0
 FREE_FAILURES = 10

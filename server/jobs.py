@@ -18,9 +18,9 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Deque, Dict, Iterable, Optional, Set
 
-from achilles import wire
-from achilles.errors import ResourceUnavailable
-from achilles.serialization import error_record
+from achilles.core import wire
+from achilles.core.errors import ResourceUnavailable
+from achilles.core.serialization import error_record
 from achilles.server.dispatch import NodeState, Peer
 from achilles.server.graphs import QUEUED, RUNNING, GraphState, GraphTask, retry_status
 

@@ -8,10 +8,10 @@ import logging
 import os
 from typing import List, Optional, Tuple
 
-from achilles.cli_common import add_connection_options, run_main
-from achilles.config import load_config
-from achilles.errors import ConfigError
-from achilles.logs import setup_logging
+from achilles.core.cli_common import add_connection_options, run_main
+from achilles.core.config import load_config
+from achilles.core.errors import ConfigError
+from achilles.core.logs import setup_logging
 
 log = logging.getLogger("achilles.server")
 
@@ -102,10 +102,12 @@ def serve(args: argparse.Namespace) -> int:
     secret = cfg.require_secret()
     tls = cfg.server_tls()
     setup_logging(cfg.log_level, "server")
-    from twisted.internet import reactor
     from twisted.internet.error import CannotListenError
 
+    from achilles.core.reactor import get_reactor
     from achilles.server.service import ServerFactory
+
+    reactor = get_reactor()
 
     startup_warnings(cfg.host, tls is not None, cfg.max_preauth)
     factory = ServerFactory(cfg.username, secret, prefetch=cfg.prefetch, heartbeat=cfg.heartbeat,
@@ -131,9 +133,14 @@ def serve(args: argparse.Namespace) -> int:
             fh.write(str(bound))
         os.replace(tmp, args.port_file)
     if args.exit_with_stdin:
-        from achilles.lifeline import exit_with_stdin
+        from achilles.core.lifeline import exit_with_stdin
 
-        exit_with_stdin(lambda: reactor.running and reactor.stop())
+
+        def stop() -> None:
+            if reactor.running:
+                reactor.stop()
+
+        exit_with_stdin(stop)
     reactor.run()
     log.info("server stopped")
     return 0

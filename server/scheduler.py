@@ -20,9 +20,9 @@ import logging
 import pickle
 from typing import Any, Deque, Dict, List, Optional, Set, Tuple
 
-from achilles import wire
-from achilles.errors import ProtocolError
-from achilles.logs import printable
+from achilles.core import wire
+from achilles.core.errors import ProtocolError
+from achilles.core.logs import printable
 from achilles.server.dispatch import DispatchPolicy, FreeSlots, LeastLoaded, NodeState, Peer
 from achilles.server.graphs import GraphState
 from achilles.server.jobs import Chunk, ControllerState, GraphJob, Job, MapJob

@@ -6,15 +6,15 @@ import logging
 from typing import Any, Dict, List, Optional
 
 from twisted.internet import defer, protocol
-from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
-from achilles import wire
-from achilles.config import (DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_PREAUTH,
+from achilles.core import wire
+from achilles.core.config import (DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_PREAUTH,
                              DEFAULT_MAX_PREAUTH_PER_SOURCE)
-from achilles.handshake import derive_key
-from achilles.logs import printable
-from achilles.protocol import ServerSideProtocol, default_clock, handles
+from achilles.core.handshake import derive_key
+from achilles.core.logs import printable
+from achilles.core.protocol import ServerSideProtocol, default_clock, handles
+from achilles.core.reactor import Clock, get_reactor, transport_of
 from achilles.server.guard import HandshakeGuard, LogThrottle, PreauthLimiter, source_key
 from achilles.server.scheduler import ControllerState, NodeState, Scheduler
 
@@ -24,11 +24,11 @@ KILL_GRACE = 10.0
 
 class ServerConnection(ServerSideProtocol):
     """One authenticated peer; its role (node or controller) picks the messages it may send
-    (:func:`achilles.wire.inbound`)."""
+    (:func:`achilles.core.wire.inbound`)."""
 
     factory: "ServerFactory"
 
-    def __init__(self, clock: Optional[IReactorTime] = None) -> None:
+    def __init__(self, clock: Optional[Clock] = None) -> None:
         super().__init__(clock)
         self.node: Optional[NodeState] = None
         self.controller: Optional[ControllerState] = None
@@ -50,7 +50,7 @@ class ServerConnection(ServerSideProtocol):
             log.debug("node at %s authenticated", self.peer_address)
 
     def _host(self) -> str:
-        return getattr(self.transport.getPeer(), "host", "?")
+        return getattr(self.link.getPeer(), "host", "?")
 
     def hello_delay(self) -> float:
         now = self.clock.seconds()
@@ -101,27 +101,32 @@ class ServerConnection(ServerSideProtocol):
             self.factory.scheduler.result(self.node, job_id, chunk_id, status, payload, elapsed)
 
     # --- controller messages ----------------------------------------------------------------
+    def _controller(self) -> ControllerState:
+        # Controller messages are accepted only once a controller has authenticated.
+        assert self.controller is not None
+        return self.controller
+
     @handles(wire.SUBMIT)
     def submit(self, job_id: str, function: str, func_bytes: bytes, callback_bytes: bytes,
                options: Dict[str, Any]) -> None:
-        self.factory.scheduler.submit(self.controller, job_id, function, func_bytes,
+        self.factory.scheduler.submit(self._controller(), job_id, function, func_bytes,
                                       callback_bytes, options)
 
     @handles(wire.GRAPH)
     def graph(self, graph_id: str, funcs: bytes, tasks: list, outputs: list) -> None:
-        self.factory.scheduler.submit_graph(self.controller, graph_id, funcs, tasks, outputs)
+        self.factory.scheduler.submit_graph(self._controller(), graph_id, funcs, tasks, outputs)
 
     @handles(wire.CHUNK)
     def chunk(self, job_id: str, chunk_id: int, n_items: int, payload: bytes) -> None:
-        self.factory.scheduler.add_chunk(self.controller, job_id, chunk_id, n_items, payload)
+        self.factory.scheduler.add_chunk(self._controller(), job_id, chunk_id, n_items, payload)
 
     @handles(wire.END)
     def end(self, job_id: str, n_chunks: int) -> None:
-        self.factory.scheduler.end(self.controller, job_id, n_chunks)
+        self.factory.scheduler.end(self._controller(), job_id, n_chunks)
 
     @handles(wire.CANCEL)
     def cancel(self, job_id: str, reason: str) -> None:
-        self.factory.scheduler.cancel(self.controller, job_id, printable(reason))
+        self.factory.scheduler.cancel(self._controller(), job_id, printable(reason))
 
     @handles(wire.STATUS)
     def status(self, request_id: int) -> None:
@@ -130,8 +135,11 @@ class ServerConnection(ServerSideProtocol):
     @handles(wire.KILL)
     def kill(self, request_id: int) -> None:
         log.warning("controller %s asked to stop the cluster", self.peer_address)
-        self.factory.kill_cluster().addCallback(
-            lambda stopped: self.send(wire.KILL_DONE, request_id, stopped))
+
+        def reply(stopped: int) -> None:
+            self.send(wire.KILL_DONE, request_id, stopped)
+
+        self.factory.kill_cluster().addCallback(reply)
 
 
 def addr_text(addr: Any) -> str:
@@ -143,14 +151,16 @@ class RefusedConnection(protocol.Protocol):
     """Stands in for a connection over a pre-auth cap: drops it the moment it is made."""
 
     def connectionMade(self) -> None:
-        self.transport.abortConnection()
+        transport_of(self).abortConnection()
 
 
 class ServerFactory(protocol.ServerFactory):
     """Holds the scheduler and the credentials every connection checks, and caps the
     connections still in the handshake (in total and per source)."""
 
-    protocol = ServerConnection
+    # Twisted types ``protocol`` and ``buildProtocol`` for one protocol class that has a typed
+    # ``factory`` property; this factory builds two kinds (the second refuses the connection).
+    protocol = ServerConnection  # type: ignore[assignment]
 
     def __init__(self, username: str, secret_key: str, prefetch: int = 2,
                  heartbeat: float = wire.DEFAULT_HEARTBEAT,
@@ -159,9 +169,9 @@ class ServerFactory(protocol.ServerFactory):
                  max_preauth: int = DEFAULT_MAX_PREAUTH,
                  max_preauth_per_source: int = DEFAULT_MAX_PREAUTH_PER_SOURCE,
                  max_frame: int = wire.DEFAULT_MAX_FRAME,
-                 clock: Optional[IReactorTime] = None) -> None:
+                 clock: Optional[Clock] = None) -> None:
         self.max_frame = max_frame
-        self.clock: IReactorTime = clock or default_clock()
+        self.clock: Clock = clock or default_clock()
         self.username = username
         self.auth_key = derive_key(username, secret_key)
         self.heartbeat = heartbeat
@@ -174,7 +184,8 @@ class ServerFactory(protocol.ServerFactory):
         self._waiting_for_nodes: List[defer.Deferred] = []
         self.stopping = False
 
-    def buildProtocol(self, addr: Any) -> "ServerConnection | RefusedConnection":
+    def buildProtocol(  # type: ignore[override]
+            self, addr: Any) -> "ServerConnection | RefusedConnection":
         source = source_key(str(getattr(addr, "host", "?")))
         refusal = self.preauth.admit(source)
         if refusal is not None:
@@ -209,16 +220,25 @@ class ServerFactory(protocol.ServerFactory):
         gone: defer.Deferred = defer.Deferred()
         if nodes:
             self._waiting_for_nodes.append(gone)
-            timer = self.clock.callLater(KILL_GRACE, lambda: gone.called or gone.callback(None))
-            gone.addBoth(lambda r: (timer.active() and timer.cancel(), r)[1])
+
+            def give_up() -> None:
+                if not gone.called:
+                    gone.callback(None)
+
+            timer = self.clock.callLater(KILL_GRACE, give_up)
+
+            def stop_timer(result: Any) -> Any:
+                if timer.active():
+                    timer.cancel()
+                return result
+
+            gone.addBoth(stop_timer)
         else:
             gone.callback(None)
 
         def stop(_: Any) -> int:
             log.warning("cluster stopped: %d node(s) shut down; server exiting", len(nodes))
-            from twisted.internet import reactor
-
-            self.clock.callLater(0.2, reactor.stop)
+            self.clock.callLater(0.2, get_reactor().stop)
             return len(nodes)
 
         return gone.addCallback(stop)

@@ -8,9 +8,9 @@ import pickle
 import socket
 from typing import Any, Optional, Tuple
 
-from achilles import wire
-from achilles.handshake import PeerHandshake, derive_key
-from achilles.session import FrameOpener, FrameSealer
+from achilles.core import wire
+from achilles.core.handshake import PeerHandshake, derive_key
+from achilles.core.session import FrameOpener, FrameSealer
 
 
 class RawPeer:

@@ -10,11 +10,11 @@ import threading
 
 import pytest
 
-from achilles import wire
-from achilles.config import Config
+from achilles.core import wire
+from achilles.core.config import Config
 from achilles.controller.cluster import Cluster
-from achilles.errors import AuthenticationError, ConnectionFailed
-from achilles.handshake import derive_key
+from achilles.core.errors import AuthenticationError, ConnectionFailed
+from achilles.core.handshake import derive_key
 from conftest import MarkerPickle, wait_for
 
 pytestmark = pytest.mark.timeout(60)

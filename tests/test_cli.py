@@ -13,9 +13,9 @@ import venv
 import pytest
 
 import achilles
-from achilles.config import Config, gen_config, load_config
+from achilles.core.config import Config, gen_config, load_config
 from achilles.controller.cluster import Cluster
-from achilles.errors import AchillesError, ConfigError
+from achilles.core.errors import AchillesError, ConfigError
 from conftest import ROOT, group_members, wait_for
 
 pytestmark = pytest.mark.timeout(120)

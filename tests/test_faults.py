@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from achilles.errors import ConnectionLost, WorkerCrashed
+from achilles.core.errors import ConnectionLost, WorkerCrashed
 from conftest import ROOT, wait_for
 from tasks import always_exit, crash_once, oom_killed, segfault, sleepy, square
 

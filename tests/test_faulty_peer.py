@@ -11,8 +11,8 @@ from typing import Any, List
 
 import pytest
 
-from achilles import wire
-from achilles.config import Config
+from achilles.core import wire
+from achilles.core.config import Config
 from achilles.controller.cluster import Cluster
 from rawpeer import RawPeer
 

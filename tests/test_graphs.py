@@ -10,7 +10,7 @@ import time
 import pytest
 
 from achilles import TaskTimeout, dataflow, task, workflow
-from achilles.errors import RemoteTraceback, ResourceUnavailable
+from achilles.core.errors import RemoteTraceback, ResourceUnavailable
 from tasks import TaskFailure, pause, record
 
 pytestmark = pytest.mark.timeout(120)

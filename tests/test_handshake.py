@@ -9,9 +9,9 @@ import pytest
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
-from achilles import handshake, wire
-from achilles.errors import AuthenticationError, ProtocolError
-from achilles.handshake import (
+from achilles.core import handshake, wire
+from achilles.core.errors import AuthenticationError, ProtocolError
+from achilles.core.handshake import (
     MAX_USERNAME, NONCE_BYTES, PeerHandshake, ServerHandshake, derive_key,
 )
 

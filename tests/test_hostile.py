@@ -12,8 +12,8 @@ import uuid
 
 import pytest
 
-from achilles import wire
-from achilles.config import Config
+from achilles.core import wire
+from achilles.core.config import Config
 from achilles.controller.cluster import Cluster
 from achilles.server.guard import FREE_FAILURES, MAX_DELAY, HandshakeGuard
 from conftest import wait_for

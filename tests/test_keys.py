@@ -13,11 +13,11 @@ import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 
-from achilles import wire
-from achilles.config import MIN_SECRET_LENGTH, Config, gen_config
+from achilles.core import wire
+from achilles.core.config import MIN_SECRET_LENGTH, Config, gen_config
 from achilles.controller.cluster import Cluster
-from achilles.errors import ConfigError
-from achilles.handshake import PeerHandshake, ServerHandshake, derive_key
+from achilles.core.errors import ConfigError
+from achilles.core.handshake import PeerHandshake, ServerHandshake, derive_key
 from achilles.server.service import ServerFactory
 from conftest import ROOT, wait_for
 

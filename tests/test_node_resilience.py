@@ -1,6 +1,6 @@
 """A node survives whatever a peer on its server's port sends (forged AUTH_FAIL, malformed HELLO,
 a foreign service): it logs an ERROR, keeps retrying, and joins the real server once one
-appears. Peer text is logged only through :func:`achilles.logs.printable`."""
+appears. Peer text is logged only through :func:`achilles.core.logs.printable`."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ from typing import Callable, List
 import pytest
 from hypothesis import given, strategies as st
 
-from achilles import wire
-from achilles.config import Config
+from achilles.core import wire
+from achilles.core.config import Config
 from achilles.controller.cluster import Cluster
-from achilles.logs import OneRecordPerLineFormatter, printable
+from achilles.core.logs import OneRecordPerLineFormatter, printable
 from conftest import wait_for
 from tasks import square
 

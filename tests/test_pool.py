@@ -13,7 +13,7 @@ import time
 import pytest
 
 import achilles
-from achilles.errors import RemoteError, RemoteTraceback
+from achilles.core.errors import RemoteError, RemoteTraceback
 from conftest import wait_for
 from tasks import (
     TaskFailure, add_one, delayed, fail_on_three, pause, slow_square, square, unpicklable_error,

@@ -10,11 +10,11 @@ from typing import List
 
 import pytest
 
-from achilles import wire
-from achilles.config import Config
+from achilles.core import wire
+from achilles.core.config import Config
 from achilles.controller.cluster import Cluster
-from achilles.handshake import PeerHandshake, derive_key
-from achilles.tls import generate_certs
+from achilles.core.handshake import PeerHandshake, derive_key
+from achilles.core.tls import generate_certs
 from conftest import wait_for
 from tasks import square
 

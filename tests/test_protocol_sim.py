@@ -18,12 +18,12 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.test.iosim import FakeTransport, connectedServerAndClient
 
-from achilles import wire
+from achilles.core import wire
 from achilles.controller.client import ControllerProtocol
-from achilles.errors import AuthenticationError, ConnectionFailed
-from achilles.handshake import PeerHandshake, derive_key
-from achilles.protocol import PeerSideProtocol, handles
-from achilles.session import TAG_SIZE, FrameOpener, FrameSealer
+from achilles.core.errors import AuthenticationError, ConnectionFailed
+from achilles.core.handshake import PeerHandshake, derive_key
+from achilles.core.protocol import PeerSideProtocol, handles
+from achilles.core.session import TAG_SIZE, FrameOpener, FrameSealer
 from achilles.server.service import ServerFactory
 from conftest import MarkerPickle
 
@@ -432,7 +432,7 @@ def test_pipelined_auth_and_status(factory, protos):
 
 
 def _keys_before_auth_ok(peer, hello):
-    from achilles.handshake import session_keys
+    from achilles.core.handshake import session_keys
 
     server_nonce = json.loads(hello[1])["nonce"]
     to_peer, to_server = session_keys(KEY, server_nonce, peer.nonce,

@@ -16,10 +16,10 @@ from typing import List, Optional
 
 import pytest
 
-from achilles import wire
-from achilles.config import Config
+from achilles.core import wire
+from achilles.core.config import Config
 from achilles.controller.cluster import Cluster
-from achilles.session import TAG_SIZE
+from achilles.core.session import TAG_SIZE
 from conftest import MarkerPickle, wait_for
 
 pytestmark = [pytest.mark.timeout(90), pytest.mark.faults]

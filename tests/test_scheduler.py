@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from achilles import wire
+from achilles.core import wire
 from achilles.server.scheduler import INITIAL_CREDIT, Scheduler
 
 pytestmark = pytest.mark.timeout(60)
@@ -683,7 +683,7 @@ def test_invariants_hold_under_random_events():
     and once the input ends and nodes answer, every job completes with every chunk settled."""
     from twisted.internet.task import Clock
 
-    from achilles.errors import ProtocolError
+    from achilles.core.errors import ProtocolError
 
     stats = collections.Counter()
     for seed in range(30):
@@ -1001,7 +1001,7 @@ def test_malformed_crash_payload_leaves_chunk_in_flight():
     """A CRASHED result whose payload is not (exitcode, item) raises ProtocolError with the
     chunk still in flight and the bookkeeping intact; removing the node (as the connection
     layer does) re-queues it and the job completes on another node."""
-    from achilles.errors import ProtocolError
+    from achilles.core.errors import ProtocolError
 
     sched = make(prefetch=1)
     cpeer, ctrl = controller(sched)
@@ -1027,7 +1027,7 @@ def test_malformed_crash_payload_leaves_chunk_in_flight():
 def test_unknown_status_or_bad_fields_raise_without_change():
     """A RESULT with an unknown status, a non-bytes payload or malformed ids raises
     ProtocolError and changes nothing."""
-    from achilles.errors import ProtocolError
+    from achilles.core.errors import ProtocolError
 
     sched = make()
     cpeer, ctrl = controller(sched)
@@ -1049,7 +1049,7 @@ def test_unknown_status_or_bad_fields_raise_without_change():
 def test_duplicate_live_chunk_id_is_a_protocol_error():
     """A controller sending a chunk id that is still queued or in flight is refused with
     ProtocolError, and the first chunk is untouched."""
-    from achilles.errors import ProtocolError
+    from achilles.core.errors import ProtocolError
 
     sched = make()
     cpeer, ctrl = controller(sched)

@@ -12,9 +12,9 @@ import warnings
 
 import pytest
 
-from achilles.config import gen_config, load_config
-from achilles.errors import ConfigError
-from achilles.tls import generate_certs
+from achilles.core.config import gen_config, load_config
+from achilles.core.errors import ConfigError
+from achilles.core.tls import generate_certs
 from conftest import ROOT
 
 pytestmark = pytest.mark.timeout(120)

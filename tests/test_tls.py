@@ -9,10 +9,10 @@ import sys
 
 import pytest
 
-from achilles.config import Config
+from achilles.core.config import Config
 from achilles.controller.cluster import Cluster
-from achilles.errors import AchillesError, ConfigError
-from achilles.tls import generate_certs
+from achilles.core.errors import AchillesError, ConfigError
+from achilles.core.tls import generate_certs
 from conftest import ROOT
 from tasks import square
 

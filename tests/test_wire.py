@@ -9,8 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from achilles import wire
-from achilles.errors import ProtocolError
+from achilles.core import wire
+from achilles.core.errors import ProtocolError
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -371,7 +371,7 @@ def test_every_role_handles_everything_it_can_receive():
 def test_handler_for_a_message_the_role_never_receives_is_refused():
     """Declaring a handler for a message that is never sent to that role fails at class
     creation, so a handler table cannot drift from the registry."""
-    from achilles.protocol import PeerSideProtocol, handles
+    from achilles.core.protocol import PeerSideProtocol, handles
 
     with pytest.raises(TypeError, match="SUBMIT"):
         class Confused(PeerSideProtocol):

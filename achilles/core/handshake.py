@@ -15,7 +15,7 @@ once per process and handed to every handshake: a captured AUTH frame lets an at
 guesses of the secret offline, and scrypt makes each guess cost memory and time.
 
 Both ends then derive two session keys from the same inputs, one per direction
-(:func:`session_keys`); :mod:`achilles.session` tags every later frame with them, so a
+(:func:`session_keys`); :mod:`achilles.core.session` tags every later frame with them, so a
 relayed handshake gives a man in the middle nothing it can use.
 """
 
@@ -26,10 +26,10 @@ import hmac
 import secrets
 from typing import List, Optional, Tuple
 
-from achilles import wire
-from achilles.config import check_secret
-from achilles.errors import AuthenticationError, ProtocolError
-from achilles.logs import printable
+from achilles.core import wire
+from achilles.core.config import check_secret
+from achilles.core.errors import AuthenticationError, ProtocolError
+from achilles.core.logs import printable
 
 NONCE_BYTES = 32
 ROLES = ("node", "controller")

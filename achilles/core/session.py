@@ -1,7 +1,7 @@
 """Frame authentication after the handshake: every post-auth frame is bound to its session.
 
 The handshake gives both ends two fresh keys, one per direction
-(:func:`achilles.handshake.session_keys`). Each post-auth frame ends with a 16-byte AES-GMAC
+(:func:`achilles.core.handshake.session_keys`). Each post-auth frame ends with a 16-byte AES-GMAC
 tag over its header and body, under the sending direction's key and a nonce that is the
 frame's sequence number on that connection. The sequence number is never sent: each end
 counts, so a frame that is forged, altered, replayed, reordered, dropped or moved from another
@@ -15,7 +15,7 @@ from typing import List, Sequence
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from achilles.errors import ProtocolError
+from achilles.core.errors import ProtocolError
 
 TAG_SIZE = 16
 KEY_SIZE = 32
@@ -36,7 +36,7 @@ class FrameSealer:
         self._seq = 0
 
     def seal(self, pieces: Sequence[bytes]) -> List[bytes]:
-        """Turn an encoded message (header first, as :func:`achilles.wire.encode_message`
+        """Turn an encoded message (header first, as :func:`achilles.core.wire.encode_message`
         returns it) into the pieces of a sealed frame."""
         head = pieces[0]
         length = int.from_bytes(head[1:_HEADER_SIZE], "big") + TAG_SIZE

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Callable, List, Optional
 
-from achilles.errors import AchillesError
+from achilles.core.errors import AchillesError
 
 
 def add_connection_options(parser: argparse.ArgumentParser) -> None:

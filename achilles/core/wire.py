@@ -3,7 +3,7 @@
 A frame is a 5-byte header ``!BI`` (message code, body length) followed by the body. Before
 authentication bodies are small JSON objects (at most :data:`PREAUTH_MAX_FRAME` bytes); after
 it they are C-pickled tuples of plain fields, and every frame ends with a tag that binds it to
-the session (:mod:`achilles.session`). Messages declared with ``payload=True`` end with a task
+the session (:mod:`achilles.core.session`). Messages declared with ``payload=True`` end with a task
 payload (opaque bytes that only worker processes and the controller unpickle), carried raw
 after the pickled fields — ``!I`` fields length, fields, payload — so the server relays it
 without pickling it again.
@@ -22,10 +22,10 @@ import pickle
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any, Dict, FrozenSet, List, Tuple
+from typing import AbstractSet, Any, Dict, FrozenSet, List, Tuple
 
-from achilles.errors import ProtocolError
-from achilles.session import TAG_SIZE, FrameOpener
+from achilles.core.errors import ProtocolError
+from achilles.core.session import TAG_SIZE, FrameOpener
 
 PROTOCOL_VERSION = 2
 HEADER = struct.Struct("!BI")
@@ -118,7 +118,8 @@ EITHER_WAY = TO_PEERS | FROM_PEERS
 REGISTRY: Dict[int, Message] = {}
 
 
-def declare(code: Msg, *fields: Tuple[str, Tuple[type, ...]], routes: FrozenSet[Tuple[str, str]],
+def declare(code: Msg, *fields: Tuple[str, Tuple[type, ...]],
+            routes: AbstractSet[Tuple[str, str]],
             payload: bool = False, preauth: bool = False, doc: str = "") -> Message:
     """Add one message to :data:`REGISTRY`."""
     if code in REGISTRY:
@@ -129,7 +130,7 @@ def declare(code: Msg, *fields: Tuple[str, Tuple[type, ...]], routes: FrozenSet[
     return message
 
 
-# --- pre-auth: small JSON objects (see achilles.handshake) --------------------------------
+# --- pre-auth: small JSON objects (see achilles.core.handshake) ---------------------------
 declare(Msg.HELLO, ("achilles", INT), ("proto", INT), ("nonce", STR), ("max_frame", INT),
         routes=TO_PEERS,
         preauth=True, doc="the server opens the handshake")
@@ -183,9 +184,35 @@ declare(Msg.GRAPH_DONE, ("graph_id", STR), ("report", DICT), routes={(S, C)},
 declare(Msg.NODE_LOAD, ("load1", NUM), ("cpus", INT), ("mem_total", INT), ("mem_available", INT),
         routes={(N, S)}, doc="the node host's load average, CPUs and memory (bytes; 0: unknown)")
 
-# Module-level names for every code (``wire.SUBMIT`` is ``Msg.SUBMIT``).
-globals().update({m.name: m for m in Msg})
-HELLO, AUTH, AUTH_OK, AUTH_FAIL = Msg.HELLO, Msg.AUTH, Msg.AUTH_OK, Msg.AUTH_FAIL
+# Module-level names for every code (``wire.SUBMIT`` is ``Msg.SUBMIT``), spelled out so
+# type checkers see them.
+HELLO = Msg.HELLO
+AUTH = Msg.AUTH
+AUTH_OK = Msg.AUTH_OK
+AUTH_FAIL = Msg.AUTH_FAIL
+NODE_READY = Msg.NODE_READY
+SUBMIT = Msg.SUBMIT
+CHUNK = Msg.CHUNK
+END = Msg.END
+WANT = Msg.WANT
+RESULT = Msg.RESULT
+CANCEL = Msg.CANCEL
+JOB_FAILED = Msg.JOB_FAILED
+TASK = Msg.TASK
+JOB_CODE = Msg.JOB_CODE
+JOB_DONE = Msg.JOB_DONE
+STATUS = Msg.STATUS
+STATUS_REPLY = Msg.STATUS_REPLY
+KILL = Msg.KILL
+KILL_DONE = Msg.KILL_DONE
+SHUTDOWN = Msg.SHUTDOWN
+PING = Msg.PING
+PONG = Msg.PONG
+GRAPH = Msg.GRAPH
+TASK_DONE = Msg.TASK_DONE
+GRAPH_DONE = Msg.GRAPH_DONE
+NODE_LOAD = Msg.NODE_LOAD
+assert all(globals().get(m.name) is m for m in Msg), "a Msg code has no module-level name"
 
 NAMES: Dict[int, str] = {code: message.name for code, message in REGISTRY.items()}
 ALL_CODES = frozenset(REGISTRY)
@@ -249,7 +276,7 @@ def encode_json(code: int, obj: Dict[str, Any]) -> bytes:
 
 def decode_json(body: bytes) -> Dict[str, Any]:
     """Decode a pre-auth JSON body; anything but a small JSON object is a ProtocolError.
-    The handshake checks each key itself (:mod:`achilles.handshake`)."""
+    The handshake checks each key itself (:mod:`achilles.core.handshake`)."""
     try:
         obj = json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
@@ -331,7 +358,7 @@ class FrameDecoder:
     def set_limit(self, max_frame: int, allowed: FrozenSet[int],
                   opener: "FrameOpener | None" = None) -> None:
         """Change the size cap and the accepted codes (after the handshake); with ``opener``,
-        every later frame must end with a valid session tag (:mod:`achilles.session`)."""
+        every later frame must end with a valid session tag (:mod:`achilles.core.session`)."""
         self.max_frame = max_frame
         self.allowed = allowed
         self._opener = opener
@@ -389,7 +416,7 @@ class FrameDecoder:
     def frames(self, data: bytes) -> List[Tuple[int, bytes]]:
         """Feed ``data`` and return every complete frame (limits stay as they are)."""
         self.feed(data)
-        out = []
+        out: List[Tuple[int, bytes]] = []
         while True:
             f = self.next_frame()
             if f is None:

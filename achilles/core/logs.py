@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import Any
 
-from achilles.errors import ConfigError
+from achilles.core.errors import ConfigError
 
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -76,6 +77,8 @@ def setup_logging(level: str, role: str) -> None:
     root.setLevel(level)
     from twisted.logger import STDLibLogObserver, globalLogBeginner
 
-    globalLogBeginner.beginLoggingTo([STDLibLogObserver(name="twisted")],
-                                     redirectStandardIO=False)
+    # STDLibLogObserver provides ILogObserver through zope's @implementer, which mypy cannot
+    # see without the mypy-zope plugin.
+    observer: Any = STDLibLogObserver(name="twisted")
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
     logging.getLogger("twisted").setLevel(max(logging.getLogger().level, logging.WARNING))

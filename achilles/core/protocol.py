@@ -1,7 +1,7 @@
 """Twisted protocols shared by the three roles: framing, the handshake, and message dispatch.
 
 A connection is a small state machine: ``handshake`` (only the pre-auth JSON frames of
-:mod:`achilles.handshake`, each at most :data:`wire.PREAUTH_MAX_FRAME` bytes) -> ``ready``
+:mod:`achilles.core.handshake`, each at most :data:`wire.PREAUTH_MAX_FRAME` bytes) -> ``ready``
 (session-tagged messages, validated against :data:`wire.REGISTRY` and dispatched to the
 method marked ``@handles(code)``) -> ``closed``. Any protocol or authentication error closes
 the connection with a logged reason. Timers (handshake deadline, heartbeats) run on
@@ -14,15 +14,15 @@ import logging
 from typing import Any, Callable, ClassVar, Dict, FrozenSet, List, Optional, TypeVar
 
 from twisted.internet import protocol
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 
-from achilles import wire
-from achilles.errors import AchillesError, AuthenticationError, FrameTooLarge, ProtocolError
-from achilles.handshake import PeerHandshake, ServerHandshake
-from achilles.logs import printable
-from achilles.session import FrameOpener, FrameSealer
+from achilles.core import wire
+from achilles.core.errors import AchillesError, AuthenticationError, FrameTooLarge, ProtocolError
+from achilles.core.handshake import PeerHandshake, ServerHandshake
+from achilles.core.logs import printable
+from achilles.core.reactor import Clock, DelayedCall, Transport, get_reactor, transport_of
+from achilles.core.session import FrameOpener, FrameSealer
 
 log = logging.getLogger("achilles.protocol")
 
@@ -43,11 +43,9 @@ def handles(*codes: wire.Msg) -> Callable[[F], F]:
     return mark
 
 
-def default_clock() -> IReactorTime:
+def default_clock() -> Clock:
     """The global reactor, as a clock."""
-    from twisted.internet import reactor
-
-    return reactor  # type: ignore[return-value]
+    return get_reactor()
 
 
 class AchillesProtocol(protocol.Protocol):
@@ -79,17 +77,22 @@ class AchillesProtocol(protocol.Protocol):
                                     f"never sent to a {cls.local_role}")
         cls.handlers = table
 
-    def __init__(self, clock: Optional[IReactorTime] = None) -> None:
-        self.clock: IReactorTime = clock or default_clock()
+    def __init__(self, clock: Optional[Clock] = None) -> None:
+        self.clock: Clock = clock or default_clock()
         self.decoder = wire.FrameDecoder()
         self.state = "handshake"
         self.peer_address = "?"
         self.peer_role: Optional[str] = None
         self._inbound: FrozenSet[int] = frozenset()
         self._sealer: Optional[FrameSealer] = None
-        self._timer: Optional[IDelayedCall] = None
+        self._timer: Optional[DelayedCall] = None
         self._beat: Optional[LoopingCall] = None
         self._last_heard = 0.0
+
+    @property
+    def link(self) -> Transport:
+        """This connection's transport (once connected)."""
+        return transport_of(self)
 
     # --- hooks ------------------------------------------------------------------------------
     def start_handshake(self) -> None:
@@ -110,7 +113,7 @@ class AchillesProtocol(protocol.Protocol):
 
     # --- machinery --------------------------------------------------------------------------
     def connectionMade(self) -> None:
-        peer = self.transport.getPeer()
+        peer = self.link.getPeer()
         self.peer_address = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
         set_nodelay = getattr(self.transport, "setTcpNoDelay", None)
         if set_nodelay is not None:
@@ -128,7 +131,7 @@ class AchillesProtocol(protocol.Protocol):
         elif self.state == "closed":
             # Refused before auth and still not gone (a TLS peer that never answers our
             # close_notify keeps it open): drop it now.
-            self.transport.abortConnection()
+            self.link.abortConnection()
 
     def authenticated(self, peer_role: str, send_key: bytes, recv_key: bytes) -> None:
         """Move to ``ready``: lift the frame limit, accept the peer's post-auth messages, and
@@ -148,7 +151,9 @@ class AchillesProtocol(protocol.Protocol):
         self._last_heard = self.clock.seconds()
         if self.heartbeat > 0:
             self._beat = LoopingCall(self._heartbeat_tick)
-            self._beat.clock = self.clock
+            # LoopingCall declares the zope interface IReactorTime, which mypy cannot match
+            # structurally without the mypy-zope plugin; every Clock provides it.
+            self._beat.clock = self.clock  # type: ignore[assignment]
             self._beat.start(self.heartbeat / 4, now=False)
 
     def _heartbeat_tick(self) -> None:
@@ -157,7 +162,7 @@ class AchillesProtocol(protocol.Protocol):
             log.warning("no heartbeat from %s for %.1f s; dropping the connection",
                         self.peer_address, silent)
             self.state = "closed"
-            self.transport.abortConnection()
+            self.link.abortConnection()
             return
         self.send(wire.PING, 0)
 
@@ -222,7 +227,7 @@ class AchillesProtocol(protocol.Protocol):
         if self.state == "ready":
             assert self._sealer is not None
             self.check_size(pieces)
-            self.transport.writeSequence(self._sealer.seal(pieces))
+            self.link.writeSequence(self._sealer.seal(pieces))
 
     def send_many(self, messages: List[List[bytes]]) -> None:
         """Send several encoded messages in one write."""
@@ -231,7 +236,7 @@ class AchillesProtocol(protocol.Protocol):
             for m in messages:
                 self.check_size(m)
             seal = self._sealer.seal
-            self.transport.writeSequence([piece for m in messages for piece in seal(m)])
+            self.link.writeSequence([piece for m in messages for piece in seal(m)])
 
     @handles(wire.PING)
     def ping(self, token: int) -> None:
@@ -251,7 +256,7 @@ class AchillesProtocol(protocol.Protocol):
             self.on_refused(reason)
         log.warning("closing connection from %s: %s", self.peer_address, printable(reason))
         self.state = "closed"
-        self.transport.abortConnection()
+        self.link.abortConnection()
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self.state = "closed"
@@ -284,7 +289,7 @@ class ServerSideProtocol(AchillesProtocol):
     def _say_hello(self) -> None:
         if self.state == "handshake":
             for data in self.handshake.start():
-                self.transport.write(data)
+                self.link.write(data)
 
     def hello_delay(self) -> float:
         """Seconds to wait before saying HELLO (to slow down a flooding address)."""
@@ -295,13 +300,13 @@ class ServerSideProtocol(AchillesProtocol):
             replies = self.handshake.receive(code, body)
         except AuthenticationError as exc:
             log.warning("refused %s: %s", self.peer_address, exc)
-            self.transport.write(self.handshake.fail_frame())
+            self.link.write(self.handshake.fail_frame())
             self.state = "closed"
             self.on_refused(str(exc))
-            self.transport.loseConnection()
+            self.link.loseConnection()
             return
         for data in replies:
-            self.transport.write(data)
+            self.link.write(data)
         self.role = self.handshake.role
         assert self.role is not None
         send_key, recv_key = self.handshake.session_keys()
@@ -331,7 +336,7 @@ class PeerSideProtocol(AchillesProtocol):
             self.auth_error = exc if isinstance(exc, AuthenticationError) else AuthenticationError(str(exc))
             raise
         for data in replies:
-            self.transport.write(data)
+            self.link.write(data)
         if self.handshake.state == "done":
             send_key, recv_key = self.handshake.session_keys()
             self.authenticated("server", send_key, recv_key)

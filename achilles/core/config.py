@@ -17,8 +17,8 @@ from typing import Any, Dict, Optional
 
 from dotenv import dotenv_values
 
-from achilles.errors import ConfigError
-from achilles.wire import DEFAULT_HEARTBEAT, DEFAULT_MAX_CRASHES, DEFAULT_MAX_FRAME
+from achilles.core.errors import ConfigError
+from achilles.core.wire import DEFAULT_HEARTBEAT, DEFAULT_MAX_CRASHES, DEFAULT_MAX_FRAME
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 9999
@@ -102,7 +102,7 @@ class Config:
         if not (self.tls_cert and self.tls_key):
             raise ConfigError("TLS needs both ACHILLES_TLS_CERT and ACHILLES_TLS_KEY "
                               "(--tls-cert and --tls-key)")
-        from achilles.tls import server_context
+        from achilles.core.tls import server_context
 
         return server_context(self.tls_cert, self.tls_key, self.tls_client_ca)
 
@@ -113,7 +113,7 @@ class Config:
                 raise ConfigError("a TLS client certificate needs ACHILLES_TLS_CA (--tls-ca) "
                                   "to verify the server")
             return None
-        from achilles.tls import client_context
+        from achilles.core.tls import client_context
 
         return client_context(self.host, self.tls_ca, self.tls_client_cert, self.tls_client_key)
 

@@ -12,8 +12,8 @@ import ipaddress
 import os
 from typing import Any, Dict, List, Optional, Sequence
 
-from achilles.config import write_file_safely
-from achilles.errors import ConfigError
+from achilles.core.config import write_file_safely
+from achilles.core.errors import ConfigError
 
 CERT_FILES = ("ca.pem", "ca.key", "server.pem", "server.key", "client.pem", "client.key")
 

@@ -1,0 +1,100 @@
+"""Typed views of Twisted's reactor, clock, delayed calls and transports.
+
+Twisted declares these as zope interfaces, whose methods are written without ``self``; a type
+checker without the mypy-zope plugin misreads every call on them (``reactor.stop()``,
+``transport.write(data)``). The Protocols here describe the parts Achilles uses, and the
+accessors hand out the real objects typed as such.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Optional, Protocol, cast
+
+
+class DelayedCall(Protocol):
+    """A call scheduled with :meth:`Clock.callLater`."""
+
+    def active(self) -> bool:
+        """Whether it has neither run nor been cancelled."""
+
+    def cancel(self) -> None:
+        """Drop it (only while :meth:`active`)."""
+
+
+class Clock(Protocol):
+    """The reactor's time: the global reactor, or a ``twisted.internet.task.Clock`` in tests."""
+
+    def seconds(self) -> float:
+        """The current time."""
+
+    def callLater(self, delay: float, callable: Callable[..., Any], *args: Any,
+                  **kwargs: Any) -> DelayedCall:
+        """Run ``callable(*args, **kwargs)`` after ``delay`` seconds."""
+
+
+class Reactor(Clock, Protocol):
+    """The parts of the global reactor that Achilles uses."""
+
+    running: bool
+
+    def run(self, installSignalHandlers: bool = True) -> None:
+        """Run the event loop until :meth:`stop`."""
+
+    def stop(self) -> None:
+        """Stop the event loop."""
+
+    def callFromThread(self, callable: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        """Run ``callable`` in the reactor thread (safe from any thread)."""
+
+    def callWhenRunning(self, callable: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run ``callable`` once the loop runs."""
+
+    def listenTCP(self, port: int, factory: Any, backlog: int = 50,
+                  interface: str = "") -> Any:
+        """Listen on a TCP port; returns the listening port."""
+
+    def listenSSL(self, port: int, factory: Any, contextFactory: Any, backlog: int = 50,
+                  interface: str = "") -> Any:
+        """Listen on a TLS port; returns the listening port."""
+
+    def connectTCP(self, host: str, port: int, factory: Any, timeout: float = 30,
+                   bindAddress: Optional[Any] = None) -> Any:
+        """Connect over TCP."""
+
+    def connectSSL(self, host: str, port: int, factory: Any, contextFactory: Any,
+                   timeout: float = 30, bindAddress: Optional[Any] = None) -> Any:
+        """Connect over TLS."""
+
+
+class Transport(Protocol):
+    """A connection's transport, as a protocol uses it."""
+
+    def write(self, data: bytes) -> None:
+        """Send bytes."""
+
+    def writeSequence(self, data: Iterable[bytes]) -> None:
+        """Send several byte strings in order."""
+
+    def loseConnection(self) -> None:
+        """Close after sending what is buffered."""
+
+    def abortConnection(self) -> None:
+        """Close at once, dropping what is buffered."""
+
+    def getPeer(self) -> Any:
+        """The remote address."""
+
+    def getHost(self) -> Any:
+        """The local address."""
+
+
+def get_reactor() -> Reactor:
+    """The global reactor (installing the default one on first use)."""
+    from twisted.internet import reactor
+
+    return cast(Reactor, reactor)
+
+
+def transport_of(proto: Any) -> Transport:
+    """``proto.transport``, typed (a connected Twisted protocol's transport)."""
+    return cast(Transport, proto.transport)

@@ -1,0 +1,232 @@
+"""The call-graph model: task functions, lazy :class:`TaskCall` nodes and the shippable graph.
+
+``add(add(num(6), num(1)), num(3))`` returns a :class:`TaskCall`; nothing runs until
+``.result()`` (or ``cluster.compute``) sends the whole graph to the server, which releases each
+task to a node as soon as its inputs exist. A TaskCall used twice in one graph runs once.
+Lazy calls may sit anywhere in the arguments, also inside lists, tuples, sets and dicts.
+
+This module only builds and describes graphs; the user-facing decorators are
+:mod:`achilles.graph`, running graphs is :mod:`achilles.controller.graph`. Which cluster
+``TaskCall.result()`` uses by default is set by the facade (:func:`set_default_cluster`).
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+
+from achilles.core.serialization import dumps_code, dumps_data, function_name
+from achilles.core.taskrefs import Ref, replace_instances
+
+_ids = itertools.count(1)
+_cluster_factory: Optional[Callable[[], Any]] = None
+
+
+def set_default_cluster(factory: Callable[[], Any]) -> None:
+    """Set what ``TaskCall.result()``/``.future()`` run on when no cluster is passed
+    (the facade registers :func:`achilles.default_cluster` when ``achilles`` is imported)."""
+    global _cluster_factory
+    _cluster_factory = factory
+
+
+def _default_cluster() -> Any:
+    if _cluster_factory is None:
+        raise RuntimeError("no default cluster is registered: import achilles, or pass a "
+                           "cluster (call.result(cluster))")
+    return _cluster_factory()
+
+
+@dataclass
+class TaskOptions:
+    """Per-task options (see :func:`task`)."""
+
+    timeout: Optional[float] = None
+    retries: int = 0
+    retry_delay: float = 0.0
+    resources: Dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {"timeout": self.timeout, "retries": self.retries,
+                "retry_delay": self.retry_delay, "resources": dict(self.resources)}
+
+
+class TaskFunction:
+    """A ``@task``-decorated function: calling it returns a :class:`TaskCall`."""
+
+    def __init__(self, func: Callable[..., Any], options: TaskOptions) -> None:
+        functools.update_wrapper(self, func)
+        self.func = func
+        self.options = options
+        self.name = getattr(func, "__name__", "task")
+
+    def __call__(self, *args: Any, **kwargs: Any) -> "TaskCall":
+        return TaskCall(self, args, kwargs)
+
+    def __repr__(self) -> str:
+        return f"<task {function_name(self.func)}>"
+
+
+class Workflow:
+    """A ``@workflow`` function: plain Python that composes task calls into a graph.
+
+    Calling it runs its body at once (building, not running, the graph) and returns what the
+    body returns. A Workflow passed uncalled as an argument to a task or another workflow is
+    spliced in as ``workflow()``.
+    """
+
+    def __init__(self, func: Callable[..., Any]) -> None:
+        functools.update_wrapper(self, func)
+        self.func = func
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.func(*args, **kwargs)
+
+
+class TaskCall:
+    """One lazy call of a task; the root of the graph of everything it depends on."""
+
+    def __init__(self, fn: TaskFunction, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
+        self.fn = fn
+        self.id = next(_ids)
+        self.args = tuple(_splice(a) for a in args)
+        self.kwargs = {k: _splice(v) for k, v in kwargs.items()}
+        self.info: Dict[str, Any] = {}  # state, node, duration after a run
+
+    @property
+    def name(self) -> str:
+        return self.fn.name
+
+    def __repr__(self) -> str:
+        return f"<TaskCall {self.name}#{self.id}>"
+
+    def dependencies(self) -> List["TaskCall"]:
+        """The lazy calls among this call's arguments (direct inputs), without repeats."""
+        found: Dict[int, TaskCall] = {}
+        for value in itertools.chain(self.args, self.kwargs.values()):
+            _collect(value, found)
+        return list(found.values())
+
+    def result(self, cluster: Any = None) -> Any:
+        """Run the graph on ``cluster`` (default: the default connection) and return its value."""
+        return (cluster or _default_cluster()).compute(self)[0]
+
+    __call__ = result  # entangle's spelling: g()
+
+    def future(self, cluster: Any = None) -> Any:
+        """Submit the graph; return a ``concurrent.futures.Future`` of its value."""
+        return (cluster or _default_cluster()).submit_graph(self)
+
+    def graph(self) -> Dict[str, Any]:
+        """A JSON-serializable description: tasks (name, literal arguments, state, node,
+        duration after a run) and edges ``[from, to]`` (input -> consumer)."""
+        calls = walk([self])
+        tasks = []
+        edges: List[List[int]] = []
+        for call in calls:
+            tasks.append({"id": call.id, "name": call.name,
+                          "function": function_name(call.fn.func),
+                          "args": [_literal(a) for a in call.args],
+                          "kwargs": {k: _literal(v) for k, v in call.kwargs.items()},
+                          **{k: call.info.get(k) for k in ("state", "node", "duration", "attempts")}})
+            edges.extend([dep.id, call.id] for dep in call.dependencies())
+        return {"root": self.id, "tasks": tasks, "edges": edges}
+
+
+def _splice(value: Any) -> Any:
+    return value() if isinstance(value, Workflow) else value
+
+
+def _collect(value: Any, found: Dict[int, TaskCall]) -> None:
+    if isinstance(value, TaskCall):
+        found.setdefault(value.id, value)
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        for v in value:
+            _collect(v, found)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _collect(k, found)
+            _collect(v, found)
+
+
+def to_refs(value: Any) -> Any:
+    """Arguments as shipped: every TaskCall replaced by a :class:`Ref`."""
+    return replace_instances(value, lambda c: Ref(c.id), TaskCall)
+
+
+def _literal(value: Any) -> Any:
+    if isinstance(value, TaskCall):
+        return {"task": value.id}
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    text = repr(value)
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def walk(roots: Iterable[TaskCall]) -> List[TaskCall]:
+    """Every call reachable from ``roots``, inputs before consumers, each once."""
+    order: List[TaskCall] = []
+    seen: set = set()
+    for root in roots:
+        stack: List[Tuple[TaskCall, bool]] = [(root, False)]
+        while stack:
+            call, expanded = stack.pop()
+            if expanded:
+                order.append(call)
+                continue
+            if call.id in seen:
+                continue
+            seen.add(call.id)
+            stack.append((call, True))
+            for dep in reversed(call.dependencies()):
+                if dep.id not in seen:
+                    stack.append((dep, False))
+    return order
+
+
+@dataclass
+class GraphSpec:
+    """A graph ready to ship: code by key, tasks as tuples, the outputs wanted."""
+
+    funcs: Dict[str, bytes]
+    tasks: List[Tuple[int, str, List[int], Dict[str, Any], str, bytes]]
+    outputs: List[int]
+    calls: Dict[int, TaskCall]
+    positions: Dict[int, str]
+
+
+def build(roots: List[TaskCall]) -> GraphSpec:
+    """Serialize the graph under ``roots`` (shared sub-graphs appear once)."""
+    calls = walk(roots)
+    funcs: Dict[str, bytes] = {}
+    keys: Dict[int, str] = {}
+    tasks = []
+    for call in calls:
+        key = keys.get(id(call.fn.func))
+        if key is None:
+            key = keys[id(call.fn.func)] = f"f{len(keys)}"
+            funcs[key] = dumps_code(call.fn.func)
+        args = dumps_data((to_refs(call.args), to_refs(call.kwargs)))
+        deps = [d.id for d in call.dependencies()]
+        tasks.append((call.id, call.name, deps, call.fn.options.as_dict(), key, args))
+    return GraphSpec(funcs, tasks, [r.id for r in roots], {c.id: c for c in calls},
+                     positions(roots))
+
+
+def positions(roots: List[TaskCall]) -> Dict[int, str]:
+    """Where each task sits: ``num#3 <- arg 0 of add#2 <- arg 1 of add#1``."""
+    where: Dict[int, str] = {}
+    queue: List[Tuple[TaskCall, str]] = [(r, f"{r.name}#{r.id}") for r in roots]
+    while queue:
+        call, path = queue.pop(0)
+        if call.id in where:
+            continue
+        where[call.id] = path
+        for slot, value in itertools.chain(enumerate(call.args), call.kwargs.items()):
+            found: Dict[int, TaskCall] = {}
+            _collect(value, found)
+            label = f"arg {slot}" if isinstance(slot, int) else f"kwarg {slot!r}"
+            for dep in found.values():
+                queue.append((dep, f"{dep.name}#{dep.id} <- {label} of {path}"))
+    return where
