@@ -73,7 +73,7 @@ class NodeProtocol(PeerSideProtocol):
         self.send(wire.NODE_READY, f.name, f.pool.processes, socket.gethostname(), os.getpid(),
                   f.resources)
         self._load = LoopingCall(self.report_load)
-        self._load.clock = self.clock
+        self._load.clock = self.clock  # type: ignore[assignment]  # see AchillesProtocol._start_heartbeat
         self._load.start(LOAD_INTERVAL)
 
     def report_load(self) -> None:
