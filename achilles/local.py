@@ -62,8 +62,10 @@ class LocalCluster:
     def __init__(self, nodes: int = 1, processes: Optional[int] = None, prefetch: int = 2,
                  log_level: str = "WARNING", heartbeat: Optional[float] = None,
                  max_crashes: Optional[int] = None, reconnect_timeout: Optional[float] = None,
-                 tls: "bool | str" = False, resources: Optional[str] = None) -> None:
+                 tls: "bool | str" = False, resources: Optional[str] = None,
+                 max_frame: Optional[int] = None) -> None:
         self.n_nodes = nodes
+        self.max_frame = max_frame
         self.resources = resources
         self.heartbeat = heartbeat
         self.reconnect_timeout = reconnect_timeout
@@ -79,6 +81,8 @@ class LocalCluster:
             self._env["ACHILLES_HEARTBEAT"] = str(heartbeat)
         if max_crashes is not None:
             self._env["ACHILLES_MAX_CRASHES"] = str(max_crashes)
+        if max_frame is not None:
+            self._env["ACHILLES_MAX_FRAME"] = str(max_frame)
         self.tls: dict = {}
         if tls:
             from achilles.core.tls import generate_certs
@@ -130,6 +134,8 @@ class LocalCluster:
                 cfg.heartbeat = self.heartbeat
             if self.reconnect_timeout is not None:
                 cfg.reconnect_timeout = self.reconnect_timeout
+            if self.max_frame is not None:
+                cfg.max_frame = self.max_frame
             self.cluster = Cluster(cfg)
             self.wait_for_nodes(self.n_nodes, deadline)
             return self.cluster
