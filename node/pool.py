@@ -39,6 +39,12 @@ _STOP = object()
 #: reaping workers hold this lock; waiting for a worker to end does not.
 _PROCESS_LOCK = threading.Lock()
 
+#: The progress counter until the worker has received its chunk (``worker.TAKEN`` after).
+UNTAKEN = -1
+#: A chunk whose worker died before taking it runs on a new worker, up to this many times
+#: before it is reported CRASHED (workers that die at start must not loop for ever).
+UNTAKEN_RERUNS = 2
+
 
 @dataclass
 class Task:
@@ -192,32 +198,41 @@ class WorkerPool:
             task = self._queue.get()
             if task is _STOP:
                 return
-            with self._lock:
-                self._waiting.pop(id(task), None)
-                if task.cancelled:
-                    continue
-                slot = self._slots[index]
-                slot.task = task
-                slot.progress.value = -1
-            try:
-                report, replace = self._outcome(index, slot, task)
-            except Exception:
-                # A bug here must lose neither the chunk nor this worker's thread.
-                log.exception("worker %d: unexpected error supervising chunk %d of job %s",
-                              index, task.chunk_id, task.job_id[:8])
+            for attempt in range(UNTAKEN_RERUNS + 1):
                 with self._lock:
-                    slot.task = None
-                report, replace = (wire.CRASHED, pickle.dumps((None, None)), 0.0), True
-            if self._closed:
-                return
-            if report is not None and not task.cancelled:
-                self.on_result(task, *report)
-            if replace:
-                self._replace(index, slot)
+                    self._waiting.pop(id(task), None)
+                    if task.cancelled:
+                        break
+                    slot = self._slots[index]
+                    slot.task = task
+                    slot.progress.value = UNTAKEN
+                try:
+                    report, replace = self._outcome(index, slot, task, attempt < UNTAKEN_RERUNS)
+                except Exception:
+                    # A bug here must lose neither the chunk nor this worker's thread.
+                    log.exception("worker %d: unexpected error supervising chunk %d of job %s",
+                                  index, task.chunk_id, task.job_id[:8])
+                    with self._lock:
+                        slot.task = None
+                    report, replace = (wire.CRASHED, pickle.dumps((None, None)), 0.0), True
+                if self._closed:
+                    return
+                if report is not None and not task.cancelled:
+                    self.on_result(task, *report)
+                again = report is None and replace and not task.cancelled
+                if again:  # its worker died before taking it: queued again, for cancel_job
+                    with self._lock:
+                        self._waiting[id(task)] = task
+                if replace:
+                    self._replace(index, slot)
+                if not again:
+                    break
 
-    def _outcome(self, index: int, slot: _Slot, task: Task) -> Tuple[Optional[tuple], bool]:
-        """Run ``task`` on ``slot``: its one outcome ``(status, payload, elapsed)`` (None when
-        it was killed by us), and whether the worker must be replaced."""
+    def _outcome(self, index: int, slot: _Slot, task: Task,
+                 rerun: bool) -> Tuple[Optional[tuple], bool]:
+        """Run ``task`` on ``slot``: its one outcome ``(status, payload, elapsed)``, or None
+        when it was killed by us or (with ``rerun``) its worker died before taking it; and
+        whether the worker must be replaced."""
         outcome = self._run(slot, task)
         with self._lock:
             slot.task = None
@@ -233,7 +248,13 @@ class WorkerPool:
             exitcode = slot.reap(1.0)
             if exitcode is None:  # slow to be reaped, or it closed its pipe and lives on
                 exitcode = slot.stop(5.0)
-            item = slot.progress.value if task.careful and slot.progress.value >= 0 else None
+            progress = slot.progress.value
+            if progress == UNTAKEN and rerun:  # not this chunk's fault: it never ran
+                log.warning("worker %d (pid %s) had died (%s) before taking chunk %d of job %s;"
+                            " replaced, the chunk runs on the new one", index, slot.proc.pid,
+                            describe_exit(exitcode), task.chunk_id, task.job_id[:8])
+                return None, True
+            item = progress if task.careful and progress >= 0 else None
             log.warning("worker %d (pid %s) %s running chunk %d of job %s; replaced", index,
                         slot.proc.pid, describe_exit(exitcode), task.chunk_id, task.job_id[:8])
             return (wire.CRASHED, pickle.dumps((exitcode, item)), 0.0), True

@@ -29,7 +29,7 @@ def chaos(arg):
     ``plan`` is None or ``(when, how, delay, marker)``: ``when`` is ``now`` (kill it after
     ``delay`` s of the item's work) or ``later`` (return ``x``, and a thread kills the worker
     ``delay`` s afterwards: while the chunk's result is written, or while the worker waits for
-    its next chunk, which then dies with it); ``how`` is ``exit`` (``os._exit(7)``) or
+    its next chunk; ``<marker>.armed`` holds the worker's pid); ``how`` is ``exit`` (``os._exit(7)``) or
     ``kill`` (SIGKILL); ``marker`` is a file path making it happen only the first time, or
     None for every time.
     """
@@ -43,6 +43,9 @@ def chaos(arg):
         def later() -> None:
             time.sleep(delay)
             _die(how)
+        if marker is not None:
+            with open(marker + ".armed", "w") as fh:
+                fh.write(str(os.getpid()))
         threading.Thread(target=later, daemon=True).start()
         return x
     if delay:

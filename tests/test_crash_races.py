@@ -24,8 +24,8 @@ from achilles import wire
 from achilles.controller.job import JobRun
 from achilles.node.pool import Task, WorkerPool
 from achilles.serialization import dumps_code, dumps_data
-from conftest import wait_for
-from crash_tasks import exit_with, fork_then_exit
+from conftest import alive, wait_for
+from crash_tasks import chaos, exit_with, fork_then_exit
 from tasks import delayed, square
 
 pytestmark = pytest.mark.timeout(60)
@@ -238,3 +238,21 @@ def test_failed_replacement_loses_neither_chunk_nor_worker(pools, monkeypatch):
     pool.submit(chunk(1, square, [5]))
     assert out.wait({1}, 20), "the pool stopped serving"
     assert pickle.loads(out.got[1][0][1]) == [25] and failures == [1]
+
+
+def test_chunk_is_not_blamed_for_a_worker_dead_before_it(pools, tmp_path):
+    """A worker that died while idle (here: killed by a thread its last task left behind; in
+    production the OOM killer) is replaced when the next chunk finds it dead, and that chunk
+    runs on the new worker instead of being reported as having crashed it."""
+    out, pool = pools(1)
+    marker = str(tmp_path / "killer")
+    pool.submit(chunk(0, chaos, [(0, ("later", "exit", 0, marker))]))
+    assert out.wait({0}, 20)
+    assert out.got[0][0][0] == wire.OK
+    armed = tmp_path / "killer.armed"
+    wait_for(lambda: armed.exists() and armed.read_text() and not alive(int(armed.read_text())),
+             what="the idle worker to be killed")
+    pool.submit(chunk(1, square, [6]))
+    assert out.wait({1}, 20), "the chunk was lost"
+    [(status, payload)] = out.got[1]
+    assert status == wire.OK and pickle.loads(payload) == [36], out.got[1]
