@@ -43,9 +43,10 @@ def chaos(arg):
         def later() -> None:
             time.sleep(delay)
             _die(how)
-        if marker is not None:
-            with open(marker + ".armed", "w") as fh:
+        if marker is not None:  # written whole or not at all, even if a kill lands here
+            with open(marker + ".tmp", "w") as fh:
                 fh.write(str(os.getpid()))
+            os.replace(marker + ".tmp", marker + ".armed")
         threading.Thread(target=later, daemon=True).start()
         return x
     if delay:
