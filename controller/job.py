@@ -164,6 +164,8 @@ class JobRun:
                     self.finished = True
                     return
                 self._fill()
+                if self.exhausted and not self.outstanding and not self.buffered and not self.ready:
+                    continue  # _fill just found the input's end with every chunk answered
                 self._handle(self.events.get())
         finally:
             self.close()

@@ -7,6 +7,10 @@ a pipe and hands the outcome to ``on_result``. Because the node owns each proces
   replaced, and its chunk is reported as ``CRASHED`` (with the item it was running, when the
   chunk ran in careful mode) instead of hanging the pool as ``multiprocessing.Pool`` does;
 - a running chunk can be stopped (its job was cancelled) by killing its worker.
+
+Every task taken from the queue gets exactly one outcome (unless its job was cancelled or the
+pool closed): death is seen through the process's sentinel as well as the pipe, because a
+process the task forked may hold the pipe open after the worker died.
 """
 
 from __future__ import annotations
@@ -17,9 +21,10 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import multiprocess
+from multiprocess.connection import wait
 
 from achilles.core import wire
 from achilles.core.errors import describe_exit
@@ -27,6 +32,18 @@ from achilles.core.errors import describe_exit
 log = logging.getLogger("achilles.node")
 
 _STOP = object()
+
+#: ``multiprocess`` lets any ``Process.start()`` poll every child of this process, and a poll
+#: consumes the exit status that the forkserver sends once: a supervisor reaping its worker
+#: while another starts one could read exit code 255 (CPython gh-130895). Starting and
+#: reaping workers hold this lock; waiting for a worker to end does not.
+_PROCESS_LOCK = threading.Lock()
+
+#: The progress counter until the worker has received its chunk (``worker.TAKEN`` after).
+UNTAKEN = -1
+#: A chunk whose worker died before taking it runs on a new worker, up to this many times
+#: before it is reported CRASHED (workers that die at start must not loop for ever).
+UNTAKEN_RERUNS = 2
 
 
 @dataclass
@@ -42,6 +59,7 @@ class Task:
     careful: bool = False
     timeout: Optional[float] = None
     kind: str = "map"
+    cancelled: bool = False  # set by cancel_job/drain: skip it, or drop its outcome
 
 
 ResultHandler = Callable[[Task, int, bytes, float], None]
@@ -65,10 +83,39 @@ class _Slot:
         self.progress = ctx.RawValue("q", -1)
         self.conn, child = ctx.Pipe(duplex=True)
         self.proc = ctx.Process(target=worker_main, args=(child, self.progress), daemon=True)
-        self.proc.start()
-        child.close()
+        try:
+            with _PROCESS_LOCK:
+                self.proc.start()
+        finally:
+            child.close()
         self.task: Optional[Task] = None
         self.killed = False
+
+    def wait_ready(self, timeout: Optional[float]) -> Optional[bool]:
+        """Wait for the worker's next message: True when one is readable, False when the
+        worker died first, None after ``timeout`` seconds."""
+        ready = wait([self.conn, self.proc.sentinel], timeout)
+        if not ready:
+            return None
+        return self.conn in ready
+
+    def reap(self, timeout: float) -> Optional[int]:
+        """Wait up to ``timeout`` s for the process to end; its exit code, or None."""
+        wait([self.proc.sentinel], timeout)
+        with _PROCESS_LOCK:
+            return self.proc.exitcode
+
+    def stop(self, timeout: float) -> Optional[int]:
+        """Kill the process (if it still runs) and reap it; its exit code, or None."""
+        exitcode = self.reap(0)
+        if exitcode is None:
+            self.proc.kill()
+            exitcode = self.reap(timeout)
+        try:
+            self.conn.close()
+        except OSError:
+            pass
+        return exitcode
 
 
 class WorkerPool:
@@ -83,7 +130,7 @@ class WorkerPool:
         self.on_result = on_result
         self._ctx = _context()
         self._queue: "queue.Queue[Any]" = queue.Queue()
-        self._cancelled: Set[Tuple[int, str]] = set()  # (session, job id)
+        self._waiting: Dict[int, Task] = {}  # id(task) -> task, queued and not yet taken
         self._lock = threading.Lock()
         self._closed = False
         self._slots: List[_Slot] = [_Slot(self._ctx) for _ in range(processes)]
@@ -94,21 +141,22 @@ class WorkerPool:
 
     def submit(self, task: Task) -> None:
         """Queue a task (thread-safe)."""
+        with self._lock:
+            self._waiting[id(task)] = task
         self._queue.put(task)
 
     def cancel_job(self, session: int, job_id: str) -> None:
         """Drop this job's queued tasks of this server session and kill the workers running
-        them. (After a reconnect the same job may come back in a new session.)"""
-        key = (session, job_id)
+        them. Tasks submitted later run: the server may send the same job again (the
+        controller reconnected and resubmitted it)."""
         with self._lock:
-            self._cancelled.add(key)
-            if len(self._cancelled) > 10000:
-                self._cancelled = set(list(self._cancelled)[-5000:])
+            for task in self._waiting.values():
+                if task.session == session and task.job_id == job_id:
+                    task.cancelled = True
             for slot in self._slots:
-                task = slot.task
-                if task is not None and (task.session, task.job_id) == key and not slot.killed:
-                    slot.killed = True
-                    slot.proc.kill()
+                running = slot.task
+                if running is not None and running.session == session and running.job_id == job_id:
+                    self._kill(slot)
 
     def drain(self) -> int:
         """Drop every queued task and stop the running ones (the server connection is gone)."""
@@ -123,11 +171,22 @@ class WorkerPool:
                 break
             dropped += 1
         with self._lock:
+            for task in self._waiting.values():
+                task.cancelled = True
+            self._waiting.clear()
             for slot in self._slots:
-                if slot.task is not None and not slot.killed:
-                    slot.killed = True
-                    slot.proc.kill()
+                if slot.task is not None:
+                    self._kill(slot)
         return dropped
+
+    @staticmethod
+    def _kill(slot: _Slot) -> None:
+        """Stop the slot's running task (call with the lock held)."""
+        assert slot.task is not None
+        slot.task.cancelled = True
+        if not slot.killed:
+            slot.killed = True
+            slot.proc.kill()
 
     @property
     def busy(self) -> int:
@@ -139,42 +198,87 @@ class WorkerPool:
             task = self._queue.get()
             if task is _STOP:
                 return
-            with self._lock:
-                if (task.session, task.job_id) in self._cancelled:
-                    continue
-                slot = self._slots[index]
-                slot.task = task
-                slot.progress.value = -1
-            outcome = self._run(slot, task)
-            if outcome == "timeout":
+            for attempt in range(UNTAKEN_RERUNS + 1):
                 with self._lock:
-                    slot.task = None
-                    slot.proc.kill()
-                    slot.proc.join(5)
-                    self._slots[index] = _Slot(self._ctx)
-                log.warning("chunk %d of job %s ran past its %g s timeout; worker %d killed "
-                            "and replaced", task.chunk_id, task.job_id[:8], task.timeout, index)
-                self.on_result(task, wire.TIMED_OUT, pickle.dumps(task.timeout), task.timeout or 0.0)
-                continue
-            with self._lock:
-                slot.task = None
-                killed = slot.killed
-            if outcome is None or killed:  # dead or killed by us: replace the process
+                    self._waiting.pop(id(task), None)
+                    if task.cancelled:
+                        break
+                    slot = self._slots[index]
+                    slot.task = task
+                    slot.progress.value = UNTAKEN
+                try:
+                    report, replace = self._outcome(index, slot, task, attempt < UNTAKEN_RERUNS)
+                except Exception:
+                    # A bug here must lose neither the chunk nor this worker's thread.
+                    log.exception("worker %d: unexpected error supervising chunk %d of job %s",
+                                  index, task.chunk_id, task.job_id[:8])
+                    with self._lock:
+                        slot.task = None
+                    report, replace = (wire.CRASHED, pickle.dumps((None, None)), 0.0), True
                 if self._closed:
                     return
-                slot.proc.join(1)
-                item = slot.progress.value if task.careful and slot.progress.value >= 0 else None
-                exitcode = slot.proc.exitcode
-                with self._lock:
-                    self._slots[index] = _Slot(self._ctx)
-                if not killed:
-                    log.warning("worker %d (pid %s) %s running chunk %d of job %s; replaced",
-                                index, slot.proc.pid, describe_exit(exitcode), task.chunk_id,
-                                task.job_id[:8])
-                    self.on_result(task, wire.CRASHED, pickle.dumps((exitcode, item)), 0.0)
+                if report is not None and not task.cancelled:
+                    self.on_result(task, *report)
+                again = report is None and replace and not task.cancelled
+                if again:  # its worker died before taking it: queued again, for cancel_job
+                    with self._lock:
+                        self._waiting[id(task)] = task
+                if replace:
+                    self._replace(index, slot)
+                if not again:
+                    break
+
+    def _outcome(self, index: int, slot: _Slot, task: Task,
+                 rerun: bool) -> Tuple[Optional[tuple], bool]:
+        """Run ``task`` on ``slot``: its one outcome ``(status, payload, elapsed)``, or None
+        when it was killed by us or (with ``rerun``) its worker died before taking it; and
+        whether the worker must be replaced."""
+        outcome = self._run(slot, task)
+        with self._lock:
+            slot.task = None
+            killed = slot.killed
+        if outcome == "timeout":
+            slot.stop(5.0)
+            log.warning("chunk %d of job %s ran past its %g s timeout; worker %d killed "
+                        "and replaced", task.chunk_id, task.job_id[:8], task.timeout, index)
+            return (wire.TIMED_OUT, pickle.dumps(task.timeout), task.timeout or 0.0), True
+        if killed:
+            return None, True
+        if outcome is None:  # the worker died
+            exitcode = slot.reap(1.0)
+            if exitcode is None:  # slow to be reaped, or it closed its pipe and lives on
+                exitcode = slot.stop(5.0)
+            progress = slot.progress.value
+            if progress == UNTAKEN and rerun:  # not this chunk's fault: it never ran
+                log.warning("worker %d (pid %s) had died (%s) before taking chunk %d of job %s;"
+                            " replaced, the chunk runs on the new one", index, slot.proc.pid,
+                            describe_exit(exitcode), task.chunk_id, task.job_id[:8])
+                return None, True
+            item = progress if task.careful and progress >= 0 else None
+            log.warning("worker %d (pid %s) %s running chunk %d of job %s; replaced", index,
+                        slot.proc.pid, describe_exit(exitcode), task.chunk_id, task.job_id[:8])
+            return (wire.CRASHED, pickle.dumps((exitcode, item)), 0.0), True
+        return outcome, False
+
+    def _replace(self, index: int, old: _Slot) -> None:
+        """Put a fresh worker in place of ``old`` (killed first if it still runs); retried
+        until it works, so that a transient failure (no fds, forkserver restarting) does not
+        leave the pool short of a worker."""
+        old.stop(5.0)
+        delay = 0.1
+        while not self._closed:
+            try:
+                slot = _Slot(self._ctx)
+            except Exception as exc:
+                log.error("cannot start a worker process (%s); retrying in %g s", exc, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
                 continue
-            if (task.session, task.job_id) not in self._cancelled:
-                self.on_result(task, *outcome)
+            with self._lock:
+                self._slots[index] = slot
+            if self._closed:
+                slot.stop(1.0)
+            return
 
     @staticmethod
     def _run(slot: _Slot, task: Task) -> Any:
@@ -184,9 +288,14 @@ class WorkerPool:
             slot.conn.send_bytes(pickle.dumps(
                 (task.func_bytes, task.callback_bytes, task.careful, task.kind), protocol=5))
             slot.conn.send_bytes(task.payload)
-            if task.timeout is not None and not slot.conn.poll(task.timeout):
+            ready = slot.wait_ready(task.timeout)
+            if ready is None:
                 return "timeout"
+            if not ready:
+                return None
             status, elapsed = pickle.loads(slot.conn.recv_bytes())
+            if not slot.wait_ready(None):
+                return None
             payload = slot.conn.recv_bytes()
         except (EOFError, OSError):
             return None
@@ -200,14 +309,17 @@ class WorkerPool:
         self.drain()
         for _ in self._threads:
             self._queue.put(_STOP)
-        for slot in self._slots:
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            if t is not threading.current_thread():
+                t.join(max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            slots = list(self._slots)
+        for slot in slots:
             try:
                 slot.conn.close()
-            except Exception:
+            except OSError:
                 pass
-        deadline = time.monotonic() + timeout
-        for slot in self._slots:
-            slot.proc.join(max(0.0, deadline - time.monotonic()))
-            if slot.proc.is_alive():
-                slot.proc.kill()
-                slot.proc.join(1)
+        for slot in slots:
+            if slot.reap(max(0.0, deadline - time.monotonic())) is None:
+                slot.stop(1.0)

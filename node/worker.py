@@ -2,9 +2,10 @@
 
 Messages on the pipe (parent -> worker): a pickled ``(func_bytes, callback_bytes, careful,
 kind)``, then the raw payload; ``kind`` is ``map`` (payload: a list of items) or ``graph`` (func_bytes: the
-graph's functions by key; payload: one task's key, arguments and input values). In careful mode (a re-run after the chunk killed a worker) the index of the item
-being run is written to shared memory first, so the node can blame the exact item if the
-worker dies again.
+graph's functions by key; payload: one task's key, arguments and input values). Once a chunk
+is received, :data:`TAKEN` is written to a shared counter; in careful mode (a re-run after the
+chunk killed a worker) the index of the item being run is written there before each item, so
+the node can blame the exact item if the worker dies again.
 Replies (worker -> parent): a pickled ``(status, elapsed)`` header, then the result payload —
 a pickled list of results, or an :func:`achilles.core.serialization.error_record`.
 """
@@ -22,6 +23,9 @@ from achilles.core import wire
 from achilles.core.serialization import dumps_data, error_record, loads_code, loads_data
 
 CODE_CACHE = 32
+#: Written to the progress counter as soon as a chunk is received: a worker that dies with the
+#: counter still at -1 died before taking its chunk, which is then not to blame.
+TAKEN = -2
 
 
 class _CodeCache:
@@ -124,6 +128,7 @@ def worker_main(conn: Any, progress: Any) -> None:
             payload = conn.recv_bytes()
         except (EOFError, OSError):
             os._exit(0)
+        progress.value = TAKEN
         func_bytes, cb_bytes, careful, kind = pickle.loads(message)
         start = time.perf_counter()
         if kind == "graph":
