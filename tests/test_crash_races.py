@@ -20,10 +20,10 @@ from typing import Dict, Optional
 
 import pytest
 
-from achilles import wire
+from achilles.core import wire
 from achilles.controller.job import JobRun
 from achilles.node.pool import Task, WorkerPool
-from achilles.serialization import dumps_code, dumps_data
+from achilles.core.serialization import dumps_code, dumps_data
 from conftest import alive, wait_for
 from crash_tasks import exit_with, fork_then_exit
 from tasks import delayed, square, where

@@ -16,8 +16,8 @@ import time
 
 import pytest
 
-from achilles import wire
-from achilles.errors import WorkerCrashed
+from achilles.core import wire
+from achilles.core.errors import WorkerCrashed
 from conftest import alive, wait_for
 from crash_tasks import chaos
 from test_crash_races import chunk, pools  # noqa: F401  (the pools fixture)
