@@ -15,10 +15,13 @@ from achilles.config import Config, is_interactive, load_config
 from achilles.errors import AchillesError, ConnectionFailed, ConnectionLost
 from achilles.controller import reactor_thread
 from achilles.controller.client import CONNECT_TIMEOUT, ControllerProtocol, connect
+from achilles.controller.events import ConnectionLostEvent, Event, EventSink, Reply
 from achilles.controller.job import JobRun, ResultIterator
 
 REQUEST_TIMEOUT = 30.0
 KILL_TIMEOUT = 30.0
+#: Seconds to wait for the reactor thread to run a registration.
+REACTOR_TIMEOUT = 30.0
 
 
 def _inputs(iterable: Any) -> Iterable[Any]:
@@ -55,33 +58,30 @@ class Cluster:
                 self._proto = proto
             return proto
 
-    def reconnect(self, job_id: str, events: "queue.Queue[tuple]") -> int:
+    def reconnect(self, job_id: str, sink: EventSink) -> int:
         """After a lost connection: connect again (retrying until the configured
-        ``reconnect_timeout``) and route ``job_id``'s events to ``events`` again."""
+        ``reconnect_timeout``) and route ``job_id``'s events to ``sink`` again."""
         deadline = time.monotonic() + self.config.reconnect_timeout
         while True:
             try:
-                return self.register(job_id, events)
+                return self.register(job_id, sink)
             except ConnectionFailed as exc:
                 if time.monotonic() >= deadline:
                     raise ConnectionLost(f"the server stayed unreachable for "
                                          f"{self.config.reconnect_timeout:g} s: {exc}") from None
                 time.sleep(min(0.25, max(0.0, deadline - time.monotonic())))
 
-    def register(self, job_id: str, q: "queue.Queue[tuple]") -> int:
-        """Route a job's events to ``q`` on the live connection; returns the connection's id
-        (its ``lost`` event carries it)."""
+    def register(self, job_id: str, sink: EventSink) -> int:
+        """Route a job's events to ``sink`` on the live connection; returns the connection's id
+        (its :class:`ConnectionLostEvent` carries it)."""
         proto = self._protocol()
-        proto.jobs[job_id] = q
-        if proto.state != "ready":
-            q.put(("lost", proto.lost_reason or "connection closed", id(proto)))
-        return id(proto)
+        return reactor_thread.call(proto.add_job, job_id, sink, timeout=REACTOR_TIMEOUT)
 
     def unregister(self, job_id: str) -> None:
-        """Stop routing a job's events."""
+        """Stop routing a job's events (never blocks; safe from any thread)."""
         proto = self._proto
         if proto is not None:
-            proto.jobs.pop(job_id, None)
+            reactor_thread.post(proto.remove_job, job_id)
 
     def send(self, messages: List[List[bytes]]) -> None:
         """Queue encoded messages for the reactor thread to write."""
@@ -92,17 +92,20 @@ class Cluster:
     def _request(self, code: int, timeout: float) -> Any:
         proto = self._protocol()
         request_id = next(self._requests)
-        q: "queue.Queue[tuple]" = queue.Queue()
-        proto.requests[request_id] = q
-        self.send([wire.encode_message(code, (request_id,))])
+        replies: "queue.Queue[Event]" = queue.Queue()
+        reactor_thread.post(proto.start_request, request_id, replies,
+                            wire.encode_message(code, (request_id,)))
         try:
-            event = q.get(timeout=timeout)
+            event = replies.get(timeout=timeout)
         except queue.Empty:
-            proto.requests.pop(request_id, None)
+            reactor_thread.post(proto.forget_request, request_id)
             raise AchillesError(f"the server did not answer within {timeout:g} s") from None
-        if event[0] == "lost":
-            raise ConnectionLost(f"lost the connection to the server ({event[1]})")
-        return event[1]
+        match event:
+            case Reply(value=value):
+                return value
+            case ConnectionLostEvent(reason=reason):
+                raise ConnectionLost(f"lost the connection to the server ({reason})")
+        raise AchillesError(f"unexpected answer to a request: {event!r}")
 
     # --- the Pool API -----------------------------------------------------------------------
     def map(self, func: Callable[[Any], Any], iterable: Iterable[Any],
