@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import inspect
 import itertools
+import logging
 import queue
 import threading
 import time
@@ -22,6 +23,10 @@ REQUEST_TIMEOUT = 30.0
 KILL_TIMEOUT = 30.0
 #: Seconds to wait for the reactor thread to run a registration.
 REACTOR_TIMEOUT = 30.0
+#: Seconds between connection attempts while waiting for the server.
+RETRY_INTERVAL = 0.25
+
+log = logging.getLogger("achilles.controller")
 
 
 def _inputs(iterable: Any) -> Iterable[Any]:
@@ -40,6 +45,7 @@ class Cluster:
         self._tls = config.client_tls()
         self._lock = threading.Lock()
         self._proto: Optional[ControllerProtocol] = None
+        self._reached = False  # connected at least once: an unreachable server is waited for
         self._requests = itertools.count(1)
         self._protocol()
 
@@ -48,28 +54,50 @@ class Cluster:
 
     # --- connection -------------------------------------------------------------------------
     def _protocol(self) -> ControllerProtocol:
-        with self._lock:
-            proto = self._proto
-            if proto is None or proto.state != "ready":
-                proto = reactor_thread.call(
-                    connect, self.config.host, self.config.port, self.config.username,
-                    self._secret, self.timeout, self.config.heartbeat, self._tls,
-                    timeout=self.timeout + 5)
-                self._proto = proto
-            return proto
+        """The live connection, connecting if needed.
+
+        One policy for new and running calls: once this cluster has reached the server, an
+        unreachable server is waited for (retrying) up to ``reconnect_timeout``, as during a
+        server restart; a server never reached fails at once with ConnectionFailed.
+        """
+        deadline: Optional[float] = None
+        while True:
+            with self._lock:
+                proto = self._proto
+                if proto is not None and proto.state == "ready":
+                    return proto
+                try:
+                    proto = reactor_thread.call(
+                        connect, self.config.host, self.config.port, self.config.username,
+                        self._secret, self.timeout, self.config.heartbeat, self._tls,
+                        timeout=self.timeout + 5)
+                except ConnectionFailed as exc:
+                    if not self._reached:
+                        raise
+                    error = exc
+                else:
+                    self._proto = proto
+                    self._reached = True
+                    return proto
+            now = time.monotonic()
+            if deadline is None:
+                deadline = now + self.config.reconnect_timeout
+                log.warning("lost the server at %s:%s; retrying for up to %g s "
+                            "(ACHILLES_RECONNECT_TIMEOUT)", self.config.host, self.config.port,
+                            self.config.reconnect_timeout)
+            if now >= deadline:
+                raise ConnectionFailed(
+                    f"the server stayed unreachable for {self.config.reconnect_timeout:g} s "
+                    f"(ACHILLES_RECONNECT_TIMEOUT): {error}") from None
+            time.sleep(min(RETRY_INTERVAL, deadline - now))
 
     def reconnect(self, job_id: str, sink: EventSink) -> int:
         """After a lost connection: connect again (retrying until the configured
-        ``reconnect_timeout``) and route ``job_id``'s events to ``sink`` again."""
-        deadline = time.monotonic() + self.config.reconnect_timeout
-        while True:
-            try:
-                return self.register(job_id, sink)
-            except ConnectionFailed as exc:
-                if time.monotonic() >= deadline:
-                    raise ConnectionLost(f"the server stayed unreachable for "
-                                         f"{self.config.reconnect_timeout:g} s: {exc}") from None
-                time.sleep(min(0.25, max(0.0, deadline - time.monotonic())))
+        ``reconnect_timeout``, else ConnectionLost) and route ``job_id``'s events to ``sink``."""
+        try:
+            return self.register(job_id, sink)
+        except ConnectionFailed as exc:
+            raise ConnectionLost(str(exc)) from None
 
     def register(self, job_id: str, sink: EventSink) -> int:
         """Route a job's events to ``sink`` on the live connection; returns the connection's id
@@ -189,6 +217,8 @@ class Cluster:
         proto = self._protocol()
         stopped = self._request(wire.KILL, KILL_TIMEOUT)
         reactor_thread.call(lambda: proto.closed, timeout=KILL_TIMEOUT)
+        with self._lock:
+            self._reached = False  # stopped on purpose: a later call fails fast, not waits
         return int(stopped)
 
     def close(self) -> None:
