@@ -155,13 +155,17 @@ class JobRun:
                     if partial:
                         yield partial
                     raise exc
-                if self.exhausted and not self.outstanding and not self.buffered and not self.ready:
+                if self._answered():
                     self.finished = True
                     return
                 self._fill()
-                self._handle(self.events.get())
+                if not self._answered():  # _fill may have just found the input's end
+                    self._handle(self.events.get())
         finally:
             self.close()
+
+    def _answered(self) -> bool:
+        return self.exhausted and not self.outstanding and not self.buffered and not self.ready
 
     def close(self) -> None:
         """Cancel the job on the server if it has not finished; stop listening for it."""

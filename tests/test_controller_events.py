@@ -19,7 +19,7 @@ from achilles.controller.events import ChunkResult, ObservedLink, Want
 from achilles.controller.failures import failure_exception
 from achilles.controller.job import JobRun
 from achilles.errors import AchillesError, ConnectionFailed, TaskTimeout, WorkerCrashed
-from achilles.serialization import error_record
+from achilles.serialization import dumps_data, error_record
 from conftest import wait_for
 from tasks import square
 
@@ -63,6 +63,46 @@ def test_unknown_status_is_a_clear_error():
     """A status this controller does not know becomes an AchillesError saying what to do."""
     exc, _, _ = failure_exception(99, b"", "mod.fn")
     assert isinstance(exc, AchillesError) and "upgrade Achilles" in str(exc)
+
+
+class ScriptedLink:
+    """A JobLink that records what a run sends and delivers the events a test scripts."""
+
+    def __init__(self) -> None:
+        self.sent = []
+        self.sinks = {}
+
+    def register(self, job_id, sink):
+        self.sinks[job_id] = sink
+        return 1
+
+    def unregister(self, job_id):
+        self.sinks.pop(job_id, None)
+
+    def send(self, messages):
+        self.sent.extend(wire.HEADER.unpack_from(b"".join(m[:1]))[0] for m in messages)
+
+    def reconnect(self, job_id, sink):
+        raise AssertionError("no reconnect expected")
+
+
+def test_input_found_exhausted_after_the_last_result_still_finishes():
+    """When the credit to probe the input's end only comes after the last result (a WANT
+    after the final RESULT), the run sends END and finishes instead of waiting forever."""
+    link = ScriptedLink()
+    run = JobRun(link, square, range(4), 2, None, True)
+    assert link.sent == [wire.SUBMIT, wire.CHUNK, wire.CHUNK]
+    [sink] = link.sinks.values()
+    sink.put(ChunkResult(0, wire.OK, dumps_data([0, 1]), 0.01, "n"))
+    sink.put(ChunkResult(1, wire.OK, dumps_data([4, 9]), 0.01, "n"))
+    sink.put(Want(1, 2, 2))
+    box = {}
+    consumer = threading.Thread(target=lambda: box.update(out=list(run.chunks())), daemon=True)
+    consumer.start()
+    consumer.join(20)
+    assert not consumer.is_alive(), "the run waits for an event that never comes"
+    assert box["out"] == [[0, 1], [4, 9]]
+    assert link.sent[-1] == wire.END and wire.CANCEL not in link.sent
 
 
 # --- routing and the JobLink hook ---------------------------------------------------------------
