@@ -1,16 +1,18 @@
 """The controller's connection to the server. Runs in the reactor thread; talks to callers
-through one queue per job or request."""
+through one :class:`~achilles.controller.events.EventSink` per job or request, putting typed
+events (:mod:`achilles.controller.events`) on it."""
 
 from __future__ import annotations
 
 import logging
-import queue
 from typing import Any, Dict, List, Union
 
 from twisted.internet import defer, error as netError, reactor
 from twisted.internet.endpoints import SSL4ClientEndpoint, TCP4ClientEndpoint, connectProtocol
 from twisted.python.failure import Failure
 
+from achilles.controller.events import (ChunkResult, ConnectionLostEvent, EventSink, GraphDone,
+                                        JobFailed, Reply, TaskDone, Want)
 from achilles.core import wire
 from achilles.core.errors import AuthenticationError, ConnectionFailed
 from achilles.core.protocol import PeerSideProtocol, handles
@@ -33,8 +35,9 @@ class ControllerProtocol(PeerSideProtocol):
         self.address = address
         self.ready: defer.Deferred = defer.Deferred()
         self.closed: defer.Deferred = defer.Deferred()
-        self.jobs: Dict[str, "queue.Queue[tuple]"] = {}
-        self.requests: Dict[int, "queue.Queue[tuple]"] = {}
+        # touched on the reactor thread only (callers go through add_job & co.)
+        self.jobs: Dict[str, EventSink] = {}
+        self.requests: Dict[int, EventSink] = {}
         self.lost_reason = ""
 
     def on_authenticated(self) -> None:
@@ -48,53 +51,80 @@ class ControllerProtocol(PeerSideProtocol):
                 "agree on TLS (ACHILLES_TLS_CA here, --tls-cert on the server)?")
             self.ready.errback(Failure(err))
         self.lost_reason = reason.getErrorMessage()
-        for q in list(self.jobs.values()) + list(self.requests.values()):
-            q.put(("lost", self.lost_reason, id(self)))
+        lost = ConnectionLostEvent(self.lost_reason, id(self))
+        for sink in list(self.jobs.values()) + list(self.requests.values()):
+            sink.put(lost)
         self.closed.callback(None)
 
+    # --- routing, called on the reactor thread only ----------------------------------------
+    def add_job(self, job_id: str, sink: EventSink) -> int:
+        """Route ``job_id``'s events to ``sink``; returns this connection's id. If the
+        connection is already closed, ``sink`` gets its :class:`ConnectionLostEvent` at once."""
+        self.jobs[job_id] = sink
+        if self.state != "ready":
+            sink.put(ConnectionLostEvent(self.lost_reason or "connection closed", id(self)))
+        return id(self)
+
+    def remove_job(self, job_id: str) -> None:
+        """Stop routing ``job_id``'s events."""
+        self.jobs.pop(job_id, None)
+
+    def start_request(self, request_id: int, sink: EventSink, message: List[bytes]) -> None:
+        """Send a request; its :class:`Reply` (or :class:`ConnectionLostEvent`) goes to ``sink``."""
+        self.requests[request_id] = sink
+        if self.state != "ready":
+            sink.put(ConnectionLostEvent(self.lost_reason or "connection closed", id(self)))
+            return
+        self.send_many([message])
+
+    def forget_request(self, request_id: int) -> None:
+        """Drop a request nobody waits for any more."""
+        self.requests.pop(request_id, None)
+
+    # --- server messages --------------------------------------------------------------------
     @handles(wire.WANT)
     def want(self, job_id: str, n: int, processes: int, capacity: int) -> None:
-        q = self.jobs.get(job_id)
-        if q is not None:
-            q.put(("want", n, processes, capacity))
+        sink = self.jobs.get(job_id)
+        if sink is not None:
+            sink.put(Want(n, processes, capacity))
 
     @handles(wire.RESULT)
     def result(self, job_id: str, chunk_id: int, status: int, elapsed: float, node: str,
                payload: bytes) -> None:
-        q = self.jobs.get(job_id)
-        if q is not None:
-            q.put(("result", chunk_id, status, payload, elapsed, node))
+        sink = self.jobs.get(job_id)
+        if sink is not None:
+            sink.put(ChunkResult(chunk_id, status, payload, elapsed, node))
 
     @handles(wire.TASK_DONE)
     def task_done(self, graph_id: str, task_id: int, status: int, node: str, elapsed: float,
                   payload: bytes) -> None:
-        q = self.jobs.get(graph_id)
-        if q is not None:
-            q.put(("task_done", task_id, status, payload, node, elapsed))
+        sink = self.jobs.get(graph_id)
+        if sink is not None:
+            sink.put(TaskDone(task_id, status, payload, node, elapsed))
 
     @handles(wire.GRAPH_DONE)
     def graph_done(self, graph_id: str, report: Dict[int, Dict[str, Any]]) -> None:
-        q = self.jobs.get(graph_id)
-        if q is not None:
-            q.put(("graph_done", report))
+        sink = self.jobs.get(graph_id)
+        if sink is not None:
+            sink.put(GraphDone(report))
 
     @handles(wire.JOB_FAILED)
     def job_failed(self, job_id: str, message: str) -> None:
-        q = self.jobs.get(job_id)
-        if q is not None:
-            q.put(("failed", message))
+        sink = self.jobs.get(job_id)
+        if sink is not None:
+            sink.put(JobFailed(message))
 
     @handles(wire.STATUS_REPLY, wire.KILL_DONE)
     def reply(self, request_id: int, value: Any) -> None:
-        q = self.requests.pop(request_id, None)
-        if q is not None:
-            q.put(("reply", value))
+        sink = self.requests.pop(request_id, None)
+        if sink is not None:
+            sink.put(Reply(value))
 
 
 
 def connect(host: str, port: int, username: str, auth_key: bytes,
             timeout: float = CONNECT_TIMEOUT, heartbeat: float = wire.DEFAULT_HEARTBEAT,
-            tls: Any = None) -> defer.Deferred:
+            tls: Any = None, max_frame: int = wire.DEFAULT_MAX_FRAME) -> defer.Deferred:
     """Connect and authenticate; fires with a ready :class:`ControllerProtocol`.
 
     ``auth_key`` is ``derive_key(username, secret_key)``, derived once by the caller.
@@ -103,6 +133,7 @@ def connect(host: str, port: int, username: str, auth_key: bytes,
     address = f"{host}:{port}"
     proto = ControllerProtocol(username, auth_key, address)
     proto.heartbeat = heartbeat
+    proto.max_frame = max_frame
     if tls is None:
         endpoint: Union[TCP4ClientEndpoint, SSL4ClientEndpoint] = TCP4ClientEndpoint(
             reactor, host, port, timeout=timeout)

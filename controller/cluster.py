@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import inspect
 import itertools
+import logging
 import queue
 import threading
 import time
@@ -16,10 +17,17 @@ from achilles.core.errors import AchillesError, ConnectionFailed, ConnectionLost
 from achilles.core.handshake import derive_key
 from achilles.controller import reactor_thread
 from achilles.controller.client import CONNECT_TIMEOUT, ControllerProtocol, connect
+from achilles.controller.events import ConnectionLostEvent, Event, EventSink, Reply
 from achilles.controller.job import JobRun, ResultIterator
 
 REQUEST_TIMEOUT = 30.0
 KILL_TIMEOUT = 30.0
+#: Seconds to wait for the reactor thread to run a registration.
+REACTOR_TIMEOUT = 30.0
+#: Seconds between connection attempts while waiting for the server.
+RETRY_INTERVAL = 0.25
+
+log = logging.getLogger("achilles.controller")
 
 
 def _inputs(iterable: Any) -> Iterable[Any]:
@@ -38,6 +46,7 @@ class Cluster:
         self._tls = config.client_tls()
         self._lock = threading.Lock()
         self._proto: Optional[ControllerProtocol] = None
+        self._reached = False  # connected at least once: an unreachable server is waited for
         self._requests = itertools.count(1)
         self._protocol()
 
@@ -46,64 +55,90 @@ class Cluster:
 
     # --- connection -------------------------------------------------------------------------
     def _protocol(self) -> ControllerProtocol:
-        with self._lock:
-            proto = self._proto
-            if proto is None or proto.state != "ready":
-                proto = reactor_thread.call(
-                    connect, self.config.host, self.config.port, self.config.username,
-                    self._key, self.timeout, self.config.heartbeat, self._tls,
-                    timeout=self.timeout + 5)
-                self._proto = proto
-            return proto
+        """The live connection, connecting if needed.
 
-    def reconnect(self, job_id: str, events: "queue.Queue[tuple]") -> int:
-        """After a lost connection: connect again (retrying until the configured
-        ``reconnect_timeout``) and route ``job_id``'s events to ``events`` again."""
-        deadline = time.monotonic() + self.config.reconnect_timeout
+        One policy for new and running calls: once this cluster has reached the server, an
+        unreachable server is waited for (retrying) up to ``reconnect_timeout``, as during a
+        server restart; a server never reached fails at once with ConnectionFailed.
+        """
+        deadline: Optional[float] = None
         while True:
-            try:
-                return self.register(job_id, events)
-            except ConnectionFailed as exc:
-                if time.monotonic() >= deadline:
-                    raise ConnectionLost(f"the server stayed unreachable for "
-                                         f"{self.config.reconnect_timeout:g} s: {exc}") from None
-                time.sleep(min(0.25, max(0.0, deadline - time.monotonic())))
+            with self._lock:
+                proto = self._proto
+                if proto is not None and proto.state == "ready":
+                    return proto
+                try:
+                    proto = reactor_thread.call(
+                        connect, self.config.host, self.config.port, self.config.username,
+                        self._key, self.timeout, self.config.heartbeat, self._tls,
+                        self.config.max_frame, timeout=self.timeout + 5)
+                except ConnectionFailed as exc:
+                    if not self._reached:
+                        raise
+                    error = exc
+                else:
+                    self._proto = proto
+                    self._reached = True
+                    return proto
+            now = time.monotonic()
+            if deadline is None:
+                deadline = now + self.config.reconnect_timeout
+                log.warning("lost the server at %s:%s; retrying for up to %g s "
+                            "(ACHILLES_RECONNECT_TIMEOUT)", self.config.host, self.config.port,
+                            self.config.reconnect_timeout)
+            if now >= deadline:
+                raise ConnectionFailed(
+                    f"the server stayed unreachable for {self.config.reconnect_timeout:g} s "
+                    f"(ACHILLES_RECONNECT_TIMEOUT): {error}") from None
+            time.sleep(min(RETRY_INTERVAL, deadline - now))
 
-    def register(self, job_id: str, q: "queue.Queue[tuple]") -> int:
-        """Route a job's events to ``q`` on the live connection; returns the connection's id
-        (its ``lost`` event carries it)."""
+    def reconnect(self, job_id: str, sink: EventSink) -> int:
+        """After a lost connection: connect again (retrying until the configured
+        ``reconnect_timeout``, else ConnectionLost) and route ``job_id``'s events to ``sink``."""
+        try:
+            return self.register(job_id, sink)
+        except ConnectionFailed as exc:
+            raise ConnectionLost(str(exc)) from None
+
+    def register(self, job_id: str, sink: EventSink) -> int:
+        """Route a job's events to ``sink`` on the live connection; returns the connection's id
+        (its :class:`ConnectionLostEvent` carries it)."""
         proto = self._protocol()
-        proto.jobs[job_id] = q
-        if proto.state != "ready":
-            q.put(("lost", proto.lost_reason or "connection closed", id(proto)))
-        return id(proto)
+        return reactor_thread.call(proto.add_job, job_id, sink, timeout=REACTOR_TIMEOUT)
 
     def unregister(self, job_id: str) -> None:
-        """Stop routing a job's events."""
+        """Stop routing a job's events (never blocks; safe from any thread)."""
         proto = self._proto
         if proto is not None:
-            proto.jobs.pop(job_id, None)
+            reactor_thread.post(proto.remove_job, job_id)
 
     def send(self, messages: List[List[bytes]]) -> None:
-        """Queue encoded messages for the reactor thread to write."""
+        """Queue encoded messages for the reactor thread to write. A message over the frame
+        limit (``ACHILLES_MAX_FRAME``, or the server's if lower) raises
+        :class:`~achilles.FrameTooLarge` here, in the caller's thread."""
         proto = self._proto
         if proto is not None:
+            for message in messages:
+                proto.check_size(message)
             reactor_thread.post(proto.send_many, messages)
 
     def _request(self, code: int, timeout: float) -> Any:
         proto = self._protocol()
         request_id = next(self._requests)
-        q: "queue.Queue[tuple]" = queue.Queue()
-        proto.requests[request_id] = q
-        self.send([wire.encode_message(code, (request_id,))])
+        replies: "queue.Queue[Event]" = queue.Queue()
+        reactor_thread.post(proto.start_request, request_id, replies,
+                            wire.encode_message(code, (request_id,)))
         try:
-            event = q.get(timeout=timeout)
+            event = replies.get(timeout=timeout)
         except queue.Empty:
-            proto.requests.pop(request_id, None)
+            reactor_thread.post(proto.forget_request, request_id)
             raise AchillesError(f"the server did not answer within {timeout:g} s") from None
-        if event[0] == "lost":
-            raise ConnectionLost(f"lost the connection to the server ({event[1]})")
-        return event[1]
+        match event:
+            case Reply(value=value):
+                return value
+            case ConnectionLostEvent(reason=reason):
+                raise ConnectionLost(f"lost the connection to the server ({reason})")
+        raise AchillesError(f"unexpected answer to a request: {event!r}")
 
     # --- the Pool API -----------------------------------------------------------------------
     def map(self, func: Callable[[Any], Any], iterable: Iterable[Any],
@@ -187,6 +222,8 @@ class Cluster:
         proto = self._protocol()
         stopped = self._request(wire.KILL, KILL_TIMEOUT)
         reactor_thread.call(lambda: proto.closed, timeout=KILL_TIMEOUT)
+        with self._lock:
+            self._reached = False  # stopped on purpose: a later call fails fast, not waits
         return int(stopped)
 
     def close(self) -> None:

@@ -15,23 +15,25 @@ import threading
 import uuid
 from typing import Any, Dict, List, Optional
 
+from achilles.controller.events import ConnectionLostEvent, Event, GraphDone, JobFailed, JobLink, TaskDone
+from achilles.controller.failures import failure_exception
 from achilles.core import wire
-from achilles.core.errors import ConnectionLost, JobCancelled, TaskTimeout, WorkerCrashed, describe_exit
-from achilles.core.serialization import load_error, loads_data
+from achilles.core.errors import ConnectionLost, JobCancelled
+from achilles.core.serialization import loads_data
 from achilles.core.taskgraph import GraphSpec, TaskCall, build
 
 
 class GraphRun:
     """One submitted graph; :meth:`wait` returns the outputs' values in order."""
 
-    def __init__(self, link: Any, roots: List[TaskCall]) -> None:
+    def __init__(self, link: JobLink, roots: List[TaskCall]) -> None:
         if not roots or not all(isinstance(r, TaskCall) for r in roots):
             raise TypeError("compute() takes lazy task calls (the result of calling a @task)")
         self.link = link
         self.roots = roots
         self.spec: GraphSpec = build(roots)
         self.graph_id = uuid.uuid4().hex
-        self.events: "queue.Queue[tuple]" = queue.Queue()
+        self.events: "queue.Queue[Event]" = queue.Queue()
         self.values: Dict[int, Any] = {}
         self.errors: Dict[int, BaseException] = {}
         self.first_error: Optional[BaseException] = None
@@ -43,42 +45,33 @@ class GraphRun:
 
     def _error(self, task_id: int, status: int, payload: bytes, node: str) -> BaseException:
         call = self.spec.calls[task_id]
-        where = f"in task {self.spec.positions.get(task_id, call.name)}" + (f" on node {node}" if node else "")
-        if status == wire.ITEM_ERROR:
-            _, exc, _ = load_error(payload)
-        elif status == wire.TIMED_OUT:
-            exc = TaskTimeout(f"task {call.name}#{task_id} ran past its {pickle.loads(payload):g} s "
-                              "timeout; its worker process was killed and replaced")
-        else:
-            exitcode, _, crashes = pickle.loads(payload)
-            exc = WorkerCrashed(f"task {call.name}#{task_id} killed its worker process {crashes} "
-                                f"times (last: {describe_exit(exitcode)})")
+        exc, _, _ = failure_exception(status, payload, f"task {call.name}#{task_id}")
         if hasattr(exc, "add_note"):
-            exc.add_note(where)
+            exc.add_note(f"in task {self.spec.positions.get(task_id, call.name)}"
+                         + (f" on node {node}" if node else ""))
         return exc
 
     def wait(self) -> List[Any]:
         """Block until the graph settles; return the outputs or raise the first failure."""
         try:
             while True:
-                event = self.events.get()
-                kind = event[0]
-                if kind == "task_done":
-                    _, task_id, status, payload, node, elapsed = event
-                    if status == wire.OK:
-                        self.values[task_id] = loads_data(payload)
-                    else:
-                        exc = self._error(task_id, status, payload, node)
-                        self.errors[task_id] = exc
-                        if self.first_error is None:
-                            self.first_error = exc
-                elif kind == "graph_done":
-                    self._record(event[1])
-                    break
-                elif kind == "failed":
-                    raise JobCancelled(f"graph {self.graph_id[:8]} failed on the server: {event[1]}")
-                elif kind == "lost" and event[2] == self._conn:
-                    self._resume(event[1])
+                match self.events.get():
+                    case TaskDone(task_id=task_id, status=status, payload=payload, node=node):
+                        if status == wire.OK:
+                            self.values[task_id] = loads_data(payload)
+                        else:
+                            exc = self._error(task_id, status, payload, node)
+                            self.errors[task_id] = exc
+                            if self.first_error is None:
+                                self.first_error = exc
+                    case GraphDone(report=report):
+                        self._record(report)
+                        break
+                    case JobFailed(message=message):
+                        raise JobCancelled(
+                            f"graph {self.graph_id[:8]} failed on the server: {message}")
+                    case ConnectionLostEvent(reason=reason, conn_id=conn_id) if conn_id == self._conn:
+                        self._resume(reason)
         finally:
             self.link.unregister(self.graph_id)
         if self.first_error is not None and any(o not in self.values for o in self.spec.outputs):
@@ -100,7 +93,7 @@ class GraphRun:
                 call.info = dict(info)
 
 
-def submit_graph(link: Any, roots: List[TaskCall]) -> "concurrent.futures.Future[List[Any]]":
+def submit_graph(link: JobLink, roots: List[TaskCall]) -> "concurrent.futures.Future[List[Any]]":
     """Run a graph in the background; the Future holds the outputs' values (a list)."""
     future: "concurrent.futures.Future[List[Any]]" = concurrent.futures.Future()
     run = GraphRun(link, roots)

@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import collections
 import itertools
-import pickle
 import queue
 import uuid
 from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Tuple
 
 from achilles.core import wire
-from achilles.core.errors import ConnectionLost, JobCancelled, WorkerCrashed, describe_exit
-from achilles.core.serialization import dumps_code, dumps_data, function_name, load_error, loads_data
+from achilles.core.errors import ConnectionLost, JobCancelled
+from achilles.core.serialization import dumps_code, dumps_data, function_name, loads_data
 from achilles.controller.chunking import ChunkSizer
+from achilles.controller.events import ChunkResult, ConnectionLostEvent, Event, JobFailed, JobLink, Want
+from achilles.controller.failures import failure_exception
 
 INITIAL_CREDIT = wire.INITIAL_CREDIT
 MIN_WINDOW = 8
@@ -27,10 +28,10 @@ MIN_WINDOW = 8
 class JobRun:
     """Submits a job on creation; :meth:`chunks` yields result lists (ordered or as completed)."""
 
-    def __init__(self, link: Any, func: Callable[..., Any], iterable: Iterable[Any],
+    def __init__(self, link: JobLink, func: Callable[..., Any], iterable: Iterable[Any],
                  chunksize: Optional[int], callback: Optional[Callable[..., Any]], ordered: bool,
                  options: Optional[Dict[str, Any]] = None, balance: bool = False) -> None:
-        self.link = link  # has .register(job_id) -> queue, .unregister(job_id), .send(messages)
+        self.link = link
         self.ordered = ordered
         self.function = function_name(func)
         total: Optional[int]
@@ -40,7 +41,7 @@ class JobRun:
             total = None
         self.sizer = ChunkSizer(chunksize, total, balance)
         self.job_id = uuid.uuid4().hex
-        self.events: "queue.Queue[tuple]" = queue.Queue()
+        self.events: "queue.Queue[Event]" = queue.Queue()
         self._conn = link.register(self.job_id, self.events)
         self._input = iter(iterable)
         self.credit = INITIAL_CREDIT
@@ -87,46 +88,40 @@ class JobRun:
             self.link.send(messages)
 
     # --- results ----------------------------------------------------------------------------
-    def _handle(self, event: tuple) -> None:
-        kind = event[0]
-        if kind == "want":
-            _, n, processes, capacity = event
-            self.credit += n
-            self.sizer.processes = processes
-            self.window = max(MIN_WINDOW, 2 * capacity + INITIAL_CREDIT)
-        elif kind == "result":
-            _, cid, status, payload, elapsed, node = event
-            spec = self.outstanding.pop(cid, None)
-            if spec is None:
-                return
-            first, n, _ = spec
-            if status == wire.OK:
-                values = loads_data(payload)
-                self.items_done += n
-                self.sizer.observe(n, elapsed)
-                if self.ordered:
-                    self.buffered[cid] = values
-                else:
-                    self.ready.append(values)
-                return
-            if status == wire.ITEM_ERROR:
-                index, exc, partial = load_error(payload)
-                if hasattr(exc, "add_note"):
-                    exc.add_note(f"raised by {self.function} on item {first + index} "
-                                 f"(node {node}, job {self.job_id[:8]})")
+    def _handle(self, event: Event) -> None:
+        match event:
+            case Want(n=n, processes=processes, capacity=capacity):
+                self.credit += n
+                self.sizer.processes = processes
+                self.window = max(MIN_WINDOW, 2 * capacity + INITIAL_CREDIT)
+            case ChunkResult():
+                self._result(event)
+            case JobFailed(message=message):
+                raise JobCancelled(f"job {self.job_id[:8]} failed on the server: {message}")
+            case ConnectionLostEvent(reason=reason, conn_id=conn_id) if conn_id == self._conn:
+                self._resume(reason)
+
+    def _result(self, event: ChunkResult) -> None:
+        spec = self.outstanding.pop(event.chunk_id, None)
+        if spec is None:
+            return
+        first, n, _ = spec
+        if event.status == wire.OK:
+            values = loads_data(event.payload)
+            self.items_done += n
+            self.sizer.observe(n, event.elapsed)
+            if self.ordered:
+                self.buffered[event.chunk_id] = values
             else:
-                exitcode, item, crashes = pickle.loads(payload)
-                which = f"item {first + item}" if item is not None else f"items {first}..{first + n - 1}"
-                exc, partial = WorkerCrashed(
-                    f"{which} of {self.function} killed its worker process {crashes} times "
-                    f"(last: {describe_exit(exitcode)} on node {node})",
-                    item=None if item is None else first + item), []
-            if self.error is None or (self.ordered and cid < self.error[0]):
-                self.error = (cid, exc, partial)
-        elif kind == "failed":
-            raise JobCancelled(f"job {self.job_id[:8]} failed on the server: {event[1]}")
-        elif kind == "lost" and event[2] == self._conn:
-            self._resume(event[1])
+                self.ready.append(values)
+            return
+        exc, index, partial = failure_exception(event.status, event.payload, self.function,
+                                                event.node, first, n)
+        if event.status == wire.ITEM_ERROR and index is not None and hasattr(exc, "add_note"):
+            exc.add_note(f"raised by {self.function} on item {first + index} "
+                         f"(node {event.node}, job {self.job_id[:8]})")
+        if self.error is None or (self.ordered and event.chunk_id < self.error[0]):
+            self.error = (event.chunk_id, exc, partial)
 
     def _resume(self, reason: str) -> None:
         """Reconnect (the server restarted or the link dropped) and resubmit every chunk not
@@ -160,15 +155,17 @@ class JobRun:
                     if partial:
                         yield partial
                     raise exc
-                if self.exhausted and not self.outstanding and not self.buffered and not self.ready:
+                if self._answered():
                     self.finished = True
                     return
                 self._fill()
-                if self.exhausted and not self.outstanding and not self.buffered and not self.ready:
-                    continue  # _fill just found the input's end with every chunk answered
-                self._handle(self.events.get())
+                if not self._answered():  # _fill may have just found the input's end
+                    self._handle(self.events.get())
         finally:
             self.close()
+
+    def _answered(self) -> bool:
+        return self.exhausted and not self.outstanding and not self.buffered and not self.ready
 
     def close(self) -> None:
         """Cancel the job on the server if it has not finished; stop listening for it."""

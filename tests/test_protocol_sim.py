@@ -20,6 +20,7 @@ from twisted.test.iosim import FakeTransport, connectedServerAndClient
 
 from achilles.core import wire
 from achilles.controller.client import ControllerProtocol
+from achilles.controller.events import ChunkResult, Reply
 from achilles.core.errors import AuthenticationError, ConnectionFailed
 from achilles.core.handshake import PeerHandshake, derive_key
 from achilles.core.protocol import PeerSideProtocol, handles
@@ -199,12 +200,11 @@ def test_controller_handshake_and_status(factory, protos):
     assert ctrl.address == "10.0.0.7:40000"
 
     replies = queue.Queue()
-    client.requests[7] = replies
-    client.send(wire.STATUS, 7)
+    client.start_request(7, replies, wire.encode_message(wire.STATUS, (7,)))
     pump.flush()
-    kind, value = replies.get_nowait()
-    assert kind == "reply"
-    assert value == factory.scheduler.status() == {"nodes": [], "jobs": []}
+    reply = replies.get_nowait()
+    assert isinstance(reply, Reply)
+    assert reply.value == factory.scheduler.status() == {"nodes": [], "jobs": []}
     assert 7 not in client.requests
     assert [c for c, _ in frames_of(server.transport.written)] == \
         [wire.HELLO, wire.AUTH_OK, wire.STATUS_REPLY]
@@ -238,7 +238,7 @@ def test_job_runs_through_server_to_node(factory, protos):
     client = controller()
     cserver, cpump = connect(factory, client, protos)
     jobq = queue.Queue()
-    client.jobs["j1"] = jobq
+    client.add_job("j1", jobq)
     client.send(wire.SUBMIT, "j1", "mod.fn", b"FUNC", b"CB", {"chunksize": 2})
     client.send(wire.CHUNK, "j1", 0, 2, b"PAYLOAD")
     cpump.flush()
@@ -252,8 +252,8 @@ def test_job_runs_through_server_to_node(factory, protos):
     got = []
     while not jobq.empty():
         got.append(jobq.get_nowait())
-    assert [e[:3] + (bytes(e[3]),) + e[4:] for e in got if e[0] == "result"] == [
-        ("result", 0, wire.OK, b"RES", 0.5, "sim-node")]
+    assert [(e.chunk_id, e.status, bytes(e.payload), e.elapsed, e.node)
+            for e in got if isinstance(e, ChunkResult)] == [(0, wire.OK, b"RES", 0.5, "sim-node")]
 
     client.send(wire.END, "j1", 1)
     cpump.flush()
@@ -262,10 +262,9 @@ def test_job_runs_through_server_to_node(factory, protos):
     assert factory.scheduler.jobs == {}
 
     replies = queue.Queue()
-    client.requests[1] = replies
-    client.send(wire.STATUS, 1)
+    client.start_request(1, replies, wire.encode_message(wire.STATUS, (1,)))
     cpump.flush()
-    status = replies.get_nowait()[1]
+    status = replies.get_nowait().value
     assert [n["name"] for n in status["nodes"]] == ["sim-node"]
     assert status["nodes"][0]["done"] == 2
     json.dumps(status)

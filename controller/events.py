@@ -1,0 +1,151 @@
+"""What the reactor thread tells a caller's thread about its job, graph or request.
+
+:class:`~achilles.controller.client.ControllerProtocol` puts one of these frozen records on
+the :class:`EventSink` registered for a job (``queue.Queue`` is one); the run consuming them
+(:class:`~achilles.controller.job.JobRun`, :class:`~achilles.controller.graph.GraphRun`,
+``Cluster``'s requests) matches on the type. :class:`JobLink` is what a run needs from the
+connection; :class:`ObservedLink` wraps one to watch every event (progress bars).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Protocol, Union
+
+log = logging.getLogger("achilles.controller")
+
+
+@dataclass(frozen=True)
+class Want:
+    """The server grants ``n`` more chunks; the cluster has ``processes`` worker processes and
+    room for ``capacity`` chunks in flight."""
+
+    n: int
+    processes: int
+    capacity: int
+
+
+@dataclass(frozen=True)
+class ChunkResult:
+    """A map chunk finished: ``status`` is ``wire.OK`` or a failure status; ``payload`` is the
+    pickled results (or the failure record); ``elapsed`` seconds on ``node``."""
+
+    chunk_id: int
+    status: int
+    payload: bytes
+    elapsed: float
+    node: str
+
+
+@dataclass(frozen=True)
+class TaskDone:
+    """A graph task finished (same meaning of ``status`` and ``payload`` as :class:`ChunkResult`)."""
+
+    task_id: int
+    status: int
+    payload: bytes
+    node: str
+    elapsed: float
+
+
+@dataclass(frozen=True)
+class GraphDone:
+    """A graph settled; ``report`` maps task id to ``{state, node, duration, attempts}``."""
+
+    report: Dict[int, Dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class JobFailed:
+    """The server gave up on the job or graph, saying why."""
+
+    message: str
+
+
+@dataclass(frozen=True)
+class ConnectionLostEvent:
+    """The connection ``conn_id`` (what ``JobLink.register`` returned) closed for ``reason``."""
+
+    reason: str
+    conn_id: int
+
+
+@dataclass(frozen=True)
+class Reply:
+    """The answer to a request (STATUS, KILL)."""
+
+    value: Any
+
+
+#: Every event a job, graph or request can receive.
+Event = Union[Want, ChunkResult, TaskDone, GraphDone, JobFailed, ConnectionLostEvent, Reply]
+
+
+class EventSink(Protocol):
+    """Where a job's events go; called on the reactor thread, so ``put`` must not block."""
+
+    def put(self, event: Event) -> None:
+        """Accept one event."""
+
+
+class JobLink(Protocol):
+    """What a job or graph run needs from its connection (``Cluster`` is one)."""
+
+    def register(self, job_id: str, sink: EventSink) -> int:
+        """Route ``job_id``'s events to ``sink``; return the connection's id (its
+        :class:`ConnectionLostEvent` carries it)."""
+
+    def unregister(self, job_id: str) -> None:
+        """Stop routing ``job_id``'s events (safe from any thread, never blocks)."""
+
+    def send(self, messages: List[List[bytes]]) -> None:
+        """Write encoded messages to the server, in order."""
+
+    def reconnect(self, job_id: str, sink: EventSink) -> int:
+        """After a :class:`ConnectionLostEvent`: connect again (waiting for the server up to
+        the reconnect timeout, else ``ConnectionLost``) and :meth:`register` again."""
+
+
+class _TeeSink:
+    def __init__(self, job_id: str, sink: EventSink, observer: Callable[[str, Event], None]) -> None:
+        self.job_id = job_id
+        self.sink = sink
+        self.observer = observer
+
+    def put(self, event: Event) -> None:
+        try:
+            self.observer(self.job_id, event)
+        except Exception:
+            log.exception("an event observer failed on %s for job %s", type(event).__name__,
+                          self.job_id[:8])
+        self.sink.put(event)
+
+
+class ObservedLink:
+    """A :class:`JobLink` that also hands every event to ``observer(job_id, event)`` before the
+    run sees it, e.g. to count :class:`ChunkResult`\\ s for a progress bar.
+
+    ``observer`` runs on the reactor thread: it must be quick and must not block or call back
+    into the cluster. An exception it raises is logged; the event still reaches the run.
+    """
+
+    def __init__(self, link: JobLink, observer: Callable[[str, Event], None]) -> None:
+        self.link = link
+        self.observer = observer
+
+    def register(self, job_id: str, sink: EventSink) -> int:
+        """Register with the wrapped link, observing the events."""
+        return self.link.register(job_id, _TeeSink(job_id, sink, self.observer))
+
+    def unregister(self, job_id: str) -> None:
+        """Unregister from the wrapped link."""
+        self.link.unregister(job_id)
+
+    def send(self, messages: List[List[bytes]]) -> None:
+        """Send through the wrapped link."""
+        self.link.send(messages)
+
+    def reconnect(self, job_id: str, sink: EventSink) -> int:
+        """Reconnect through the wrapped link, still observing the events."""
+        return self.link.reconnect(job_id, _TeeSink(job_id, sink, self.observer))
