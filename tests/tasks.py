@@ -103,3 +103,8 @@ def oom_killed(x):
         import signal
         os.kill(os.getpid(), signal.SIGKILL)
     return x
+
+
+def blob(n):
+    """``n`` bytes."""
+    return b"x" * n

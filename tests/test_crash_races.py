@@ -21,6 +21,7 @@ from typing import Dict, Optional
 import pytest
 
 from achilles.core import wire
+from achilles.controller.events import ChunkResult, Event, Want
 from achilles.controller.job import JobRun
 from achilles.node.pool import Task, WorkerPool
 from achilles.core.serialization import dumps_code, dumps_data
@@ -39,7 +40,7 @@ class ServerScript:
     def __init__(self) -> None:
         self.sent: list = []
 
-    def register(self, job_id: str, q: "queue.Queue[tuple]") -> int:
+    def register(self, job_id: str, q: "queue.Queue[Event]") -> int:
         return 1
 
     def unregister(self, job_id: str) -> None:
@@ -64,9 +65,9 @@ class NoWait(queue.Queue):
         return super().get(block=False)
 
 
-def result(cid: int, values: list) -> tuple:
+def result(cid: int, values: list) -> ChunkResult:
     """A RESULT event as ControllerProtocol queues it."""
-    return ("result", cid, wire.OK, dumps_data(values), 0.01, "n")
+    return ChunkResult(cid, wire.OK, dumps_data(values), 0.01, "n")
 
 
 @pytest.mark.parametrize("ordered", [True, False], ids=["map", "imap_unordered"])
@@ -80,7 +81,7 @@ def test_input_end_found_after_last_result_does_not_hang(ordered):
     run.events = NoWait()
     run.events.put(result(1, [x * x for x in range(10, 20)]))  # the retried chunk 0 comes last
     run.events.put(result(0, [x * x for x in range(10)]))
-    run.events.put(("want", 2, 2, 4))  # sent by the server after chunk 0's retry was queued
+    run.events.put(Want(2, 2, 4))  # sent by the server after chunk 0's retry was queued
     out = [x for values in run.chunks() for x in values]
     assert sorted(out) == [x * x for x in range(20)]
     if ordered:
