@@ -23,7 +23,6 @@ from achilles.controller.job import JobRun, ResultIterator
 REQUEST_TIMEOUT = 30.0
 KILL_TIMEOUT = 30.0
 #: Seconds to wait for the reactor thread to run a registration.
-REACTOR_TIMEOUT = 30.0
 #: Seconds between connection attempts while waiting for the server.
 RETRY_INTERVAL = 0.25
 
@@ -102,9 +101,14 @@ class Cluster:
 
     def register(self, job_id: str, sink: EventSink) -> int:
         """Route a job's events to ``sink`` on the live connection; returns the connection's id
-        (its :class:`ConnectionLostEvent` carries it)."""
+        (its :class:`ConnectionLostEvent` carries it).
+
+        The routing entry is added on the reactor thread without waiting for it: calls posted
+        to the reactor run in order, so it is in place before anything this caller sends next
+        (and so before any answer to it)."""
         proto = self._protocol()
-        return reactor_thread.call(proto.add_job, job_id, sink, timeout=REACTOR_TIMEOUT)
+        reactor_thread.post(proto.add_job, job_id, sink)
+        return id(proto)
 
     def unregister(self, job_id: str) -> None:
         """Stop routing a job's events (never blocks; safe from any thread)."""

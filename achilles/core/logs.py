@@ -37,6 +37,8 @@ def printable(text: object, limit: int = 200) -> str:
     """
     if not isinstance(text, str):
         text = str(text)
+    if len(text) <= limit and text.isprintable():
+        return text  # the common case, without a pass per character
     out = []
     size = 0
     for ch in text:
