@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import secrets
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -32,6 +33,37 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 20.0, interval: flo
         time.sleep(interval)
 
 
+def read_frame(sock) -> "tuple":
+    """One raw frame ``(code, body)`` from a blocking socket; ``(None, b"")`` if it closed
+    before a header arrived."""
+    header = b""
+    while len(header) < 5:
+        more = sock.recv(5 - len(header))
+        if not more:
+            return None, b""
+        header += more
+    code, length = struct.unpack("!BI", header)
+    body = b""
+    while len(body) < length:
+        more = sock.recv(length - len(body))
+        if not more:
+            break
+        body += more
+    return code, body
+
+
+def proc_stats() -> "Iterator[tuple]":
+    """``(pid, fields of /proc/PID/stat after the command name)`` for every live process."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    fields = fh.read().split(")")[-1].split()
+            except OSError:
+                continue
+            yield int(entry), fields
+
+
 class MarkerPickle:
     """Unpickling this creates a file: proof that someone unpickled it."""
 
@@ -53,17 +85,7 @@ def alive(pid: int) -> bool:
 
 def group_members(pgid: int) -> List[int]:
     """Live pids whose process group is ``pgid``."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as fh:
-                    fields = fh.read().split(")")[-1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                out.append(int(entry))
-    return out
+    return [pid for pid, fields in proc_stats() if int(fields[2]) == pgid and fields[0] != "Z"]
 
 
 def stop_group(proc: subprocess.Popen, grace: float = 5.0) -> None:

@@ -15,26 +15,9 @@ from achilles.core.config import Config
 from achilles.controller.cluster import Cluster
 from achilles.core.errors import AuthenticationError, ConnectionFailed
 from achilles.core.handshake import derive_key
-from conftest import MarkerPickle, wait_for
+from conftest import MarkerPickle, read_frame, wait_for
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def read_frame(sock):
-    header = b""
-    while len(header) < 5:
-        more = sock.recv(5 - len(header))
-        if not more:
-            return None, b""
-        header += more
-    code, length = struct.unpack("!BI", header)
-    body = b""
-    while len(body) < length:
-        more = sock.recv(length - len(body))
-        if not more:
-            break
-        body += more
-    return code, body
 
 
 def closed_by_peer(sock, timeout=10.0):

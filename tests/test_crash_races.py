@@ -25,7 +25,7 @@ from achilles.controller.events import ChunkResult, Event, Want
 from achilles.controller.job import JobRun
 from achilles.node.pool import Task, WorkerPool
 from achilles.core.serialization import dumps_code, dumps_data
-from conftest import alive, wait_for
+from conftest import alive, proc_stats, wait_for
 from crash_tasks import exit_with, fork_then_exit
 from tasks import delayed, square, where
 
@@ -95,15 +95,9 @@ def test_input_end_found_after_last_result_does_not_hang(ordered):
 def descendants() -> set:
     """Live pids below this process."""
     children: dict = collections.defaultdict(list)
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as fh:
-                    fields = fh.read().split(")")[-1].split()
-            except OSError:
-                continue
-            if fields[0] != "Z":
-                children[int(fields[1])].append(int(entry))
+    for pid, fields in proc_stats():
+        if fields[0] != "Z":
+            children[int(fields[1])].append(pid)
     out, todo = set(), [os.getpid()]
     while todo:
         for pid in children.get(todo.pop(), []):

@@ -19,7 +19,7 @@ from achilles.core import wire
 from achilles.core.config import Config
 from achilles.controller.cluster import Cluster
 from achilles.core.logs import OneRecordPerLineFormatter, printable
-from conftest import wait_for
+from conftest import read_frame, wait_for
 from tasks import square
 
 pytestmark = pytest.mark.timeout(120)
@@ -66,24 +66,6 @@ def test_formatter_keeps_one_record_per_line():
     assert lines[0] == "WARNING reason: "
     assert all(line.startswith("    ") for line in lines[1:]), lines
     assert "\x1b" not in stream.getvalue()
-
-
-def read_frame(sock: socket.socket):
-    """One frame (code, body) from a raw socket, or (None, b"") when it closes."""
-    header = b""
-    while len(header) < wire.HEADER.size:
-        more = sock.recv(wire.HEADER.size - len(header))
-        if not more:
-            return None, b""
-        header += more
-    code, length = wire.HEADER.unpack(header)
-    body = b""
-    while len(body) < length:
-        more = sock.recv(length - len(body))
-        if not more:
-            break
-        body += more
-    return code, body
 
 
 def hello(**fields) -> bytes:
