@@ -10,6 +10,7 @@ connection fails the receiver's check, and the connection closes before the fram
 
 from __future__ import annotations
 
+import struct
 from typing import List, Sequence
 
 from cryptography.exceptions import InvalidTag
@@ -19,7 +20,7 @@ from achilles.core.errors import ProtocolError
 
 TAG_SIZE = 16
 KEY_SIZE = 32
-_HEADER_SIZE = 5  # wire.HEADER.size; the header's length field counts the tag
+_HEADER = struct.Struct("!BI")  # wire.HEADER; the header's length field counts the tag
 
 
 def _nonce(seq: int) -> bytes:
@@ -39,8 +40,8 @@ class FrameSealer:
         """Turn an encoded message (header first, as :func:`achilles.core.wire.encode_message`
         returns it) into the pieces of a sealed frame."""
         head = pieces[0]
-        length = int.from_bytes(head[1:_HEADER_SIZE], "big") + TAG_SIZE
-        data = b"".join([head[:1], length.to_bytes(4, "big"), *pieces[1:]])
+        code, length = _HEADER.unpack(head)
+        data = b"".join([_HEADER.pack(code, length + TAG_SIZE), *pieces[1:]])
         tag = self._aead.encrypt(_nonce(self._seq), b"", data)
         self._seq += 1
         return [data, tag]
@@ -55,7 +56,7 @@ class FrameOpener:
         self._aead = AESGCM(key)
         self._seq = 0
 
-    def check(self, frame: memoryview, tag: bytes) -> None:
+    def check(self, frame: memoryview, tag: "bytes | memoryview") -> None:
         """Raise :class:`ProtocolError` unless ``tag`` is the next frame's tag over ``frame``
         (header and body, without the tag)."""
         try:

@@ -98,6 +98,15 @@ class Message:
     def name(self) -> str:
         return self.code.name
 
+    @property
+    def types(self) -> Tuple[Tuple[type, ...], ...]:
+        """Each field's accepted types, in order (cached: :func:`validate` runs per message)."""
+        cached = self.__dict__.get("_types")
+        if cached is None:
+            cached = tuple(f.types for f in self.fields)
+            object.__setattr__(self, "_types", cached)
+        return cached
+
 
 STR: Tuple[type, ...] = (str,)
 INT: Tuple[type, ...] = (int,)
@@ -224,7 +233,7 @@ META = struct.Struct("!I")
 
 def frame_size(pieces: List[bytes]) -> int:
     """The size of an encoded message (header included)."""
-    return sum(len(p) for p in pieces)
+    return sum(map(len, pieces))
 
 
 def inbound(local: str, peer: str) -> FrozenSet[int]:
@@ -240,6 +249,9 @@ def name_of(code: int) -> str:
 
 def validate(message: Message, fields: Tuple[Any, ...]) -> None:
     """Raise :class:`ProtocolError` unless ``fields`` match the declaration."""
+    types = message.types
+    if len(fields) == len(types) and all(map(isinstance, fields, types)):
+        return
     spec = message.fields
     if len(fields) != len(spec):
         raise ProtocolError(f"malformed {message.name}: {len(fields)} fields, expected "
@@ -400,7 +412,7 @@ class FrameDecoder:
                     self._fail("frame too short to carry its session tag")
                 end -= TAG_SIZE
                 try:
-                    opener.check(view[pos:end], bytes(view[end:end + TAG_SIZE]))
+                    opener.check(view[pos:end], view[end:end + TAG_SIZE])
                 except ProtocolError as exc:
                     self._fail(str(exc))
             body = bytes(view[pos + HEADER.size:end])
