@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
+
+from tasks import pause
 
 
 def _die(how: str) -> None:
@@ -41,7 +42,7 @@ def chaos(arg):
         return x
     if when == "later":
         def later() -> None:
-            time.sleep(delay)
+            pause(delay)
             _die(how)
         if marker is not None:  # written whole or not at all, even if a kill lands here
             with open(marker + ".tmp", "w") as fh:
@@ -50,7 +51,7 @@ def chaos(arg):
         threading.Thread(target=later, daemon=True).start()
         return x
     if delay:
-        time.sleep(delay)
+        pause(delay)
     _die(how)
 
 
@@ -58,7 +59,7 @@ def fork_then_exit(pid_file: str):
     """Fork a child that keeps the worker's pipe open for a minute, then kill the worker."""
     pid = os.fork()
     if pid == 0:
-        time.sleep(60)
+        pause(60)
         os._exit(0)
     with open(pid_file, "w") as fh:
         fh.write(str(pid))
