@@ -12,7 +12,7 @@ import socket
 import struct
 import threading
 import time
-from typing import List, Optional
+from typing import List
 
 import pytest
 

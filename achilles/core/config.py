@@ -248,38 +248,29 @@ def load_config(**overrides: Any) -> Config:
             return os.environ[var]
         return file_values.get(var) or None
 
+    def number(key: str, default: Any, minimum: float, kind: type = int) -> Any:
+        var = "ACHILLES_" + key.upper()
+        value = pick(key, var)
+        return default if value is None else _as_number(var, value, minimum, kind)
+
     cfg = Config(env_file=env_file)
     cfg.host = pick("host", "ACHILLES_HOST") or DEFAULT_HOST
-    port = pick("port", "ACHILLES_PORT")
-    cfg.port = DEFAULT_PORT if port is None else _as_number("ACHILLES_PORT", port, 0)
+    cfg.port = number("port", DEFAULT_PORT, 0)
     if cfg.port > 65535:
         raise ConfigError(f"ACHILLES_PORT must be at most 65535, got {cfg.port}")
     cfg.username = pick("username", "ACHILLES_USERNAME") or DEFAULT_USERNAME
     cfg.secret_key = pick("secret_key", "ACHILLES_SECRET_KEY")
-    processes = pick("processes", "ACHILLES_PROCESSES")
-    cfg.processes = None if processes is None else _as_number("ACHILLES_PROCESSES", processes, 1)
-    prefetch = pick("prefetch", "ACHILLES_PREFETCH")
-    cfg.prefetch = DEFAULT_PREFETCH if prefetch is None else _as_number("ACHILLES_PREFETCH", prefetch, 1)
+    cfg.processes = number("processes", None, 1)
+    cfg.prefetch = number("prefetch", DEFAULT_PREFETCH, 1)
     cfg.node_name = pick("node_name", "ACHILLES_NODE_NAME")
     cfg.log_level = str(pick("log_level", "ACHILLES_LOG_LEVEL") or "INFO").upper()
-    heartbeat = pick("heartbeat", "ACHILLES_HEARTBEAT")
-    cfg.heartbeat = DEFAULT_HEARTBEAT if heartbeat is None else _as_number("ACHILLES_HEARTBEAT", heartbeat, 0.2, float)
-    reconnect = pick("reconnect_timeout", "ACHILLES_RECONNECT_TIMEOUT")
-    cfg.reconnect_timeout = (DEFAULT_RECONNECT_TIMEOUT if reconnect is None
-                             else _as_number("ACHILLES_RECONNECT_TIMEOUT", reconnect, 0, float))
-    crashes = pick("max_crashes", "ACHILLES_MAX_CRASHES")
-    cfg.max_crashes = DEFAULT_MAX_CRASHES if crashes is None else _as_number("ACHILLES_MAX_CRASHES", crashes, 1)
-    max_frame = pick("max_frame", "ACHILLES_MAX_FRAME")
-    cfg.max_frame = (DEFAULT_MAX_FRAME if max_frame is None
-                     else _as_number("ACHILLES_MAX_FRAME", max_frame, 1 << 16))
-    handshake = pick("handshake_timeout", "ACHILLES_HANDSHAKE_TIMEOUT")
-    cfg.handshake_timeout = (DEFAULT_HANDSHAKE_TIMEOUT if handshake is None
-                             else _as_number("ACHILLES_HANDSHAKE_TIMEOUT", handshake, 0.1, float))
-    preauth = pick("max_preauth", "ACHILLES_MAX_PREAUTH")
-    cfg.max_preauth = DEFAULT_MAX_PREAUTH if preauth is None else _as_number("ACHILLES_MAX_PREAUTH", preauth, 1)
-    per_source = pick("max_preauth_per_source", "ACHILLES_MAX_PREAUTH_PER_SOURCE")
-    cfg.max_preauth_per_source = (DEFAULT_MAX_PREAUTH_PER_SOURCE if per_source is None
-                                  else _as_number("ACHILLES_MAX_PREAUTH_PER_SOURCE", per_source, 1))
+    cfg.heartbeat = number("heartbeat", DEFAULT_HEARTBEAT, 0.2, float)
+    cfg.reconnect_timeout = number("reconnect_timeout", DEFAULT_RECONNECT_TIMEOUT, 0, float)
+    cfg.max_crashes = number("max_crashes", DEFAULT_MAX_CRASHES, 1)
+    cfg.max_frame = number("max_frame", DEFAULT_MAX_FRAME, 1 << 16)
+    cfg.handshake_timeout = number("handshake_timeout", DEFAULT_HANDSHAKE_TIMEOUT, 0.1, float)
+    cfg.max_preauth = number("max_preauth", DEFAULT_MAX_PREAUTH, 1)
+    cfg.max_preauth_per_source = number("max_preauth_per_source", DEFAULT_MAX_PREAUTH_PER_SOURCE, 1)
     for name in TLS_FIELDS:
         setattr(cfg, name, pick(name, "ACHILLES_" + name.upper()))
     return cfg
