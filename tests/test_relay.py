@@ -173,13 +173,19 @@ def still_absent(path, seconds: float = 1.5) -> bool:
     return not path.exists()
 
 
+def server_with_node(daemons, secret: str, processes: int = 1) -> int:
+    """Start a server and one node on it; return the server's port."""
+    port = daemons.server(secret)
+    daemons.start("node", "--host", "127.0.0.1", "--port", str(port), "--processes",
+                  str(processes), secret=secret)
+    return port
+
+
 @pytest.fixture
 def relayed_controller(daemons, secret, relay_to):
     """A server with one node, and a controller connected through a relay; a map through
     the relay proves it forwards genuine traffic."""
-    port = daemons.server(secret)
-    daemons.start("node", "--host", "127.0.0.1", "--port", str(port), "--processes", "1",
-                  secret=secret)
+    port = server_with_node(daemons, secret)
     relay = relay_to(port)
     cluster = Cluster(Config(host="127.0.0.1", port=relay.port, username="tester",
                              secret_key=secret, reconnect_timeout=0.5))
@@ -219,9 +225,7 @@ def test_relay_cannot_replay_a_frame(relayed_controller):
 def test_relay_cannot_move_a_frame_to_another_connection(daemons, secret, relay_to, tmp_path):
     """A genuine frame taken from one controller's connection and injected into another's is
     refused: each connection has its own keys."""
-    port = daemons.server(secret)
-    daemons.start("node", "--host", "127.0.0.1", "--port", str(port), "--processes", "1",
-                  secret=secret)
+    port = server_with_node(daemons, secret)
     relay = relay_to(port)
     config = Config(host="127.0.0.1", port=relay.port, username="tester", secret_key=secret,
                     reconnect_timeout=0.5)
@@ -265,9 +269,7 @@ def test_another_controller_cannot_take_over_a_resuming_job(daemons, secret, rel
     from rawpeer import RawPeer
     from tasks import slow_square
 
-    port = daemons.server(secret)
-    daemons.start("node", "--host", "127.0.0.1", "--port", str(port), "--processes", "2",
-                  secret=secret)
+    port = server_with_node(daemons, secret, processes=2)
     relay = relay_to(port)
     victim = Cluster(Config(host="127.0.0.1", port=relay.port, username="tester",
                             secret_key=secret, reconnect_timeout=20))
