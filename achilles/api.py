@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 from typing import Any, Callable, Dict, Iterable, List, Optional
 
-from achilles.core import taskgraph
+from achilles.core import defaults, taskgraph
 from achilles.core.config import load_config
 
 _lock = threading.Lock()
@@ -19,6 +19,7 @@ def connect(host: Optional[str] = None, port: Optional[int] = None,
 
     Arguments that are None come from ``ACHILLES_*`` environment variables, then ``.env``.
     Use it as a context manager, or call ``close()``; the connection is reused across calls.
+    Inside ``with achilles.connect() as cluster:`` the module-level calls use ``cluster``.
     """
     from achilles.controller.cluster import Cluster
 
@@ -26,8 +27,13 @@ def connect(host: Optional[str] = None, port: Optional[int] = None,
 
 
 def default_cluster() -> Any:
-    """The shared connection the module-level functions use (made on first use)."""
+    """The cluster the module-level functions use: the innermost ``with achilles.connect()``
+    or ``with achilles.LocalCluster()`` block's, else a shared connection made from the
+    configuration on first use."""
     global _default
+    inside = defaults.current()
+    if inside is not None:
+        return inside
     with _lock:
         proto = getattr(_default, "_proto", None)
         if _default is None or proto is None:
@@ -62,9 +68,11 @@ def status() -> Dict[str, List[Dict[str, Any]]]:
 def kill_cluster(command_verified: bool = False) -> int:
     """``Cluster.kill`` on the default connection: stop every node and the server."""
     global _default
-    stopped = default_cluster().kill(command_verified)
+    cluster = default_cluster()
+    stopped = cluster.kill(command_verified)
     with _lock:
-        _default = None
+        if _default is cluster:
+            _default = None
     return stopped
 
 

@@ -13,6 +13,7 @@ import time
 from typing import Any, List, Optional
 
 import achilles
+from achilles.core import defaults
 from achilles.core.config import Config
 from achilles.core.errors import AchillesError
 from achilles.controller.cluster import Cluster
@@ -231,7 +232,13 @@ class LocalCluster:
         shutil.rmtree(self._dir, ignore_errors=True)
 
     def __enter__(self) -> Cluster:
-        return self.start()
+        """Start, and make the connected cluster the default of the module-level calls
+        (``achilles.map``, ``g.result()``, ``g()``...) until the block ends."""
+        cluster = self.start()
+        defaults.push(cluster)
+        return cluster
 
     def __exit__(self, *exc: Any) -> None:
+        if self.cluster is not None:
+            defaults.remove(self.cluster)
         self.stop()

@@ -11,7 +11,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, Iterable, List, Optional
 
-from achilles.core import wire
+from achilles.core import defaults, wire
 from achilles.core.config import Config, is_interactive, load_config
 from achilles.core.errors import AchillesError, ConnectionFailed, ConnectionLost
 from achilles.core.handshake import derive_key
@@ -244,9 +244,13 @@ class Cluster:
                 pass
 
     def __enter__(self) -> "Cluster":
+        """Inside the ``with`` block this cluster is the default of the module-level calls
+        (``achilles.map``, ``g.result()``...; :mod:`achilles.core.defaults`)."""
+        defaults.push(self)
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        defaults.remove(self)
         self.close()
 
 
