@@ -60,12 +60,12 @@ class JobRun:
         self.error: Optional[Tuple[int, BaseException, list]] = None  # (chunk id, exc, partial)
         self._submit = wire.encode_message(wire.SUBMIT, (
             self.job_id, self.function, dumps_code(func), dumps_code(callback), options or {}))
-        self.link.send([self._submit])
-        self._fill()
+        self._fill([self._submit])
 
     # --- input ------------------------------------------------------------------------------
-    def _fill(self) -> None:
-        messages = []
+    def _fill(self, messages: Optional[List[List[bytes]]] = None) -> None:
+        """Send chunks while credit and the window allow (after ``messages``, if any)."""
+        messages = [] if messages is None else messages
         while (self.credit > 0 and not self.exhausted and self.error is None
                and len(self.outstanding) + len(self.buffered) + len(self.ready) < self.window):
             size = self.sizer.size()

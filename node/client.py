@@ -5,14 +5,14 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from twisted.internet import protocol
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 
 from achilles.core import wire
-from achilles.core.errors import FrameTooLarge
+from achilles.core.errors import FrameTooLarge, ProtocolError
 from achilles.core.handshake import derive_key
 from achilles.core.logs import printable
 from achilles.core.protocol import PeerSideProtocol, handles
@@ -114,8 +114,11 @@ class NodeProtocol(PeerSideProtocol):
         self.factory.pool.cancel_job(self.session, job_id)
 
     @handles(wire.JOB_DONE)
-    def job_done(self, job_id: str) -> None:
-        self.jobs.pop(job_id, None)
+    def job_done(self, job_ids: List[str]) -> None:
+        if not all(isinstance(job_id, str) for job_id in job_ids):
+            raise ProtocolError("JOB_DONE with a job id that is not a string")
+        for job_id in job_ids:
+            self.jobs.pop(job_id, None)
 
     @handles(wire.SHUTDOWN)
     def shutdown(self, reason: str) -> None:

@@ -44,6 +44,8 @@ class NodeState:
     used: Dict[str, float] = field(default_factory=dict)
     done: int = 0  # items this node completed with status OK
     load: Dict[str, float] = field(default_factory=dict)  # the host's last NODE_LOAD report
+    done_pending: Dict[str, None] = field(default_factory=dict)  # finished jobs to tell it of
+    done_call: Any = None  # the timer that sends them
     capacity: int = field(init=False)
     bucket: int = field(default=-1, init=False)  # the FreeSlots bucket this node sits in
     bucket_pos: int = field(default=-1, init=False)  # and its position there

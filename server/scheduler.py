@@ -15,10 +15,11 @@ verifies all of it.
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import logging
 import pickle
-from typing import Any, Deque, Dict, List, Optional, Set, Tuple
+from typing import Any, Deque, Dict, Iterator, List, Optional, Set, Tuple
 
 from achilles.core import wire
 from achilles.core.errors import ProtocolError
@@ -35,6 +36,10 @@ DEFAULT_MAX_CRASHES = wire.DEFAULT_MAX_CRASHES
 MAX_NODE_PROCESSES = 4096
 #: No WANT asks a controller for more chunks than this at once.
 MAX_WANT = 1024
+#: A finished job's JOB_DONE waits this long (seconds) to share one message with others.
+JOB_DONE_DELAY = 0.05
+#: ... or until this many finished jobs are waiting for one node.
+JOB_DONE_BATCH = 256
 #: Result status codes a node may report.
 KNOWN_STATUSES = frozenset({wire.OK, wire.ITEM_ERROR, wire.CRASHED, wire.TIMED_OUT})
 
@@ -64,6 +69,9 @@ class Scheduler:
         self._processes = 0
         self._capacity = 0
         self._next_id = 1
+        self._batch_depth = 0
+        self._pump_pending = False
+        self._refill_pending: Dict[str, Job] = {}
 
     @property
     def clock(self) -> Any:
@@ -77,6 +85,41 @@ class Scheduler:
     def _new_id(self) -> int:
         self._next_id += 1
         return self._next_id - 1
+
+    # --- batches ----------------------------------------------------------------------------
+    def begin_batch(self) -> None:
+        """Hold dispatch and input requests until the matching :meth:`end_batch`.
+
+        The server wraps each read from a peer in a batch, so the messages of one read (a
+        SUBMIT, its CHUNKs and END, say) are all applied before anything is dispatched or asked
+        for: a job whose whole input arrived at once is never sent a WANT.
+        """
+        self._batch_depth += 1
+
+    def end_batch(self) -> None:
+        """Close a batch; the outermost one runs the refills and the dispatch it held."""
+        self._batch_depth -= 1
+        if self._batch_depth == 0 and (self._pump_pending or self._refill_pending):
+            self._flush()
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """``with scheduler.batch():`` brackets :meth:`begin_batch` / :meth:`end_batch`."""
+        self.begin_batch()
+        try:
+            yield
+        finally:
+            self.end_batch()
+
+    def _flush(self) -> None:
+        while self._refill_pending or self._pump_pending:
+            pending, self._refill_pending = self._refill_pending, {}
+            for job in pending.values():
+                if self.jobs.get(job.job_id) is job:
+                    self._refill(job)
+            if self._pump_pending:
+                self._pump_pending = False
+                self.pump()
 
     # --- cluster shape ----------------------------------------------------------------------
     @property
@@ -139,6 +182,10 @@ class Scheduler:
         for job_id in node.jobs_shipped:
             self.jobs[job_id].shipped_to.pop(node.node_id, None)
         node.jobs_shipped.clear()
+        if node.done_call is not None and node.done_call.active():
+            node.done_call.cancel()
+        node.done_call = None
+        node.done_pending.clear()
         log.warning("node %s lost; %d chunk(s) re-queued", node.name, requeued)
         for job in list(self.jobs.values()):
             self._check_resources(job, force=True)
@@ -253,8 +300,28 @@ class Scheduler:
         job.placed.clear()
         for node in job.shipped_to.values():
             node.jobs_shipped.discard(job.job_id)
-            node.peer.send(code, job.job_id, *fields)
+            if code == wire.JOB_DONE:
+                self._done_later(node, job.job_id)
+            else:
+                node.peer.send(code, job.job_id, *fields)
         job.shipped_to.clear()
+
+    def _done_later(self, node: NodeState, job_id: str) -> None:
+        """Queue a JOB_DONE for ``node``: finished jobs share one message per node."""
+        node.done_pending[job_id] = None
+        if len(node.done_pending) >= JOB_DONE_BATCH:
+            self._send_done(node)
+        elif node.done_call is None:
+            node.done_call = self.clock.callLater(JOB_DONE_DELAY, self._send_done, node)
+
+    def _send_done(self, node: NodeState) -> None:
+        if node.done_call is not None:
+            if node.done_call.active():
+                node.done_call.cancel()
+            node.done_call = None
+        if node.done_pending and self.nodes.get(node.node_id) is node:
+            node.peer.send(wire.JOB_DONE, list(node.done_pending))
+        node.done_pending.clear()
 
     def _drop(self, job: Job, reason: str) -> None:
         self._forget(job, wire.CANCEL, reason)
@@ -360,6 +427,9 @@ class Scheduler:
         """Ask the controller for more input when the job's queue runs low."""
         if not isinstance(job, MapJob) or not job.wants_input():
             return
+        if self._batch_depth:
+            self._refill_pending[job.job_id] = job
+            return
         target = self._target_queue()
         want = target - len(job.queue) - job.credit
         if want > 0 and (want >= max(1, target // 2) or not job.queue):
@@ -369,6 +439,9 @@ class Scheduler:
 
     def pump(self) -> None:
         """Hand queued chunks to nodes with free credit, one job at a time in turn."""
+        if self._batch_depth:
+            self._pump_pending = True
+            return
         blocked: List[Job] = []
         while self._ready and self._free.top > 0:
             job_id = self._ready.popleft()
@@ -392,6 +465,7 @@ class Scheduler:
     def _dispatch(self, node: NodeState, job: Job, chunk: Chunk) -> None:
         if job.job_id not in node.jobs_shipped:
             node.jobs_shipped.add(job.job_id)
+            node.done_pending.pop(job.job_id, None)  # the same id again: keep its new code
             job.shipped_to[node.node_id] = node
             node.peer.send(wire.JOB_CODE, job.job_id, job.func_bytes, job.callback_bytes, job.options)
         for k, v in chunk.resources.items():
@@ -496,6 +570,10 @@ class Scheduler:
                 assert abs(node.used.get(k, 0.0) - need.get(k, 0.0)) < 1e-6, \
                     f"node {node.name} uses {node.used.get(k)} of {k}, in flight {need.get(k)}"
             assert node.jobs_shipped <= set(self.jobs), f"node {node.name} holds code of gone jobs"
+            assert not (node.jobs_shipped & node.done_pending.keys()), \
+                f"node {node.name} would be told to forget code it still needs"
+            assert not node.done_pending or node.done_call is not None, \
+                f"node {node.name} has JOB_DONEs waiting with no timer to send them"
             for job_id in node.jobs_shipped:
                 assert self.jobs[job_id].shipped_to.get(node_id) is node
         assert inflight == len(placed), f"index has {len(placed)} chunks, nodes hold {inflight}"

@@ -37,6 +37,15 @@ class ServerConnection(ServerSideProtocol):
         #: Source this connection counts against in the pre-auth limiter, until it is released.
         self.preauth_source: Optional[str] = None
 
+    def dataReceived(self, data: bytes) -> None:
+        """Apply every message of one read as a scheduler batch (see ``Scheduler.begin_batch``)."""
+        scheduler = self.factory.scheduler
+        scheduler.begin_batch()
+        try:
+            super().dataReceived(data)
+        finally:
+            scheduler.end_batch()
+
     def _release_preauth(self) -> None:
         if self.preauth_source is not None:
             self.factory.preauth.release(self.preauth_source)

@@ -14,6 +14,8 @@ from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
+
+from achilles.server.scheduler import JOB_DONE_DELAY
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.test.iosim import FakeTransport, connectedServerAndClient
@@ -112,8 +114,8 @@ def protos():
 
 @pytest.fixture
 def factory():
-    """A server factory with heartbeats off (no LoopingCall in the global reactor)."""
-    return ServerFactory(USER, SECRET, prefetch=1, heartbeat=0)
+    """A server factory with heartbeats off, on a test clock (no timer in the global reactor)."""
+    return ServerFactory(USER, SECRET, prefetch=1, heartbeat=0, clock=Clock())
 
 
 def connect(factory, client, protos):
@@ -257,8 +259,9 @@ def test_job_runs_through_server_to_node(factory, protos):
 
     client.send(wire.END, "j1", 1)
     cpump.flush()
+    factory.clock.advance(JOB_DONE_DELAY)  # finished jobs are told to nodes in batches
     npump.flush()
-    assert node.got[-1] == (wire.JOB_DONE, "j1")
+    assert node.got[-1] == (wire.JOB_DONE, ["j1"])
     assert factory.scheduler.jobs == {}
 
     replies = queue.Queue()

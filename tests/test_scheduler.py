@@ -10,7 +10,7 @@ import random
 import pytest
 
 from achilles.core import wire
-from achilles.server.scheduler import INITIAL_CREDIT, Scheduler
+from achilles.server.scheduler import INITIAL_CREDIT, JOB_DONE_BATCH, JOB_DONE_DELAY, Scheduler
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -36,7 +36,16 @@ class Recorder:
 
 
 def make(prefetch=2, **kw):
+    """A scheduler on a test clock (so no timer ever reaches the real reactor)."""
+    from twisted.internet.task import Clock
+
+    kw.setdefault("clock", Clock())
     return Scheduler(prefetch=prefetch, **kw)
+
+
+def settle(sched):
+    """Let the scheduler's short timers (the batched JOB_DONE) fire."""
+    sched.clock.advance(JOB_DONE_DELAY)
 
 
 def controller(sched, address="10.0.0.1:5000"):
@@ -459,7 +468,8 @@ def test_job_finishes_after_end_and_all_results():
     assert wire.JOB_DONE not in apeer.codes()
     ok(sched, a, *keys[1])
     assert "j" not in sched.jobs
-    assert apeer.of(wire.JOB_DONE) == [(wire.JOB_DONE, "j")]
+    settle(sched)
+    assert apeer.of(wire.JOB_DONE) == [(wire.JOB_DONE, ["j"])]
     assert bpeer.sent == []
     assert "j" not in ctrl.jobs
     assert sched.status()["jobs"] == []
@@ -476,7 +486,8 @@ def test_end_after_last_result_finishes_at_once():
     assert "j" in sched.jobs
     sched.end(ctrl, "j", 1)
     assert "j" not in sched.jobs
-    assert npeer.of(wire.JOB_DONE) == [(wire.JOB_DONE, "j")]
+    settle(sched)
+    assert npeer.of(wire.JOB_DONE) == [(wire.JOB_DONE, ["j"])]
 
 
 def test_results_without_end_do_not_finish():
@@ -788,7 +799,10 @@ def test_invariants_hold_under_random_events():
                 clock.advance(1.0)
             sched.check_invariants()
         assert not sched.jobs, f"seed {seed}: jobs never finished: {sorted(sched.jobs)}"
-        assert not clock.getDelayedCalls(), f"seed {seed}: retry timers left behind"
+        clock.advance(JOB_DONE_DELAY)  # the last batched JOB_DONEs go out
+        assert not clock.getDelayedCalls(), f"seed {seed}: timers left behind"
+        for _, n in nodes:
+            assert not n.done_pending, f"seed {seed}: node {n.name} never told of finished jobs"
         for job_id, (cpeer, n_sent, _) in maps.items():
             got = [m[2] for m in cpeer.of(wire.RESULT) if m[1] == job_id]
             assert len(got) == len(set(got)), f"seed {seed}: duplicate RESULT in {job_id}"
@@ -1076,3 +1090,115 @@ def test_counters_are_items_and_failed_chunks():
     [st] = sched.status()["jobs"]
     assert (st["sent"], st["done"], st["failed"], st["chunks_done"], st["kind"]) == \
         (10, 5, 1, 2, "map")
+
+
+# --- batches ----------------------------------------------------------------------------------
+
+def test_a_batch_holds_dispatch_and_input_requests_until_it_ends():
+    """SUBMIT, CHUNK and END applied in one batch (one read from the controller) dispatch the
+    chunk when the batch ends and never ask for input: the whole input is already there."""
+    sched = make()
+    cpeer, ctrl = controller(sched)
+    npeer, n = node(sched)
+    with sched.batch():
+        submit(sched, ctrl, "j")
+        chunks(sched, ctrl, "j", [0])
+        assert npeer.of(wire.TASK) == []
+        sched.end(ctrl, "j", 1)
+    assert tasks(npeer) == [("j", 0)]
+    assert cpeer.of(wire.WANT) == []
+    sched.check_invariants()
+
+
+def test_outside_a_batch_each_message_acts_at_once():
+    """Without a batch, a chunk is dispatched as it arrives, and the job, its queue drained
+    with no END yet, is asked for more input (the WANT a batch saves)."""
+    sched = make()
+    cpeer, ctrl = controller(sched)
+    npeer, n = node(sched)
+    submit(sched, ctrl, "j")
+    chunks(sched, ctrl, "j", [0])
+    assert tasks(npeer) == [("j", 0)]
+    assert len(cpeer.of(wire.WANT)) == 1
+
+
+def test_nested_batches_flush_once_at_the_outermost_end():
+    """Only the outermost end of nested batches dispatches what was held."""
+    sched = make()
+    cpeer, ctrl = controller(sched)
+    npeer, n = node(sched)
+    sched.begin_batch()
+    with sched.batch():
+        submit(sched, ctrl, "j")
+        chunks(sched, ctrl, "j", [0])
+    assert tasks(npeer) == []
+    sched.end_batch()
+    assert tasks(npeer) == [("j", 0)]
+
+
+def test_finished_jobs_share_one_job_done_per_node():
+    """Jobs finishing close together are forgotten on a node with one JOB_DONE naming them
+    all, sent after JOB_DONE_DELAY."""
+    sched = make()
+    cpeer, ctrl = controller(sched)
+    npeer, n = node(sched)
+    for job_id in ("a", "b"):
+        submit(sched, ctrl, job_id)
+        chunks(sched, ctrl, job_id, [0])
+        sched.end(ctrl, job_id, 1)
+        ok(sched, n, job_id, 0)
+    assert npeer.of(wire.JOB_DONE) == []
+    sched.check_invariants()
+    settle(sched)
+    assert npeer.of(wire.JOB_DONE) == [(wire.JOB_DONE, ["a", "b"])]
+    assert not sched.clock.getDelayedCalls()
+
+
+def test_a_full_job_done_batch_goes_out_at_once():
+    """JOB_DONE_BATCH finished jobs waiting for one node are sent without waiting."""
+    sched = make(prefetch=1)
+    cpeer, ctrl = controller(sched)
+    npeer, n = node(sched)
+    for i in range(JOB_DONE_BATCH):
+        job_id = f"j{i}"
+        submit(sched, ctrl, job_id)
+        chunks(sched, ctrl, job_id, [0])
+        sched.end(ctrl, job_id, 1)
+        ok(sched, n, job_id, 0)
+    done = npeer.of(wire.JOB_DONE)
+    assert done == [(wire.JOB_DONE, [f"j{i}" for i in range(JOB_DONE_BATCH)])]
+    assert not sched.clock.getDelayedCalls()
+
+
+def test_a_job_id_shipped_again_is_not_forgotten():
+    """A job id that finished and was started again (its controller resubmitted it) before the
+    batched JOB_DONE went out is left out of it: the node keeps the new job's code."""
+    sched = make()
+    cpeer, ctrl = controller(sched)
+    npeer, n = node(sched)
+    submit(sched, ctrl, "j")
+    chunks(sched, ctrl, "j", [0])
+    sched.end(ctrl, "j", 1)
+    ok(sched, n, "j", 0)
+    assert "j" not in sched.jobs
+    submit(sched, ctrl, "j")
+    chunks(sched, ctrl, "j", [0])
+    assert len(npeer.of(wire.JOB_CODE)) == 2
+    sched.check_invariants()
+    settle(sched)
+    assert all("j" not in m[1] for m in npeer.of(wire.JOB_DONE))
+
+
+def test_a_lost_node_drops_its_waiting_job_done():
+    """A node that leaves with JOB_DONEs waiting takes them (and their timer) with it."""
+    sched = make()
+    cpeer, ctrl = controller(sched)
+    npeer, n = node(sched)
+    submit(sched, ctrl, "j")
+    chunks(sched, ctrl, "j", [0])
+    sched.end(ctrl, "j", 1)
+    ok(sched, n, "j", 0)
+    sched.remove_node(n)
+    assert not sched.clock.getDelayedCalls()
+    settle(sched)
+    assert npeer.of(wire.JOB_DONE) == []

@@ -172,7 +172,8 @@ declare(Msg.TASK, ("job_id", STR), ("chunk_id", INT), ("careful", BOOL), ("timeo
         ("payload", PAYLOAD), routes={(S, N)}, payload=True, doc="run a chunk")
 declare(Msg.JOB_CODE, ("job_id", STR), ("func_bytes", BYTES), ("callback_bytes", BYTES),
         ("options", DICT), routes={(S, N)}, doc="a job's function, sent before its first TASK")
-declare(Msg.JOB_DONE, ("job_id", STR), routes={(S, N)}, doc="forget a finished job's code")
+declare(Msg.JOB_DONE, ("job_ids", LIST), routes={(S, N)},
+        doc="forget finished jobs' code (one message for every job that finished lately)")
 declare(Msg.STATUS, ("request_id", INT), routes={(C, S)}, doc="ask for the cluster status")
 declare(Msg.STATUS_REPLY, ("request_id", INT), ("status", DICT), routes={(S, C)},
         doc="the cluster status")
