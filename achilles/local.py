@@ -52,6 +52,9 @@ def _kill_group(proc: subprocess.Popen, timeout: float = 5.0) -> None:
 class LocalCluster:
     """Start a server and ``nodes`` node daemons on loopback with a random port and secret.
 
+    The server's web dashboard listens on loopback (an OS-picked port unless
+    ``dashboard_port`` is given); :attr:`dashboard_url` says where.
+
     ``tls=True`` runs everything over TLS with fresh certificates; ``tls="mutual"`` also
     makes nodes and the controller present client certificates.
 
@@ -64,8 +67,11 @@ class LocalCluster:
                  log_level: str = "WARNING", heartbeat: Optional[float] = None,
                  max_crashes: Optional[int] = None, reconnect_timeout: Optional[float] = None,
                  tls: "bool | str" = False, resources: Optional[str] = None,
-                 max_frame: Optional[int] = None) -> None:
+                 max_frame: Optional[int] = None, dashboard_port: int = 0) -> None:
         self.n_nodes = nodes
+        #: Where the server's web dashboard is (``http://127.0.0.1:PORT/``), once started.
+        self.dashboard_url: Optional[str] = None
+        self.dashboard_port = dashboard_port
         self.max_frame = max_frame
         self.resources = resources
         self.heartbeat = heartbeat
@@ -148,9 +154,11 @@ class LocalCluster:
         port_file = os.path.join(self._dir, "port")
         if os.path.exists(port_file):
             os.unlink(port_file)
+        url_file = os.path.join(self._dir, "dashboard-url")
         self.server = self._spawn("server", [
             "achilles.server", "--host", "127.0.0.1", "--port", str(port), "--port-file", port_file,
-            "--prefetch", str(self.prefetch)])
+            "--prefetch", str(self.prefetch), "--dashboard", f"127.0.0.1:{self.dashboard_port}",
+            "--dashboard-url-file", url_file])
         while not os.path.exists(port_file):
             if self.server.poll() is not None:
                 raise AchillesError(f"the local server exited: {self.log_text('server')[-2000:]}")
@@ -159,6 +167,10 @@ class LocalCluster:
             time.sleep(0.01)
         with open(port_file) as fh:
             self.port = int(fh.read())
+        with open(url_file) as fh:
+            self.dashboard_url = fh.read().strip() or None
+            if self.dashboard_url:
+                self.dashboard_port = int(self.dashboard_url.rsplit(":", 1)[1].strip("/"))
 
     def restart_server(self, down_for: float = 0.0) -> None:
         """Kill the server with SIGKILL and start a new one on the same port (fault tests)."""

@@ -17,7 +17,7 @@ from achilles.core.handshake import derive_key
 from achilles.core.logs import printable
 from achilles.core.protocol import PeerSideProtocol, handles
 from achilles.core.reactor import Clock, get_reactor
-from achilles.core.serialization import error_record
+from achilles.core.serialization import error_record, error_text
 from achilles.node.pool import Task, WorkerPool
 
 log = logging.getLogger("achilles.node")
@@ -138,7 +138,16 @@ class NodeProtocol(PeerSideProtocol):
             pieces = wire.encode_message(wire.RESULT, (task.job_id, task.chunk_id,
                                                        wire.ITEM_ERROR, elapsed,
                                                        self.factory.name, record))
+            status, payload = wire.ITEM_ERROR, record
+        if status == wire.ITEM_ERROR:
+            self.report_error(task, payload)
         self.send_encoded(pieces)
+
+    def report_error(self, task: Task, record: bytes) -> None:
+        """Tell the server a task's error as plain text (for the dashboard), ahead of its result."""
+        text = error_text(record)
+        if text is not None:
+            self.send(wire.TASK_ERROR, task.job_id, task.chunk_id, *text, [])
 
 
 class NodeFactory(protocol.ReconnectingClientFactory):

@@ -32,7 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tls-key", help="key of --tls-cert (env ACHILLES_TLS_KEY)")
     parser.add_argument("--tls-client-ca",
                         help="require client certificates signed by this CA (env ACHILLES_TLS_CLIENT_CA)")
+    parser.add_argument("--dashboard", metavar="HOST:PORT",
+                        help="serve the web dashboard there, or 'off' (env ACHILLES_DASHBOARD, "
+                             "default 127.0.0.1:8787; off loopback it asks for a token)")
     parser.add_argument("--port-file", help="write the port actually bound to this file")
+    parser.add_argument("--dashboard-url-file", help=argparse.SUPPRESS)
     parser.add_argument("--exit-with-stdin", action="store_true", help=argparse.SUPPRESS)
     return parser
 
@@ -93,12 +97,20 @@ def startup_warnings(host: str, tls: bool, max_preauth: int) -> None:
                     "from `achilles certs DIR`)", host)
 
 
+def write_atomically(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` so that a reader never sees it half written."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
 def serve(args: argparse.Namespace) -> int:
     """Listen and run until stopped (SIGTERM, SIGINT, or a controller's kill)."""
     cfg = load_config(host=args.host, port=args.port, username=args.username,
                       log_level=args.log_level, prefetch=args.prefetch, heartbeat=args.heartbeat,
                       max_crashes=args.max_crashes, tls_cert=args.tls_cert, tls_key=args.tls_key,
-                      tls_client_ca=args.tls_client_ca)
+                      tls_client_ca=args.tls_client_ca, dashboard=args.dashboard)
     secret = cfg.require_secret()
     tls = cfg.server_tls()
     setup_logging(cfg.log_level, "server")
@@ -127,11 +139,17 @@ def serve(args: argparse.Namespace) -> int:
     log.info("listening on %s:%d (user %s, %s)", cfg.host, bound, cfg.username,
              "plain TCP" if tls is None else
              "mutual TLS" if cfg.tls_client_ca else "TLS")
+    from achilles.server.dashboard import serve_dashboard
+    from achilles.core.tls import server_context
+
+    web_tls = server_context(cfg.tls_cert, cfg.tls_key) if tls is not None and cfg.tls_cert \
+        and cfg.tls_key else None
+    url = serve_dashboard(factory.monitor, cfg.dashboard, secret, cfg.dashboard_token, web_tls,
+                          required=bool(args.dashboard or os.environ.get("ACHILLES_DASHBOARD")))
+    if args.dashboard_url_file:
+        write_atomically(args.dashboard_url_file, url or "")
     if args.port_file:
-        tmp = args.port_file + ".tmp"
-        with open(tmp, "w") as fh:
-            fh.write(str(bound))
-        os.replace(tmp, args.port_file)
+        write_atomically(args.port_file, str(bound))
     if args.exit_with_stdin:
         from achilles.core.lifeline import exit_with_stdin
 

@@ -27,6 +27,7 @@ from achilles.core.logs import printable
 from achilles.server.dispatch import DispatchPolicy, FreeSlots, LeastLoaded, NodeState, Peer
 from achilles.server.graphs import GraphState
 from achilles.server.jobs import Chunk, ControllerState, GraphJob, Job, MapJob
+from achilles.server.observer import SchedulerObserver
 
 log = logging.getLogger("achilles.server")
 
@@ -72,6 +73,8 @@ class Scheduler:
         self._batch_depth = 0
         self._pump_pending = False
         self._refill_pending: Dict[str, Job] = {}
+        #: Told about joins, losses, job ends and failures (the dashboard's monitor).
+        self.observer = SchedulerObserver()
 
     @property
     def clock(self) -> Any:
@@ -156,6 +159,7 @@ class Scheduler:
         self._capacity += node.capacity
         self._free.add(node)
         log.info("node %s joined from %s with %d processes", name, address, node.processes)
+        self.observer.node_joined(node)
         for job in list(self.jobs.values()):
             self._refill(job)
         self.pump()
@@ -187,6 +191,7 @@ class Scheduler:
         node.done_call = None
         node.done_pending.clear()
         log.warning("node %s lost; %d chunk(s) re-queued", node.name, requeued)
+        self.observer.node_lost(node, requeued)
         for job in list(self.jobs.values()):
             self._check_resources(job, force=True)
         self.pump()
@@ -216,6 +221,7 @@ class Scheduler:
                      dict(options or {}), self.clock.seconds())
         self._start(job)
         log.info("job %s started by controller %d: %s", job_id[:8], ctrl.controller_id, job.function)
+        self.observer.job_started(job)
         if not self.nodes:
             log.warning("job %s is waiting: no node is connected", job_id[:8])
         self._refill(job)
@@ -238,6 +244,7 @@ class Scheduler:
         log.warning("%s %s resumed by controller %d; dropping its copy from controller %d",
                     what, job_id[:8], ctrl.controller_id, old.owner.controller_id)
         old.state = "cancelled"
+        self.observer.job_ended(old, "resumed on another connection")
         self._drop(old, "resumed on another connection")
         return True
 
@@ -279,6 +286,7 @@ class Scheduler:
             return
         job.state = "cancelled"
         log.info("job %s cancelled: %s", job_id[:8], reason)
+        self.observer.job_ended(job, reason)
         self._drop(job, reason)
 
     def _owned(self, ctrl: ControllerState, job_id: str) -> Optional[Job]:
@@ -334,6 +342,7 @@ class Scheduler:
             self._forget(job, wire.JOB_DONE)
             log.info("job %s finished: %d items in %.3f s", job.job_id[:8], job.items_done,
                      self.clock.seconds() - job.started)
+            self.observer.job_ended(job)
 
     # --- results ----------------------------------------------------------------------------
     def result(self, node: NodeState, job_id: str, chunk_id: int, status: int, payload: bytes,
@@ -362,6 +371,8 @@ class Scheduler:
         if crash is not None:
             exitcode, item = crash
             chunk.crashes += 1
+            self.observer.worker_crashed(job, chunk, node, exitcode,
+                                         chunk.crashes < self.max_crashes)
             if chunk.crashes < self.max_crashes:
                 log.warning("chunk %d of job %s killed a worker on node %s (%s); retrying it "
                             "(%d of %d)", chunk_id, job_id[:8], node.name, exitcode,
@@ -373,6 +384,8 @@ class Scheduler:
             payload = pickle.dumps((exitcode, item, chunk.crashes))
         if status == wire.OK:
             node.done += chunk.n_items
+        else:
+            self.observer.chunk_failed(job, chunk, status, node, crash)
         delay = job.on_result(chunk, status, payload, elapsed, node)
         if delay is not None:
             self._retry_later(job, chunk, delay)
@@ -500,6 +513,7 @@ class Scheduler:
         self._start(job)
         log.info("graph %s started by controller %d: %d tasks", graph_id[:8],
                  ctrl.controller_id, len(graph.tasks))
+        self.observer.job_started(job)
         job.start()
         self._settle(job)
         self.pump()

@@ -16,6 +16,7 @@ from achilles.core.logs import printable
 from achilles.core.protocol import ServerSideProtocol, default_clock, handles
 from achilles.core.reactor import Clock, get_reactor, transport_of
 from achilles.server.guard import HandshakeGuard, LogThrottle, PreauthLimiter, source_key
+from achilles.server.monitor import Monitor
 from achilles.server.scheduler import ControllerState, NodeState, Scheduler
 
 log = logging.getLogger("achilles.server")
@@ -76,6 +77,7 @@ class ServerConnection(ServerSideProtocol):
         if not self._refused:
             self._refused = True
             self.factory.guard.record_failure(self._host(), self.clock.seconds())
+            self.factory.monitor.handshake_failed()
 
     def on_closed(self, reason: Failure) -> None:
         self._release_preauth()
@@ -107,7 +109,15 @@ class ServerConnection(ServerSideProtocol):
     def node_result(self, job_id: str, chunk_id: int, status: int, elapsed: float,
                     node_name: str, payload: bytes) -> None:
         if self.node is not None:
+            self.factory.monitor.bytes_from_nodes += len(payload)
             self.factory.scheduler.result(self.node, job_id, chunk_id, status, payload, elapsed)
+
+    @handles(wire.TASK_ERROR)
+    def task_error(self, job_id: str, chunk_id: int, index: int, type_name: str, message: str,
+                   traceback: str, output: list) -> None:
+        if self.node is not None:
+            self.factory.monitor.task_error(self.node, job_id, chunk_id, index, type_name,
+                                            message, traceback, list(output))
 
     # --- controller messages ----------------------------------------------------------------
     def _controller(self) -> ControllerState:
@@ -127,6 +137,7 @@ class ServerConnection(ServerSideProtocol):
 
     @handles(wire.CHUNK)
     def chunk(self, job_id: str, chunk_id: int, n_items: int, payload: bytes) -> None:
+        self.factory.monitor.bytes_from_controllers += len(payload)
         self.factory.scheduler.add_chunk(self._controller(), job_id, chunk_id, n_items, payload)
 
     @handles(wire.END)
@@ -186,6 +197,7 @@ class ServerFactory(protocol.ServerFactory):
         self.heartbeat = heartbeat
         self.handshake_timeout = handshake_timeout
         self.scheduler = Scheduler(prefetch=prefetch, max_crashes=max_crashes, clock=self.clock)
+        self.monitor = Monitor(self.scheduler, self.clock)
         self.guard = HandshakeGuard()
         self.preauth = PreauthLimiter(max_preauth, max_preauth_per_source)
         self._refusal_log = LogThrottle()

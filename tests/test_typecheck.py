@@ -59,3 +59,19 @@ def test_mypy_passes_on_the_installed_package(installed) -> None:
                 "--cache-dir", str(target.parent / "mypy-cache"), "--no-error-summary",
                 "-p", "achilles"], target, timeout=540)
     assert out.returncode == 0 and out.stdout.strip() == "", out.stdout + out.stderr
+
+
+def test_installed_package_ships_the_dashboard(installed) -> None:
+    """The install carries the dashboard's page, script and style sheet, and the installed
+    server reads them as package data (no checkout, no CDN)."""
+    _, target = installed
+    for name in ("index.html", "dashboard.js", "dashboard.css"):
+        assert (target / "achilles" / "server" / "static" / name).is_file(), name
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = str(target)
+    out = subprocess.run([sys.executable, "-c", "import achilles.server.dashboard as d, sys; "
+                          "sys.stdout.write(d.__file__ + ' ' + str(len(d.static_file('index.html'))))"],
+                         cwd=str(target.parent), env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    path, size = out.stdout.split()
+    assert path.startswith(str(target)) and int(size) > 0

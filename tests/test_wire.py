@@ -346,7 +346,7 @@ def test_wrong_field_types_are_protocol_errors(code, fields, what):
 def test_inbound_sets_follow_routes():
     """Each role accepts from each peer exactly the messages declared for that direction."""
     assert wire.inbound("server", "node") == {wire.NODE_READY, wire.NODE_LOAD, wire.RESULT,
-                                              wire.PING, wire.PONG}
+                                              wire.TASK_ERROR, wire.PING, wire.PONG}
     assert wire.inbound("node", "server") == {wire.TASK, wire.JOB_CODE, wire.JOB_DONE,
                                               wire.CANCEL, wire.SHUTDOWN, wire.PING, wire.PONG}
     assert wire.SUBMIT in wire.inbound("server", "controller")

@@ -28,6 +28,7 @@ DEFAULT_RECONNECT_TIMEOUT = 60.0
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 DEFAULT_MAX_PREAUTH = 1024
 DEFAULT_MAX_PREAUTH_PER_SOURCE = 32
+DEFAULT_DASHBOARD = "127.0.0.1:8787"
 ENV_FILE_VAR = "ACHILLES_ENV_FILE"
 #: Shortest secret key accepted: one captured handshake lets anyone test guesses offline.
 MIN_SECRET_LENGTH = 16
@@ -51,6 +52,10 @@ VARIABLES: Dict[str, str] = {
     "ACHILLES_MAX_PREAUTH": "server: connections allowed in the handshake at once; more are refused (default 1024)",
     "ACHILLES_MAX_PREAUTH_PER_SOURCE": ("server: the same, per source address (an IPv6 /64 counts as one "
                                         "source; default 32)"),
+    "ACHILLES_DASHBOARD": ("server: where the web dashboard listens, HOST:PORT or off (default "
+                           "127.0.0.1:8787); a non-loopback address requires a token"),
+    "ACHILLES_DASHBOARD_TOKEN": ("server: the dashboard's token (default: derived from the secret "
+                                 "key; printed at start as a ?token= URL)"),
     "ACHILLES_TLS_CERT": "server: its TLS certificate (PEM); turns TLS on",
     "ACHILLES_TLS_KEY": "server: the key of ACHILLES_TLS_CERT",
     "ACHILLES_TLS_CLIENT_CA": "server: require client certificates signed by this CA (mutual TLS)",
@@ -80,6 +85,8 @@ class Config:
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
     max_preauth: int = DEFAULT_MAX_PREAUTH
     max_preauth_per_source: int = DEFAULT_MAX_PREAUTH_PER_SOURCE
+    dashboard: str = DEFAULT_DASHBOARD
+    dashboard_token: Optional[str] = field(default=None, repr=False)
     tls_cert: Optional[str] = None
     tls_key: Optional[str] = None
     tls_client_ca: Optional[str] = None
@@ -90,7 +97,8 @@ class Config:
 
     def __repr__(self) -> str:
         shown = ", ".join(
-            f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.name != "secret_key"
+            f"{f.name}={getattr(self, f.name)!r}" for f in fields(self)
+            if f.name not in ("secret_key", "dashboard_token")
         )
         secret = "set" if self.secret_key else "unset"
         return f"Config({shown}, secret_key=<{secret}>)"
@@ -271,6 +279,8 @@ def load_config(**overrides: Any) -> Config:
     cfg.handshake_timeout = number("handshake_timeout", DEFAULT_HANDSHAKE_TIMEOUT, 0.1, float)
     cfg.max_preauth = number("max_preauth", DEFAULT_MAX_PREAUTH, 1)
     cfg.max_preauth_per_source = number("max_preauth_per_source", DEFAULT_MAX_PREAUTH_PER_SOURCE, 1)
+    cfg.dashboard = str(pick("dashboard", "ACHILLES_DASHBOARD") or DEFAULT_DASHBOARD)
+    cfg.dashboard_token = pick("dashboard_token", "ACHILLES_DASHBOARD_TOKEN")
     for name in TLS_FIELDS:
         setattr(cfg, name, pick(name, "ACHILLES_" + name.upper()))
     return cfg

@@ -90,6 +90,11 @@ class AchillesProtocol(protocol.Protocol):
         self._last_heard = 0.0
 
     @property
+    def last_heard(self) -> float:
+        """Clock seconds when this peer last sent anything (0 before the heartbeat starts)."""
+        return self._last_heard
+
+    @property
     def link(self) -> Transport:
         """This connection's transport (once connected)."""
         return transport_of(self)

@@ -68,6 +68,27 @@ def error_record(index: int, exc: BaseException, partial: list) -> bytes:
     return pickle.dumps((index, exc_bytes, type_name, message, tb, partial_bytes), protocol=PROTOCOL)
 
 
+#: Longest traceback text sent to the server for display (the caller gets the whole one).
+MAX_TRACEBACK_TEXT = 16_000
+
+
+def error_text(payload: bytes) -> Optional[Tuple[int, str, str, str]]:
+    """``(index, type name, message, traceback)`` of an :func:`error_record`, or None when
+    ``payload`` is not one. Only the record's plain fields are read: the pickled exception and
+    partial results inside it stay bytes. The traceback keeps its last
+    :data:`MAX_TRACEBACK_TEXT` characters."""
+    try:
+        index, _exc, type_name, message, tb, _partial = pickle.loads(payload)
+    except Exception:
+        return None
+    if not (isinstance(index, int) and isinstance(type_name, str) and isinstance(message, str)
+            and isinstance(tb, str)):
+        return None
+    if len(tb) > MAX_TRACEBACK_TEXT:
+        tb = "...\n" + tb[-MAX_TRACEBACK_TEXT:]
+    return index, type_name, message[:MAX_TRACEBACK_TEXT], tb
+
+
 def load_error(payload: bytes, where: str = "") -> Tuple[int, BaseException, list]:
     """Rebuild ``(index, exception, partial_results)`` from :func:`error_record` output.
 

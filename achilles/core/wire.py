@@ -73,6 +73,7 @@ class Msg(IntEnum):
     TASK_DONE = 35
     GRAPH_DONE = 36
     NODE_LOAD = 37
+    TASK_ERROR = 44
 
 
 @dataclass(frozen=True)
@@ -193,6 +194,10 @@ declare(Msg.GRAPH_DONE, ("graph_id", STR), ("report", DICT), routes={(S, C)},
         doc="{task_id: {state, node, duration, attempts}}")
 declare(Msg.NODE_LOAD, ("load1", NUM), ("cpus", INT), ("mem_total", INT), ("mem_available", INT),
         routes={(N, S)}, doc="the node host's load average, CPUs and memory (bytes; 0: unknown)")
+declare(Msg.TASK_ERROR, ("job_id", STR), ("chunk_id", INT), ("index", INT), ("type_name", STR),
+        ("message", STR), ("traceback", STR), ("output", LIST), routes={(N, S)},
+        doc="plain text of a task's error, sent before its ITEM_ERROR result so the server can "
+            "show it without unpickling anything; output: the task's last lines, if captured")
 
 # Module-level names for every code (``wire.SUBMIT`` is ``Msg.SUBMIT``), spelled out so
 # type checkers see them.
@@ -222,6 +227,7 @@ GRAPH = Msg.GRAPH
 TASK_DONE = Msg.TASK_DONE
 GRAPH_DONE = Msg.GRAPH_DONE
 NODE_LOAD = Msg.NODE_LOAD
+TASK_ERROR = Msg.TASK_ERROR
 assert all(globals().get(m.name) is m for m in Msg), "a Msg code has no module-level name"
 
 NAMES: Dict[int, str] = {code: message.name for code, message in REGISTRY.items()}

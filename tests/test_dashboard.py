@@ -1,0 +1,210 @@
+"""The server's web dashboard over HTTP: /api/status, /metrics, the event stream, failures with
+their remote traceback, and who may read it (loopback, or the token off loopback)."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import subprocess
+import sys
+import urllib.parse
+from typing import Dict, Optional, Tuple
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+import tasks
+from conftest import wait_for
+from achilles.server.webauth import derive_token
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def get(url: str, path: str, headers: Optional[Dict[str, str]] = None) -> Tuple[int, Dict[str, str], bytes]:
+    """``GET path`` on the dashboard at ``url``: (status, headers, body)."""
+    parts = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    try:
+        conn.request("GET", path, headers=headers or {})
+        res = conn.getresponse()
+        return res.status, {k.lower(): v for k, v in res.getheaders()}, res.read()
+    finally:
+        conn.close()
+
+
+def metrics(url: str) -> Dict[Tuple[str, Tuple[Tuple[str, str], ...]], float]:
+    """/metrics parsed by prometheus_client's own parser: {(sample name, labels): value}."""
+    status, headers, body = get(url, "/metrics")
+    assert status == 200 and headers["content-type"].startswith("text/plain")
+    out = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def test_status_and_metrics_follow_a_run(make_cluster):
+    """/api/status carries the same data as status(), and /metrics (parsed with
+    prometheus_client) counts the nodes, processes, items done and failed, finished jobs and
+    their durations, and the bytes relayed of a run."""
+    lc = make_cluster(nodes=2, processes=1)
+    cluster = lc.cluster
+    assert lc.dashboard_url and lc.dashboard_url.startswith("http://127.0.0.1:")
+    assert cluster.map(tasks.square, range(30), chunksize=3) == [x * x for x in range(30)]
+    with pytest.raises(tasks.TaskFailure):
+        cluster.map(tasks.fail_on_three, range(6), chunksize=1)
+
+    status, headers, body = get(lc.dashboard_url, "/api/status")
+    assert status == 200 and headers["content-type"] == "application/json"
+    api = json.loads(body)
+    direct = cluster.status()
+    assert sorted(n["name"] for n in api["nodes"]) == sorted(n["name"] for n in direct["nodes"])
+    assert set(api) == set(direct) and set(api["nodes"][0]) == set(direct["nodes"][0])
+
+    def ended() -> bool:
+        return metrics(lc.dashboard_url)[("achilles_jobs_ended_total", (("state", "done"),))] == 2
+
+    wait_for(ended, what="both jobs counted as ended")
+    m = metrics(lc.dashboard_url)
+    assert m[("achilles_nodes", ())] == 2
+    assert m[("achilles_processes", ())] == 2
+    assert m[("achilles_tasks_total", (("state", "done"),))] == 30 + 5
+    assert m[("achilles_tasks_total", (("state", "failed"),))] == 1
+    assert m[("achilles_job_duration_seconds_count", ())] == 2
+    assert m[("achilles_job_duration_seconds_bucket", (("le", "+Inf"),))] == 2
+    assert m[("achilles_chunks_in_flight", ())] == 0
+    assert m[("achilles_relayed_bytes_total", (("direction", "to_nodes"),))] > 0
+    assert m[("achilles_relayed_bytes_total", (("direction", "to_controllers"),))] > 0
+    per_node = [v for (name, _), v in m.items() if name == "achilles_node_tasks_done_total"]
+    assert len(per_node) == 2 and sum(per_node) == 35
+
+
+def test_failure_shows_its_remote_traceback(make_cluster):
+    """A task's exception reaches /api/dashboard as plain text: type, message, the remote
+    traceback, the function and the node; no pickled data, and the event log names it."""
+    lc = make_cluster(nodes=1, processes=1)
+    with pytest.raises(tasks.TaskFailure):
+        lc.cluster.map(tasks.fail_on_three, range(5), chunksize=1)
+    status, _, body = get(lc.dashboard_url, "/api/dashboard")
+    view = json.loads(body)
+    assert status == 200
+    [failure] = view["failures"]
+    assert failure["type"] == "tasks.TaskFailure" and failure["message"] == "item 3 is bad"
+    assert "fail_on_three" in failure["traceback"] and "raise TaskFailure" in failure["traceback"]
+    assert failure["function"] == "tasks.fail_on_three" and failure["node"] == "local-0"
+    assert any(e["kind"] == "task failed" for e in view["events"])
+    status, _, body = get(lc.dashboard_url, f"/api/dashboard?since={view['seq']}")
+    assert json.loads(body)["failures"] == []  # only what the viewer has not seen
+
+
+def read_events(resp: http.client.HTTPResponse, count: int) -> list:
+    """The next ``count`` Server-Sent Events of a stream: [(event name, parsed data)]."""
+    events = []
+    name, data = None, []
+    while len(events) < count:
+        line = resp.fp.readline().decode().rstrip("\n")
+        if line.startswith("event: "):
+            name = line[7:]
+        elif line.startswith("data: "):
+            data.append(line[6:])
+        elif line == "" and name:
+            events.append((name, json.loads("\n".join(data))))
+            name, data = None, []
+    return events
+
+
+def test_event_stream_is_coalesced(make_cluster):
+    """/api/events is a text/event-stream that opens with the history and an update, then
+    sends updates while a job runs: fewer of them than the job has chunks (coalesced), and
+    the last one shows the job's items done."""
+    lc = make_cluster(nodes=1, processes=2)
+    parts = urllib.parse.urlsplit(lc.dashboard_url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    try:
+        conn.request("GET", "/api/events")
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.getheader("content-type") == "text/event-stream"
+        (first, history), (second, update) = read_events(resp, 2)
+        assert first == "history" and set(history) == {"now", "cluster", "nodes"}
+        assert second == "update" and update["state"]["summary"]["nodes"] == 1
+        chunks = 400
+        assert lc.cluster.map(tasks.square, range(chunks), chunksize=1)[-1] == (chunks - 1) ** 2
+        updates = 0
+        while True:
+            [(name, update)] = read_events(resp, 1)
+            updates += 1
+            if update["state"]["summary"]["done"] == chunks:
+                break
+        assert updates < chunks
+        assert any(j["function"] == "tasks.square" for j in update["state"]["finished"])
+    finally:
+        conn.close()
+
+
+def start_server(daemons, secret, *args: str) -> Tuple[subprocess.Popen, str]:
+    """A server with dashboard options ``args``; returns it and the dashboard URL it wrote."""
+    url_file = daemons.tmp_path / f"url-{len(daemons.procs)}"
+    port_file = daemons.tmp_path / f"port-{len(daemons.procs)}"
+    proc = daemons.start("server", "--host", "127.0.0.1", "--port", "0", "--port-file",
+                         str(port_file), "--dashboard-url-file", str(url_file), *args,
+                         secret=secret)
+    wait_for(lambda: port_file.exists() or proc.poll() is not None, what="server start")
+    assert proc.poll() is None, daemons.log(proc)
+    return proc, url_file.read_text()
+
+
+def test_token_is_required_off_loopback(daemons, secret):
+    """Bound to every interface, the dashboard refuses requests with no token, a wrong one
+    (query, cookie or bearer), answers the right ?token= with an HttpOnly SameSite=Strict
+    cookie and a redirect that drops it from the address, then serves that cookie; the token
+    is derived from the secret and never equals it, and the log prints the ?token= URL."""
+    proc, url = start_server(daemons, secret, "--dashboard", "0.0.0.0:0")
+    token = derive_token(secret)
+    assert url.endswith(f"/?token={token}") and secret not in url and token != secret
+    assert f"?token={token}" in daemons.log(proc)
+    port = urllib.parse.urlsplit(url).port
+    local = f"http://127.0.0.1:{port}"
+    for path in ("/", "/api/status", "/api/events", "/metrics", "/static/dashboard.js"):
+        status, _, body = get(local, path)
+        assert status == 403 and b"token" in body, path
+    wrong = "0" * len(token)
+    assert get(local, f"/api/status?token={wrong}")[0] == 403
+    assert get(local, "/api/status", {"Cookie": f"achilles_dashboard={wrong}"})[0] == 403
+    assert get(local, "/api/status", {"Authorization": f"Bearer {wrong}"})[0] == 403
+    assert get(local, "/api/status", {"Authorization": f"Bearer {token}"})[0] == 200
+
+    status, headers, _ = get(local, f"/?token={token}")
+    assert status in (302, 303) and headers["location"] == "/"
+    cookie = headers["set-cookie"]
+    assert cookie.startswith(f"achilles_dashboard={token}")
+    assert "HttpOnly" in cookie and "SameSite=strict" in cookie.replace("Strict", "strict")
+    status, _, body = get(local, "/api/status", {"Cookie": f"achilles_dashboard={token}"})
+    assert status == 200 and json.loads(body)["nodes"] == []
+
+
+def test_loopback_needs_no_token_but_a_local_host_name(daemons, secret):
+    """On loopback the page and APIs need no token, but a request naming a foreign Host
+    (a DNS-rebinding page) is refused; every answer carries the security headers."""
+    _, url = start_server(daemons, secret, "--dashboard", "127.0.0.1:0")
+    assert "token" not in url
+    status, headers, body = get(url, "/")
+    assert status == 200 and b"Achilles dashboard" in body
+    assert "default-src 'self'" in headers["content-security-policy"]
+    assert headers["x-frame-options"] == "DENY"
+    assert get(url, "/api/status", {"Host": "evil.example:80"})[0] == 403
+    assert get(url, "/api/status", {"Host": "localhost"})[0] == 200
+    assert get(url, "/static/nothing.js")[0] == 404
+
+
+def test_dashboard_off_and_a_taken_port(daemons, secret):
+    """--dashboard off serves nothing; an explicitly asked-for port that is taken stops the
+    server with an error saying so."""
+    _, url = start_server(daemons, secret, "--dashboard", "off")
+    assert url == ""
+    _, taken = start_server(daemons, secret, "--dashboard", "127.0.0.1:0")
+    port = urllib.parse.urlsplit(taken).port
+    proc = daemons.start("server", "--host", "127.0.0.1", "--port", "0", "--dashboard",
+                         f"127.0.0.1:{port}", secret=secret)
+    assert proc.wait(30) == 2
+    assert "cannot serve the dashboard" in daemons.log(proc)
