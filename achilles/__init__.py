@@ -24,6 +24,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "task", "workflow", "dataflow", "TaskCall", "connect", "map", "imap", "imap_unordered", "status", "kill_cluster", "LocalCluster",
+    "Pool",
     "gen_config", "load_config", "default_cluster",
     "AchillesError", "AuthenticationError", "ConfigError", "ConnectionFailed", "ConnectionLost",
     "FrameTooLarge", "JobCancelled", "ProtocolError", "RemoteError", "ResourceUnavailable", "TaskTimeout",
@@ -36,4 +37,8 @@ def __getattr__(name: str):
         from achilles.local import LocalCluster
 
         return LocalCluster
+    if name == "Pool":
+        from achilles.pool import Pool
+
+        return Pool
     raise AttributeError(f"module 'achilles' has no attribute {name!r}")

@@ -64,6 +64,13 @@ class JobFailed:
 
 
 @dataclass(frozen=True)
+class Cancelled:
+    """The caller cancelled the job from another thread (``JobRun.cancel``), saying why."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
 class ConnectionLostEvent:
     """The connection ``conn_id`` (what ``JobLink.register`` returned) closed for ``reason``."""
 
@@ -79,7 +86,8 @@ class Reply:
 
 
 #: Every event a job, graph or request can receive.
-Event = Union[Want, ChunkResult, TaskDone, GraphDone, JobFailed, ConnectionLostEvent, Reply]
+Event = Union[Want, ChunkResult, TaskDone, GraphDone, JobFailed, Cancelled, ConnectionLostEvent,
+              Reply]
 
 
 class EventSink(Protocol):

@@ -18,7 +18,9 @@ from achilles.core import wire
 from achilles.core.errors import ConnectionLost, JobCancelled
 from achilles.core.serialization import dumps_code, dumps_data, function_name, loads_data
 from achilles.controller.chunking import ChunkSizer
-from achilles.controller.events import ChunkResult, ConnectionLostEvent, Event, JobFailed, JobLink, Want
+from achilles.controller.events import (
+    Cancelled, ChunkResult, ConnectionLostEvent, Event, JobFailed, JobLink, Want,
+)
 from achilles.controller.failures import failure_exception
 
 INITIAL_CREDIT = wire.INITIAL_CREDIT
@@ -66,7 +68,7 @@ class JobRun:
     def _fill(self, messages: Optional[List[List[bytes]]] = None) -> None:
         """Send chunks while credit and the window allow (after ``messages``, if any)."""
         messages = [] if messages is None else messages
-        while (self.credit > 0 and not self.exhausted and self.error is None
+        while (self.credit > 0 and not self.exhausted and self.error is None and not self.finished
                and len(self.outstanding) + len(self.buffered) + len(self.ready) < self.window):
             size = self.sizer.size()
             items = list(itertools.islice(self._input, size))
@@ -98,6 +100,8 @@ class JobRun:
                 self._result(event)
             case JobFailed(message=message):
                 raise JobCancelled(f"job {self.job_id[:8]} failed on the server: {message}")
+            case Cancelled(reason=reason):
+                raise JobCancelled(reason)
             case ConnectionLostEvent(reason=reason, conn_id=conn_id) if conn_id == self._conn:
                 self._resume(reason)
 
@@ -167,12 +171,19 @@ class JobRun:
     def _answered(self) -> bool:
         return self.exhausted and not self.outstanding and not self.buffered and not self.ready
 
-    def close(self) -> None:
+    def close(self, reason: str = "cancelled by the caller") -> None:
         """Cancel the job on the server if it has not finished; stop listening for it."""
         if not self.finished:
             self.finished = True
-            self.link.send([wire.encode_message(wire.CANCEL, (self.job_id, "cancelled by the caller"))])
+            self.link.send([wire.encode_message(wire.CANCEL, (self.job_id, reason))])
         self.link.unregister(self.job_id)
+
+    def cancel(self, reason: str) -> None:
+        """From any thread: cancel the job on the server (queued chunks are dropped, nodes stop
+        its running ones) and make a reader waiting in :meth:`chunks` raise
+        ``JobCancelled(reason)`` instead of waiting on."""
+        self.close(reason)
+        self.events.put(Cancelled(reason))
 
 
 class ResultIterator:
@@ -187,6 +198,17 @@ class ResultIterator:
 
     def __next__(self) -> Any:
         return next(self._items)
+
+    def chunks(self) -> Iterator[list]:
+        """The same results a chunk (a list) at a time, for consumers that pass them on in
+        bulk; use either this or the iterator itself, not both."""
+        return self._run.chunks()
+
+    def cancel(self, reason: str = "cancelled by the caller") -> None:
+        """Stop the job from any thread (also while another thread reads it): the server drops
+        its queued chunks and the nodes stop its running ones; the reader's next wait raises
+        :class:`~achilles.JobCancelled` with ``reason``."""
+        self._run.cancel(reason)
 
     def close(self) -> None:
         """Stop early: the rest of the job is cancelled."""
