@@ -4,7 +4,7 @@ default connection made from the configuration (arguments > environment > .env).
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable, Dict, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 from achilles.core import defaults, taskgraph
 from achilles.core.config import load_config
@@ -42,22 +42,38 @@ def default_cluster() -> Any:
 
 
 def map(func: Callable[[Any], Any], iterable: Iterable[Any], chunksize: Optional[int] = None,
-        callback: Optional[Callable[[Any], Any]] = None) -> List[Any]:
-    """``Cluster.map`` on the default connection: results in input order, as a list."""
-    return default_cluster().map(func, iterable, chunksize, callback)
+        callback: Optional[Callable[[Any], Any]] = None, *,
+        initializer: Optional[Callable[..., Any]] = None, initargs: Tuple[Any, ...] = (),
+        maxtasksperchild: Optional[int] = None, max_active: Optional[int] = None,
+        group: Optional[str] = None) -> List[Any]:
+    """``Cluster.map`` on the default connection: results in input order, as a list. The
+    keyword options are ``Cluster.map``'s."""
+    return default_cluster().map(func, iterable, chunksize, callback, initializer=initializer,
+                                 initargs=initargs, maxtasksperchild=maxtasksperchild,
+                                 max_active=max_active, group=group)
 
 
 def imap(func: Callable[[Any], Any], iterable: Iterable[Any], chunksize: Optional[int] = None,
-         callback: Optional[Callable[[Any], Any]] = None) -> Any:
+         callback: Optional[Callable[[Any], Any]] = None, *,
+         initializer: Optional[Callable[..., Any]] = None, initargs: Tuple[Any, ...] = (),
+         maxtasksperchild: Optional[int] = None, max_active: Optional[int] = None,
+         group: Optional[str] = None) -> Any:
     """``Cluster.imap`` on the default connection: results in input order, as they come."""
-    return default_cluster().imap(func, iterable, chunksize, callback)
+    return default_cluster().imap(func, iterable, chunksize, callback, initializer=initializer,
+                                  initargs=initargs, maxtasksperchild=maxtasksperchild,
+                                  max_active=max_active, group=group)
 
 
 def imap_unordered(func: Callable[[Any], Any], iterable: Iterable[Any],
                    chunksize: Optional[int] = None,
-                   callback: Optional[Callable[[Any], Any]] = None) -> Any:
+                   callback: Optional[Callable[[Any], Any]] = None, *,
+                   initializer: Optional[Callable[..., Any]] = None,
+                   initargs: Tuple[Any, ...] = (), maxtasksperchild: Optional[int] = None,
+                   max_active: Optional[int] = None, group: Optional[str] = None) -> Any:
     """``Cluster.imap_unordered`` on the default connection: results in completion order."""
-    return default_cluster().imap_unordered(func, iterable, chunksize, callback)
+    return default_cluster().imap_unordered(
+        func, iterable, chunksize, callback, initializer=initializer, initargs=initargs,
+        maxtasksperchild=maxtasksperchild, max_active=max_active, group=group)
 
 
 def status() -> Dict[str, List[Dict[str, Any]]]:

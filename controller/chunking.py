@@ -22,14 +22,16 @@ class ChunkSizer:
     With ``balance`` (``map`` over an input of known length, where only the whole list
     matters), chunks are also at least ``remaining / (2 x processes)`` (guided
     self-scheduling): few large chunks first, shrinking toward the end so the processes finish
-    together, with little coordination per item.
+    together, with little coordination per item. ``limit`` caps automatic sizes (a job with
+    ``maxtasksperchild`` never sends a worker more items in one chunk than it may run).
     """
 
     def __init__(self, chunksize: Optional[int] = None, total: Optional[int] = None,
-                 balance: bool = False) -> None:
+                 balance: bool = False, limit: Optional[int] = None) -> None:
         if chunksize is not None and chunksize < 1:
             raise ValueError("chunksize must be at least 1")
         self.fixed = chunksize
+        self.limit = limit  # no automatic chunk above this (maxtasksperchild)
         self.total = total
         self.balance = balance and total is not None
         self.processes = 0
@@ -38,9 +40,10 @@ class ChunkSizer:
 
     def cap(self) -> int:
         """The largest size allowed now."""
+        top = MAX_ITEMS if self.limit is None else max(1, min(MAX_ITEMS, self.limit))
         if self.total is not None and self.processes:
-            return max(1, min(MAX_ITEMS, math.ceil(self.total / (4 * self.processes))))
-        return MAX_ITEMS
+            return max(1, min(top, math.ceil(self.total / (4 * self.processes))))
+        return top
 
     def size(self) -> int:
         """Items in the next chunk (call :meth:`issue` with the number actually sent)."""

@@ -8,8 +8,9 @@ import itertools
 import logging
 import queue
 import threading
+import secrets
 import time
-from typing import Any, Callable, Dict, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 from achilles.core import defaults, wire
 from achilles.core.config import Config, is_interactive, load_config
@@ -19,6 +20,7 @@ from achilles.controller import reactor_thread
 from achilles.controller.client import CONNECT_TIMEOUT, ControllerProtocol, connect
 from achilles.controller.events import ConnectionLostEvent, Event, EventSink, Reply
 from achilles.controller.job import JobRun, ResultIterator
+from achilles.controller.options import JobOptions, check_chunksize
 
 REQUEST_TIMEOUT = 30.0
 KILL_TIMEOUT = 30.0
@@ -47,6 +49,7 @@ class Cluster:
         self._proto: Optional[ControllerProtocol] = None
         self._reached = False  # connected at least once: an unreachable server is waited for
         self._requests = itertools.count(1)
+        self._scope = secrets.token_hex(8)  # makes this Cluster's job groups its own
         self._protocol()
 
     def __repr__(self) -> str:
@@ -145,39 +148,70 @@ class Cluster:
         raise AchillesError(f"unexpected answer to a request: {event!r}")
 
     # --- the Pool API -----------------------------------------------------------------------
+    def _run(self, func: Callable[[Any], Any], iterable: Iterable[Any], chunksize: Any,
+             callback: Optional[Callable[[Any], Any]], ordered: bool, balance: bool,
+             options: JobOptions) -> JobRun:
+        chunksize = check_chunksize(chunksize)
+        if not callable(func):
+            raise TypeError(f"func must be callable, not {type(func).__name__}")
+        if callback is not None and not callable(callback):
+            raise TypeError(f"callback must be callable or None, not {type(callback).__name__}")
+        return JobRun(self, func, _inputs(iterable), chunksize, callback, ordered,
+                      options.encode(self._scope), balance, options.cap_chunksize(chunksize))
+
     def map(self, func: Callable[[Any], Any], iterable: Iterable[Any],
-            chunksize: Optional[int] = None, callback: Optional[Callable[[Any], Any]] = None) -> List[Any]:
+            chunksize: Optional[int] = None, callback: Optional[Callable[[Any], Any]] = None, *,
+            initializer: Optional[Callable[..., Any]] = None, initargs: Tuple[Any, ...] = (),
+            maxtasksperchild: Optional[int] = None, max_active: Optional[int] = None,
+            group: Optional[str] = None) -> List[Any]:
         """``[func(x) for x in iterable]`` across the cluster, in input order.
 
         ``iterable`` may be any iterable (read lazily) or a generator function (called here).
         ``callback``, if given, runs on the node on each result before it is sent back.
         The first failing item raises its own exception type here (remote traceback as
         ``__cause__``) and the rest of the job is cancelled.
+
+        ``initializer(*initargs)`` runs once in each worker process before its first item of
+        this job (or of ``group``); ``maxtasksperchild`` replaces a worker process once it has
+        run that many of the job's (group's) items; ``max_active`` caps how many of the job's
+        (group's) chunks run at once across the cluster, the server holding the rest.
+        ``group`` (any string) makes several jobs of this ``Cluster`` share the initializer
+        state in each worker and one ``max_active`` cap (set by the group's first job):
+        ``achilles.Pool`` gives all its jobs one group.
         """
+        opts = JobOptions.check(initializer, initargs, maxtasksperchild, max_active, group)
         out: List[Any] = []
-        run = JobRun(self, func, _inputs(iterable), chunksize, callback, True, balance=True)
-        for values in run.chunks():
+        for values in self._run(func, iterable, chunksize, callback, True, True, opts).chunks():
             out.extend(values)
         return out
 
     def imap(self, func: Callable[[Any], Any], iterable: Iterable[Any],
-             chunksize: Optional[int] = None, callback: Optional[Callable[[Any], Any]] = None) -> ResultIterator:
+             chunksize: Optional[int] = None, callback: Optional[Callable[[Any], Any]] = None, *,
+             initializer: Optional[Callable[..., Any]] = None, initargs: Tuple[Any, ...] = (),
+             maxtasksperchild: Optional[int] = None, max_active: Optional[int] = None,
+             group: Optional[str] = None) -> ResultIterator:
         """Like :meth:`map` but yields each result, in input order, as soon as it is ready.
 
         Work starts at once; input is read only as the cluster asks for it, so a slow reader
         pauses the job instead of buffering it. ``close()`` (or dropping the iterator) cancels.
-        ``callback`` runs on the node on each result.
+        ``callback`` runs on the node on each result; the other options are :meth:`map`'s.
         """
-        return ResultIterator(JobRun(self, func, _inputs(iterable), chunksize, callback, True))
+        opts = JobOptions.check(initializer, initargs, maxtasksperchild, max_active, group)
+        return ResultIterator(self._run(func, iterable, chunksize, callback, True, False, opts))
 
     def imap_unordered(self, func: Callable[[Any], Any], iterable: Iterable[Any],
                        chunksize: Optional[int] = None,
-                       callback: Optional[Callable[[Any], Any]] = None) -> ResultIterator:
+                       callback: Optional[Callable[[Any], Any]] = None, *,
+                       initializer: Optional[Callable[..., Any]] = None,
+                       initargs: Tuple[Any, ...] = (), maxtasksperchild: Optional[int] = None,
+                       max_active: Optional[int] = None,
+                       group: Optional[str] = None) -> ResultIterator:
         """Like :meth:`imap` but yields results in completion order.
 
-        ``callback`` runs on the node on each result.
+        ``callback`` runs on the node on each result; the other options are :meth:`map`'s.
         """
-        return ResultIterator(JobRun(self, func, _inputs(iterable), chunksize, callback, False))
+        opts = JobOptions.check(initializer, initargs, maxtasksperchild, max_active, group)
+        return ResultIterator(self._run(func, iterable, chunksize, callback, False, False, opts))
 
     # --- call graphs --------------------------------------------------------------------------
     def compute(self, *calls: Any) -> List[Any]:

@@ -28,11 +28,17 @@ MIN_WINDOW = 8
 
 
 class JobRun:
-    """Submits a job on creation; :meth:`chunks` yields result lists (ordered or as completed)."""
+    """Submits a job on creation; :meth:`chunks` yields result lists (ordered or as completed).
+
+    An empty input never reaches the server. An input iterable that raises, or an item that
+    cannot be pickled, ends the input there: the results of every item before it come first,
+    then that exception (:attr:`input_error`) is raised.
+    """
 
     def __init__(self, link: JobLink, func: Callable[..., Any], iterable: Iterable[Any],
                  chunksize: Optional[int], callback: Optional[Callable[..., Any]], ordered: bool,
-                 options: Optional[Dict[str, Any]] = None, balance: bool = False) -> None:
+                 options: Optional[Dict[str, Any]] = None, balance: bool = False,
+                 chunk_limit: Optional[int] = None) -> None:
         self.link = link
         self.ordered = ordered
         self.function = function_name(func)
@@ -41,11 +47,9 @@ class JobRun:
             total = len(iterable)  # type: ignore[arg-type]
         except TypeError:
             total = None
-        self.sizer = ChunkSizer(chunksize, total, balance)
+        self.sizer = ChunkSizer(chunksize, total, balance, chunk_limit)
         self.job_id = uuid.uuid4().hex
         self.events: "queue.Queue[Event]" = queue.Queue()
-        self._conn = link.register(self.job_id, self.events)
-        self._input = iter(iterable)
         self.credit = INITIAL_CREDIT
         self.window = MIN_WINDOW
         self.exhausted = False
@@ -57,33 +61,82 @@ class JobRun:
         self.outstanding: Dict[int, Tuple[int, int, List[bytes]]] = {}
         self.session_chunks = 0  # CHUNKs sent on the current connection (END counts these)
         self.buffered: Dict[int, list] = {}
-        self.ready: Deque[list] = collections.deque()
+        self.ready: Deque[Tuple[int, list]] = collections.deque()  # (first item, results)
         self.next_chunk = 0
         self.error: Optional[Tuple[int, BaseException, list]] = None  # (chunk id, exc, partial)
+        #: What ended the input early: the iterable's own exception, or an item's pickling error.
+        self.input_error: Optional[BaseException] = None
+        # Pickled before anything is registered or sent: an unpicklable function raises here.
         self._submit = wire.encode_message(wire.SUBMIT, (
             self.job_id, self.function, dumps_code(func), dumps_code(callback), options or {}))
-        self._fill([self._submit])
+        self._input: Iterator[Any] = iter(iterable)
+        head = self._read(1)
+        self._conn = 0
+        if not head:  # empty input (or it raised at once): nothing to ask the server
+            self.exhausted = self.finished = True
+            return
+        self._input = itertools.chain(head, self._input)
+        self._conn = link.register(self.job_id, self.events)
+        try:
+            self._fill([self._submit])
+        except BaseException:
+            self.close()
+            raise
 
     # --- input ------------------------------------------------------------------------------
+    def _read(self, n: int) -> list:
+        """Up to ``n`` items; an exception from the iterable ends the input (kept, not raised)."""
+        items: list = []
+        if self.input_error is None:
+            try:
+                for item in itertools.islice(self._input, n):
+                    items.append(item)
+            except Exception as exc:
+                self.input_error = exc
+        return items
+
+    def _pickle(self, items: list) -> Tuple[list, Optional[bytes]]:
+        """``(items, payload)``; if an item cannot be pickled, only the items before it, and
+        the input ends with that item's error."""
+        try:
+            return items, dumps_data(items)
+        except Exception:
+            pass
+        for index, item in enumerate(items):
+            try:
+                dumps_data(item)
+            except Exception as exc:
+                if hasattr(exc, "add_note"):
+                    exc.add_note(f"item {self.items_sent + index} of the input to "
+                                 f"{self.function} ({type(item).__name__}) cannot be pickled")
+                self.input_error = exc
+                items = items[:index]
+                break
+        else:
+            self.input_error, items = TypeError(
+                f"items {self.items_sent}..{self.items_sent + len(items) - 1} of the input to "
+                f"{self.function} cannot be pickled together"), []
+        return items, (dumps_data(items) if items else None)
+
     def _fill(self, messages: Optional[List[List[bytes]]] = None) -> None:
         """Send chunks while credit and the window allow (after ``messages``, if any)."""
         messages = [] if messages is None else messages
         while (self.credit > 0 and not self.exhausted and self.error is None and not self.finished
                and len(self.outstanding) + len(self.buffered) + len(self.ready) < self.window):
             size = self.sizer.size()
-            items = list(itertools.islice(self._input, size))
+            items, payload = self._pickle(self._read(size))
             self.sizer.issue(len(items))
             if items:
                 cid = self.n_chunks
                 self.n_chunks += 1
                 message = wire.encode_message(
-                    wire.CHUNK, (self.job_id, cid, len(items), dumps_data(items)))
+                    wire.CHUNK, (self.job_id, cid, len(items), payload))
                 self.outstanding[cid] = (self.items_sent, len(items), message)
                 self.items_sent += len(items)
                 messages.append(message)
                 self.session_chunks += 1
                 self.credit -= 1
-            if len(items) < size:
+            if len(items) < size or self.input_error is not None:
                 self.exhausted = True
                 messages.append(wire.encode_message(wire.END, (self.job_id, self.session_chunks)))
         if messages:
@@ -117,7 +170,7 @@ class JobRun:
             if self.ordered:
                 self.buffered[event.chunk_id] = values
             else:
-                self.ready.append(values)
+                self.ready.append((first, values))
             return
         exc, index, partial = failure_exception(event.status, event.payload, self.function,
                                                 event.node, first, n)
@@ -153,7 +206,7 @@ class JobRun:
                         self.next_chunk += 1
                 else:
                     while self.ready:
-                        yield self.ready.popleft()
+                        yield self.ready.popleft()[1]
                 if self.error is not None and (not self.ordered or self.next_chunk == self.error[0]):
                     _, exc, partial = self.error
                     if partial:
@@ -161,6 +214,8 @@ class JobRun:
                     raise exc
                 if self._answered():
                     self.finished = True
+                    if self.input_error is not None:
+                        raise self.input_error
                     return
                 self._fill()
                 if not self._answered():  # _fill may have just found the input's end

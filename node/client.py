@@ -105,8 +105,15 @@ class NodeProtocol(PeerSideProtocol):
         if code is None:
             log.error("task for unknown job %s ignored", job_id[:8])
             return
+        options = code[2]
+        kind = str(options.get("kind", "map"))
+        init, maxtasks = options.get("init", b""), options.get("maxtasks", 0)
+        if not isinstance(init, bytes) or not isinstance(maxtasks, int) or kind != "map":
+            init, maxtasks = b"", 0
+        group = options.get("group") if isinstance(options.get("group"), str) else job_id
         self.factory.pool.submit(Task(self.session, job_id, chunk_id, code[0], code[1], payload,
-                                      bool(careful), timeout, str(code[2].get("kind", "map"))))
+                                      bool(careful), timeout, kind, str(group), init,
+                                      max(0, maxtasks)))
 
     @handles(wire.CANCEL)
     def cancel(self, job_id: str, reason: str) -> None:

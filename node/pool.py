@@ -28,6 +28,7 @@ from multiprocess.connection import wait
 
 from achilles.core import wire
 from achilles.core.errors import describe_exit
+from achilles.node.worker import RETIRE
 
 log = logging.getLogger("achilles.node")
 
@@ -59,6 +60,9 @@ class Task:
     careful: bool = False
     timeout: Optional[float] = None
     kind: str = "map"
+    group: str = ""  # per-group state key in the worker (initializer, maxtasks)
+    init: bytes = b""  # dill of (initializer, initargs), or empty
+    maxtasks: int = 0  # replace a worker after this many of the group's items (0: never)
     cancelled: bool = False  # set by cancel_job/drain: skip it, or drop its outcome
 
 
@@ -244,6 +248,8 @@ class WorkerPool:
             return (wire.TIMED_OUT, pickle.dumps(task.timeout), task.timeout or 0.0), True
         if killed:
             return None, True
+        if outcome == "retire":  # its worker reached maxtasksperchild first: run on a new one
+            return None, True
         if outcome is None:  # the worker died
             exitcode = slot.reap(1.0)
             if exitcode is None:  # slow to be reaped, or it closed its pipe and lives on
@@ -258,7 +264,8 @@ class WorkerPool:
             log.warning("worker %d (pid %s) %s running chunk %d of job %s; replaced", index,
                         slot.proc.pid, describe_exit(exitcode), task.chunk_id, task.job_id[:8])
             return (wire.CRASHED, pickle.dumps((exitcode, item)), 0.0), True
-        return outcome, False
+        status, payload, elapsed, retire = outcome
+        return (status, payload, elapsed), retire
 
     def _replace(self, index: int, old: _Slot) -> None:
         """Put a fresh worker in place of ``old`` (killed first if it still runs); retried
@@ -282,24 +289,27 @@ class WorkerPool:
 
     @staticmethod
     def _run(slot: _Slot, task: Task) -> Any:
-        """Run a task: ``(status, payload, elapsed)``, None if the worker died, or
-        ``"timeout"``."""
+        """Run a task: ``(status, payload, elapsed, retire)``, None if the worker died,
+        ``"timeout"``, or ``"retire"`` when the worker retired before running it."""
         try:
             slot.conn.send_bytes(pickle.dumps(
-                (task.func_bytes, task.callback_bytes, task.careful, task.kind), protocol=5))
+                (task.func_bytes, task.callback_bytes, task.careful, task.kind, task.group,
+                 task.init, task.maxtasks), protocol=5))
             slot.conn.send_bytes(task.payload)
             ready = slot.wait_ready(task.timeout)
             if ready is None:
                 return "timeout"
             if not ready:
                 return None
-            status, elapsed = pickle.loads(slot.conn.recv_bytes())
+            status, elapsed, retire = pickle.loads(slot.conn.recv_bytes())
             if not slot.wait_ready(None):
                 return None
             payload = slot.conn.recv_bytes()
         except (EOFError, OSError):
             return None
-        return status, payload, elapsed
+        if status == RETIRE:
+            return "retire"
+        return status, payload, elapsed, retire
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop the workers and their threads."""

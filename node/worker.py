@@ -1,13 +1,22 @@
 """The loop each worker process runs: receive a chunk, call the function per item, send results.
 
 Messages on the pipe (parent -> worker): a pickled ``(func_bytes, callback_bytes, careful,
-kind)``, then the raw payload; ``kind`` is ``map`` (payload: a list of items) or ``graph`` (func_bytes: the
-graph's functions by key; payload: one task's key, arguments and input values). Once a chunk
-is received, :data:`TAKEN` is written to a shared counter; in careful mode (a re-run after the
-chunk killed a worker) the index of the item being run is written there before each item, so
-the node can blame the exact item if the worker dies again.
-Replies (worker -> parent): a pickled ``(status, elapsed)`` header, then the result payload —
-a pickled list of results, or an :func:`achilles.core.serialization.error_record`.
+kind, group, init_bytes, maxtasks)``, then the raw payload; ``kind`` is ``map`` (payload: a
+list of items) or ``graph`` (func_bytes: the graph's functions by key; payload: one task's key,
+arguments and input values). Once a chunk is received, :data:`TAKEN` is written to a shared
+counter; in careful mode (a re-run after the chunk killed a worker) the index of the item
+being run is written there before each item, so the node can blame the exact item if the
+worker dies again.
+Replies (worker -> parent): a pickled ``(status, elapsed, retire)`` header, then the result
+payload — a pickled list of results, or an :func:`achilles.core.serialization.error_record`.
+``retire`` says the process exits after this reply (``maxtasksperchild`` reached).
+
+Per-group state (``group`` names a job, or several jobs of one ``achilles.Pool``): the
+group's initializer (``init_bytes``: dill of ``functools.partial(initializer, *initargs)``) runs once in this
+process before its first chunk of the group; with ``maxtasks`` the process runs at most that
+many of the group's items (calls) and then exits, to be replaced. A chunk that would take it
+past the limit is not run here: the reply is :data:`RETIRE` and the node runs the chunk on a
+fresh process (one chunk larger than the limit runs whole on a fresh process).
 """
 
 from __future__ import annotations
@@ -17,7 +26,7 @@ import os
 import pickle
 import signal
 import time
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from achilles.core import wire
 from achilles.core.serialization import dumps_data, error_record, loads_code, loads_data
@@ -26,6 +35,8 @@ CODE_CACHE = 32
 #: Written to the progress counter as soon as a chunk is received: a worker that dies with the
 #: counter still at -1 died before taking its chunk, which is then not to blame.
 TAKEN = -2
+#: Reply status (never on the wire): this process is retiring before the chunk; run it elsewhere.
+RETIRE = -1
 
 
 class _CodeCache:
@@ -53,17 +64,18 @@ def _call(func: Callable[[Any], Any], callback: Optional[Callable[[Any], Any]]) 
     return lambda item: callback(func(item))
 
 
-def run_chunk(cache: _CodeCache, func_bytes: bytes, cb_bytes: bytes, payload: bytes,
+def run_chunk(cache: _CodeCache, func_bytes: bytes, cb_bytes: bytes, payload: Any,
               progress: Any = None) -> Tuple[int, bytes]:
     """Run one chunk; returns ``(status, result payload)``. Never raises for a task's error.
 
-    With ``progress`` (a shared integer), each item's index is stored there before it runs.
+    ``payload`` is the pickled list of items, or the list itself. With ``progress`` (a shared
+    integer), each item's index is stored there before it runs.
     """
     results: list = []
     append = results.append
     try:
         call = _call(cache.get(func_bytes), cache.get(cb_bytes) if cb_bytes else None)
-        items = loads_data(payload)
+        items = payload if isinstance(payload, list) else loads_data(payload)
         if progress is None:
             for item in items:
                 append(call(item))
@@ -75,8 +87,58 @@ def run_chunk(cache: _CodeCache, func_bytes: bytes, cb_bytes: bytes, payload: by
         return wire.ITEM_ERROR, error_record(len(results), exc, results)
     try:
         return wire.OK, dumps_data(results)
+    except BaseException:
+        return wire.ITEM_ERROR, _unpicklable_result(results)
+
+
+def _unpicklable_result(results: list) -> bytes:
+    """The error record of a chunk whose results cannot be pickled: the first such result's
+    error, at its index, with the results before it."""
+    for index, value in enumerate(results):
+        try:
+            dumps_data(value)
+        except BaseException as exc:
+            if hasattr(exc, "add_note"):
+                exc.add_note(f"the result of item {index} of its chunk ({type(value).__name__}) "
+                             "cannot be pickled to send it back")
+            return error_record(index, exc, results[:index])
+    try:  # each result pickles alone, but not the list (say, too deep): blame the first
+        dumps_data(results)
     except BaseException as exc:
-        return wire.ITEM_ERROR, error_record(0, exc, [])
+        return error_record(0, exc, [])
+    return error_record(0, RuntimeError("the results could not be pickled"), [])
+
+
+class _Groups:
+    """Per-group state in this process: initializers run, items run."""
+
+    def __init__(self) -> None:
+        self.initialized: set = set()
+        self.calls: Dict[str, int] = {}
+
+    def prepare(self, group: str, init_bytes: bytes) -> Optional[bytes]:
+        """Run the group's initializer if this process has not yet; an error record if it raised."""
+        if not init_bytes or group in self.initialized:
+            return None
+        try:
+            loads_code(init_bytes)()
+        except BaseException as exc:
+            if hasattr(exc, "add_note"):
+                exc.add_note("raised by the initializer, in the worker process before its first "
+                             "task of this job")
+            return error_record(0, exc, [])
+        self.initialized.add(group)
+        return None
+
+    def must_retire(self, group: str, maxtasks: int, n_items: int) -> bool:
+        """Whether this process must be replaced before running ``n_items`` more of the group."""
+        done = self.calls.get(group, 0)
+        return bool(maxtasks) and done > 0 and done + n_items > maxtasks
+
+    def count(self, group: str, maxtasks: int, n_items: int) -> bool:
+        """Count items run; whether the process has reached the group's ``maxtasks``."""
+        done = self.calls[group] = self.calls.get(group, 0) + n_items
+        return bool(maxtasks) and done >= maxtasks
 
 
 class _GraphCode:
@@ -122,6 +184,7 @@ def worker_main(conn: Any, progress: Any) -> None:
     """Serve chunks from ``conn`` until the parent closes it; ``progress`` is a shared int."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     cache = _CodeCache()
+    groups = _Groups()
     while True:
         try:
             message = conn.recv_bytes()
@@ -129,16 +192,41 @@ def worker_main(conn: Any, progress: Any) -> None:
         except (EOFError, OSError):
             os._exit(0)
         progress.value = TAKEN
-        func_bytes, cb_bytes, careful, kind = pickle.loads(message)
+        func_bytes, cb_bytes, careful, kind, group, init_bytes, maxtasks = pickle.loads(message)
         start = time.perf_counter()
+        retire = False
         if kind == "graph":
             status, result = run_graph_task(func_bytes, payload)
-        else:
+        elif not (group and (init_bytes or maxtasks)):
             status, result = run_chunk(cache, func_bytes, cb_bytes, payload,
                                        progress if careful else None)
+        else:
+            status, result, retire = _run_in_group(cache, groups, func_bytes, cb_bytes, payload,
+                                                   progress if careful else None, group,
+                                                   init_bytes, maxtasks)
         elapsed = time.perf_counter() - start
         try:
-            conn.send_bytes(pickle.dumps((status, elapsed), protocol=5))
+            conn.send_bytes(pickle.dumps((status, elapsed, retire), protocol=5))
             conn.send_bytes(result)
         except (EOFError, OSError):
             os._exit(0)
+        if retire:
+            os._exit(0)
+
+
+def _run_in_group(cache: _CodeCache, groups: _Groups, func_bytes: bytes, cb_bytes: bytes,
+                  payload: bytes, progress: Any, group: str, init_bytes: bytes,
+                  maxtasks: int) -> Tuple[int, bytes, bool]:
+    """Run a chunk of a group with an initializer or a task limit: ``(status, payload,
+    retire)``; status :data:`RETIRE` when the chunk must run on a fresh process."""
+    try:
+        items = loads_data(payload)
+    except BaseException as exc:
+        return wire.ITEM_ERROR, error_record(0, exc, []), False
+    if groups.must_retire(group, maxtasks, len(items)):
+        return RETIRE, b"", True
+    failed = groups.prepare(group, init_bytes)
+    if failed is not None:
+        return wire.ITEM_ERROR, failed, False
+    status, result = run_chunk(cache, func_bytes, cb_bytes, items, progress)
+    return status, result, groups.count(group, maxtasks, len(items))

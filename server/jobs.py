@@ -16,7 +16,7 @@ import collections
 import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Deque, Dict, Iterable, Optional, Set
+from typing import Any, ClassVar, Deque, Dict, Iterable, Optional, Set, Tuple
 
 from achilles.core import wire
 from achilles.core.errors import ResourceUnavailable
@@ -50,6 +50,40 @@ class ControllerState:
     jobs: Set[str] = field(default_factory=set)
 
 
+#: Map job options the server reads or checks (others are ignored, for newer controllers).
+_OPTION_TYPES: Dict[str, type] = {"init": bytes, "maxtasks": int, "max_active": int,
+                                  "group": str}
+
+
+def check_options(options: Dict[str, Any]) -> Optional[str]:
+    """Why a map job's options are unusable, or None when they are fine."""
+    for key, kind in _OPTION_TYPES.items():
+        if key not in options:
+            continue
+        value = options[key]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            return f"option {key!r} must be {kind.__name__}, not {type(value).__name__}"
+        if isinstance(value, int) and value < 1:
+            return f"option {key!r} must be at least 1, not {value}"
+    return None
+
+
+@dataclass(eq=False)
+class JobGroup:
+    """Jobs of one controller that share a ``max_active`` cap (an ``achilles.Pool``'s jobs,
+    or one job with a cap): at most ``limit`` of their chunks are in flight at once."""
+
+    key: Tuple[int, str]  # (controller id, group name or "job:" + job id)
+    limit: int
+    active: int = 0  # chunks of the group's jobs in flight on nodes
+    jobs: Set[str] = field(default_factory=set)
+
+    @property
+    def full(self) -> bool:
+        """Whether no more of the group's chunks may be dispatched now."""
+        return self.active >= self.limit
+
+
 class Job(ABC):
     """One job of one controller: its queue of chunks and what their results mean.
 
@@ -80,6 +114,7 @@ class Job(ABC):
         self.chunks_done = 0
         self.chunks_failed = 0
         self.recheck = False  # a chunk needing resources was queued since the last check
+        self.group: Optional[JobGroup] = None  # the max_active cap this job counts against
 
     # figures shown in status() and used by older callers
     @property
@@ -151,7 +186,8 @@ class Job(ABC):
         return {"id": self.job_id[:8], "owner": self.owner.address, "function": self.function,
                 "kind": self.kind, "sent": self.items_sent, "done": self.items_done,
                 "failed": self.chunks_failed, "chunks_done": self.chunks_done,
-                "queued": len(self.queue)}
+                "queued": len(self.queue), "running": len(self.placed),
+                "max_active": None if self.group is None else self.group.limit}
 
     def check(self) -> None:
         """Raise AssertionError unless every live chunk is in exactly one place."""

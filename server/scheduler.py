@@ -26,7 +26,8 @@ from achilles.core.errors import ProtocolError
 from achilles.core.logs import printable
 from achilles.server.dispatch import DispatchPolicy, FreeSlots, LeastLoaded, NodeState, Peer
 from achilles.server.graphs import GraphState
-from achilles.server.jobs import Chunk, ControllerState, GraphJob, Job, MapJob
+from achilles.server.jobs import (Chunk, ControllerState, GraphJob, Job, JobGroup, MapJob,
+                                  check_options)
 from achilles.server.observer import SchedulerObserver
 
 log = logging.getLogger("achilles.server")
@@ -64,6 +65,7 @@ class Scheduler:
         self.nodes: Dict[int, NodeState] = {}
         self.controllers: Dict[int, ControllerState] = {}
         self.jobs: Dict[str, Job] = {}
+        self.groups: Dict[Tuple[int, str], JobGroup] = {}  # max_active caps
         self._ready: Deque[str] = collections.deque()  # job ids with queued chunks, round-robin
         self._ready_set: Set[str] = set()
         self._free = FreeSlots()
@@ -135,9 +137,6 @@ class Scheduler:
         """Chunks the nodes can hold in flight."""
         return self._capacity
 
-    def _target_queue(self) -> int:
-        return max(2, self._capacity)
-
     def where(self, job_id: str, chunk_id: int) -> Optional[NodeState]:
         """The node a chunk is in flight on, if any."""
         job = self.jobs.get(job_id)
@@ -178,6 +177,8 @@ class Scheduler:
         for chunk in sorted(node.inflight.values(), key=lambda c: c.chunk_id, reverse=True):
             job = self.jobs[chunk.job_id]  # placed entries are dropped with their job
             del job.placed[chunk.chunk_id]
+            if job.group is not None:
+                job.group.active -= 1
             job.requeue(chunk)
             self._mark_ready(job)
             requeued += 1
@@ -214,12 +215,21 @@ class Scheduler:
     # --- jobs -------------------------------------------------------------------------------
     def submit(self, ctrl: ControllerState, job_id: str, function: str, func_bytes: bytes,
                callback_bytes: bytes, options: Dict[str, Any]) -> None:
-        """Start a job; its chunks follow in CHUNK messages."""
+        """Start a job; its chunks follow in CHUNK messages. Options of the wrong type or
+        range refuse the job (JOB_FAILED, saying which)."""
+        options = dict(options or {})
+        problem = check_options(options)
+        if problem is not None:
+            ctrl.peer.send(wire.JOB_FAILED, job_id, f"job refused: {problem}")
+            return
         if not self._claim(ctrl, job_id, "job"):
             return
-        job = MapJob(job_id, ctrl, printable(function), func_bytes, callback_bytes,
-                     dict(options or {}), self.clock.seconds())
+        job = MapJob(job_id, ctrl, printable(function), func_bytes, callback_bytes, options,
+                     self.clock.seconds())
         self._start(job)
+        if "max_active" in options:
+            self._join_group(job, options.get("group") or f"job:{job_id}",
+                             options["max_active"])
         log.info("job %s started by controller %d: %s", job_id[:8], ctrl.controller_id, job.function)
         self.observer.job_started(job)
         if not self.nodes:
@@ -251,6 +261,16 @@ class Scheduler:
     def _start(self, job: Job) -> None:
         self.jobs[job.job_id] = job
         job.owner.jobs.add(job.job_id)
+
+    def _join_group(self, job: Job, name: str, limit: int) -> None:
+        """Count ``job`` against its controller's group ``name`` (made with cap ``limit`` by
+        its first job; later jobs share that cap)."""
+        key = (job.owner.controller_id, name)
+        group = self.groups.get(key)
+        if group is None:
+            group = self.groups[key] = JobGroup(key, limit)
+        group.jobs.add(job.job_id)
+        job.group = group
 
     def add_chunk(self, ctrl: ControllerState, job_id: str, chunk_id: int, n_items: int,
                   payload: bytes) -> None:
@@ -305,6 +325,13 @@ class Scheduler:
             self._ready.remove(job.job_id)
         for chunk_id, node in job.placed.items():
             self._unplace(node, node.inflight.pop((job.job_id, chunk_id)))
+        group = job.group
+        if group is not None:
+            group.active -= len(job.placed)
+            group.jobs.discard(job.job_id)
+            if not group.jobs:
+                del self.groups[group.key]
+            job.group = None
         job.placed.clear()
         for node in job.shipped_to.values():
             node.jobs_shipped.discard(job.job_id)
@@ -367,6 +394,8 @@ class Scheduler:
 
         chunk = node.inflight.pop((job_id, chunk_id))
         del job.placed[chunk_id]
+        if job.group is not None:
+            job.group.active -= 1
         self._unplace(node, chunk)
         if crash is not None:
             exitcode, item = crash
@@ -443,12 +472,16 @@ class Scheduler:
         if self._batch_depth:
             self._refill_pending[job.job_id] = job
             return
-        target = self._target_queue()
+        processes, capacity = self._processes, self._capacity
+        if job.group is not None:  # a capped job sizes its chunks for the processes it may use
+            processes = min(processes, job.group.limit)
+            capacity = min(capacity, job.group.limit * self.prefetch)
+        target = max(2, capacity)
         want = target - len(job.queue) - job.credit
         if want > 0 and (want >= max(1, target // 2) or not job.queue):
             want = min(want, MAX_WANT)
             job.credit += want
-            job.owner.peer.send(wire.WANT, job.job_id, want, self._processes, self._capacity)
+            job.owner.peer.send(wire.WANT, job.job_id, want, processes, capacity)
 
     def pump(self) -> None:
         """Hand queued chunks to nodes with free credit, one job at a time in turn."""
@@ -461,6 +494,9 @@ class Scheduler:
             self._ready_set.discard(job_id)
             job = self.jobs[job_id]  # ready holds only live jobs
             if not job.queue:
+                continue
+            if job.group is not None and job.group.full:  # held until one of its chunks ends
+                blocked.append(job)
                 continue
             pick = self.policy.pick(job, self._free)
             if pick is None:  # nothing of this job fits a free node now
@@ -485,6 +521,8 @@ class Scheduler:
             node.used[k] = node.used.get(k, 0.0) + v
         node.inflight[(job.job_id, chunk.chunk_id)] = chunk
         job.placed[chunk.chunk_id] = node
+        if job.group is not None:
+            job.group.active += 1
         self._free.update(node)
         job.on_dispatch(chunk, node)
         node.peer.send(wire.TASK, job.job_id, chunk.chunk_id, chunk.crashes > 0, chunk.timeout,
@@ -594,9 +632,20 @@ class Scheduler:
         assert len(self._ready) == len(self._ready_set) and set(self._ready) == self._ready_set, \
             "ready round-robin holds a job twice"
         assert self._ready_set <= set(self.jobs), "ready round-robin holds a gone job"
+        for gkey, group in self.groups.items():
+            assert group.key == gkey and group.jobs, f"group {gkey} is empty or misfiled"
+            assert all(self.jobs[j].group is group for j in group.jobs), f"group {gkey} out of step"
+            in_flight = sum(len(self.jobs[j].placed) for j in group.jobs)
+            assert group.active == in_flight, f"group {gkey} counts {group.active}, {in_flight} placed"
+            assert group.active <= group.limit, f"group {gkey} runs {group.active} > {group.limit}"
+        for job in self.jobs.values():
+            assert job.group is None or self.groups.get(job.group.key) is job.group, \
+                f"job {job.job_id} counts against a forgotten group"
         if self._free.top > 0:
             window = getattr(self.policy, "window", 64)
             for job in self.jobs.values():
+                if job.group is not None and job.group.full:
+                    continue
                 assert all(c.resources for c in itertools.islice(job.queue, window)), \
                     f"job {job.job_id} has a chunk queued while a node has free credit"
         for ctrl_id, ctrl in self.controllers.items():
