@@ -24,7 +24,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "task", "workflow", "dataflow", "TaskCall", "connect", "map", "imap", "imap_unordered", "status", "kill_cluster", "LocalCluster",
-    "Pool",
+    "Pool", "Executor",
     "gen_config", "load_config", "default_cluster",
     "AchillesError", "AuthenticationError", "ConfigError", "ConnectionFailed", "ConnectionLost",
     "FrameTooLarge", "JobCancelled", "ProtocolError", "RemoteError", "ResourceUnavailable", "TaskTimeout",
@@ -41,4 +41,8 @@ def __getattr__(name: str):
         from achilles.pool import Pool
 
         return Pool
+    if name == "Executor":
+        from achilles.executor import Executor
+
+        return Executor
     raise AttributeError(f"module 'achilles' has no attribute {name!r}")
