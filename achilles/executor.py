@@ -20,7 +20,7 @@ _names = itertools.count(1)
 Job = Union[JobThread, ResultStream]
 
 
-class ClusterFuture(concurrent.futures.Future):  # type: ignore[type-arg]
+class ClusterFuture(concurrent.futures.Future):
     """A ``concurrent.futures.Future`` of a call on the cluster.
 
     It stays pending until its result is back: :meth:`cancel` succeeds until then, dropping
@@ -163,7 +163,7 @@ class Executor(concurrent.futures.Executor):
         job.start()
         return future
 
-    def map(self, fn: Callable[..., Any], *iterables: Iterable[Any],  # type: ignore[override]
+    def map(self, fn: Callable[..., Any], *iterables: Iterable[Any],
             timeout: Optional[float] = None, chunksize: Optional[int] = None) -> Iterator[Any]:
         """``fn(*args)`` for the iterables' items zipped, in order, as they come: the job starts
         now, the input is read lazily. ``timeout`` counts from this call; ``chunksize=None``
