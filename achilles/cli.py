@@ -50,7 +50,7 @@ def _connect(args: argparse.Namespace):
 def _demo(args: argparse.Namespace) -> int:
     from achilles.demo import run_demo
 
-    return run_demo(processes=args.processes)
+    return run_demo(processes=args.processes, keep=args.keep)
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     certs.set_defaults(run=_certs)
     demo = sub.add_parser("demo", help="run a job on a local cluster (no config needed)")
     demo.add_argument("--processes", type=int, help="worker processes (default: the CPU count)")
+    demo.add_argument("--keep", action="store_true",
+                      help="then keep the cluster up, with a job running, until Enter, and "
+                           "print its dashboard's URL")
     demo.set_defaults(run=_demo)
     st = sub.add_parser("status", help="print the cluster's nodes and jobs as JSON")
     add_connection_options(st)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import sys
+import threading
 import time
-from typing import Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, TextIO
 
 
 def count_primes(limit: int) -> int:
@@ -21,16 +23,31 @@ def numbers(n: int) -> Iterator[int]:
         yield i
 
 
-def run_demo(processes: Optional[int] = None, out=print) -> int:
-    """Run the demo; returns a process exit code."""
+def keep_busy(cluster: Any, stop: threading.Event) -> None:
+    """Run prime counts on ``cluster`` batch after batch until ``stop`` is set, so that the
+    dashboard has a job to show."""
+    while not stop.is_set():
+        cluster.map(count_primes, [20_000 + 1_000 * i for i in range(16)], chunksize=1)
+
+
+def run_demo(processes: Optional[int] = None, out: Callable[..., Any] = print, keep: bool = False,
+             stdin: Optional[TextIO] = None) -> int:
+    """Run the demo; returns a process exit code.
+
+    With ``keep``, the cluster then stays up with a job running, until a line (Enter) or the
+    end of ``stdin``, so the dashboard can be watched.
+    """
     from achilles.local import LocalCluster
 
     started = time.perf_counter()
-    with LocalCluster(nodes=1, processes=processes) as cluster:
+    local = LocalCluster(nodes=1, processes=processes)
+    with local as cluster:
         status = cluster.status()
         node = status["nodes"][0]
         out(f"local cluster up in {time.perf_counter() - started:.2f} s: server on 127.0.0.1, "
             f"node {node['name']} with {node['processes']} processes")
+        if local.dashboard_url:
+            out(f"dashboard: {local.dashboard_url}")
 
         limits = [20_000 + 1_000 * i for i in range(16)]
         t = time.perf_counter()
@@ -54,5 +71,14 @@ def run_demo(processes: Optional[int] = None, out=print) -> int:
         if total != sum(x * x for x in range(100_000)):
             out("wrong sum")
             return 1
+        if keep:
+            stop = threading.Event()
+            busy = threading.Thread(target=keep_busy, args=(cluster, stop), daemon=True)
+            busy.start()
+            out(f"the cluster stays up, counting primes, with its dashboard at "
+                f"{local.dashboard_url}; press Enter to stop")
+            (stdin or sys.stdin).readline()
+            stop.set()
+            busy.join()
     out(f"demo finished in {time.perf_counter() - started:.2f} s; cluster stopped")
     return 0

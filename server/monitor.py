@@ -115,6 +115,7 @@ class Monitor(SchedulerObserver):
         self._job_rates: Dict[str, float] = {}
         self._last_total: Optional[Tuple[float, int]] = None
         self.cluster_rate = 0.0
+        self.last_tick = 0.0
 
     # --- events from the scheduler -------------------------------------------------------
     def _log(self, kind: str, text: str, **extra: Any) -> None:
@@ -194,7 +195,7 @@ class Monitor(SchedulerObserver):
     def _failure(self, job: Job, chunk_id: int, node: str, index: Optional[int], type_name: str,
                  message: str, traceback: str, output: List[Any]) -> None:
         self.seq += 1
-        where = f"chunk {chunk_id}" + (f", item {index}" if index is not None else "")
+        where = f"chunk {chunk_id}" + (f" (its item {index})" if index is not None else "")
         if isinstance(job, GraphJob) and chunk_id in job.graph.tasks:
             where = f"task {job.graph.tasks[chunk_id].name}#{chunk_id}"
         if len(traceback) > MAX_TRACEBACK:
@@ -215,7 +216,7 @@ class Monitor(SchedulerObserver):
 
     def tick(self) -> None:
         """Sample throughput (cluster, nodes, jobs), then tell the listeners."""
-        now = self.clock.seconds()
+        now = self.last_tick = self.clock.seconds()
         total = self.items_done()
         if self._last_total is not None and now > self._last_total[0]:
             self.cluster_rate = (total - self._last_total[1]) / (now - self._last_total[0])
@@ -257,9 +258,9 @@ class Monitor(SchedulerObserver):
                 "rate": round(self.cluster_rate, 3), "done": self.items_done(),
                 "failed": self.chunks_failed, "uptime": time.time() - self.started},
             "nodes": nodes, "jobs": jobs, "finished": list(self.finished),
-            "sample": {"t": now, "cluster": self.cluster_rate,
+            "sample": {"t": self.last_tick, "cluster": self.cluster_rate,
                        "nodes": {n: s[-1][1] for n, s in self.node_series.items()
-                                 if s and s[-1][0] == now}},
+                                 if s and s[-1][0] == self.last_tick}},
         }
 
     def _node(self, n: NodeState, now: float) -> Dict[str, Any]:

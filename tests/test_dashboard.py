@@ -15,7 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import tasks
-from conftest import wait_for
+from conftest import ROOT, alive, group_members, wait_for
 from achilles.server.webauth import derive_token
 
 pytestmark = pytest.mark.timeout(120)
@@ -208,3 +208,69 @@ def test_dashboard_off_and_a_taken_port(daemons, secret):
                          f"127.0.0.1:{port}", secret=secret)
     assert proc.wait(30) == 2
     assert "cannot serve the dashboard" in daemons.log(proc)
+
+
+def test_demo_keep_serves_a_live_dashboard_until_enter(tmp_path):
+    """`achilles demo --keep` prints the dashboard URL, keeps the cluster up with a job running
+    (seen through /api/status) until Enter, then stops everything and exits 0."""
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    proc = subprocess.Popen([sys.executable, "-m", "achilles", "demo", "--processes", "1",
+                             "--keep"], cwd=str(tmp_path), env=env, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        lines = []
+        while not lines or "press Enter" not in lines[-1]:
+            line = proc.stdout.readline()
+            assert line, "".join(lines)
+            lines.append(line)
+        url = next(l.split("dashboard: ", 1)[1].strip() for l in lines if l.startswith("dashboard: "))
+        assert url.startswith("http://127.0.0.1:") and url in lines[-1]
+
+        def running() -> bool:
+            status = json.loads(get(url, "/api/status")[2])
+            return len(status["nodes"]) == 1 and any(
+                j["function"] == "achilles.demo.count_primes" for j in status["jobs"])
+
+        wait_for(running, what="the kept cluster's job")
+        daemons = children(proc.pid)
+        assert len(daemons) >= 2  # the server and the node
+        out, _ = proc.communicate("\n", timeout=60)
+        assert proc.returncode == 0 and "demo finished" in out, out
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+            proc.wait(10)
+    assert not group_members(proc.pid)
+    for pid in daemons:
+        wait_for(lambda pid=pid: not alive(pid) and not group_members(pid), what="daemons to exit")
+
+
+def children(pid: int) -> list:
+    """Pids of the processes whose parent is ``pid``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/status") as fh:
+                if f"PPid:\t{pid}\n" in fh.read():
+                    found.append(int(entry))
+        except (OSError, ValueError):
+            pass
+    return found
+
+
+def test_graph_view_counts_states_and_draws_small_graphs():
+    """A graph is shown as its tasks counted by state; up to SMALL_GRAPH tasks also task by
+    task with their inputs, beyond that only the counts."""
+    from achilles.server.graphs import GraphState
+    from achilles.server.monitor import SMALL_GRAPH, graph_view
+
+    small = GraphState([(1, "load", [], {}, "k", b""), (2, "fit", [1], {}, "k", b""),
+                        (3, "score", [1, 2], {}, "k", b"")], [3])
+    small.tasks[1].state = "done"
+    view = graph_view(small)
+    assert view["states"] == {"done": 1, "waiting": 2}
+    assert [(t["id"], t["name"], t["deps"], t["state"]) for t in view["tasks"]] == [
+        (1, "load", [], "done"), (2, "fit", [1], "waiting"), (3, "score", [1, 2], "waiting")]
+    big = GraphState([(i, "t", [], {}, "k", b"") for i in range(SMALL_GRAPH + 1)], [])
+    assert graph_view(big) == {"states": {"waiting": SMALL_GRAPH + 1}}
