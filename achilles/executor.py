@@ -115,8 +115,9 @@ class Executor(concurrent.futures.Executor):
                 f"{'shut down' if self._shutdown else 'running'} on {self._backend!r}>")
 
     def _options(self) -> Dict[str, Any]:
-        """The cluster options of this executor's jobs."""
-        options: Dict[str, Any] = {}
+        """The cluster options of this executor's jobs: one group, so they share the
+        initializer state in each worker process and one ``max_workers`` cap."""
+        options: Dict[str, Any] = {"group": self._group, "max_active": self._max_workers}
         if self._initializer is not None:
             options.update(initializer=self._initializer, initargs=self._initargs)
         if self._max_tasks_per_child is not None:

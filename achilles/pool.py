@@ -179,8 +179,9 @@ class Pool:
 
     # --- jobs -------------------------------------------------------------------------------
     def _options(self) -> Dict[str, Any]:
-        """The cluster options of this pool's jobs."""
-        options: Dict[str, Any] = {}
+        """The cluster options of this pool's jobs: one group, so they share the initializer
+        state in each worker process and one ``processes`` cap."""
+        options: Dict[str, Any] = {"group": self._group, "max_active": self._processes}
         if self._initializer is not None:
             options.update(initializer=self._initializer, initargs=self._initargs)
         if self._maxtasksperchild is not None:

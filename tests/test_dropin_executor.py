@@ -4,6 +4,7 @@ test_concurrent_futures checks for ProcessPoolExecutor, rewritten for calls that
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures as cf
 import gc
 import os
@@ -15,6 +16,7 @@ import pytest
 import achilles
 from achilles.core.errors import RemoteTraceback
 from conftest import ROOT, wait_for
+from pool_tasks import Unpicklable, init_worker, running, tagged
 from tasks import TaskFailure, fail_on_three, pause
 
 pytestmark = pytest.mark.timeout(120)
@@ -258,6 +260,38 @@ def test_asyncio_run_in_executor(executor):
         return await asyncio.gather(*(loop.run_in_executor(executor, mul, i, 3) for i in range(6)))
 
     assert asyncio.run(main()) == [0, 3, 6, 9, 12, 15]
+
+
+def test_max_workers_caps_running_calls(shared_cluster, tmp_path):
+    """Executor(max_workers=2) runs at most 2 of its calls at once on a cluster of 4 worker
+    processes, over submit and map together."""
+    with achilles.Executor(2, cluster=shared_cluster) as ex:
+        futures = [ex.submit(running, (str(tmp_path), i)) for i in range(10)]
+        counts = list(ex.map(running, [(str(tmp_path), i) for i in range(10)], chunksize=1))
+        counts += [f.result(timeout=60) for f in futures]
+    assert max(counts) <= 2, counts
+
+
+def test_initializer_runs_once_per_worker_process(shared_cluster, tmp_path):
+    """initializer(*initargs) runs once per worker process over all the executor's calls."""
+    with achilles.Executor(initializer=init_worker, initargs=(str(tmp_path), "E"),
+                           cluster=shared_cluster) as ex:
+        out = [f.result(timeout=60) for f in [ex.submit(tagged, i) for i in range(20)]]
+        out += list(ex.map(tagged, range(100), chunksize=1))
+    assert {tag for _, tag, _ in out} == {"E"}
+    counts = collections.Counter(int(n.split("-")[0]) for n in os.listdir(tmp_path))
+    assert set(counts.values()) == {1}, counts
+    assert len(counts) <= 4 < len(out)
+
+
+def test_unpicklable_argument_fails_the_future(executor):
+    """A call whose arguments cannot be pickled fails (at submit or in its future); nothing
+    hangs and the executor goes on."""
+    with pytest.raises(TypeError, match="cannot be pickled"):
+        executor.submit(mul, Unpicklable(), 2).result(timeout=60)
+    with pytest.raises(TypeError, match="cannot be pickled"):
+        list(executor.map(abs, [1, Unpicklable()]))
+    assert executor.submit(mul, 2, 2).result(timeout=60) == 4
 
 
 def test_invalid_arguments():

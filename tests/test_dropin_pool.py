@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import collections
 import gc
 import logging
 import multiprocessing
@@ -16,9 +17,10 @@ import time
 import pytest
 
 import achilles
-from achilles.core.errors import ConfigError, JobCancelled, RemoteTraceback
+from achilles.core.errors import ConfigError, JobCancelled, RemoteError, RemoteTraceback
 from achilles.pool import ApplyResult, AsyncResult, IMapIterator, IMapUnorderedIterator, MapResult
 from conftest import ROOT, group_members, wait_for
+from pool_tasks import Unpicklable, init_worker, pid_of, raise_no_rebuild, running, tagged
 from tasks import TaskFailure, fail_on_three, pause, square
 
 pytestmark = pytest.mark.timeout(120)
@@ -327,6 +329,103 @@ def test_dropped_imap_cancels_its_job(pool, tmp_path):
     del it
     gc.collect()
     wait_for(lambda: idle(cluster), what="the dropped imap's job to be cancelled")
+
+
+def init_counts(log_dir):
+    """How many times the initializer ran in each process (pid -> calls)."""
+    return collections.Counter(int(name.split("-")[0]) for name in os.listdir(log_dir))
+
+
+def test_processes_caps_the_pool_across_its_calls(shared_cluster, tmp_path):
+    """Pool(processes=2) runs at most 2 of its tasks at once on a cluster of 4 worker
+    processes, over all its calls together (map, starmap and apply_async)."""
+    with achilles.Pool(2, cluster=shared_cluster) as p:
+        runs = [(str(tmp_path), i) for i in range(12)]
+        pending = [p.map_async(running, runs, chunksize=1),
+                   p.map_async(running, runs, chunksize=1)]
+        pending += [p.apply_async(running, ((str(tmp_path), i),)) for i in range(6)]
+        counts = pending[0].get(60) + pending[1].get(60) + [r.get(60) for r in pending[2:]]
+    assert max(counts) <= 2, counts
+    with achilles.Pool(cluster=shared_cluster) as p:  # no cap: the cluster's 4 processes
+        assert max(p.map(running, [(str(tmp_path), i) for i in range(24)], chunksize=1)) > 2
+
+
+def test_initializer_runs_once_per_worker_process(shared_cluster, tmp_path):
+    """initializer(*initargs) runs once in each worker process that runs the pool's tasks,
+    over all of the pool's calls, not once per task; every task sees its state."""
+    with achilles.Pool(initializer=init_worker, initargs=(str(tmp_path), "P"),
+                       cluster=shared_cluster) as p:
+        out = p.map(tagged, range(200), chunksize=1)
+        out += p.starmap(tagged, [(i,) for i in range(50)])
+        out += [p.apply(tagged, (i,)) for i in range(5)]
+        out += list(p.imap_unordered(tagged, range(50)))
+    assert {tag for _, tag, _ in out} == {"P"}
+    counts = init_counts(tmp_path)
+    assert set(counts.values()) == {1}, counts
+    assert {pid for pid, _, _ in out} <= set(counts)
+    assert len(counts) <= 4 < len(out)  # 2 nodes x 2 processes
+
+
+def test_maxtasksperchild_replaces_workers(shared_cluster):
+    """With maxtasksperchild=2 no worker process runs more than 2 of the pool's tasks."""
+    with achilles.Pool(maxtasksperchild=2, cluster=shared_cluster) as p:
+        pids = p.map(pid_of, range(20), chunksize=1)
+    per_process = collections.Counter(pids)
+    assert max(per_process.values()) <= 2 and len(per_process) >= 10
+
+
+def test_chunksize_below_one_raises_value_error(pool):
+    """chunksize=0 (or negative) raises ValueError at the call, for every mapping method."""
+    for call in (pool.map, pool.map_async, pool.imap, pool.imap_unordered):
+        with pytest.raises(ValueError):
+            call(sqr, range(5), 0)
+    for call in (pool.starmap, pool.starmap_async):
+        with pytest.raises(ValueError):
+            call(mul, [(1, 2)], -1)
+
+
+class Broken(Exception):
+    """What the failing input iterator raises."""
+
+
+def breaks_at_five():
+    yield from range(5)
+    raise Broken("input broke")
+
+
+def test_input_iterator_raising_midway(pool):
+    """An input iterator that raises: imap yields every result before that item, then raises
+    the iterator's own exception; map and map_async raise it."""
+    it = pool.imap(sqr, breaks_at_five(), chunksize=1)
+    assert [next(it) for _ in range(5)] == [0, 1, 4, 9, 16]
+    with pytest.raises(Broken):
+        next(it)
+    with pytest.raises(Broken):
+        pool.map(sqr, breaks_at_five())
+    errors = []
+    with pytest.raises(Broken):
+        pool.map_async(sqr, breaks_at_five(), error_callback=errors.append).get(60)
+    assert len(errors) == 1 and isinstance(errors[0], Broken)
+
+
+def test_unpicklable_arguments_raise_in_the_caller(pool):
+    """Arguments that cannot be pickled raise in the caller (never hang), for apply and map."""
+    with pytest.raises(TypeError, match="cannot be pickled"):
+        pool.apply(sqr, (Unpicklable(),))
+    with pytest.raises(TypeError, match="cannot be pickled"):
+        pool.map(sqr, [1, 2, Unpicklable()])
+    assert pool.apply(sqr, (3,)) == 9
+
+
+def test_exception_that_cannot_be_rebuilt_is_remote_error(pool):
+    """A task exception that cannot be rebuilt in the caller arrives as RemoteError naming it."""
+    with pytest.raises(RemoteError, match="NoRebuildError"):
+        pool.apply(raise_no_rebuild, (1,))
+    errors = []
+    res = pool.map_async(raise_no_rebuild, [1], error_callback=errors.append)
+    with pytest.raises(RemoteError):
+        res.get(60)
+    assert isinstance(errors[0], RemoteError)
 
 
 def test_invalid_arguments():
