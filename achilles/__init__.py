@@ -15,6 +15,9 @@ from achilles.api import (  # noqa: E402
 from achilles.core.config import gen_config, load_config  # noqa: E402
 from achilles.flows import dataflow  # noqa: E402
 from achilles.graph import TaskCall, task, workflow  # noqa: E402
+from achilles.pipelines import (  # noqa: E402
+    EZ, As, Broadcast, F, Parallel, Pipeline, Serial, Stage, StageError, pipeline,
+)
 from achilles.core.errors import (  # noqa: E402
     AchillesError, AuthenticationError, ConfigError, ConnectionFailed, ConnectionLost,
     FrameTooLarge, JobCancelled, ProtocolError, RemoteError, ResourceUnavailable, TaskTimeout, WorkerCrashed,
@@ -25,6 +28,7 @@ __version__ = "0.1.0"
 __all__ = [
     "task", "workflow", "dataflow", "TaskCall", "connect", "map", "imap", "imap_unordered", "status", "kill_cluster", "LocalCluster",
     "Pool", "Executor",
+    "pipeline", "EZ", "Pipeline", "Stage", "F", "As", "Serial", "Parallel", "Broadcast", "StageError",
     "gen_config", "load_config", "default_cluster",
     "AchillesError", "AuthenticationError", "ConfigError", "ConnectionFailed", "ConnectionLost",
     "FrameTooLarge", "JobCancelled", "ProtocolError", "RemoteError", "ResourceUnavailable", "TaskTimeout",

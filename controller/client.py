@@ -12,7 +12,7 @@ from twisted.internet.endpoints import SSL4ClientEndpoint, TCP4ClientEndpoint, c
 from twisted.python.failure import Failure
 
 from achilles.controller.events import (ChunkResult, ConnectionLostEvent, EventSink, GraphDone,
-                                        JobFailed, Reply, TaskDone, Want)
+                                        JobFailed, PipeResult, Reply, TaskDone, Want)
 from achilles.core import wire
 from achilles.core.errors import AuthenticationError, ConnectionFailed
 from achilles.core.protocol import PeerSideProtocol, handles
@@ -107,6 +107,13 @@ class ControllerProtocol(PeerSideProtocol):
         sink = self.jobs.get(graph_id)
         if sink is not None:
             sink.put(GraphDone(report))
+
+    @handles(wire.PIPE_RESULT)
+    def pipe_result(self, pipe_id: str, origin: int, key: list, last: bool, kind: int,
+                    payload: bytes) -> None:
+        sink = self.jobs.get(pipe_id)
+        if sink is not None:
+            sink.put(PipeResult(origin, tuple(key), last, kind, bytes(payload)))
 
     @handles(wire.JOB_FAILED)
     def job_failed(self, job_id: str, message: str) -> None:

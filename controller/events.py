@@ -57,6 +57,19 @@ class GraphDone:
 
 
 @dataclass(frozen=True)
+class PipeResult:
+    """Pipeline outputs of source batch ``origin`` (-1: outputs no source batch caused) along
+    branch path ``key``; ``last`` when the origin is complete. ``kind``: 0 outputs, 1 collected
+    errors, 2 the pipeline failed (payload: error record), 3 it is done (payload: stats)."""
+
+    origin: int
+    key: tuple
+    last: bool
+    kind: int
+    payload: bytes
+
+
+@dataclass(frozen=True)
 class JobFailed:
     """The server gave up on the job or graph, saying why."""
 
@@ -86,7 +99,8 @@ class Reply:
 
 
 #: Every event a job, graph or request can receive.
-Event = Union[Want, ChunkResult, TaskDone, GraphDone, JobFailed, Cancelled, ConnectionLostEvent,
+Event = Union[Want, ChunkResult, TaskDone, GraphDone, PipeResult, JobFailed, Cancelled,
+              ConnectionLostEvent,
               Reply]
 
 

@@ -19,6 +19,7 @@ from achilles.core.protocol import PeerSideProtocol, handles
 from achilles.core.reactor import Clock, get_reactor
 from achilles.core.serialization import error_record, error_text
 from achilles.node.pool import Task, WorkerPool
+from achilles.node.stages import CopyKey, StageHost
 
 log = logging.getLogger("achilles.node")
 reactor = get_reactor()
@@ -87,8 +88,9 @@ class NodeProtocol(PeerSideProtocol):
         if f.current is self:
             f.current = None
             dropped = f.pool.drain()
-            log.warning("lost the server connection (%s); dropped %d queued chunk(s)",
-                        printable(reason.getErrorMessage()), dropped)
+            stopped = f.stages.stop_all()
+            log.warning("lost the server connection (%s); dropped %d queued chunk(s) and %d "
+                        "stage copies", printable(reason.getErrorMessage()), dropped, stopped)
         if not self.was_ready and not f.stopping:
             why = self.auth_error or self.refusal or printable(reason.getErrorMessage())
             f.handshake_failed(str(why))
@@ -119,6 +121,7 @@ class NodeProtocol(PeerSideProtocol):
     def cancel(self, job_id: str, reason: str) -> None:
         self.jobs.pop(job_id, None)
         self.factory.pool.cancel_job(self.session, job_id)
+        self.factory.stages.stop_pipe(self.session, job_id)
 
     @handles(wire.JOB_DONE)
     def job_done(self, job_ids: List[str]) -> None:
@@ -126,6 +129,13 @@ class NodeProtocol(PeerSideProtocol):
             raise ProtocolError("JOB_DONE with a job id that is not a string")
         for job_id in job_ids:
             self.jobs.pop(job_id, None)
+            self.factory.stages.stop_pipe(self.session, job_id)
+
+    @handles(wire.PIPE_WORK)
+    def pipe_work(self, pipe_id: str, stage: int, copy: int, incarnation: int, seq: int, op: str,
+                  payload: bytes) -> None:
+        self.factory.stages.work((self.session, pipe_id, stage, copy, incarnation), seq, op,
+                                 bytes(payload))
 
     @handles(wire.SHUTDOWN)
     def shutdown(self, reason: str) -> None:
@@ -155,6 +165,23 @@ class NodeProtocol(PeerSideProtocol):
         text = error_text(record)
         if text is not None:
             self.send(wire.TASK_ERROR, task.job_id, task.chunk_id, *text, [])
+
+    def send_stage_out(self, key: CopyKey, seq: int, status: int, n_items: int, skipped: int,
+                       exhausted: bool, errors: bytes, payload: bytes) -> None:
+        """Send a stage copy's answer; outputs too large to send fail the pipeline instead."""
+        _, pipe_id, stage, copy, incarnation = key
+        pieces = wire.encode_message(wire.PIPE_OUT, (pipe_id, stage, copy, incarnation, seq,
+                                                     status, n_items, skipped, exhausted, errors,
+                                                     payload))
+        try:
+            self.check_size(pieces)
+        except FrameTooLarge as exc:
+            record = error_record(0, FrameTooLarge(
+                f"the outputs of stage copy {stage}.{copy} are {len(payload):,} bytes: {exc}"), [])
+            pieces = wire.encode_message(wire.PIPE_OUT, (pipe_id, stage, copy, incarnation, seq,
+                                                         wire.ITEM_ERROR, 0, 0, False, b"",
+                                                         record))
+        self.send_encoded(pieces)
 
 
 class NodeFactory(protocol.ReconnectingClientFactory):
@@ -191,6 +218,7 @@ class NodeFactory(protocol.ReconnectingClientFactory):
         self.refusals = 0
         self._sessions = 0
         self.pool = WorkerPool(processes, self._from_worker)
+        self.stages = StageHost(name, self._from_stage)
 
     # Twisted types buildProtocol's result as a protocol with a generic ``factory`` property;
     # NodeProtocol's ``factory`` is this class.
@@ -211,6 +239,17 @@ class NodeFactory(protocol.ReconnectingClientFactory):
         proto = self.current
         if proto is not None and proto.session == task.session:
             proto.send_result(task, status, payload, elapsed)
+
+    def _from_stage(self, key: CopyKey, seq: int, status: int, n_items: int, skipped: int,
+                    exhausted: bool, errors: bytes, payload: bytes) -> None:
+        reactor.callFromThread(self._deliver_stage, key, seq, status, n_items, skipped,
+                               exhausted, errors, payload)
+
+    def _deliver_stage(self, key: CopyKey, seq: int, status: int, n_items: int, skipped: int,
+                       exhausted: bool, errors: bytes, payload: bytes) -> None:
+        proto = self.current
+        if proto is not None and proto.session == key[0]:
+            proto.send_stage_out(key, seq, status, n_items, skipped, exhausted, errors, payload)
 
     def authenticated(self) -> None:
         """A handshake succeeded: back to the short backoff."""

@@ -75,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
             exit_with_stdin(factory.stop)
         reactor.run()
     finally:
+        factory.stages.close()
         factory.pool.close()
     log.info("node %s stopped", name)
     return 0

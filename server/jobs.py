@@ -2,7 +2,7 @@
 
 The :class:`~achilles.server.scheduler.Scheduler` owns nodes, credit and fairness; a
 :class:`Job` owns its queue and decides what a result means. Each job kind (:class:`MapJob`,
-:class:`GraphJob`, later stage pipelines) implements :meth:`Job.on_result`,
+:class:`GraphJob`, :class:`~achilles.server.pipelines.PipelineJob`) implements :meth:`Job.on_result`,
 :attr:`Job.finished`, :meth:`Job.live_ids` and :meth:`Job.status`; the rest is shared.
 
 Counters are named by unit: ``items_sent`` / ``items_done`` count items (a graph task is one
@@ -169,6 +169,12 @@ class Job(ABC):
 
     def unplaceable(self, nodes: Iterable[NodeState]) -> None:
         """Fail queued chunks that need resources no node in ``nodes`` offers."""
+
+    def node_joined(self, node: NodeState) -> None:
+        """A node joined (jobs that place work themselves, like pipelines, use it)."""
+
+    def node_lost(self, node: NodeState) -> None:
+        """A node left; the scheduler has already re-queued this job's chunks that it held."""
 
     def drop(self) -> None:
         """Forget queued and retrying chunks and cancel retry timers."""

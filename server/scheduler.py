@@ -161,6 +161,7 @@ class Scheduler:
         self.observer.node_joined(node)
         for job in list(self.jobs.values()):
             self._refill(job)
+            job.node_joined(node)
         self.pump()
         return node
 
@@ -195,6 +196,9 @@ class Scheduler:
         self.observer.node_lost(node, requeued)
         for job in list(self.jobs.values()):
             self._check_resources(job, force=True)
+        for job in list(self.jobs.values()):
+            if self.jobs.get(job.job_id) is job:
+                job.node_lost(node)
         self.pump()
 
     def add_controller(self, peer: Peer, address: str) -> ControllerState:
@@ -357,6 +361,42 @@ class Scheduler:
         if node.done_pending and self.nodes.get(node.node_id) is node:
             node.peer.send(wire.JOB_DONE, list(node.done_pending))
         node.done_pending.clear()
+
+    def settle(self, job: Job) -> None:
+        """A job's state changed outside a chunk's result (a pipeline): finish it if done."""
+        if self.jobs.get(job.job_id) is job:
+            self._maybe_finish(job)
+
+    def abort(self, job: Job, reason: str) -> None:
+        """End a running job that failed by itself; nodes stop its work."""
+        if self.jobs.get(job.job_id) is job and job.state == "running":
+            job.state = "failed"
+            log.info("job %s failed: %s", job.job_id[:8], reason)
+            self._drop(job, reason)
+
+    # --- pipelines --------------------------------------------------------------------------
+    def submit_pipeline(self, ctrl: ControllerState, pipe_id: str, name: str, stages: List[Any],
+                        options: Dict[str, Any]) -> None:
+        """Start a stage pipeline (:mod:`achilles.server.pipelines`)."""
+        from achilles.server.pipelines import build
+
+        if not self._claim(ctrl, pipe_id, "pipeline"):
+            return
+        try:
+            job = build(pipe_id, ctrl, printable(name), stages, dict(options or {}),
+                        self.clock.seconds(), self)
+        except (ValueError, TypeError, KeyError) as exc:
+            ctrl.peer.send(wire.JOB_FAILED, pipe_id, f"malformed pipeline: {exc}")
+            return
+        self._start(job)
+        log.info("pipeline %s started by controller %d: %d stages", pipe_id[:8],
+                 ctrl.controller_id, len(job.stages))
+        job.start()
+
+    def pipeline(self, ctrl: ControllerState, pipe_id: str) -> Any:
+        """``ctrl``'s running pipeline ``pipe_id``, or None."""
+        job = self._owned(ctrl, pipe_id)
+        return job if job is not None and job.kind == "pipeline" else None
 
     def _drop(self, job: Job, reason: str) -> None:
         self._forget(job, wire.CANCEL, reason)

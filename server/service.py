@@ -17,6 +17,7 @@ from achilles.core.protocol import ServerSideProtocol, default_clock, handles
 from achilles.core.reactor import Clock, get_reactor, transport_of
 from achilles.server.guard import HandshakeGuard, LogThrottle, PreauthLimiter, source_key
 from achilles.server.monitor import Monitor
+from achilles.server.pipelines import PipelineJob
 from achilles.server.scheduler import ControllerState, NodeState, Scheduler
 
 log = logging.getLogger("achilles.server")
@@ -119,6 +120,15 @@ class ServerConnection(ServerSideProtocol):
             self.factory.monitor.task_error(self.node, job_id, chunk_id, index, type_name,
                                             message, traceback, list(output))
 
+    @handles(wire.PIPE_OUT)
+    def pipe_out(self, pipe_id: str, stage: int, copy: int, incarnation: int, seq: int,
+                 status: int, n_items: int, skipped: int, exhausted: bool, errors: bytes,
+                 payload: bytes) -> None:
+        job = self.factory.scheduler.jobs.get(pipe_id)
+        if self.node is not None and isinstance(job, PipelineJob):
+            job.answer(self.node, stage, copy, incarnation, seq, status, n_items, skipped,
+                       exhausted, errors, payload)
+
     # --- controller messages ----------------------------------------------------------------
     def _controller(self) -> ControllerState:
         # Controller messages are accepted only once a controller has authenticated.
@@ -134,6 +144,17 @@ class ServerConnection(ServerSideProtocol):
     @handles(wire.GRAPH)
     def graph(self, graph_id: str, funcs: bytes, tasks: list, outputs: list) -> None:
         self.factory.scheduler.submit_graph(self._controller(), graph_id, funcs, tasks, outputs)
+
+    @handles(wire.PIPE_START)
+    def pipe_start(self, pipe_id: str, name: str, stages: list, options: Dict[str, Any]) -> None:
+        self.factory.scheduler.submit_pipeline(self._controller(), pipe_id, name, stages, options)
+
+    @handles(wire.PIPE_FEED)
+    def pipe_feed(self, pipe_id: str, batch: int, n_items: int, consumed: int, end: bool,
+                  payload: bytes) -> None:
+        job = self.factory.scheduler.pipeline(self._controller(), pipe_id)
+        if job is not None:
+            job.feed(batch, n_items, consumed, end, payload)
 
     @handles(wire.CHUNK)
     def chunk(self, job_id: str, chunk_id: int, n_items: int, payload: bytes) -> None:

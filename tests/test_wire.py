@@ -253,6 +253,10 @@ PAYLOAD_FIELDS = {
     wire.RESULT: ("job-1", 7, wire.OK, 0.25, "node-\u00e9"),
     wire.TASK: ("job-1", 7, False, None),
     wire.TASK_DONE: ("graph-1", 7, wire.OK, "node-1", 0.5),
+    wire.PIPE_FEED: ("pipe-1", 7, 3, 1, False),
+    wire.PIPE_WORK: ("pipe-1", 2, 1, 0, 9, "items"),
+    wire.PIPE_OUT: ("pipe-1", 2, 1, 0, 9, wire.OK, 4, 0, False, b""),
+    wire.PIPE_RESULT: ("pipe-1", 7, [0, 1], True, 0),
 }
 
 
@@ -327,6 +331,7 @@ def test_only_enum_members_are_codes():
     (wire.WANT, ("job", 1, 2), "3 fields, expected 4"),
     (wire.PING, ("token",), "'token' is str"),
     (wire.GRAPH, ("g", b"", {"not": "a list"}, []), "'tasks' is dict"),
+    (wire.PIPE_OUT, ("p", 0, 0, 0, 1, 0, 1, 0, "no", b"", b""), "'exhausted' is str"),
 ])
 def test_wrong_field_types_are_protocol_errors(code, fields, what):
     """A message whose fields do not match its declaration is a ProtocolError when decoded,
@@ -346,9 +351,10 @@ def test_wrong_field_types_are_protocol_errors(code, fields, what):
 def test_inbound_sets_follow_routes():
     """Each role accepts from each peer exactly the messages declared for that direction."""
     assert wire.inbound("server", "node") == {wire.NODE_READY, wire.NODE_LOAD, wire.RESULT,
-                                              wire.TASK_ERROR, wire.PING, wire.PONG}
+                                              wire.TASK_ERROR, wire.PIPE_OUT, wire.PING, wire.PONG}
     assert wire.inbound("node", "server") == {wire.TASK, wire.JOB_CODE, wire.JOB_DONE,
-                                              wire.CANCEL, wire.SHUTDOWN, wire.PING, wire.PONG}
+                                              wire.CANCEL, wire.SHUTDOWN, wire.PIPE_WORK,
+                                              wire.PING, wire.PONG}
     assert wire.SUBMIT in wire.inbound("server", "controller")
     assert wire.SUBMIT not in wire.inbound("server", "node")
     assert wire.TASK not in wire.inbound("controller", "server")

@@ -74,6 +74,11 @@ class Msg(IntEnum):
     GRAPH_DONE = 36
     NODE_LOAD = 37
     TASK_ERROR = 44
+    PIPE_START = 55
+    PIPE_FEED = 56
+    PIPE_WORK = 57
+    PIPE_OUT = 58
+    PIPE_RESULT = 59
 
 
 @dataclass(frozen=True)
@@ -198,6 +203,22 @@ declare(Msg.TASK_ERROR, ("job_id", STR), ("chunk_id", INT), ("index", INT), ("ty
         ("message", STR), ("traceback", STR), ("output", LIST), routes={(N, S)},
         doc="plain text of a task's error, sent before its ITEM_ERROR result so the server can "
             "show it without unpickling anything; output: the task's last lines, if captured")
+declare(Msg.PIPE_START, ("pipe_id", STR), ("name", STR), ("stages", LIST), ("options", DICT),
+        routes={(C, S)},
+        doc="start a stage pipeline; stages: [{name, codes, resources, route, source}]")
+declare(Msg.PIPE_FEED, ("pipe_id", STR), ("batch", INT), ("n_items", INT), ("consumed", INT),
+        ("end", BOOL), ("payload", PAYLOAD), routes={(C, S)}, payload=True,
+        doc="source items (n_items > 0), result batches the caller consumed, end of input")
+declare(Msg.PIPE_WORK, ("pipe_id", STR), ("stage", INT), ("copy", INT), ("incarnation", INT),
+        ("seq", INT), ("op", STR), ("payload", PAYLOAD), routes={(S, N)}, payload=True,
+        doc="a stage copy's next request: start, items, pull, end")
+declare(Msg.PIPE_OUT, ("pipe_id", STR), ("stage", INT), ("copy", INT), ("incarnation", INT),
+        ("seq", INT), ("status", INT), ("n_items", INT), ("skipped", INT), ("exhausted", BOOL),
+        ("errors", BYTES), ("payload", PAYLOAD), routes={(N, S)}, payload=True,
+        doc="a stage copy's answer to one request: its outputs, or its failure")
+declare(Msg.PIPE_RESULT, ("pipe_id", STR), ("origin", INT), ("key", LIST), ("last", BOOL),
+        ("kind", INT), ("payload", PAYLOAD), routes={(S, C)}, payload=True,
+        doc="final outputs of a source batch (kind 0), collected errors (1), failure (2), done (3)")
 
 # Module-level names for every code (``wire.SUBMIT`` is ``Msg.SUBMIT``), spelled out so
 # type checkers see them.
@@ -228,6 +249,11 @@ TASK_DONE = Msg.TASK_DONE
 GRAPH_DONE = Msg.GRAPH_DONE
 NODE_LOAD = Msg.NODE_LOAD
 TASK_ERROR = Msg.TASK_ERROR
+PIPE_START = Msg.PIPE_START
+PIPE_FEED = Msg.PIPE_FEED
+PIPE_WORK = Msg.PIPE_WORK
+PIPE_OUT = Msg.PIPE_OUT
+PIPE_RESULT = Msg.PIPE_RESULT
 assert all(globals().get(m.name) is m for m in Msg), "a Msg code has no module-level name"
 
 NAMES: Dict[int, str] = {code: message.name for code, message in REGISTRY.items()}
