@@ -108,3 +108,11 @@ def oom_killed(x):
 def blob(n):
     """``n`` bytes."""
     return b"x" * n
+
+
+def gated(arg):
+    """Return item ``i`` once the test opens its gate: the file ``<gate_dir>/<i // step>``."""
+    i, gate_dir, step = arg
+    while not os.path.exists(os.path.join(gate_dir, str(i // step))):
+        pause(0.01)
+    return i

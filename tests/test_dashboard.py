@@ -274,3 +274,23 @@ def test_graph_view_counts_states_and_draws_small_graphs():
         (1, "load", [], "done"), (2, "fit", [1], "waiting"), (3, "score", [1, 2], "waiting")]
     big = GraphState([(i, "t", [], {}, "k", b"") for i in range(SMALL_GRAPH + 1)], [])
     assert graph_view(big) == {"states": {"waiting": SMALL_GRAPH + 1}}
+
+
+def test_dashboard_uses_tls_when_the_server_has_a_certificate(make_cluster):
+    """With a server certificate the dashboard is served over HTTPS with that certificate (a
+    client verifying against the cluster's CA gets the page), and not over plain HTTP."""
+    import ssl
+
+    lc = make_cluster(nodes=1, processes=1, tls=True)
+    assert lc.dashboard_url.startswith("https://127.0.0.1:")
+    parts = urllib.parse.urlsplit(lc.dashboard_url)
+    context = ssl.create_default_context(cafile=lc.tls["tls_ca"])
+    conn = http.client.HTTPSConnection(parts.hostname, parts.port, timeout=10, context=context)
+    try:
+        conn.request("GET", "/api/status")
+        res = conn.getresponse()
+        assert res.status == 200 and len(json.loads(res.read())["nodes"]) == 1
+    finally:
+        conn.close()
+    with pytest.raises((http.client.HTTPException, ConnectionError, OSError)):
+        get(f"http://{parts.hostname}:{parts.port}", "/api/status")

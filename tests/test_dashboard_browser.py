@@ -17,6 +17,7 @@ from typing import Any, Iterator, List
 import pytest
 
 import tasks
+from achilles import task
 from conftest import ROOT, wait_for
 
 pytestmark = pytest.mark.timeout(180)
@@ -100,9 +101,23 @@ def job_done(browser: Any) -> int:
     return int(re.sub(r"\D", "", match.group(1))) if match else -1
 
 
-def test_page_follows_the_cluster_live(make_cluster, browser):
+@task
+def held(gate: str, value: int) -> int:
+    """``value``, once the file ``gate`` exists."""
+    while not os.path.exists(gate):
+        tasks.pause(0.01)
+    return value
+
+
+@task
+def combine(a: int, b: int) -> int:
+    return a + b
+
+
+def test_page_follows_the_cluster_live(make_cluster, browser, tmp_path):
     """Loaded while nothing runs, the page goes live over SSE and lists both nodes; while a
-    job runs it shows the job and its done count rising; a failing task's traceback appears;
+    job runs it shows the job and its done count rising; a running graph is drawn task by
+    task with their states; a failing task's traceback appears;
     a killed node leaves the table and the event log says so; with ?poll the page polls and
     shows the same cluster."""
     lc = make_cluster(nodes=2, processes=1)
@@ -111,20 +126,41 @@ def test_page_follows_the_cluster_live(make_cluster, browser):
     until(browser, lambda b: sorted(texts(b, "tr.node .n-name")) == ["local-0", "local-1"],
           "both nodes listed")
 
+    # The job's items wait for gates the test opens one at a time, so the page is seen at
+    # 10, then 20 items done whatever the machine's speed.
+    gates = tmp_path / "gates"
+    gates.mkdir()
+    items = [(i, str(gates), 10) for i in range(30)]
     results: List[Any] = []
     runner = threading.Thread(target=lambda: results.append(
-        lc.cluster.map(tasks.delayed, [0.1] * 60, chunksize=1)))
+        lc.cluster.map(tasks.gated, items, chunksize=1)))
     runner.start()
     try:
-        first = until(browser, lambda b: job_done(b) > 0 and job_done(b), "the job's progress")
-        until(browser, lambda b: job_done(b) > first, "the job's progress to advance")
-        assert texts(browser, ".job .fn") == ["tasks.delayed"]
+        until(browser, lambda b: job_done(b) == 0, "the job, nothing done yet")
+        for gate, done in ((0, 10), (1, 20)):
+            (gates / str(gate)).touch()
+            until(browser, lambda b: job_done(b) == done, f"the job at {done} items done")
+        assert texts(browser, ".job .fn") == ["tasks.gated"]
         shot(browser, "running")
     finally:
+        for gate in range(3):
+            (gates / str(gate)).touch()
         runner.join(WAIT)
-    assert results == [[0.1] * 60]
-    until(browser, lambda b: any("tasks.delayed" in t for t in texts(b, ".finished-job")),
+    assert results == [list(range(30))]
+    until(browser, lambda b: any("tasks.gated" in t for t in texts(b, ".finished-job")),
           "the job listed as ended")
+
+    gate = tmp_path / "graph-gate"
+    leaves = [held(str(gate), i) for i in range(4)]
+    graph = lc.cluster.submit_graph(combine(combine(leaves[0], leaves[1]),
+                                            combine(leaves[2], leaves[3])))
+    try:
+        until(browser, lambda b: len(texts(b, ".job svg.graph circle")) == 7, "the graph drawn")
+        assert any("queued" in t or "running" in t for t in texts(browser, ".job .state"))
+        shot(browser, "graph")
+    finally:
+        gate.touch()
+    assert graph.result(WAIT) == 6
 
     with pytest.raises(tasks.TaskFailure):
         lc.cluster.map(tasks.fail_on_three, range(6), chunksize=1)

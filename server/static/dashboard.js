@@ -155,7 +155,7 @@ function renderJobs(jobs) {
       el("span", "j-rate", fmtNum(j.rate, 1) + " items/s"),
       el("span", "j-eta", "ETA " + fmtDur(j.eta)),
       el("span", "j-elapsed", "elapsed " + fmtDur(j.elapsed)),
-      el("span", "j-flight", j.inflight + " chunks running, " + j.queued + " queued"));
+      el("span", "j-flight", j.inflight + " chunks at nodes, " + j.queued + " queued"));
     card.append(figs);
     if (j.graph) card.append(...graphView(j.graph));
     return card;
