@@ -19,6 +19,7 @@ from achilles.core.handshake import derive_key
 from achilles.controller import reactor_thread
 from achilles.controller.client import CONNECT_TIMEOUT, ControllerProtocol, connect
 from achilles.controller.events import ConnectionLostEvent, Event, EventSink, Reply
+from achilles.controller.handle import HandleEvent, HandleSet, JobHandle
 from achilles.controller.job import JobRun, ResultIterator
 from achilles.controller.options import JobOptions, check_chunksize
 
@@ -50,6 +51,7 @@ class Cluster:
         self._reached = False  # connected at least once: an unreachable server is waited for
         self._requests = itertools.count(1)
         self._scope = secrets.token_hex(8)  # makes this Cluster's job groups its own
+        self._handles = HandleSet()
         self._protocol()
 
     def __repr__(self) -> str:
@@ -213,6 +215,38 @@ class Cluster:
         opts = JobOptions.check(initializer, initargs, maxtasksperchild, max_active, group)
         return ResultIterator(self._run(func, iterable, chunksize, callback, False, False, opts))
 
+    def submit_job(self, func: Callable[[Any], Any], iterable: Iterable[Any],
+                   on_event: Callable[[HandleEvent], Any], chunksize: Optional[int] = None,
+                   callback: Optional[Callable[[Any], Any]] = None, *,
+                   initializer: Optional[Callable[..., Any]] = None,
+                   initargs: Tuple[Any, ...] = (), maxtasksperchild: Optional[int] = None,
+                   max_active: Optional[int] = None, group: Optional[str] = None) -> JobHandle:
+        """Start ``map(func, iterable)`` and return at once; no thread waits for it.
+
+        ``on_event`` gets, on this cluster's event thread (one for all its handles, callbacks
+        one at a time, so keep them quick), a ``JobResults(start, values)`` per finished chunk
+        in completion order, then exactly one ``JobDone(items)`` or ``JobError(error, index)``
+        (the first failure; the rest of the job is cancelled). The input is read lazily on the
+        event thread. Bad options and an unpicklable function raise here; an input iterator
+        that raises or an unpicklable item end the job with ``JobError`` after the results
+        before it. ``handle.cancel(reason)`` stops it from any thread. The options are
+        :meth:`map`'s.
+        """
+        opts = JobOptions.check(initializer, initargs, maxtasksperchild, max_active, group)
+        size = check_chunksize(chunksize)
+        if not callable(func):
+            raise TypeError(f"func must be callable, not {type(func).__name__}")
+        if not callable(on_event):
+            raise TypeError(f"on_event must be callable, not {type(on_event).__name__}")
+        options = opts.encode(self._scope)
+        inputs = _inputs(iterable)
+
+        def make_run(sink: EventSink) -> JobRun:
+            return JobRun(self, func, inputs, size, callback, False, options, True,
+                          opts.cap_chunksize(size), sink=sink)
+
+        return self._handles.start(on_event, make_run)
+
     # --- call graphs --------------------------------------------------------------------------
     def compute(self, *calls: Any) -> List[Any]:
         """Run the graphs under these lazy task calls (shared parts run once) and return their
@@ -265,7 +299,9 @@ class Cluster:
         return int(stopped)
 
     def close(self) -> None:
-        """Close the connection (jobs still running for this controller are cancelled)."""
+        """Close the connection (jobs still running for this controller are cancelled; job
+        handles end with ``JobError(JobCancelled)``)."""
+        self._handles.close("the cluster was closed")
         with self._lock:
             proto, self._proto = self._proto, None
         if proto is not None and proto.state != "closed":

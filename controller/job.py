@@ -19,7 +19,7 @@ from achilles.core.errors import ConnectionLost, JobCancelled
 from achilles.core.serialization import dumps_code, dumps_data, function_name, loads_data
 from achilles.controller.chunking import ChunkSizer
 from achilles.controller.events import (
-    Cancelled, ChunkResult, ConnectionLostEvent, Event, JobFailed, JobLink, Want,
+    Cancelled, ChunkResult, ConnectionLostEvent, Event, EventSink, JobFailed, JobLink, Want,
 )
 from achilles.controller.failures import failure_exception
 
@@ -38,7 +38,7 @@ class JobRun:
     def __init__(self, link: JobLink, func: Callable[..., Any], iterable: Iterable[Any],
                  chunksize: Optional[int], callback: Optional[Callable[..., Any]], ordered: bool,
                  options: Optional[Dict[str, Any]] = None, balance: bool = False,
-                 chunk_limit: Optional[int] = None) -> None:
+                 chunk_limit: Optional[int] = None, sink: Optional[EventSink] = None) -> None:
         self.link = link
         self.ordered = ordered
         self.function = function_name(func)
@@ -50,6 +50,9 @@ class JobRun:
         self.sizer = ChunkSizer(chunksize, total, balance, chunk_limit)
         self.job_id = uuid.uuid4().hex
         self.events: "queue.Queue[Event]" = queue.Queue()
+        # Where the connection puts this job's events: ``events`` (read by chunks()), or the
+        # sink of an event-driven reader (JobHandle).
+        self._sink: EventSink = self.events if sink is None else sink
         self.credit = INITIAL_CREDIT
         self.window = MIN_WINDOW
         self.exhausted = False
@@ -64,6 +67,8 @@ class JobRun:
         self.ready: Deque[Tuple[int, list]] = collections.deque()  # (first item, results)
         self.next_chunk = 0
         self.error: Optional[Tuple[int, BaseException, list]] = None  # (chunk id, exc, partial)
+        self.error_first = 0  # input index of the failing chunk's first item
+        self.error_index: Optional[int] = None  # input index of the failing item, when known
         #: What ended the input early: the iterable's own exception, or an item's pickling error.
         self.input_error: Optional[BaseException] = None
         # Pickled before anything is registered or sent: an unpicklable function raises here.
@@ -76,7 +81,7 @@ class JobRun:
             self.exhausted = self.finished = True
             return
         self._input = itertools.chain(head, self._input)
-        self._conn = link.register(self.job_id, self.events)
+        self._conn = link.register(self.job_id, self._sink)
         try:
             self._fill([self._submit])
         except BaseException:
@@ -179,12 +184,14 @@ class JobRun:
                          f"(node {event.node}, job {self.job_id[:8]})")
         if self.error is None or (self.ordered and event.chunk_id < self.error[0]):
             self.error = (event.chunk_id, exc, partial)
+            self.error_first = first
+            self.error_index = None if index is None else first + index
 
     def _resume(self, reason: str) -> None:
         """Reconnect (the server restarted or the link dropped) and resubmit every chunk not
         yet answered; raises ConnectionLost if the server stays away past the deadline."""
         try:
-            self._conn = self.link.reconnect(self.job_id, self.events)
+            self._conn = self.link.reconnect(self.job_id, self._sink)
         except ConnectionLost as exc:
             raise ConnectionLost(
                 f"lost the connection to the server ({reason}) with {self.items_done} of "
@@ -225,6 +232,19 @@ class JobRun:
 
     def _answered(self) -> bool:
         return self.exhausted and not self.outstanding and not self.buffered and not self.ready
+
+    # --- for event-driven readers (JobHandle), which call these from one thread at a time --
+    def apply(self, event: Event) -> None:
+        """Take one event from the connection (what :meth:`chunks` does with each)."""
+        self._handle(event)
+
+    def top_up(self) -> None:
+        """Send more input while credit and the window allow."""
+        self._fill()
+
+    def answered(self) -> bool:
+        """Whether the input has ended and every result has been taken."""
+        return self._answered()
 
     def close(self, reason: str = "cancelled by the caller") -> None:
         """Cancel the job on the server if it has not finished; stop listening for it."""
