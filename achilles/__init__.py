@@ -29,6 +29,7 @@ __all__ = [
     "task", "workflow", "dataflow", "TaskCall", "connect", "map", "imap", "imap_unordered", "status", "kill_cluster", "LocalCluster",
     "Pool", "Executor",
     "pipeline", "EZ", "Pipeline", "Stage", "F", "As", "Serial", "Parallel", "Broadcast", "StageError",
+    "SSHCluster",
     "gen_config", "load_config", "default_cluster",
     "AchillesError", "AuthenticationError", "ConfigError", "ConnectionFailed", "ConnectionLost",
     "FrameTooLarge", "JobCancelled", "ProtocolError", "RemoteError", "ResourceUnavailable", "TaskTimeout",
@@ -49,4 +50,8 @@ def __getattr__(name: str):
         from achilles.executor import Executor
 
         return Executor
+    if name == "SSHCluster":
+        from achilles.launch.ssh import SSHCluster
+
+        return SSHCluster
     raise AttributeError(f"module 'achilles' has no attribute {name!r}")

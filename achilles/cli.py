@@ -1,4 +1,4 @@
-"""``achilles``: one command for every role — server, node, config, demo, status, kill."""
+"""``achilles``: one command for every role — server, node, config, demo, status, kill, up, down."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import sys
 from typing import List, Optional
 
 from achilles.core.cli_common import add_client_tls_options, add_connection_options, run_main
+from achilles.launch.cli import add_down_parser, add_up_parser
 
-COMMANDS = ("server", "node", "config", "certs", "demo", "status", "kill")
+COMMANDS = ("server", "node", "config", "certs", "demo", "status", "kill", "up", "down")
 
 
 def _config(args: argparse.Namespace) -> int:
@@ -100,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_client_tls_options(kill)
     kill.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     kill.set_defaults(run=_kill)
+    add_up_parser(sub)
+    add_down_parser(sub)
     return parser
 
 

@@ -186,8 +186,8 @@ def write_file_safely(path: str, data: bytes, overwrite: bool = False, mode: int
         os.close(fd)
 
 
-def _env_file_path() -> Optional[str]:
-    path = os.environ.get(ENV_FILE_VAR)
+def _env_file_path(explicit: Optional[str] = None) -> Optional[str]:
+    path = explicit or os.environ.get(ENV_FILE_VAR)
     if path:
         if not os.path.isfile(path):
             raise ConfigError(f"{ENV_FILE_VAR}={path} does not name a readable file")
@@ -243,8 +243,10 @@ def _as_number(name: str, value: Any, minimum: float, kind: type = int) -> Any:
 
 
 def load_config(**overrides: Any) -> Config:
-    """Resolve the configuration; keyword arguments that are not None win over everything."""
-    env_file = _env_file_path()
+    """Resolve the configuration; keyword arguments that are not None win over everything.
+
+    ``env_file=PATH`` reads that file instead of ``ACHILLES_ENV_FILE`` or ``./.env``."""
+    env_file = _env_file_path(overrides.pop("env_file", None))
     file_values: Dict[str, Optional[str]] = {}
     if env_file:
         file_values = _read_env_file(env_file)
@@ -320,7 +322,12 @@ def node_default_name() -> str:
 
 
 def cpu_count() -> int:
-    """Usable CPUs of this process (affinity-aware)."""
+    """Usable CPUs of this process: what SLURM allotted in a SLURM job (``SLURM_CPUS_PER_TASK``,
+    else ``SLURM_CPUS_ON_NODE``), otherwise the CPUs this process may run on (affinity-aware)."""
+    for var in ("SLURM_CPUS_PER_TASK", "SLURM_CPUS_ON_NODE"):
+        value = os.environ.get(var, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):

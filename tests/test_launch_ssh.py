@@ -1,0 +1,196 @@
+"""SSHCluster and ``achilles up --ssh`` / ``achilles down`` against real OpenSSH daemons, each
+in its own network namespace joined to this one by a veth pair (see tests/sshhosts.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import threading
+from typing import Iterator, List, Tuple
+
+import pytest
+
+import achilles
+from achilles.core.errors import AchillesError
+from achilles.launch.hosts import HostSpec, parse_hosts, read_hosts_file
+from achilles.launch.ssh import SSHCluster
+from tests.conftest import wait_for
+from tests.sshhosts import SSHHosts, unavailable
+
+pytestmark = pytest.mark.timeout(120)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def hosts(tmp_path_factory) -> Iterator[SSHHosts]:
+    """Two SSH hosts, ``alpha`` and ``beta``; every process in them is gone at the end."""
+    why = unavailable()
+    if why:
+        pytest.skip(why)
+    made = SSHHosts(str(tmp_path_factory.mktemp("ssh")), ["alpha", "beta"])
+    try:
+        yield made.start()
+    finally:
+        leftovers = made.stop()
+    assert not leftovers, f"processes left on the SSH hosts: {leftovers}"
+
+
+@pytest.fixture
+def ssh_home(hosts, monkeypatch) -> SSHHosts:
+    """This process's HOME is the hosts' client HOME (its ~/.ssh), with no agent."""
+    monkeypatch.setenv("HOME", hosts.home)
+    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
+    return hosts
+
+
+def _collect() -> Tuple[List[Tuple[str, str]], "object"]:
+    lines: List[Tuple[str, str]] = []
+    lock = threading.Lock()
+
+    def sink(source: str, line: str) -> None:
+        with lock:
+            lines.append((source, line))
+    return lines, sink
+
+
+def test_host_lists_parse_counts_and_files(tmp_path) -> None:
+    """``host1,user@host2:8`` gives one spec per host with its process count; a hosts file
+    skips comments and blanks; a bad count is refused with the expected form."""
+    assert parse_hosts("a, root@b:8") == [HostSpec("a"), HostSpec("root@b", 8)]
+    path = tmp_path / "hosts"
+    path.write_text("# cluster\nalpha:2\n\nbeta  # the other one\n")
+    assert read_hosts_file(str(path)) == [HostSpec("alpha", 2), HostSpec("beta")]
+    with pytest.raises(achilles.ConfigError, match="host:N"):
+        parse_hosts("a:x")
+
+
+def test_without_asyncssh_the_error_names_the_extra() -> None:
+    """Where asyncssh is not installed, SSHCluster fails with a ConfigError that names the
+    ``achilles[ssh]`` extra (the rest of Achilles imports and works without it)."""
+    code = ("import sys; sys.modules['asyncssh'] = None\n"
+            "import achilles\n"
+            "try:\n"
+            "    achilles.SSHCluster('alpha')\n"
+            "except achilles.ConfigError as exc:\n"
+            "    print('ConfigError:', exc)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60)
+    assert "ConfigError:" in out.stdout and "pip install 'achilles[ssh]'" in out.stdout, \
+        out.stdout + out.stderr
+
+
+def test_ssh_cluster_runs_a_map_on_nodes_in_other_namespaces(ssh_home) -> None:
+    """SSHCluster starts a node on each host through the ~/.ssh/config aliases; the nodes
+    join from their own addresses (not the server's), ``:N`` sets the processes, a map runs,
+    node log lines arrive tagged with their host, and leaving the block leaves nothing on the
+    hosts (no node process, no copied files)."""
+    lines, sink = _collect()
+    launcher = SSHCluster(["alpha", "beta:3"], remote_python=ssh_home.python, log_level="INFO",
+                          on_log=sink)
+    with launcher as cluster:
+        assert cluster.map(lambda x: x ** 3, range(40), chunksize=2) == [x ** 3 for x in range(40)]
+        nodes = {n["name"]: n for n in cluster.status()["nodes"]}
+        assert set(nodes) == {"alpha", "beta"}
+        for name in ("alpha", "beta"):
+            assert nodes[name]["address"].startswith(ssh_home.addresses[name] + ":")
+        assert nodes["beta"]["processes"] == 3
+        folders = [n.directory for n in launcher.nodes]
+        assert all(f and os.path.isdir(f) for f in folders)
+    assert {"alpha", "beta"} <= {source for source, _ in lines}
+    assert any(source == "server" for source, _ in lines)
+    assert not any(os.path.exists(f) for f in folders)
+    for name in ("alpha", "beta"):
+        wait_for(lambda: not ssh_home.node_pids(name), timeout=20, what=f"{name} to be empty")
+
+
+def test_env_reaches_hosts_mode_0600_never_on_a_command_line(ssh_home, tmp_path) -> None:
+    """The cluster's .env arrives on each host in a private folder with mode 0600, the
+    node reads its secret from there, and no process on any host or here has the secret on
+    its command line."""
+    env = tmp_path / ".env"
+    achilles.gen_config(str(env), port=0)
+    secret = achilles.load_config(env_file=str(env)).secret_key
+    assert secret
+    with SSHCluster("alpha,beta", remote_python=ssh_home.python, env_file=str(env),
+                    on_log=None) as cluster:
+        assert cluster.map(lambda x: x ** 3, [1, 2]) == [1, 8]
+        for name in ("alpha", "beta"):
+            node_pids = [p for p in ssh_home.node_pids(name)
+                         if b"achilles.node" in open(f"/proc/{p}/cmdline", "rb").read()]
+            assert node_pids
+            folder = os.readlink(f"/proc/{node_pids[0]}/cwd")
+            assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700
+            copied = os.path.join(folder, ".env")
+            assert stat.S_IMODE(os.stat(copied).st_mode) == 0o600
+            assert secret in open(copied).read()
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    cmdline = open(f"/proc/{entry}/cmdline", "rb").read()
+                except OSError:
+                    continue
+                assert secret.encode() not in cmdline, f"secret on pid {entry}'s command line"
+
+
+def test_hosts_without_achilles_are_named_before_anything_starts(ssh_home) -> None:
+    """A Python that cannot import Achilles, and a Python that does not exist, fail the start
+    with one error naming every host and what to do (--python), and no node or server runs."""
+    launcher = SSHCluster(["alpha", "beta"], remote_python=sys.executable, on_log=None)
+    with pytest.raises(AchillesError) as info:
+        launcher.start()
+    text = str(info.value)
+    assert "alpha:" in text and "beta:" in text
+    assert "cannot import achilles" in text and "--python" in text
+    assert launcher.server.proc is None
+    launcher = SSHCluster(["alpha"], remote_python="/nonexistent/python3", on_log=None)
+    with pytest.raises(AchillesError, match="no Python at '/nonexistent/python3'"):
+        launcher.start()
+    for name in ("alpha", "beta"):
+        wait_for(lambda: not ssh_home.node_pids(name), timeout=20, what=f"{name} to be empty")
+
+
+def test_achilles_up_ssh_serves_scripts_until_achilles_down(ssh_home, tmp_path) -> None:
+    """``achilles up --ssh`` in a folder with a .env starts the server and the nodes, streams
+    their log lines prefixed with the host, serves a script that uses that .env, and
+    ``achilles down`` from the same folder stops it all: `up` exits 0, the hosts are empty."""
+    achilles.gen_config(str(tmp_path / ".env"), port=0)
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    env.pop("ACHILLES_ENV_FILE", None)
+    up = subprocess.Popen([sys.executable, "-m", "achilles", "up", "--ssh", "alpha,beta:2",
+                           "--python", ssh_home.python], cwd=tmp_path, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          start_new_session=True)
+    output: List[str] = []
+    reader = threading.Thread(target=lambda: output.extend(iter(up.stdout.readline, "")),
+                              daemon=True)
+    reader.start()
+    try:
+        wait_for(lambda: any("nodes connected" in line for line in output) or up.poll() is not None,
+                 timeout=60, what="achilles up to report its nodes")
+        assert up.poll() is None, "".join(output)
+        assert any(line.startswith("[alpha] ") for line in output)
+        assert any(line.startswith("[beta] ") for line in output)
+        state = json.loads((tmp_path / ".achilles-up.json").read_text())
+        env["ACHILLES_PORT"] = str(state["port"])
+        script = ("import achilles\n"
+                  "with achilles.connect() as c:\n"
+                  "    print(sum(c.map(abs, range(-50, 50))), len(c.status()['nodes']))\n")
+        run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=60)
+        assert run.stdout.split() == ["2500", "2"], run.stdout + run.stderr
+        down = subprocess.run([sys.executable, "-m", "achilles", "down"], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=60)
+        assert down.returncode == 0, down.stdout + down.stderr
+        assert up.wait(30) == 0
+        for name in ("alpha", "beta"):
+            wait_for(lambda: not ssh_home.node_pids(name), timeout=20, what=f"{name} to be empty")
+        assert not (tmp_path / ".achilles-up.json").exists()
+    finally:
+        if up.poll() is None:
+            os.killpg(up.pid, signal.SIGKILL)
+            up.wait(10)
+        reader.join(10)
