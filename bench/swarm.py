@@ -15,7 +15,8 @@ is the real library (``achilles.connect``) in this process. The figures:
 - **memory**: the server's resident memory (``VmRSS`` in ``/proc``) with N nodes, minus before;
 - **idle**: the server's CPU (cores) over ``--idle`` seconds with N nodes and no work: the
   heartbeats both ways and the nodes' load reports;
-- **status**: seconds and server CPU per ``status()`` call, and the reply's size;
+- **status**: seconds and server CPU per ``status()`` call, and the reply's size; the same
+  for the dashboard's ``/api/dashboard`` (the server runs its dashboard, as by default);
 - **dispatch**: ``imap_unordered`` over ``--chunks`` items with ``chunksize=1``, every result
   checked to arrive exactly once; chunks per second of wall time, and server CPU seconds per
   chunk (so ``1 / cpu`` is what the server could do with a core to itself);
@@ -82,7 +83,7 @@ def machine_cpu_seconds() -> float:
     with open("/proc/stat") as fh:
         fields = [int(v) for v in fh.readline().split()[1:]]
     idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-    return (sum(fields[:8]) - idle) / TICKS
+    return (sum(fields[:7]) - idle) / TICKS  # steal (field 8) is time this VM did not get
 
 
 def raise_fd_limit(need: int) -> int:
@@ -319,17 +320,20 @@ class Swarm:
         env["ACHILLES_USERNAME"] = USERNAME
         env["ACHILLES_HEARTBEAT"] = str(self.heartbeat)
         env["ACHILLES_PREFETCH"] = str(self.prefetch)
+        env["ACHILLES_DASHBOARD"] = "127.0.0.1:0"  # on, as by default, on a free port
         env.pop("ACHILLES_ENV_FILE", None)
         return env
 
     def start_server(self) -> int:
         """Start the server; return its pid once it listens."""
         port_file = os.path.join(self.dir, "port")
+        self.dashboard_file = os.path.join(self.dir, "dashboard")
         log = open(os.path.join(self.dir, "server.log"), "wb")
         profiler = ["-m", "cProfile", "-o", self.profile] if self.profile else []
         self.server = subprocess.Popen(
             [sys.executable, *profiler, "-m", "achilles.server", "--host", "127.0.0.1", "--port", "0",
-             "--port-file", port_file, "--log-level", self.log_level, "--exit-with-stdin"],
+             "--port-file", port_file, "--dashboard-url-file", self.dashboard_file,
+             "--log-level", self.log_level, "--exit-with-stdin"],
             env=self._env(), stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True, cwd=self.dir)
         log.close()
@@ -341,6 +345,15 @@ class Swarm:
         with open(port_file) as fh:
             self.port = int(fh.read())
         return self.server.pid
+
+    def dashboard_get(self, path: str) -> bytes:
+        """GET ``path`` from the server's dashboard (on loopback: no token needed)."""
+        import urllib.request
+
+        with open(self.dashboard_file) as fh:
+            base = fh.read().strip().split("?")[0].rstrip("/")
+        with urllib.request.urlopen(base + path, timeout=60) as reply:
+            return reply.read()
 
     def server_log(self) -> str:
         """What the server logged."""
@@ -450,13 +463,15 @@ def dispatch_run(sw: Swarm, chunks: int) -> Dict[str, Any]:
     assert sw.server is not None and sw.swarm is not None
     ours = [sw.server.pid, sw.swarm.pid, os.getpid()]
     before_cpu = cpu_seconds(sw.server.pid)
-    before_ours = sum(map(cpu_seconds, ours))
+    before = [cpu_seconds(p) for p in ours]
+    before_ours = sum(before)
     before_all = machine_cpu_seconds()
     start = time.perf_counter()
     results = list(sw.cluster.imap_unordered(identity, range(chunks), chunksize=1))
     wall = time.perf_counter() - start
     cpu = cpu_seconds(sw.server.pid) - before_cpu
-    others = (machine_cpu_seconds() - before_all) - (sum(map(cpu_seconds, ours)) - before_ours)
+    after = [cpu_seconds(p) for p in ours]
+    others = (machine_cpu_seconds() - before_all) - (sum(after) - before_ours)
     counts = collections.Counter(results)
     missing = chunks - len(counts)
     twice = sum(1 for n in counts.values() if n > 1)
@@ -464,7 +479,8 @@ def dispatch_run(sw: Swarm, chunks: int) -> Dict[str, Any]:
         raise AssertionError(f"{missing} results missing, {twice} delivered more than once")
     return {"chunks": chunks, "seconds": wall, "per_second": chunks / wall,
             "server_cpu": cpu, "server_cpu_per_chunk_us": cpu / chunks * 1e6,
-            "server_busy": cpu / wall, "other_processes_cores": max(0.0, others / wall)}
+            "server_busy": cpu / wall, "swarm_busy": (after[1] - before[1]) / wall,
+            "controller_busy": (after[2] - before[2]) / wall, "other_processes_cores": max(0.0, others / wall)}
 
 
 def measure(nodes: int, chunks: int, idle: float, status_calls: int, processes: int,
@@ -500,6 +516,16 @@ def measure(nodes: int, chunks: int, idle: float, status_calls: int, processes: 
         out["status_server_cpu_ms"] = (cpu_seconds(sw.server.pid) - c0) / status_calls * 1e3
         out["status_bytes"] = len(json.dumps(st))
         assert len(st["nodes"]) == nodes
+        # the dashboard's poll (what an open page without event stream asks every tick)
+        times = []
+        c0 = cpu_seconds(sw.server.pid)
+        for _ in range(status_calls):
+            t = time.perf_counter()
+            page = sw.dashboard_get("/api/dashboard")
+            times.append(time.perf_counter() - t)
+        out["dashboard_ms"] = statistics.median(times) * 1e3
+        out["dashboard_server_cpu_ms"] = (cpu_seconds(sw.server.pid) - c0) / status_calls * 1e3
+        out["dashboard_bytes"] = len(page)
         # dispatch, answered at once
         dispatch_run(sw, min(chunks, 2000))  # warm-up
         d = out["dispatch"] = dispatch_run(sw, chunks)
@@ -557,11 +583,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(json.dumps(row), flush=True)
     print()
     print(f"{'nodes':>6} {'connect s':>9} {'KiB/node':>8} {'idle cores':>10} {'status ms':>9} "
-          f"{'chunks/s':>9} {'srv us/chunk':>12} {'net of idle':>11} {'srv busy':>8} {'others':>6}")
+          f"{'dash ms':>7} {'chunks/s':>9} {'srv us/chunk':>12} {'net of idle':>11} {'srv busy':>8} {'others':>6}")
     for r in rows:
         d = r["dispatch"]
         print(f"{r['nodes']:>6} {r['registered_seconds']:>9.2f} {r['rss_per_node_kib']:>8.1f} "
-              f"{r['idle_server_cores']:>10.3f} {r['status_ms']:>9.1f} {d['per_second']:>9,.0f} "
+              f"{r['idle_server_cores']:>10.3f} {r['status_ms']:>9.1f} {r['dashboard_ms']:>7.1f} "
+              f"{d['per_second']:>9,.0f} "
               f"{d['server_cpu_per_chunk_us']:>12.1f} {d['server_cpu_net_us']:>11.1f} "
               f"{d['server_busy']:>8.2f} {d['other_processes_cores']:>6.2f}")
         if "delayed" in r:
