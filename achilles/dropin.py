@@ -150,8 +150,9 @@ class JobThread:
 
 
 class ResultStream:
-    """A job's results for a reader in another thread: :meth:`next` returns them one at a
-    time, in the job's order, waiting at most ``timeout`` seconds.
+    """A job's results for a reader in another thread: :meth:`next_chunk` returns them a
+    chunk at a time, in the job's order, waiting at most ``timeout`` seconds (:class:`Reader`
+    hands them out one by one).
 
     At most :data:`STREAM_CHUNKS` chunks wait for the reader; then the job pauses until the
     reader catches up (:meth:`unbound` lifts that, for a pool being joined). ``on_end`` is called
@@ -162,7 +163,6 @@ class ResultStream:
                  on_end: Callable[["ResultStream"], None]) -> None:
         self._cond = threading.Condition()
         self._buffer: Deque[List[Any]] = collections.deque()
-        self._pos = 0  # next value's index in the first chunk
         self._error: Optional[BaseException] = None
         self._ended = False
         self._bounded = True
@@ -189,21 +189,16 @@ class ResultStream:
             self._cond.notify_all()
         self._on_end_hook(self)
 
-    def next(self, timeout: Optional[float] = None) -> Any:
-        """The next result; raises ``StopIteration`` at the end, the job's error where it
-        failed, or ``TimeoutError`` when none came within ``timeout`` seconds."""
+    def next_chunk(self, timeout: Optional[float] = None) -> List[Any]:
+        """The next chunk of results (a non-empty list); raises ``StopIteration`` at the end,
+        the job's error where it failed, or ``TimeoutError`` when none came within
+        ``timeout`` seconds."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while True:
                 if self._buffer:
-                    chunk = self._buffer[0]
-                    value = chunk[self._pos]
-                    self._pos += 1
-                    if self._pos == len(chunk):
-                        self._buffer.popleft()
-                        self._pos = 0
-                        self._cond.notify_all()
-                    return value
+                    self._cond.notify_all()
+                    return self._buffer.popleft()
                 if self._ended:
                     if self._error is not None:
                         raise self._error
@@ -234,3 +229,31 @@ class ResultStream:
     def ended(self) -> bool:
         """Whether the job has ended (its results may still be waiting to be read)."""
         return self._ended
+
+
+class Reader:
+    """Results of a :class:`ResultStream` one at a time: ``next(timeout)``. Once it has
+    raised the job's error it is exhausted, as a generator is."""
+
+    def __init__(self, stream: ResultStream) -> None:
+        self.stream = stream
+        self._chunk: List[Any] = []
+        self._pos = 0
+        self._failed = False
+
+    def next(self, timeout: Optional[float] = None) -> Any:
+        """The next result (see :meth:`ResultStream.next_chunk` for what it raises)."""
+        if self._pos == len(self._chunk):
+            if self._failed:
+                raise StopIteration
+            try:
+                self._chunk = self.stream.next_chunk(timeout)
+            except (StopIteration, TimeoutError):
+                raise
+            except BaseException:
+                self._failed = True
+                raise
+            self._pos = 0
+        value = self._chunk[self._pos]
+        self._pos += 1
+        return value

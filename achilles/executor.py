@@ -14,7 +14,7 @@ import time
 import uuid
 from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Union
 
-from achilles.dropin import Apply, Backend, JobThread, ResultStream, Star
+from achilles.dropin import Apply, Backend, JobThread, Reader, ResultStream, Star
 
 _names = itertools.count(1)
 Job = Union[JobThread, ResultStream]
@@ -48,6 +48,7 @@ class MapIterator:
 
     def __init__(self, stream: ResultStream, deadline: Optional[float]) -> None:
         self._stream = stream
+        self._reader = Reader(stream)
         self._deadline = deadline
 
     def __iter__(self) -> "MapIterator":
@@ -56,7 +57,7 @@ class MapIterator:
     def __next__(self) -> Any:
         remaining = None if self._deadline is None else self._deadline - time.monotonic()
         try:
-            return self._stream.next(remaining)
+            return self._reader.next(remaining)
         except StopIteration:
             raise
         except BaseException:

@@ -18,7 +18,7 @@ import warnings
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Set, Union
 
 from achilles.core.errors import JobCancelled
-from achilles.dropin import Apply, Backend, JobThread, ResultStream, Star
+from achilles.dropin import Apply, Backend, JobThread, Reader, ResultStream, Star
 
 log = logging.getLogger("achilles.pool")
 
@@ -104,6 +104,7 @@ class IMapIterator:
 
     def __init__(self, stream: ResultStream) -> None:
         self._stream = stream
+        self._reader = Reader(stream)
 
     def __iter__(self) -> "IMapIterator":
         return self
@@ -112,7 +113,7 @@ class IMapIterator:
         """The next result, waiting at most ``timeout`` seconds (else
         ``multiprocessing.TimeoutError``); ``StopIteration`` at the end."""
         try:
-            return self._stream.next(timeout)
+            return self._reader.next(timeout)
         except TimeoutError:
             raise multiprocessing.TimeoutError from None
 

@@ -105,6 +105,7 @@ def test_map_raises_at_the_failing_item(executor):
     assert [next(results) for _ in range(3)] == [0, 1, 2]
     with pytest.raises(TaskFailure):
         next(results)
+    assert list(results) == []  # like the stdlib's generator, finished once it raised
 
 
 def test_map_is_lazy(executor, tmp_path):

@@ -216,10 +216,13 @@ def test_imap_next_timeout(pool, tmp_path):
 
 
 def test_imap_raises_at_the_failing_item(pool):
-    """imap yields every result before a failing item, then raises that item's exception."""
+    """imap yields every result before a failing item, then raises that item's exception;
+    the rest of the job is cancelled, so the iterator is then exhausted."""
     it = pool.imap(fail_on_three, range(10), chunksize=1)
     assert [next(it) for _ in range(3)] == [0, 1, 2]
     with pytest.raises(TaskFailure):
+        next(it)
+    with pytest.raises(StopIteration):
         next(it)
 
 
