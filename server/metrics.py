@@ -44,7 +44,7 @@ class MonitorCollector(Collector):
         jobs: Dict[str, int] = collections.Counter(j.kind for j in sched.jobs.values())
         running = GaugeMetricFamily("achilles_jobs_running", "Jobs and graphs running",
                                     labels=["kind"])
-        for kind in ("map", "graph"):
+        for kind in sorted({"map", "graph", "pipeline"} | set(jobs)):
             running.add_metric([kind], jobs.get(kind, 0))
         yield running
         ended = CounterMetricFamily("achilles_jobs_ended", "Jobs and graphs that ended",

@@ -235,7 +235,6 @@ class Scheduler:
             self._join_group(job, options.get("group") or f"job:{job_id}",
                              options["max_active"])
         log.info("job %s started by controller %d: %s", job_id[:8], ctrl.controller_id, job.function)
-        self.observer.job_started(job)
         if not self.nodes:
             log.warning("job %s is waiting: no node is connected", job_id[:8])
         self._refill(job)
@@ -265,6 +264,7 @@ class Scheduler:
     def _start(self, job: Job) -> None:
         self.jobs[job.job_id] = job
         job.owner.jobs.add(job.job_id)
+        self.observer.job_started(job)
 
     def _join_group(self, job: Job, name: str, limit: int) -> None:
         """Count ``job`` against its controller's group ``name`` (made with cap ``limit`` by
@@ -591,7 +591,6 @@ class Scheduler:
         self._start(job)
         log.info("graph %s started by controller %d: %d tasks", graph_id[:8],
                  ctrl.controller_id, len(graph.tasks))
-        self.observer.job_started(job)
         job.start()
         self._settle(job)
         self.pump()
