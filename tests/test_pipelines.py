@@ -7,13 +7,15 @@ import collections
 import json
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 
 import achilles
 from achilles import As, Broadcast, Parallel, Serial, StageError
 from achilles.core.errors import ResourceUnavailable
-from conftest import alive, wait_for
+from conftest import ROOT, alive, wait_for
 from pipeline_stages import (Add, Collecting, Count, Double, Explode, FailOn, Forever, Gpu,
                              Lifecycle, MetaTag, PidFile, ReadMeta, Slow, Tag, hostname_of_node)
 from tasks import TaskFailure, square
@@ -240,3 +242,33 @@ def test_resources_place_copies_on_nodes_that_offer_them(make_cluster):
     p2 = achilles.pipeline(range(5), As(2, Add, 0, resources={"tpu": 1}), cluster=lc.cluster)
     with pytest.raises(ResourceUnavailable, match="tpu=1"):
         p2.list()
+
+
+# --- examples -----------------------------------------------------------------------------
+def run_example(name: str) -> str:
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    env.pop("ACHILLES_ENV_FILE", None)
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "examples", name)], env=env,
+                          capture_output=True, text=True, timeout=100, cwd=ROOT)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def test_example_pipeline_mpyx():
+    """examples/pipeline_mpyx.py (source stage, As, broadcast of functions, meta, teardown
+    put) prints every frame's sum and max once, labelled with the frame from meta."""
+    lines = run_example("pipeline_mpyx.py").splitlines()
+    assert lines[0] == "['Frames', 'Label', 'Scale', 'peak', 'total']"
+    rows = lines[1:]
+    assert rows[0] == "('label saw', 12)"
+    assert sorted(rows[1:]) == sorted(
+        [f"({n}, 'sum', {sum(range(n, n + 4)) * 10})" for n in range(6)]
+        + [f"({n}, 'max', {(n + 3) * 10})" for n in range(6)])
+
+
+def test_example_pipeline_errors():
+    """examples/pipeline_errors.py: skipped lines are counted, a collected error comes out in
+    its input position, results in input order."""
+    out = run_example("pipeline_errors.py")
+    assert out.splitlines() == ["result 2.0", "result 3.0", "error in Root ValueError -1.0",
+                                "result 4.0", "result 5.0", "skipped 2"]

@@ -1,0 +1,217 @@
+"""Stage pipelines: Achilles against a chain of ``Pool.imap`` calls and pypeln, in one run.
+
+``python bench/pipelines.py`` runs the same 4-stage pipeline (each stage burns ~2 ms of CPU per
+item, the middle two as 2 copies: ``S, As(2, S), As(2, S), S``) over ``--items`` (10,000) ints:
+
+- on ``achilles.LocalCluster(nodes=1, processes=2)`` (a real server and node on 127.0.0.1) with
+  ``achilles.pipeline``;
+- on one ``multiprocessing.Pool(2)`` as four chained ``imap`` calls (the no-network bound);
+- with pypeln's process stages (``workers=1, 2, 2, 1``, bounded ``maxsize``), if installed
+  (``pip install '.[bench]'``).
+
+Ideal throughput: the slowest stage (one copy: 1 / 2 ms) and the cores (2 / (4 x 2 ms)) bound
+it; the smaller is the ideal. The busy loop is calibrated in this process, and the ideal uses
+the measured cost per call. Printed: items/s, the fraction of the ideal, and Achilles' ratio
+to each other system. ``--memory N`` instead streams an N-item source stage (10,000,000 in the
+issue) through a trivial stage and prints the RSS of the controller, the server and the node
+(with its stage processes) at the start and at their peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import multiprocessing
+import os
+import statistics
+import sys
+import time
+from typing import Any, Callable, Dict, List
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import achilles  # noqa: E402
+
+COST = 0.002
+
+
+def burn(seconds: float = COST) -> None:
+    """Spin for ``seconds`` of this process's CPU time."""
+    end = time.process_time() + seconds
+    while time.process_time() < end:
+        pass
+
+
+def work(x: int) -> int:
+    """One stage's work on one item: ~2 ms of CPU."""
+    burn()
+    return x
+
+
+class Work(achilles.Stage):
+    """The same work as a Stage."""
+
+    def do(self, x: int) -> None:
+        burn()
+        self.put(x)
+
+
+class Count(achilles.Stage):
+    """A source of ``n`` ints."""
+
+    def setup(self, n: int) -> None:
+        for i in range(n):
+            self.put(i)
+
+
+def trivial(x: int) -> int:
+    return x & 7
+
+
+def calibrate(n: int = 200) -> float:
+    start = time.perf_counter()
+    for i in range(n):
+        work(i)
+    return (time.perf_counter() - start) / n
+
+
+def run_achilles(cluster: Any, items: int, batch: int) -> float:
+    start = time.perf_counter()
+    p = achilles.pipeline(range(items), Work(), achilles.As(2, Work), achilles.As(2, Work), Work(),
+                          cluster=cluster, batch=batch)
+    n = p.join()
+    elapsed = time.perf_counter() - start
+    assert n == items, n
+    return items / elapsed
+
+
+def run_pool(pool: Any, items: int, chunksize: int) -> float:
+    start = time.perf_counter()
+    it = pool.imap(work, range(items), chunksize)
+    for _ in range(3):
+        it = pool.imap(work, it, chunksize)
+    n = sum(1 for _ in it)
+    elapsed = time.perf_counter() - start
+    assert n == items, n
+    return items / elapsed
+
+
+def run_pypeln(items: int) -> float:
+    import pypeln as pl
+
+    start = time.perf_counter()
+    stage = pl.process.map(work, range(items), workers=1, maxsize=64)
+    stage = pl.process.map(work, stage, workers=2, maxsize=64)
+    stage = pl.process.map(work, stage, workers=2, maxsize=64)
+    stage = pl.process.map(work, stage, workers=1, maxsize=64)
+    n = sum(1 for _ in stage)
+    elapsed = time.perf_counter() - start
+    assert n == items, n
+    return items / elapsed
+
+
+def rss_mib(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def tree_rss_mib(pid: int) -> float:
+    """RSS of ``pid`` and every process in its process group (the node's workers and stages)."""
+    total = 0.0
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    fields = fh.read().split(")")[-1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pid:
+                total += rss_mib(int(entry))
+    return total
+
+
+def main(argv: Any = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--items", type=int, default=10_000)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--memory", type=int, default=0,
+                        help="instead: stream this many items from a source stage, print RSS")
+    parser.add_argument("--skip", default="", help="comma-separated: pool,pypeln")
+    args = parser.parse_args(argv)
+    skip = set(filter(None, args.skip.split(",")))
+    if args.memory:
+        lc = achilles.LocalCluster(nodes=1, processes=2)
+        with lc as cluster:
+            me = os.getpid()
+            start = {"controller": rss_mib(me), "server": rss_mib(lc.server.pid),
+                     "node": tree_rss_mib(lc.nodes[0].pid)}
+            peak: Dict[str, float] = collections.Counter()
+            t0 = time.perf_counter()
+            n = 0
+            for _ in achilles.pipeline(Count(args.memory), trivial, cluster=cluster,
+                                       batch=max(args.batch, 1000)).items():
+                n += 1
+                if n % 200_000 == 0:
+                    peak["controller"] = max(peak["controller"], rss_mib(me))
+                    peak["server"] = max(peak["server"], rss_mib(lc.server.pid))
+                    peak["node"] = max(peak["node"], tree_rss_mib(lc.nodes[0].pid))
+            elapsed = time.perf_counter() - t0
+            assert n == args.memory, n
+            print(f"{n:,} items from a source stage through one stage in {elapsed:.1f} s "
+                  f"({n / elapsed:,.0f} items/s)")
+            for role in start:
+                print(f"  {role:<10} RSS start {start[role]:6.1f} MiB  peak {peak[role]:6.1f} MiB"
+                      f"  growth {peak[role] - start[role]:+.1f} MiB")
+        return 0
+
+    per_call = calibrate()
+    cores = 2
+    ideal = min(1 / per_call, cores / (4 * per_call))
+    print(f"work(): {per_call * 1e3:.2f} ms per call here; ideal {ideal:,.0f} items/s "
+          f"(slowest stage {1 / per_call:,.0f}/s, {cores} cores {cores / (4 * per_call):,.0f}/s); "
+          f"{args.items:,} items, batch {args.batch}")
+    figures: Dict[str, List[float]] = collections.defaultdict(list)
+    runners: Dict[str, Callable[[], float]] = {}
+    lc = achilles.LocalCluster(nodes=1, processes=2)
+    cluster = lc.start()
+    pool = multiprocessing.Pool(2)
+    try:
+        runners["achilles"] = lambda: run_achilles(cluster, args.items, args.batch)
+        if "pool" not in skip:
+            runners["pool"] = lambda: run_pool(pool, args.items, args.batch)
+        if "pypeln" not in skip:
+            try:
+                import pypeln  # noqa: F401
+
+                runners["pypeln"] = lambda: run_pypeln(args.items)
+            except ImportError:
+                print("pypeln is not installed (pip install '.[bench]'); skipped")
+        run_achilles(cluster, 200, args.batch)  # warm up: code shipped, processes started
+        for r in range(args.repeat):
+            order = list(runners) if r % 2 == 0 else list(reversed(list(runners)))
+            for name in order:
+                figures[name].append(runners[name]())
+                print(f"  round {r + 1}: {name:<8} {figures[name][-1]:8,.1f} items/s", flush=True)
+    finally:
+        pool.terminate()
+        lc.stop()
+    print(f"\n{'system':<10} {'items/s':>10} {'of ideal':>9} {'achilles/it':>12}")
+    ach = statistics.median(figures["achilles"])
+    for name, values in figures.items():
+        v = statistics.median(values)
+        print(f"{name:<10} {v:10,.1f} {v / ideal:9.1%} {ach / v:12.2f}")
+    print(f"\ntarget: achilles >= 85% of ideal: {'pass' if ach >= 0.85 * ideal else 'FAIL'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
