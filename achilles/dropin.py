@@ -3,19 +3,24 @@ and jobs whose results a background thread collects.
 
 A drop-in object runs on a ``Cluster`` it was given, on the configured cluster (a connection of
 its own), or, with ``local=True`` and nothing configured, on a :class:`~achilles.LocalCluster`
-it starts and stops itself. Each asynchronous call is one map job on that cluster, read by a
-:class:`JobThread`; :class:`ResultStream` adds a bounded buffer with ``next(timeout)`` for
-``imap`` and ``Executor.map``.
+it starts and stops itself. Each call is one map job on that cluster. A call with one answer
+(``apply_async``, ``map_async``, ``submit``) is a :class:`OneShot` on ``Cluster.submit_job``
+(no thread of its own), settled on its owner's :class:`Settler` thread, where user callbacks
+run. An iterator (``imap``, ``Executor.map``) is a :class:`ResultStream`: a :class:`JobThread`
+reads the job in order into a bounded buffer that a :class:`Reader` hands out with
+``next(timeout)``.
 """
 
 from __future__ import annotations
 
 import collections
+import queue
 import threading
 import time
 from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Tuple
 
 from achilles.controller.cluster import Cluster
+from achilles.controller.handle import HandleEvent, JobDone, JobError, JobHandle, JobResults
 from achilles.controller.job import ResultIterator
 from achilles.core import defaults
 from achilles.core.config import load_config
@@ -105,6 +110,102 @@ class Backend:
 
     def __repr__(self) -> str:
         return repr(self._owned if self._owned is not None else self.cluster)
+
+
+class Settler:
+    """One thread per Pool or Executor where its calls are settled and its users' callbacks
+    run, one at a time and in order (the stdlib's result-handler thread), so that a slow
+    callback holds up only its own pool, not the cluster's event thread."""
+
+    def __init__(self, name: str) -> None:
+        self._queue: "queue.Queue[Optional[Callable[[], None]]]" = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def post(self, work: Callable[[], None]) -> None:
+        """Run ``work()`` on the thread, after what was posted before."""
+        self._queue.put(work)
+
+    def stop(self) -> None:
+        """End the thread once what was posted has run."""
+        self._queue.put(None)
+
+    def _run(self) -> None:
+        while True:
+            work = self._queue.get()
+            if work is None:
+                return
+            work()
+
+    @property
+    def is_current(self) -> bool:
+        """Whether the caller is this thread."""
+        return threading.current_thread() is self._thread
+
+
+class OneShot:
+    """A job whose whole answer is wanted at once: started with ``Cluster.submit_job``, its
+    results are gathered in input order and ``on_end(error, values)`` runs on ``settler``
+    exactly once: ``(None, results)`` or ``(exception, None)``.
+
+    :meth:`cancel` stops it from any thread (also before :meth:`start`), ending it with
+    :class:`~achilles.JobCancelled` unless it had already ended.
+    """
+
+    def __init__(self, settler: Settler,
+                 on_end: Callable[[Optional[BaseException], Optional[list]], None]) -> None:
+        self._settler = settler
+        self._on_end = on_end
+        self._parts: Dict[int, list] = {}
+        self._lock = threading.Lock()
+        self._handle: Optional[JobHandle] = None
+        self._cancelled: Optional[str] = None
+        self._settled = threading.Event()
+
+    def start(self, cluster: Cluster, func: Callable[..., Any], iterable: Iterable[Any],
+              chunksize: Optional[int], options: Dict[str, Any]) -> None:
+        """Submit the job (what ``submit_job`` refuses at once raises here)."""
+        handle = cluster.submit_job(func, iterable, self._event, chunksize, **options)
+        with self._lock:
+            self._handle = handle
+            reason = self._cancelled
+        if reason is not None:
+            handle.cancel(reason)
+
+    def _event(self, event: HandleEvent) -> None:
+        # On the cluster's event thread: keep it quick.
+        if isinstance(event, JobResults):
+            self._parts[event.start] = event.values
+        elif isinstance(event, JobDone):
+            parts = self._parts
+            values = [v for start in sorted(parts) for v in parts[start]]
+            self._settler.post(lambda: self._settle(None, values))
+        elif isinstance(event, JobError):
+            error = event.error
+            self._settler.post(lambda: self._settle(error, None))
+
+    def _settle(self, error: Optional[BaseException], values: Optional[list]) -> None:
+        try:
+            self._on_end(error, values)
+        finally:
+            self._settled.set()
+
+    def cancel(self, reason: str) -> None:
+        """Stop the job (idempotent; safe from any thread)."""
+        with self._lock:
+            if self._cancelled is None:
+                self._cancelled = reason
+            handle = self._handle
+        if handle is not None:
+            handle.cancel(reason)
+
+    def unbound(self) -> None:
+        """Nothing to lift: a one-shot job never waits for a reader."""
+
+    def join(self, timeout: Optional[float] = None) -> None:
+        """Wait until ``on_end`` has returned (at most ``timeout`` seconds)."""
+        if not self._settler.is_current:
+            self._settled.wait(timeout)
 
 
 class JobThread:

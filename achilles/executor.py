@@ -14,10 +14,10 @@ import time
 import uuid
 from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Union
 
-from achilles.dropin import Apply, Backend, JobThread, Reader, ResultStream, Star
+from achilles.dropin import Apply, Backend, OneShot, Reader, ResultStream, Settler, Star
 
 _names = itertools.count(1)
-Job = Union[JobThread, ResultStream]
+Job = Union[OneShot, ResultStream]
 
 
 class ClusterFuture(concurrent.futures.Future):
@@ -29,7 +29,7 @@ class ClusterFuture(concurrent.futures.Future):
 
     def __init__(self) -> None:
         super().__init__()
-        self._job: Optional[JobThread] = None
+        self._job: Optional[OneShot] = None
 
     def cancel(self) -> bool:
         """Cancel the call unless its result is already here; returns whether it is cancelled."""
@@ -110,6 +110,8 @@ class Executor(concurrent.futures.Executor):
         self._jobs: Dict[Job, Optional[ClusterFuture]] = {}
         self._shutdown = False
         self._backend = Backend(cluster, local, max_workers, host, port, username, secret_key)
+        self._settler = Settler(f"achilles-executor-{next(_names)}")  # futures settle here
+        self._settler_stopped = False
 
     def __repr__(self) -> str:
         return (f"<achilles.Executor max_workers={self._max_workers} "
@@ -140,29 +142,42 @@ class Executor(concurrent.futures.Executor):
     def _ended(self, job: Job) -> None:
         with self._lock:
             self._jobs.pop(job, None)
-            done = self._shutdown and not self._jobs
-        if done:
-            self._backend.release()
+            last = self._shutdown and not self._jobs
+        if last:
+            self._finish()
+
+    def _finish(self) -> None:
+        """Once shut down: let go of the cluster, and end the settler thread when no call is
+        left to settle."""
+        self._backend.release()
+        with self._lock:
+            if self._settler_stopped or self._jobs:
+                return
+            self._settler_stopped = True
+        self._settler.stop()
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> ClusterFuture:
         """Run ``fn(*args, **kwargs)`` on the cluster; returns its Future."""
         self._check_open()
-        results = self._backend.cluster.imap(Apply(fn), [(args, kwargs)], 1, **self._options())
         future = ClusterFuture()
-        values: list = []
 
-        def settle(error: Optional[BaseException]) -> None:
+        def settle(error: Optional[BaseException], values: Optional[list]) -> None:
             if future.set_running_or_notify_cancel():
                 if error is None:
+                    assert values is not None
                     future.set_result(values[0])
                 else:
                     future.set_exception(error)
             self._ended(job)
 
-        job = JobThread(results, values.extend, settle, f"achilles-executor-{next(_names)}")
+        job = OneShot(self._settler, settle)
         future._job = job
         self._add(job, future)
-        job.start()
+        try:
+            job.start(self._backend.cluster, Apply(fn), [(args, kwargs)], 1, self._options())
+        except BaseException:
+            self._ended(job)
+            raise
         return future
 
     def map(self, fn: Callable[..., Any], *iterables: Iterable[Any],
@@ -180,6 +195,10 @@ class Executor(concurrent.futures.Executor):
         self._add(stream, None)
         stream.start()
         return MapIterator(stream, deadline)
+
+    def __del__(self) -> None:
+        if not getattr(self, "_settler_stopped", True) and not self._jobs:
+            self._settler.stop()  # nothing can post to it any more
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Take no more calls. ``cancel_futures`` cancels every call whose result is not back
@@ -199,6 +218,6 @@ class Executor(concurrent.futures.Executor):
                 job.unbound()
             for job in jobs:
                 job.join()
-            self._backend.release()
+            self._finish()
         elif not jobs:
-            self._backend.release()
+            self._finish()

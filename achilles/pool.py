@@ -1,8 +1,8 @@
 """``achilles.Pool``: the API and semantics of ``multiprocessing.pool.Pool``, on the cluster.
 
-Every call is one map job on the cluster. Asynchronous results are collected by a thread of
-this process, where ``callback`` and ``error_callback`` run (one at a time, as the stdlib's
-result-handler thread runs them). ``Cluster.map``'s node-side ``callback`` is a different
+Every call is one map job on the cluster. Results are settled on one thread of the pool, in
+this process, where ``callback`` and ``error_callback`` run (one at a time, as on the
+stdlib's result-handler thread). ``Cluster.map``'s node-side ``callback`` is a different
 thing and keeps its meaning there.
 """
 
@@ -18,16 +18,16 @@ import warnings
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Set, Union
 
 from achilles.core.errors import JobCancelled
-from achilles.dropin import Apply, Backend, JobThread, Reader, ResultStream, Star
+from achilles.dropin import Apply, Backend, OneShot, Reader, ResultStream, Settler, Star
 
 log = logging.getLogger("achilles.pool")
 
 RUN, CLOSE, TERMINATE = "RUN", "CLOSE", "TERMINATE"
-#: Seconds ``terminate()`` waits for its jobs' threads to see the cancellation.
+#: Seconds ``terminate()`` waits for its jobs to see the cancellation.
 TERMINATE_WAIT = 2.0
 
 _names = itertools.count(1)
-Job = Union[JobThread, ResultStream]
+Job = Union[OneShot, ResultStream]
 
 
 class ApplyResult:
@@ -71,14 +71,15 @@ class ApplyResult:
         self._pool._callback(self._callback if success else self._error_callback, value)
         self._event.set()
 
-    def _collect(self, values: list) -> None:
-        self._value = values[0]
-
-    def _end(self, error: Optional[BaseException]) -> None:
+    def _end(self, error: Optional[BaseException], values: Optional[list]) -> None:
         if error is None:
-            self._set(True, self._value)
+            assert values is not None
+            self._set(True, self._value_of(values))
         else:
             self._set(False, error)
+
+    def _value_of(self, values: list) -> Any:
+        return values[0]
 
 
 #: The stdlib's name for the same class.
@@ -88,13 +89,8 @@ AsyncResult = ApplyResult
 class MapResult(ApplyResult):
     """What ``map_async`` and ``starmap_async`` return; ``get()`` is the list of results."""
 
-    def __init__(self, pool: "Pool", callback: Optional[Callable[[Any], Any]],
-                 error_callback: Optional[Callable[[BaseException], Any]]) -> None:
-        super().__init__(pool, callback, error_callback)
-        self._value = []
-
-    def _collect(self, values: list) -> None:
-        self._value.extend(values)
+    def _value_of(self, values: list) -> Any:
+        return values
 
 
 class IMapIterator:
@@ -166,9 +162,10 @@ class Pool:
         self._maxtasksperchild = maxtasksperchild
         self._group = "pool-" + uuid.uuid4().hex
         self._lock = threading.Lock()
-        self._callback_lock = threading.RLock()
         self._jobs: Set[Job] = set()
         self._backend = Backend(cluster, local, processes, host, port, username, secret_key)
+        self._settler = Settler(f"achilles-pool-{next(_names)}")  # callbacks run here
+        self._settler_stopped = False
         self._state = RUN
 
     def __repr__(self) -> str:
@@ -196,12 +193,18 @@ class Pool:
     def _start(self, func: Callable[..., Any], iterable: Iterable[Any],
                chunksize: Optional[int], result: ApplyResult) -> None:
         self._check_running()
-        results = self._backend.cluster.imap(func, iterable, chunksize, **self._options())
-        job = JobThread(results, result._collect,
-                        lambda error: self._ended(job, result._end, error),
-                        f"achilles-pool-{next(_names)}")
+
+        def settle(error: Optional[BaseException], values: Optional[list]) -> None:
+            result._end(error, values)
+            self._ended(job)
+
+        job = OneShot(self._settler, settle)
         self._add(job)
-        job.start()
+        try:
+            job.start(self._backend.cluster, func, iterable, chunksize, self._options())
+        except BaseException:
+            self._ended(job)
+            raise
 
     def _stream(self, func: Callable[..., Any], iterable: Iterable[Any],
                 chunksize: Optional[int], ordered: bool) -> ResultStream:
@@ -209,8 +212,7 @@ class Pool:
         cluster = self._backend.cluster
         make = cluster.imap if ordered else cluster.imap_unordered
         results = make(func, iterable, chunksize, **self._options())
-        stream = ResultStream(results, f"achilles-pool-{next(_names)}",
-                              lambda s: self._ended(s, None, None))
+        stream = ResultStream(results, f"achilles-pool-{next(_names)}", self._ended)
         self._add(stream)
         stream.start()
         return stream
@@ -223,28 +225,34 @@ class Pool:
         job.cancel("the pool was closed while the call started")
         raise ValueError("Pool not running")
 
-    def _ended(self, job: Job, settle: Optional[Callable[[Optional[BaseException]], None]],
-               error: Optional[BaseException]) -> None:
-        if settle is not None:
-            settle(error)
+    def _ended(self, job: Job) -> None:
         with self._lock:
             self._jobs.discard(job)
-            done = self._state != RUN and not self._jobs
-        if done:
-            self._backend.release()
+            last = self._state != RUN and not self._jobs
+        if last:
+            self._finish()
+
+    def _finish(self) -> None:
+        """Once the pool is closed or terminated: let go of the cluster, and end the settler
+        thread when no job is left to settle."""
+        self._backend.release()
+        with self._lock:
+            if self._settler_stopped or self._jobs:
+                return
+            self._settler_stopped = True
+        self._settler.stop()
 
     def _callback(self, callback: Optional[Callable[[Any], Any]], value: Any) -> None:
-        """Run a result's callback here, one at a time; a failing callback is logged. After
-        ``terminate()`` the cancelled calls' callbacks do not run."""
+        """Run a result's callback (on the settler thread, so one at a time); a failing
+        callback is logged. After ``terminate()`` the cancelled calls' callbacks do not run."""
         if callback is None:
             return
         if self._state == TERMINATE and isinstance(value, JobCancelled):
             return
-        with self._callback_lock:
-            try:
-                callback(value)
-            except Exception:
-                log.exception("a Pool callback raised")
+        try:
+            callback(value)
+        except Exception:
+            log.exception("a Pool callback raised")
 
     # --- the stdlib API ---------------------------------------------------------------------
     def apply(self, func: Callable[..., Any], args: Iterable[Any] = (),
@@ -308,7 +316,7 @@ class Pool:
                 self._state = CLOSE
             done = not self._jobs
         if done:
-            self._backend.release()
+            self._finish()
 
     def terminate(self) -> None:
         """Stop at once: every job is cancelled on the cluster (queued work dropped, running
@@ -321,7 +329,7 @@ class Pool:
         deadline = time.monotonic() + TERMINATE_WAIT
         for job in jobs:
             job.join(max(0.0, deadline - time.monotonic()))
-        self._backend.release()
+        self._finish()
 
     def join(self) -> None:
         """Wait for every job to end; call :meth:`close` or :meth:`terminate` first."""
@@ -333,7 +341,7 @@ class Pool:
             job.unbound()
         for job in jobs:
             job.join()
-        self._backend.release()
+        self._finish()
 
     def __enter__(self) -> "Pool":
         self._check_running()
@@ -345,3 +353,4 @@ class Pool:
     def __del__(self, _warn: Callable[..., None] = warnings.warn) -> None:
         if getattr(self, "_state", None) == RUN:
             _warn(f"unclosed running achilles pool {self!r}", ResourceWarning, source=self)
+            self._settler.stop()  # nothing can post to it any more

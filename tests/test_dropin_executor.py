@@ -79,6 +79,20 @@ def test_submit_returns_real_futures(executor):
     assert executor.submit(capture, 1, self=2, fn=4).result(timeout=60) == ((1,), {"self": 2, "fn": 4})
 
 
+def test_pending_futures_take_no_thread_each(executor, tmp_path):
+    """Many pending futures share the cluster's event thread and the executor's one settling
+    thread: submit does not start a thread per call."""
+    import threading
+
+    gate = str(tmp_path / "gate")
+    executor.submit(mul, 1, 1).result(timeout=60)  # the executor's threads exist from here on
+    before = threading.active_count()
+    futures = [executor.submit(wait_file, gate) for _ in range(50)]
+    assert threading.active_count() - before < 5
+    open(gate, "w").close()
+    assert [f.result(timeout=60) for f in futures] == [gate] * 50
+
+
 def test_future_exception_keeps_its_type(executor):
     """A failing call's future holds the call's own exception, remote traceback as cause."""
     future = executor.submit(fail_on_three, 3)

@@ -96,6 +96,19 @@ def test_result_not_ready_yet(pool, tmp_path):
     assert res.successful()
 
 
+def test_pending_calls_take_no_thread_each(pool, tmp_path):
+    """Many pending apply_async/map_async calls share the cluster's event thread and the
+    pool's one callback thread: they do not start a thread per call."""
+    gate = str(tmp_path / "gate")
+    pool.apply(sqr, (1,))  # the pool's threads exist from here on
+    before = threading.active_count()
+    pending = [pool.apply_async(wait_file, (gate,)) for _ in range(40)]
+    pending += [pool.map_async(wait_file, [gate, gate]) for _ in range(10)]
+    assert threading.active_count() - before < 5
+    open(gate, "w").close()
+    assert [r.get(timeout=60) for r in pending[:40]] == [gate] * 40
+
+
 def test_map_and_starmap(pool):
     """map and starmap return the builtin's results in order, whatever the chunksize."""
     assert pool.map(sqr, list(range(10))) == [x * x for x in range(10)]
