@@ -45,23 +45,26 @@ def map(func: Callable[[Any], Any], iterable: Iterable[Any], chunksize: Optional
         callback: Optional[Callable[[Any], Any]] = None, *,
         initializer: Optional[Callable[..., Any]] = None, initargs: Tuple[Any, ...] = (),
         maxtasksperchild: Optional[int] = None, max_active: Optional[int] = None,
-        group: Optional[str] = None) -> List[Any]:
+        group: Optional[str] = None, forward_output: Optional[bool] = None) -> List[Any]:
     """``Cluster.map`` on the default connection: results in input order, as a list. The
-    keyword options are ``Cluster.map``'s."""
+    keyword options are ``Cluster.map``'s (``forward_output=False``: do not print the tasks'
+    output here)."""
     return default_cluster().map(func, iterable, chunksize, callback, initializer=initializer,
                                  initargs=initargs, maxtasksperchild=maxtasksperchild,
-                                 max_active=max_active, group=group)
+                                 max_active=max_active, group=group,
+                                 forward_output=forward_output)
 
 
 def imap(func: Callable[[Any], Any], iterable: Iterable[Any], chunksize: Optional[int] = None,
          callback: Optional[Callable[[Any], Any]] = None, *,
          initializer: Optional[Callable[..., Any]] = None, initargs: Tuple[Any, ...] = (),
          maxtasksperchild: Optional[int] = None, max_active: Optional[int] = None,
-         group: Optional[str] = None) -> Any:
+         group: Optional[str] = None, forward_output: Optional[bool] = None) -> Any:
     """``Cluster.imap`` on the default connection: results in input order, as they come."""
     return default_cluster().imap(func, iterable, chunksize, callback, initializer=initializer,
                                   initargs=initargs, maxtasksperchild=maxtasksperchild,
-                                  max_active=max_active, group=group)
+                                  max_active=max_active, group=group,
+                                  forward_output=forward_output)
 
 
 def imap_unordered(func: Callable[[Any], Any], iterable: Iterable[Any],
@@ -69,11 +72,13 @@ def imap_unordered(func: Callable[[Any], Any], iterable: Iterable[Any],
                    callback: Optional[Callable[[Any], Any]] = None, *,
                    initializer: Optional[Callable[..., Any]] = None,
                    initargs: Tuple[Any, ...] = (), maxtasksperchild: Optional[int] = None,
-                   max_active: Optional[int] = None, group: Optional[str] = None) -> Any:
+                   max_active: Optional[int] = None, group: Optional[str] = None,
+                   forward_output: Optional[bool] = None) -> Any:
     """``Cluster.imap_unordered`` on the default connection: results in completion order."""
     return default_cluster().imap_unordered(
         func, iterable, chunksize, callback, initializer=initializer, initargs=initargs,
-        maxtasksperchild=maxtasksperchild, max_active=max_active, group=group)
+        maxtasksperchild=maxtasksperchild, max_active=max_active, group=group,
+        forward_output=forward_output)
 
 
 def status() -> Dict[str, List[Dict[str, Any]]]:

@@ -14,7 +14,7 @@ from typing import Any, List, Optional
 
 import achilles
 from achilles.core import defaults
-from achilles.core.config import Config
+from achilles.core.config import Config, forward_output_default
 from achilles.core.errors import AchillesError
 from achilles.controller.cluster import Cluster
 
@@ -57,6 +57,8 @@ class LocalCluster:
 
     ``tls=True`` runs everything over TLS with fresh certificates; ``tls="mutual"`` also
     makes nodes and the controller present client certificates.
+    ``forward_output=False`` keeps the tasks' output in the node logs instead of printing it
+    here (default: ACHILLES_FORWARD_OUTPUT, on).
 
     ``with LocalCluster(nodes=2, processes=2) as cluster: cluster.map(...)``. Everything is
     stopped on exit, also when the body raises; the daemons also stop by themselves if this
@@ -67,8 +69,10 @@ class LocalCluster:
                  log_level: str = "WARNING", heartbeat: Optional[float] = None,
                  max_crashes: Optional[int] = None, reconnect_timeout: Optional[float] = None,
                  tls: "bool | str" = False, resources: Optional[str] = None,
-                 max_frame: Optional[int] = None, dashboard_port: int = 0) -> None:
+                 max_frame: Optional[int] = None, dashboard_port: int = 0,
+                 forward_output: Optional[bool] = None) -> None:
         self.n_nodes = nodes
+        self.forward_output = forward_output
         #: Where the server's web dashboard is (``http://127.0.0.1:PORT/``), once started.
         self.dashboard_url: Optional[str] = None
         self.dashboard_port = dashboard_port
@@ -143,6 +147,8 @@ class LocalCluster:
                 cfg.reconnect_timeout = self.reconnect_timeout
             if self.max_frame is not None:
                 cfg.max_frame = self.max_frame
+            cfg.forward_output = (forward_output_default() if self.forward_output is None
+                                  else self.forward_output)
             self.cluster = Cluster(cfg)
             self.wait_for_nodes(self.n_nodes, deadline)
             return self.cluster

@@ -12,7 +12,8 @@ from twisted.internet.endpoints import SSL4ClientEndpoint, TCP4ClientEndpoint, c
 from twisted.python.failure import Failure
 
 from achilles.controller.events import (ChunkResult, ConnectionLostEvent, EventSink, GraphDone,
-                                        JobFailed, PipeResult, Reply, TaskDone, Want)
+                                        JobFailed, Output, OutputTail, PipeResult, Reply, TaskDone,
+                                        Want)
 from achilles.core import wire
 from achilles.core.errors import AuthenticationError, ConnectionFailed
 from achilles.core.protocol import PeerSideProtocol, handles
@@ -94,6 +95,19 @@ class ControllerProtocol(PeerSideProtocol):
         sink = self.jobs.get(job_id)
         if sink is not None:
             sink.put(ChunkResult(chunk_id, status, payload, elapsed, node))
+
+    @handles(wire.OUTPUT)
+    def output(self, job_id: str, chunk_id: int, node: str, dropped: int,
+               payload: bytes) -> None:
+        sink = self.jobs.get(job_id)
+        if sink is not None:
+            sink.put(Output(chunk_id, node, dropped, bytes(payload)))
+
+    @handles(wire.OUTPUT_TAIL)
+    def output_tail(self, job_id: str, chunk_id: int, node: str, payload: bytes) -> None:
+        sink = self.jobs.get(job_id)
+        if sink is not None:
+            sink.put(OutputTail(chunk_id, node, bytes(payload)))
 
     @handles(wire.TASK_DONE)
     def task_done(self, graph_id: str, task_id: int, status: int, node: str, elapsed: float,

@@ -41,9 +41,13 @@ def _inputs(iterable: Any) -> Iterable[Any]:
 class Cluster:
     """A live connection to the server; reused across calls; thread-safe; a context manager."""
 
-    def __init__(self, config: Config, timeout: float = CONNECT_TIMEOUT) -> None:
+    def __init__(self, config: Config, timeout: float = CONNECT_TIMEOUT,
+                 forward_output: Optional[bool] = None) -> None:
         self.config = config
         self.timeout = timeout
+        #: Whether calls print their tasks' output here unless they say otherwise
+        #: (``forward_output=``; default: ``config.forward_output``, ACHILLES_FORWARD_OUTPUT).
+        self.forward_output = config.forward_output if forward_output is None else forward_output
         self._key = derive_key(config.username, config.require_secret())
         self._tls = config.client_tls()
         self._lock = threading.Lock()
@@ -150,28 +154,37 @@ class Cluster:
         raise AchillesError(f"unexpected answer to a request: {event!r}")
 
     # --- the Pool API -----------------------------------------------------------------------
+    def job_options(self, forward_output: Optional[bool] = None) -> Dict[str, Any]:
+        """The output option a job is submitted with: ``{"output": False}`` when its tasks'
+        output is not to be forwarded (``forward_output``, else this cluster's default)."""
+        forward = self.forward_output if forward_output is None else forward_output
+        return {} if forward else {"output": False}
+
     def _run(self, func: Callable[[Any], Any], iterable: Iterable[Any], chunksize: Any,
              callback: Optional[Callable[[Any], Any]], ordered: bool, balance: bool,
-             options: JobOptions) -> JobRun:
+             options: JobOptions, forward_output: Optional[bool]) -> JobRun:
         chunksize = check_chunksize(chunksize)
         if not callable(func):
             raise TypeError(f"func must be callable, not {type(func).__name__}")
         if callback is not None and not callable(callback):
             raise TypeError(f"callback must be callable or None, not {type(callback).__name__}")
-        return JobRun(self, func, _inputs(iterable), chunksize, callback, ordered,
-                      options.encode(self._scope), balance, options.cap_chunksize(chunksize))
+        encoded = {**options.encode(self._scope), **self.job_options(forward_output)}
+        return JobRun(self, func, _inputs(iterable), chunksize, callback, ordered, encoded,
+                      balance, options.cap_chunksize(chunksize))
 
     def map(self, func: Callable[[Any], Any], iterable: Iterable[Any],
             chunksize: Optional[int] = None, callback: Optional[Callable[[Any], Any]] = None, *,
             initializer: Optional[Callable[..., Any]] = None, initargs: Tuple[Any, ...] = (),
             maxtasksperchild: Optional[int] = None, max_active: Optional[int] = None,
-            group: Optional[str] = None) -> List[Any]:
+            group: Optional[str] = None, forward_output: Optional[bool] = None) -> List[Any]:
         """``[func(x) for x in iterable]`` across the cluster, in input order.
 
         ``iterable`` may be any iterable (read lazily) or a generator function (called here).
         ``callback``, if given, runs on the node on each result before it is sent back.
         The first failing item raises its own exception type here (remote traceback as
-        ``__cause__``) and the rest of the job is cancelled.
+        ``__cause__``, its last lines of output as a note and ``task_output``) and the rest of
+        the job is cancelled. What tasks print or log is printed here with a ``(node item N)``
+        prefix unless ``forward_output=False`` (default: :attr:`forward_output`).
 
         ``initializer(*initargs)`` runs once in each worker process before its first item of
         this job (or of ``group``); ``maxtasksperchild`` replaces a worker process once it has
@@ -183,7 +196,8 @@ class Cluster:
         """
         opts = JobOptions.check(initializer, initargs, maxtasksperchild, max_active, group)
         out: List[Any] = []
-        for values in self._run(func, iterable, chunksize, callback, True, True, opts).chunks():
+        for values in self._run(func, iterable, chunksize, callback, True, True, opts,
+                                forward_output).chunks():
             out.extend(values)
         return out
 
@@ -191,29 +205,33 @@ class Cluster:
              chunksize: Optional[int] = None, callback: Optional[Callable[[Any], Any]] = None, *,
              initializer: Optional[Callable[..., Any]] = None, initargs: Tuple[Any, ...] = (),
              maxtasksperchild: Optional[int] = None, max_active: Optional[int] = None,
-             group: Optional[str] = None) -> ResultIterator:
+             group: Optional[str] = None,
+             forward_output: Optional[bool] = None) -> ResultIterator:
         """Like :meth:`map` but yields each result, in input order, as soon as it is ready.
 
         Work starts at once; input is read only as the cluster asks for it, so a slow reader
         pauses the job instead of buffering it. ``close()`` (or dropping the iterator) cancels.
         ``callback`` runs on the node on each result; the other options are :meth:`map`'s.
+        Task output is printed while the iterator is being read.
         """
         opts = JobOptions.check(initializer, initargs, maxtasksperchild, max_active, group)
-        return ResultIterator(self._run(func, iterable, chunksize, callback, True, False, opts))
+        return ResultIterator(self._run(func, iterable, chunksize, callback, True, False, opts,
+                                        forward_output))
 
     def imap_unordered(self, func: Callable[[Any], Any], iterable: Iterable[Any],
                        chunksize: Optional[int] = None,
                        callback: Optional[Callable[[Any], Any]] = None, *,
                        initializer: Optional[Callable[..., Any]] = None,
                        initargs: Tuple[Any, ...] = (), maxtasksperchild: Optional[int] = None,
-                       max_active: Optional[int] = None,
-                       group: Optional[str] = None) -> ResultIterator:
+                       max_active: Optional[int] = None, group: Optional[str] = None,
+                       forward_output: Optional[bool] = None) -> ResultIterator:
         """Like :meth:`imap` but yields results in completion order.
 
         ``callback`` runs on the node on each result; the other options are :meth:`map`'s.
         """
         opts = JobOptions.check(initializer, initargs, maxtasksperchild, max_active, group)
-        return ResultIterator(self._run(func, iterable, chunksize, callback, False, False, opts))
+        return ResultIterator(self._run(func, iterable, chunksize, callback, False, False, opts,
+                                        forward_output))
 
     def submit_job(self, func: Callable[[Any], Any], iterable: Iterable[Any],
                    on_event: Callable[[HandleEvent], Any], chunksize: Optional[int] = None,
@@ -248,20 +266,22 @@ class Cluster:
         return self._handles.start(on_event, make_run)
 
     # --- call graphs --------------------------------------------------------------------------
-    def compute(self, *calls: Any) -> List[Any]:
+    def compute(self, *calls: Any, forward_output: Optional[bool] = None) -> List[Any]:
         """Run the graphs under these lazy task calls (shared parts run once) and return their
-        values in order. A failing task raises its own exception with the remote traceback and
-        its position in the graph."""
+        values in order. A failing task raises its own exception with the remote traceback,
+        its position in the graph and its last lines of output. Task output is printed here
+        with a ``(node task name#id)`` prefix unless ``forward_output=False``."""
         from achilles.controller.graph import GraphRun
 
-        return GraphRun(self, list(calls)).wait()
+        return GraphRun(self, list(calls), self.job_options(forward_output)).wait()
 
-    def submit_graph(self, call: Any) -> "concurrent.futures.Future[Any]":
+    def submit_graph(self, call: Any,
+                     forward_output: Optional[bool] = None) -> "concurrent.futures.Future[Any]":
         """Start a graph in the background; returns a ``concurrent.futures.Future`` of its
         value (so ``add_done_callback``, ``as_completed`` and ``wait`` work)."""
         from achilles.controller.graph import single, submit_graph
 
-        return single(submit_graph(self, [call]))
+        return single(submit_graph(self, [call], self.job_options(forward_output)))
 
     def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> "concurrent.futures.Future[Any]":
         """Run ``fn(*args, **kwargs)`` once on the cluster; returns a Future of its value.

@@ -50,6 +50,26 @@ class TaskDone:
 
 
 @dataclass(frozen=True)
+class Output:
+    """Lines a running chunk or graph task (``chunk_id``) wrote on ``node``, as the encoded
+    payload (:mod:`achilles.core.output`), and how many more the node's rate limit dropped."""
+
+    chunk_id: int
+    node: str
+    dropped: int
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class OutputTail:
+    """The last lines of ``chunk_id``'s output; its failed result comes next."""
+
+    chunk_id: int
+    node: str
+    payload: bytes
+
+
+@dataclass(frozen=True)
 class GraphDone:
     """A graph settled; ``report`` maps task id to ``{state, node, duration, attempts}``."""
 
@@ -100,8 +120,7 @@ class Reply:
 
 #: Every event a job, graph or request can receive.
 Event = Union[Want, ChunkResult, TaskDone, GraphDone, PipeResult, JobFailed, Cancelled,
-              ConnectionLostEvent,
-              Reply]
+              ConnectionLostEvent, Reply, Output, OutputTail]
 
 
 class EventSink(Protocol):

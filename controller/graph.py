@@ -13,10 +13,12 @@ import pickle
 import queue
 import threading
 import uuid
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
-from achilles.controller.events import ConnectionLostEvent, Event, GraphDone, JobFailed, JobLink, TaskDone
+from achilles.controller.events import (ConnectionLostEvent, Event, GraphDone, JobFailed, JobLink,
+                                        Output, OutputTail, TaskDone)
 from achilles.controller.failures import failure_exception
+from achilles.controller.output import OutputPrinter
 from achilles.core import wire
 from achilles.core.errors import ConnectionLost, JobCancelled
 from achilles.core.serialization import loads_data
@@ -26,7 +28,8 @@ from achilles.core.taskgraph import GraphSpec, TaskCall, build
 class GraphRun:
     """One submitted graph; :meth:`wait` returns the outputs' values in order."""
 
-    def __init__(self, link: JobLink, roots: List[TaskCall]) -> None:
+    def __init__(self, link: JobLink, roots: List[TaskCall],
+                 options: Optional[Dict[str, Any]] = None) -> None:
         if not roots or not all(isinstance(r, TaskCall) for r in roots):
             raise TypeError("compute() takes lazy task calls (the result of calling a @task)")
         self.link = link
@@ -37,8 +40,12 @@ class GraphRun:
         self.values: Dict[int, Any] = {}
         self.errors: Dict[int, BaseException] = {}
         self.first_error: Optional[BaseException] = None
+        self.output = OutputPrinter()
+        tasks = self.spec.tasks
+        if options:  # job options (``output``) travel with every task of the graph
+            tasks = [(t[0], t[1], t[2], {**t[3], **options}, *t[4:]) for t in tasks]
         self._message = wire.encode_message(wire.GRAPH, (
-            self.graph_id, pickle.dumps(self.spec.funcs, protocol=5), self.spec.tasks,
+            self.graph_id, pickle.dumps(self.spec.funcs, protocol=5), tasks,
             self.spec.outputs))
         self._conn = link.register(self.graph_id, self.events)
         self.link.send([self._message])
@@ -49,13 +56,20 @@ class GraphRun:
         if hasattr(exc, "add_note"):
             exc.add_note(f"in task {self.spec.positions.get(task_id, call.name)}"
                          + (f" on node {node}" if node else ""))
+        self.output.attach(exc, task_id, self._label(task_id))
         return exc
+
+    def _label(self, task_id: int) -> Callable[[Optional[int]], str]:
+        """Names a line of a task's output by the task."""
+        call = self.spec.calls.get(task_id)
+        text = f"task {call.name if call is not None else '?'}#{task_id}"
+        return lambda _: text
 
     def wait(self) -> List[Any]:
         """Block until the graph settles; return the outputs or raise the first failure."""
         try:
             while True:
-                match self.events.get():
+                match event := self.events.get():
                     case TaskDone(task_id=task_id, status=status, payload=payload, node=node):
                         if status == wire.OK:
                             self.values[task_id] = loads_data(payload)
@@ -64,6 +78,10 @@ class GraphRun:
                             self.errors[task_id] = exc
                             if self.first_error is None:
                                 self.first_error = exc
+                    case Output(chunk_id=task_id):
+                        self.output.show(event, self._label(task_id))
+                    case OutputTail():
+                        self.output.keep_tail(event)
                     case GraphDone(report=report):
                         self._record(report)
                         break
@@ -93,10 +111,11 @@ class GraphRun:
                 call.info = dict(info)
 
 
-def submit_graph(link: JobLink, roots: List[TaskCall]) -> "concurrent.futures.Future[List[Any]]":
+def submit_graph(link: JobLink, roots: List[TaskCall], options: Optional[Dict[str, Any]] = None
+                 ) -> "concurrent.futures.Future[List[Any]]":
     """Run a graph in the background; the Future holds the outputs' values (a list)."""
     future: "concurrent.futures.Future[List[Any]]" = concurrent.futures.Future()
-    run = GraphRun(link, roots)
+    run = GraphRun(link, roots, options)
     future.set_running_or_notify_cancel()
 
     def settle() -> None:

@@ -19,12 +19,20 @@ from achilles.core.errors import ConnectionLost, JobCancelled
 from achilles.core.serialization import dumps_code, dumps_data, function_name, loads_data
 from achilles.controller.chunking import ChunkSizer
 from achilles.controller.events import (
-    Cancelled, ChunkResult, ConnectionLostEvent, Event, EventSink, JobFailed, JobLink, Want,
+    Cancelled, ChunkResult, ConnectionLostEvent, Event, EventSink, JobFailed, JobLink, Output,
+    OutputTail, Want,
 )
 from achilles.controller.failures import failure_exception
+from achilles.controller.output import OutputPrinter
 
 INITIAL_CREDIT = wire.INITIAL_CREDIT
 MIN_WINDOW = 8
+
+
+def _label(chunk_id: int, first: int) -> Callable[[Optional[int]], str]:
+    """Names a line of a chunk's output by its item's place in the input (``first`` is the
+    chunk's first item)."""
+    return lambda index: f"chunk {chunk_id}" if index is None else f"item {first + index}"
 
 
 class JobRun:
@@ -71,6 +79,7 @@ class JobRun:
         self.error_index: Optional[int] = None  # input index of the failing item, when known
         #: What ended the input early: the iterable's own exception, or an item's pickling error.
         self.input_error: Optional[BaseException] = None
+        self.output = OutputPrinter()
         # Pickled before anything is registered or sent: an unpicklable function raises here.
         self._submit = wire.encode_message(wire.SUBMIT, (
             self.job_id, self.function, dumps_code(func), dumps_code(callback), options or {}))
@@ -156,6 +165,12 @@ class JobRun:
                 self.window = max(MIN_WINDOW, 2 * capacity + INITIAL_CREDIT)
             case ChunkResult():
                 self._result(event)
+            case Output(chunk_id=chunk_id):
+                spec = self.outstanding.get(chunk_id)
+                if spec is not None:
+                    self.output.show(event, _label(chunk_id, spec[0]))
+            case OutputTail():
+                self.output.keep_tail(event)
             case JobFailed(message=message):
                 raise JobCancelled(f"job {self.job_id[:8]} failed on the server: {message}")
             case Cancelled(reason=reason):
@@ -169,6 +184,7 @@ class JobRun:
             return
         first, n, _ = spec
         if event.status == wire.OK:
+            self.output.forget(event.chunk_id)
             values = loads_data(event.payload)
             self.items_done += n
             self.sizer.observe(n, event.elapsed)
@@ -182,6 +198,7 @@ class JobRun:
         if event.status == wire.ITEM_ERROR and index is not None and hasattr(exc, "add_note"):
             exc.add_note(f"raised by {self.function} on item {first + index} "
                          f"(node {event.node}, job {self.job_id[:8]})")
+        self.output.attach(exc, event.chunk_id, _label(event.chunk_id, first))
         if self.error is None or (self.ordered and event.chunk_id < self.error[0]):
             self.error = (event.chunk_id, exc, partial)
             self.error_first = first

@@ -15,6 +15,7 @@ from achilles.core import wire
 from achilles.core.errors import FrameTooLarge, ProtocolError
 from achilles.core.handshake import derive_key
 from achilles.core.logs import printable
+from achilles.core.output import decode_lines, encode_lines
 from achilles.core.protocol import PeerSideProtocol, handles
 from achilles.core.reactor import Clock, get_reactor
 from achilles.core.serialization import error_record, error_text
@@ -115,7 +116,7 @@ class NodeProtocol(PeerSideProtocol):
         group = options.get("group") if isinstance(options.get("group"), str) else job_id
         self.factory.pool.submit(Task(self.session, job_id, chunk_id, code[0], code[1], payload,
                                       bool(careful), timeout, kind, str(group), init,
-                                      max(0, maxtasks)))
+                                      max(0, maxtasks), options.get("output", True) is not False))
 
     @handles(wire.CANCEL)
     def cancel(self, job_id: str, reason: str) -> None:
@@ -142,9 +143,41 @@ class NodeProtocol(PeerSideProtocol):
         log.warning("server asked this node to stop: %s", printable(reason))
         self.factory.stop()
 
+    def send_output(self, task: Task, dropped: int, payload: bytes) -> None:
+        """Send lines of a running chunk's output (``payload``, encoded); lines too large for
+        a frame are counted as dropped instead."""
+        pieces = wire.encode_message(wire.OUTPUT, (task.job_id, task.chunk_id,
+                                                   self.factory.name, dropped, payload))
+        try:
+            self.check_size(pieces)
+        except FrameTooLarge:
+            count = len(decode_lines(payload))
+            pieces = wire.encode_message(wire.OUTPUT, (task.job_id, task.chunk_id,
+                                                       self.factory.name, dropped + count,
+                                                       encode_lines([])))
+        self.send_encoded(pieces)
+
+    def send_tail(self, task: Task, lines: List[list]) -> None:
+        """Send a failed chunk's last lines (the oldest go while they do not fit a frame)."""
+        lines = list(lines)
+        while lines:
+            pieces = wire.encode_message(wire.OUTPUT_TAIL, (task.job_id, task.chunk_id,
+                                                            self.factory.name,
+                                                            encode_lines(lines)))
+            try:
+                self.check_size(pieces)
+            except FrameTooLarge:
+                lines.pop(0)
+                continue
+            self.send_encoded(pieces)
+            return
+
     def send_result(self, task: Task, status: int, payload: bytes, elapsed: float) -> None:
         """Send a chunk's outcome; one too large to send is turned into a FrameTooLarge error
-        for its caller, so it never stalls the job."""
+        for its caller, so it never stalls the job. A failure's last lines of output go
+        first."""
+        if status != wire.OK and task.tail:
+            self.send_tail(task, list(task.tail))
         pieces = wire.encode_message(wire.RESULT, (task.job_id, task.chunk_id, status, elapsed,
                                                    self.factory.name, payload))
         try:
@@ -164,7 +197,8 @@ class NodeProtocol(PeerSideProtocol):
         """Tell the server a task's error as plain text (for the dashboard), ahead of its result."""
         text = error_text(record)
         if text is not None:
-            self.send(wire.TASK_ERROR, task.job_id, task.chunk_id, *text, [])
+            output = [line[2] for line in task.tail] if task.tail else []
+            self.send(wire.TASK_ERROR, task.job_id, task.chunk_id, *text, output)
 
     def send_stage_out(self, key: CopyKey, seq: int, status: int, n_items: int, skipped: int,
                        exhausted: bool, errors: bytes, payload: bytes) -> None:
@@ -217,7 +251,7 @@ class NodeFactory(protocol.ReconnectingClientFactory):
         self.stopping = False
         self.refusals = 0
         self._sessions = 0
-        self.pool = WorkerPool(processes, self._from_worker)
+        self.pool = WorkerPool(processes, self._from_worker, self._output_from_worker)
         self.stages = StageHost(name, self._from_stage)
 
     # Twisted types buildProtocol's result as a protocol with a generic ``factory`` property;
@@ -250,6 +284,14 @@ class NodeFactory(protocol.ReconnectingClientFactory):
         proto = self.current
         if proto is not None and proto.session == key[0]:
             proto.send_stage_out(key, seq, status, n_items, skipped, exhausted, errors, payload)
+
+    def _output_from_worker(self, task: Task, lines: List[list], dropped: int) -> None:
+        reactor.callFromThread(self._deliver_output, task, dropped, encode_lines(lines))
+
+    def _deliver_output(self, task: Task, dropped: int, payload: bytes) -> None:
+        proto = self.current
+        if proto is not None and proto.session == task.session and not task.cancelled:
+            proto.send_output(task, dropped, payload)
 
     def authenticated(self) -> None:
         """A handshake succeeded: back to the short backoff."""

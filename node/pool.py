@@ -15,13 +15,14 @@ process the task forked may hold the pipe open after the worker died.
 
 from __future__ import annotations
 
+import collections
 import logging
 import pickle
 import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 import multiprocess
 from multiprocess.connection import wait
@@ -29,6 +30,7 @@ from multiprocess.connection import wait
 from achilles.core import wire
 from achilles.core.errors import describe_exit
 from achilles.node.worker import RETIRE
+from achilles.core.output import TAIL_LINES
 
 log = logging.getLogger("achilles.node")
 
@@ -63,10 +65,16 @@ class Task:
     group: str = ""  # per-group state key in the worker (initializer, maxtasks)
     init: bytes = b""  # dill of (initializer, initargs), or empty
     maxtasks: int = 0  # replace a worker after this many of the group's items (0: never)
+    forward: bool = False  # capture the task's output and hand it to ``on_output``
     cancelled: bool = False  # set by cancel_job/drain: skip it, or drop its outcome
+    #: The last lines of its output when it failed (the worker's count; else what arrived).
+    tail: Optional[Deque[list]] = None
 
 
 ResultHandler = Callable[[Task, int, bytes, float], None]
+#: ``on_output(task, lines, dropped)``: lines a running task wrote, and how many more it
+#: wrote that the rate limit dropped (see :mod:`achilles.node.capture`).
+OutputHandler = Callable[[Task, List[list], int], None]
 
 
 def _context() -> Any:
@@ -125,13 +133,16 @@ class _Slot:
 class WorkerPool:
     """``processes`` workers; :meth:`submit` queues a task, ``on_result`` gets every outcome.
 
-    ``on_result(task, status, payload, elapsed)`` is called from supervisor threads: pass a
-    function that hops to the reactor (``reactor.callFromThread``).
+    ``on_result(task, status, payload, elapsed)`` and ``on_output(task, lines, dropped)`` are
+    called from supervisor threads: pass functions that hop to the reactor
+    (``reactor.callFromThread``). A task's output always comes before its result.
     """
 
-    def __init__(self, processes: int, on_result: ResultHandler) -> None:
+    def __init__(self, processes: int, on_result: ResultHandler,
+                 on_output: Optional[OutputHandler] = None) -> None:
         self.processes = processes
         self.on_result = on_result
+        self.on_output = on_output
         self._ctx = _context()
         self._queue: "queue.Queue[Any]" = queue.Queue()
         self._waiting: Dict[int, Task] = {}  # id(task) -> task, queued and not yet taken
@@ -287,21 +298,29 @@ class WorkerPool:
                 slot.stop(1.0)
             return
 
-    @staticmethod
-    def _run(slot: _Slot, task: Task) -> Any:
+    def _run(self, slot: _Slot, task: Task) -> Any:
         """Run a task: ``(status, payload, elapsed, retire)``, None if the worker died,
-        ``"timeout"``, or ``"retire"`` when the worker retired before running it."""
+        ``"timeout"``, or ``"retire"`` when the worker retired before running it. Output
+        messages that come first go to ``on_output``."""
+        forward = task.forward and self.on_output is not None
         try:
             slot.conn.send_bytes(pickle.dumps(
                 (task.func_bytes, task.callback_bytes, task.careful, task.kind, task.group,
-                 task.init, task.maxtasks), protocol=5))
+                 task.init, task.maxtasks, forward), protocol=5))
             slot.conn.send_bytes(task.payload)
-            ready = slot.wait_ready(task.timeout)
-            if ready is None:
-                return "timeout"
-            if not ready:
-                return None
-            status, elapsed, retire = pickle.loads(slot.conn.recv_bytes())
+            deadline = None if task.timeout is None else time.monotonic() + task.timeout
+            while True:
+                wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+                ready = slot.wait_ready(wait)
+                if ready is None:
+                    return "timeout"
+                if not ready:
+                    return None
+                header = pickle.loads(slot.conn.recv_bytes())
+                if type(header[0]) is not str:
+                    break
+                self._output(task, header[0], header[1])
+            status, elapsed, retire = header
             if not slot.wait_ready(None):
                 return None
             payload = slot.conn.recv_bytes()
@@ -310,6 +329,18 @@ class WorkerPool:
         if status == RETIRE:
             return "retire"
         return status, payload, elapsed, retire
+
+    def _output(self, task: Task, kind: str, data: Any) -> None:
+        """An output message of ``task``'s worker: lines to hand on, or its failure's tail."""
+        if kind == "tail":
+            task.tail = collections.deque(data, maxlen=TAIL_LINES)
+            return
+        lines, dropped = data
+        if task.tail is None:
+            task.tail = collections.deque(maxlen=TAIL_LINES)
+        task.tail.extend(lines)
+        if self.on_output is not None and not task.cancelled:
+            self.on_output(task, lines, dropped)
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop the workers and their threads."""

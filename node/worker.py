@@ -1,7 +1,7 @@
 """The loop each worker process runs: receive a chunk, call the function per item, send results.
 
 Messages on the pipe (parent -> worker): a pickled ``(func_bytes, callback_bytes, careful,
-kind, group, init_bytes, maxtasks)``, then the raw payload; ``kind`` is ``map`` (payload: a
+kind, group, init_bytes, maxtasks, forward)``, then the raw payload; ``kind`` is ``map`` (payload: a
 list of items) or ``graph`` (func_bytes: the graph's functions by key; payload: one task's key,
 arguments and input values). Once a chunk is received, :data:`TAKEN` is written to a shared
 counter; in careful mode (a re-run after the chunk killed a worker) the index of the item
@@ -9,7 +9,9 @@ being run is written there before each item, so the node can blame the exact ite
 worker dies again.
 Replies (worker -> parent): a pickled ``(status, elapsed, retire)`` header, then the result
 payload — a pickled list of results, or an :func:`achilles.core.serialization.error_record`.
-``retire`` says the process exits after this reply (``maxtasksperchild`` reached).
+``retire`` says the process exits after this reply (``maxtasksperchild`` reached). With
+``forward`` the chunk's output is captured (:mod:`achilles.node.capture`) and sent before the
+reply as pickled ``("out", (lines, dropped))`` and, when the chunk failed, ``("tail", lines)``.
 
 Per-group state (``group`` names a job, or several jobs of one ``achilles.Pool``): the
 group's initializer (``init_bytes``: dill of ``functools.partial(initializer, *initargs)``) runs once in this
@@ -30,6 +32,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 from achilles.core import wire
 from achilles.core.serialization import dumps_data, error_record, loads_code, loads_data
+from achilles.node.capture import Capture
 
 CODE_CACHE = 32
 #: Written to the progress counter as soon as a chunk is received: a worker that dies with the
@@ -65,13 +68,15 @@ def _call(func: Callable[[Any], Any], callback: Optional[Callable[[Any], Any]]) 
 
 
 def run_chunk(cache: _CodeCache, func_bytes: bytes, cb_bytes: bytes, payload: Any,
-              progress: Any = None) -> Tuple[int, bytes]:
+              progress: Any = None, results: Optional[list] = None) -> Tuple[int, bytes]:
     """Run one chunk; returns ``(status, result payload)``. Never raises for a task's error.
 
     ``payload`` is the pickled list of items, or the list itself. With ``progress`` (a shared
-    integer), each item's index is stored there before it runs.
+    integer), each item's index is stored there before it runs. ``results``, if given, is
+    the (empty) list the results are gathered in.
     """
-    results: list = []
+    if results is None:
+        results = []
     append = results.append
     try:
         call = _call(cache.get(func_bytes), cache.get(cb_bytes) if cb_bytes else None)
@@ -185,6 +190,11 @@ def worker_main(conn: Any, progress: Any) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     cache = _CodeCache()
     groups = _Groups()
+    capture: Optional[Capture] = None
+
+    def send(kind: str, data: Any) -> None:
+        conn.send_bytes(pickle.dumps((kind, data), protocol=5))
+
     while True:
         try:
             message = conn.recv_bytes()
@@ -192,22 +202,35 @@ def worker_main(conn: Any, progress: Any) -> None:
         except (EOFError, OSError):
             os._exit(0)
         progress.value = TAKEN
-        func_bytes, cb_bytes, careful, kind, group, init_bytes, maxtasks = pickle.loads(message)
+        func_bytes, cb_bytes, careful, kind, group, init_bytes, maxtasks, forward = \
+            pickle.loads(message)
+        results: Optional[list] = None
+        if forward:
+            if capture is None:
+                capture = Capture(send)
+            results = [] if kind != "graph" else None
+            capture.start(results)
         start = time.perf_counter()
         retire = False
         if kind == "graph":
             status, result = run_graph_task(func_bytes, payload)
         elif not (group and (init_bytes or maxtasks)):
             status, result = run_chunk(cache, func_bytes, cb_bytes, payload,
-                                       progress if careful else None)
+                                       progress if careful else None, results)
         else:
             status, result, retire = _run_in_group(cache, groups, func_bytes, cb_bytes, payload,
                                                    progress if careful else None, group,
-                                                   init_bytes, maxtasks)
+                                                   init_bytes, maxtasks, results)
         elapsed = time.perf_counter() - start
         try:
-            conn.send_bytes(pickle.dumps((status, elapsed, retire), protocol=5))
-            conn.send_bytes(result)
+            if capture is not None and capture.active:
+                with capture.lock:
+                    capture.finish(status not in (wire.OK, RETIRE))
+                    conn.send_bytes(pickle.dumps((status, elapsed, retire), protocol=5))
+                    conn.send_bytes(result)
+            else:
+                conn.send_bytes(pickle.dumps((status, elapsed, retire), protocol=5))
+                conn.send_bytes(result)
         except (EOFError, OSError):
             os._exit(0)
         if retire:
@@ -216,7 +239,7 @@ def worker_main(conn: Any, progress: Any) -> None:
 
 def _run_in_group(cache: _CodeCache, groups: _Groups, func_bytes: bytes, cb_bytes: bytes,
                   payload: bytes, progress: Any, group: str, init_bytes: bytes,
-                  maxtasks: int) -> Tuple[int, bytes, bool]:
+                  maxtasks: int, results: Optional[list] = None) -> Tuple[int, bytes, bool]:
     """Run a chunk of a group with an initializer or a task limit: ``(status, payload,
     retire)``; status :data:`RETIRE` when the chunk must run on a fresh process."""
     try:
@@ -228,5 +251,5 @@ def _run_in_group(cache: _CodeCache, groups: _Groups, func_bytes: bytes, cb_byte
     failed = groups.prepare(group, init_bytes)
     if failed is not None:
         return wire.ITEM_ERROR, failed, False
-    status, result = run_chunk(cache, func_bytes, cb_bytes, items, progress)
+    status, result = run_chunk(cache, func_bytes, cb_bytes, items, progress, results)
     return status, result, groups.count(group, maxtasks, len(items))

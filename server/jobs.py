@@ -16,10 +16,11 @@ import collections
 import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Deque, Dict, Iterable, Optional, Set, Tuple
+from typing import Any, ClassVar, Deque, Dict, Iterable, List, Optional, Set, Tuple
 
 from achilles.core import wire
 from achilles.core.errors import ResourceUnavailable
+from achilles.core.output import Line
 from achilles.core.serialization import error_record
 from achilles.server.dispatch import NodeState, Peer
 from achilles.server.graphs import QUEUED, RUNNING, GraphState, GraphTask, retry_status
@@ -38,6 +39,8 @@ class Chunk:
     crashes: int = 0  # workers this chunk has killed; after the first, it re-runs carefully
     timeout: Optional[float] = None
     resources: Dict[str, float] = field(default_factory=dict)
+    #: The last lines of output of its latest failed attempt, decoded and as sent (OUTPUT_TAIL).
+    tail: Optional[Tuple[List[Line], bytes]] = None
 
 
 @dataclass(eq=False)
@@ -135,6 +138,11 @@ class Job(ABC):
     def wants_input(self) -> bool:
         """Whether the controller should be asked (WANT) for more chunks."""
         return False
+
+    @property
+    def forwards_output(self) -> bool:
+        """Whether the controller asked for its tasks' output (option ``output``)."""
+        return self.options.get("output", True) is not False
 
     def take(self, index: int) -> Chunk:
         """Remove and return the queued chunk at ``index`` (the policy's choice)."""
@@ -269,8 +277,10 @@ class GraphJob(Job):
 
     def __init__(self, job_id: str, owner: ControllerState, funcs: bytes, graph: GraphState,
                  started: float) -> None:
+        # One graph, one caller: its tasks all carry the caller's output choice.
+        output = all(t.options.get("output", True) is not False for t in graph.tasks.values())
         super().__init__(job_id, owner, f"graph of {len(graph.tasks)} tasks", funcs, b"",
-                         {"kind": "graph"}, started)
+                         {"kind": "graph", "output": output}, started)
         self.graph = graph
 
     def start(self) -> None:

@@ -157,18 +157,20 @@ class Monitor(SchedulerObserver):
     def chunk_failed(self, job: Job, chunk: Chunk, status: int, node: NodeState,
                      detail: Any = None) -> None:
         self.chunks_failed += 1
+        # the lines that arrived from the killed worker (a task's error brings its own)
+        output = [text for _, _, text in chunk.tail[0]] if chunk.tail is not None else []
         if status == wire.TIMED_OUT:
             self.timeouts += 1
             self._failure(job, chunk.chunk_id, node.name, None, "TaskTimeout",
                           f"ran past its {chunk.timeout or 0:g} s timeout; its worker was replaced",
-                          "", [])
+                          "", output)
             self._log("timeout", f"a task of {job.kind} {job.job_id[:8]} timed out on "
                       f"{node.name}", job=job.job_id[:8])
         elif status == wire.CRASHED and detail is not None:
             exitcode, item = detail
             self._failure(job, chunk.chunk_id, node.name, item, "WorkerCrashed",
                           f"killed its worker process {chunk.crashes} times (last exit code "
-                          f"{exitcode})", "", [])
+                          f"{exitcode})", "", output)
 
     def worker_crashed(self, job: Job, chunk: Chunk, node: NodeState, exitcode: Any,
                        retrying: bool) -> None:

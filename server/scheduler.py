@@ -24,6 +24,7 @@ from typing import Any, Deque, Dict, Iterator, List, Optional, Set, Tuple
 from achilles.core import wire
 from achilles.core.errors import ProtocolError
 from achilles.core.logs import printable
+from achilles.core.output import TAIL_LINES, decode_lines, encode_lines
 from achilles.server.dispatch import DispatchPolicy, FreeSlots, LeastLoaded, NodeState, Peer
 from achilles.server.graphs import GraphState
 from achilles.server.jobs import (Chunk, ControllerState, GraphJob, Job, JobGroup, MapJob,
@@ -455,11 +456,41 @@ class Scheduler:
             node.done += chunk.n_items
         else:
             self.observer.chunk_failed(job, chunk, status, node, crash)
+            if job.forwards_output:
+                # Its last lines go before the failure, so the controller can attach them.
+                tail = encode_lines([]) if chunk.tail is None else chunk.tail[1]
+                job.owner.peer.send(wire.OUTPUT_TAIL, job_id, chunk_id, node.name, tail)
         delay = job.on_result(chunk, status, payload, elapsed, node)
         if delay is not None:
             self._retry_later(job, chunk, delay)
         self._settle(job)
         self.pump()
+
+    # --- task output ------------------------------------------------------------------------
+    def _running_on(self, node: NodeState, job_id: str, chunk_id: int) -> Optional[Job]:
+        """The job if ``chunk_id`` of it is in flight on ``node`` (else output is late: dropped)."""
+        job = self.jobs.get(job_id)
+        if job is None or job.state != "running" or job.placed.get(chunk_id) is not node:
+            return None
+        return job
+
+    def output(self, node: NodeState, job_id: str, chunk_id: int, dropped: int,
+               payload: bytes) -> None:
+        """Lines a chunk running on ``node`` wrote: relayed to its job's owner only."""
+        if dropped < 0:
+            raise ProtocolError(f"OUTPUT for chunk {chunk_id} of job {job_id[:8]} drops "
+                                f"{dropped} lines")
+        decode_lines(payload)
+        job = self._running_on(node, job_id, chunk_id)
+        if job is not None and job.forwards_output:
+            job.owner.peer.send(wire.OUTPUT, job_id, chunk_id, node.name, dropped, payload)
+
+    def output_tail(self, node: NodeState, job_id: str, chunk_id: int, payload: bytes) -> None:
+        """The last lines of a chunk whose failed result comes next: kept with the chunk."""
+        lines = decode_lines(payload)[-TAIL_LINES:]
+        job = self._running_on(node, job_id, chunk_id)
+        if job is not None:
+            node.inflight[(job_id, chunk_id)].tail = (lines, encode_lines(lines))
 
     @staticmethod
     def _crash_info(payload: Any, job_id: str, chunk_id: int) -> Tuple[Any, Any]:
@@ -563,6 +594,7 @@ class Scheduler:
         job.placed[chunk.chunk_id] = node
         if job.group is not None:
             job.group.active += 1
+        chunk.tail = None
         self._free.update(node)
         job.on_dispatch(chunk, node)
         node.peer.send(wire.TASK, job.job_id, chunk.chunk_id, chunk.crashes > 0, chunk.timeout,

@@ -119,6 +119,17 @@ class ServerConnection(ServerSideProtocol):
         if self.node is not None:
             self.factory.monitor.task_error(self.node, job_id, chunk_id, index, type_name,
                                             message, traceback, list(output))
+    @handles(wire.OUTPUT)
+    def node_output(self, job_id: str, chunk_id: int, node_name: str, dropped: int,
+                    payload: bytes) -> None:
+        if self.node is not None:
+            self.factory.scheduler.output(self.node, job_id, chunk_id, dropped, payload)
+
+    @handles(wire.OUTPUT_TAIL)
+    def node_output_tail(self, job_id: str, chunk_id: int, node_name: str,
+                         payload: bytes) -> None:
+        if self.node is not None:
+            self.factory.scheduler.output_tail(self.node, job_id, chunk_id, payload)
 
     @handles(wire.PIPE_OUT)
     def pipe_out(self, pipe_id: str, stage: int, copy: int, incarnation: int, seq: int,

@@ -257,6 +257,8 @@ PAYLOAD_FIELDS = {
     wire.PIPE_WORK: ("pipe-1", 2, 1, 0, 9, "items"),
     wire.PIPE_OUT: ("pipe-1", 2, 1, 0, 9, wire.OK, 4, 0, False, b""),
     wire.PIPE_RESULT: ("pipe-1", 7, [0, 1], True, 0),
+    wire.OUTPUT: ("job-1", 7, "node-1", 3),
+    wire.OUTPUT_TAIL: ("job-1", 7, "node-1"),
 }
 
 
@@ -351,7 +353,8 @@ def test_wrong_field_types_are_protocol_errors(code, fields, what):
 def test_inbound_sets_follow_routes():
     """Each role accepts from each peer exactly the messages declared for that direction."""
     assert wire.inbound("server", "node") == {wire.NODE_READY, wire.NODE_LOAD, wire.RESULT,
-                                              wire.TASK_ERROR, wire.PIPE_OUT, wire.PING, wire.PONG}
+                                              wire.TASK_ERROR, wire.PIPE_OUT, wire.OUTPUT,
+                                              wire.OUTPUT_TAIL, wire.PING, wire.PONG}
     assert wire.inbound("node", "server") == {wire.TASK, wire.JOB_CODE, wire.JOB_DONE,
                                               wire.CANCEL, wire.SHUTDOWN, wire.PIPE_WORK,
                                               wire.PING, wire.PONG}

@@ -56,6 +56,8 @@ VARIABLES: Dict[str, str] = {
                            "127.0.0.1:8787); a non-loopback address requires a token"),
     "ACHILLES_DASHBOARD_TOKEN": ("server: the dashboard's token (default: derived from the secret "
                                  "key; printed at start as a ?token= URL)"),
+    "ACHILLES_FORWARD_OUTPUT": ("controllers: print what tasks print and log, prefixed with node "
+                                "and item (default 1; 0 turns it off)"),
     "ACHILLES_TLS_CERT": "server: its TLS certificate (PEM); turns TLS on",
     "ACHILLES_TLS_KEY": "server: the key of ACHILLES_TLS_CERT",
     "ACHILLES_TLS_CLIENT_CA": "server: require client certificates signed by this CA (mutual TLS)",
@@ -87,6 +89,7 @@ class Config:
     max_preauth_per_source: int = DEFAULT_MAX_PREAUTH_PER_SOURCE
     dashboard: str = DEFAULT_DASHBOARD
     dashboard_token: Optional[str] = field(default=None, repr=False)
+    forward_output: bool = True
     tls_cert: Optional[str] = None
     tls_key: Optional[str] = None
     tls_client_ca: Optional[str] = None
@@ -242,6 +245,31 @@ def _as_number(name: str, value: Any, minimum: float, kind: type = int) -> Any:
     return number
 
 
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def as_flag(name: str, value: Any, default: bool) -> bool:
+    """An on/off setting: a bool, or ``1/true/yes/on`` and ``0/false/no/off`` in any case;
+    ``default`` when unset (None or empty); anything else is a ConfigError."""
+    if value is None or value == "":
+        return default
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ConfigError(f"{name} must be 1 or 0 (true/false, yes/no, on/off), got {value!r}")
+
+
+def forward_output_default() -> bool:
+    """Whether task output is forwarded unless a call says otherwise: ACHILLES_FORWARD_OUTPUT
+    from the environment (default on)."""
+    return as_flag("ACHILLES_FORWARD_OUTPUT", os.environ.get("ACHILLES_FORWARD_OUTPUT"), True)
+
+
 def load_config(**overrides: Any) -> Config:
     """Resolve the configuration; keyword arguments that are not None win over everything.
 
@@ -283,6 +311,8 @@ def load_config(**overrides: Any) -> Config:
     cfg.max_preauth_per_source = number("max_preauth_per_source", DEFAULT_MAX_PREAUTH_PER_SOURCE, 1)
     cfg.dashboard = str(pick("dashboard", "ACHILLES_DASHBOARD") or DEFAULT_DASHBOARD)
     cfg.dashboard_token = pick("dashboard_token", "ACHILLES_DASHBOARD_TOKEN")
+    cfg.forward_output = as_flag("ACHILLES_FORWARD_OUTPUT",
+                                 pick("forward_output", "ACHILLES_FORWARD_OUTPUT"), True)
     for name in TLS_FIELDS:
         setattr(cfg, name, pick(name, "ACHILLES_" + name.upper()))
     return cfg

@@ -38,6 +38,11 @@ def _default_cluster() -> Any:
     return _cluster_factory()
 
 
+def _output_option(forward_output: Optional[bool]) -> Dict[str, Any]:
+    """``forward_output`` as a keyword argument, when given."""
+    return {} if forward_output is None else {"forward_output": forward_output}
+
+
 @dataclass
 class TaskOptions:
     """Per-task options (see :func:`task`)."""
@@ -108,15 +113,17 @@ class TaskCall:
             _collect(value, found)
         return list(found.values())
 
-    def result(self, cluster: Any = None) -> Any:
-        """Run the graph on ``cluster`` (default: the default connection) and return its value."""
-        return (cluster or _default_cluster()).compute(self)[0]
+    def result(self, cluster: Any = None, forward_output: Optional[bool] = None) -> Any:
+        """Run the graph on ``cluster`` (default: the default connection) and return its value.
+        ``forward_output=False``: do not print the tasks' output here."""
+        return (cluster or _default_cluster()).compute(self, **_output_option(forward_output))[0]
 
     __call__ = result  # entangle's spelling: g()
 
-    def future(self, cluster: Any = None) -> Any:
+    def future(self, cluster: Any = None, forward_output: Optional[bool] = None) -> Any:
         """Submit the graph; return a ``concurrent.futures.Future`` of its value."""
-        return (cluster or _default_cluster()).submit_graph(self)
+        return (cluster or _default_cluster()).submit_graph(self,
+                                                             **_output_option(forward_output))
 
     def graph(self) -> Dict[str, Any]:
         """A JSON-serializable description: tasks (name, literal arguments, state, node,

@@ -79,6 +79,8 @@ class Msg(IntEnum):
     PIPE_WORK = 57
     PIPE_OUT = 58
     PIPE_RESULT = 59
+    OUTPUT = 48
+    OUTPUT_TAIL = 49
 
 
 @dataclass(frozen=True)
@@ -219,6 +221,13 @@ declare(Msg.PIPE_OUT, ("pipe_id", STR), ("stage", INT), ("copy", INT), ("incarna
 declare(Msg.PIPE_RESULT, ("pipe_id", STR), ("origin", INT), ("key", LIST), ("last", BOOL),
         ("kind", INT), ("payload", PAYLOAD), routes={(S, C)}, payload=True,
         doc="final outputs of a source batch (kind 0), collected errors (1), failure (2), done (3)")
+declare(Msg.OUTPUT, ("job_id", STR), ("chunk_id", INT), ("node", STR), ("dropped", INT),
+        ("payload", PAYLOAD), routes={(N, S), (S, C)}, payload=True,
+        doc="lines a running chunk or graph task printed or logged (UTF-8 JSON, see "
+            "achilles.core.output), and how many more the node's rate limit dropped")
+declare(Msg.OUTPUT_TAIL, ("job_id", STR), ("chunk_id", INT), ("node", STR),
+        ("payload", PAYLOAD), routes={(N, S), (S, C)}, payload=True,
+        doc="the last lines of a failed chunk's output, sent just before its failed result")
 
 # Module-level names for every code (``wire.SUBMIT`` is ``Msg.SUBMIT``), spelled out so
 # type checkers see them.
@@ -254,6 +263,8 @@ PIPE_FEED = Msg.PIPE_FEED
 PIPE_WORK = Msg.PIPE_WORK
 PIPE_OUT = Msg.PIPE_OUT
 PIPE_RESULT = Msg.PIPE_RESULT
+OUTPUT = Msg.OUTPUT
+OUTPUT_TAIL = Msg.OUTPUT_TAIL
 assert all(globals().get(m.name) is m for m in Msg), "a Msg code has no module-level name"
 
 NAMES: Dict[int, str] = {code: message.name for code, message in REGISTRY.items()}
