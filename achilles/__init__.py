@@ -29,7 +29,7 @@ __all__ = [
     "task", "workflow", "dataflow", "TaskCall", "connect", "map", "imap", "imap_unordered", "status", "kill_cluster", "LocalCluster",
     "Pool", "Executor",
     "pipeline", "EZ", "Pipeline", "Stage", "F", "As", "Serial", "Parallel", "Broadcast", "StageError",
-    "SSHCluster",
+    "SSHCluster", "SlurmCluster",
     "gen_config", "load_config", "default_cluster",
     "AchillesError", "AuthenticationError", "ConfigError", "ConnectionFailed", "ConnectionLost",
     "FrameTooLarge", "JobCancelled", "ProtocolError", "RemoteError", "ResourceUnavailable", "TaskTimeout",
@@ -54,4 +54,8 @@ def __getattr__(name: str):
         from achilles.launch.ssh import SSHCluster
 
         return SSHCluster
+    if name == "SlurmCluster":
+        from achilles.launch.slurm import SlurmCluster
+
+        return SlurmCluster
     raise AttributeError(f"module 'achilles' has no attribute {name!r}")

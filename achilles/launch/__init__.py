@@ -3,7 +3,7 @@
 
 from typing import Any
 
-__all__ = ["SSHCluster"]
+__all__ = ["SSHCluster", "SlurmCluster"]
 
 
 def __getattr__(name: str) -> Any:
@@ -11,4 +11,8 @@ def __getattr__(name: str) -> Any:
         from achilles.launch.ssh import SSHCluster
 
         return SSHCluster
+    if name == "SlurmCluster":
+        from achilles.launch.slurm import SlurmCluster
+
+        return SlurmCluster
     raise AttributeError(f"module 'achilles.launch' has no attribute {name!r}")

@@ -200,6 +200,10 @@ class Launcher:
         """How many nodes this launcher started and waits for."""
         raise NotImplementedError
 
+    def _settled(self, nodes: List[Dict[str, Any]], count: int, exact: bool) -> bool:
+        """Whether the connected ``nodes`` are the ones waited for."""
+        return len(nodes) == count or (len(nodes) > count and not exact)
+
     # --- shared ------------------------------------------------------------------------------
     def _deadline(self, timeout: Optional[float]) -> float:
         return float("inf") if timeout is None else time.monotonic() + timeout
@@ -237,8 +241,8 @@ class Launcher:
         if deadline is None:
             deadline = self._deadline(timeout)
         while True:
-            have = len(self.connected_nodes())
-            if have == count or (have > count and not exact):
+            nodes = self.connected_nodes()
+            if self._settled(nodes, count, exact):
                 return
             if not self.server.alive():
                 self.server.join_log()
@@ -247,7 +251,7 @@ class Launcher:
             if problem:
                 raise AchillesError(problem)
             if time.monotonic() > deadline:
-                raise AchillesError(f"{have} of {count} nodes connected in time")
+                raise AchillesError(f"{len(nodes)} of {count} nodes connected in time")
             time.sleep(0.1)
 
     def stop(self) -> None:

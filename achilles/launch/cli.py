@@ -32,8 +32,22 @@ def add_up_parser(sub: Any) -> None:
     where.add_argument("--ssh", metavar="HOSTS",
                        help="host1,user@host2:8,... (~/.ssh/config aliases work; :N = processes)")
     where.add_argument("--hostfile", help="a file with one host (host, user@host, host:N) per line")
-    up.add_argument("--python", default="python3",
-                    help="the hosts' Python that has Achilles, e.g. a virtualenv's (default python3)")
+    where.add_argument("--slurm", action="store_true", help="submit the nodes as a SLURM job array")
+    up.add_argument("--python",
+                    help="the Python that has Achilles on the hosts, e.g. a virtualenv's (default: "
+                         "python3 over SSH, this Python under SLURM)")
+    slurm = up.add_argument_group("SLURM (with --slurm)")
+    slurm.add_argument("--nodes", type=int, default=1, help="nodes, one per array task (default 1)")
+    slurm.add_argument("--processes", type=int,
+                       help="CPUs per node (--cpus-per-task); each node runs that many workers")
+    slurm.add_argument("--partition")
+    slurm.add_argument("--time", help="time limit, e.g. 2:00:00")
+    slurm.add_argument("--account")
+    slurm.add_argument("--sbatch-arg", action="append", default=[], metavar="ARG",
+                       help="one more sbatch option, e.g. --sbatch-arg=--mem=8G (repeat)")
+    slurm.add_argument("--directory",
+                       help="folder the compute nodes see, for the node's .env, script and logs "
+                            "(default ~/.achilles/slurm)")
     up.add_argument("--port", type=int, help="server port (default: the .env's ACHILLES_PORT)")
     up.add_argument("--bind", default="0.0.0.0", help="address the server listens on (default 0.0.0.0)")
     up.add_argument("--server-address",
@@ -61,11 +75,18 @@ def _launcher(args: argparse.Namespace) -> "Launcher":
     common: Dict[str, Any] = dict(env_file=cfg.env_file, port=cfg.port, bind=args.bind,
                                   server_address=args.server_address, log_level=cfg.log_level,
                                   start_timeout=args.timeout)
+    if args.slurm:
+        from achilles.launch.slurm import SlurmCluster
+
+        options: Dict[str, Any] = {"python": args.python} if args.python else {}
+        return SlurmCluster(nodes=args.nodes, processes=args.processes, partition=args.partition,
+                            time=args.time, account=args.account, sbatch_args=args.sbatch_arg,
+                            directory=args.directory, **options, **common)
     from achilles.launch.hosts import parse_hosts, read_hosts_file
     from achilles.launch.ssh import SSHCluster
 
     hosts = read_hosts_file(args.hostfile) if args.hostfile else parse_hosts(args.ssh)
-    return SSHCluster(hosts, remote_python=args.python, **common)
+    return SSHCluster(hosts, remote_python=args.python or "python3", **common)
 
 
 def _pid_runs_achilles(pid: int) -> bool:
@@ -102,7 +123,8 @@ def run_up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         launcher.start()
-        state = {"pid": os.getpid(), "port": launcher.port, "kind": launcher.kind}
+        state = {"pid": os.getpid(), "port": launcher.port, "kind": launcher.kind,
+                 "slurm_jobs": list(getattr(launcher, "job_ids", []))}
         write_state(args.state, state)
         print(f"{launcher.expected_nodes()} nodes connected; the server listens on "
               f"{launcher.bind}:{launcher.port}. Scripts using this .env reach it (port "
@@ -137,6 +159,11 @@ def run_down(args: argparse.Namespace) -> int:
         print(f"stopped the cluster of achilles up (pid {pid})")
     else:
         print(f"achilles up (pid {pid}) was no longer running")
+        if state.get("slurm_jobs"):
+            from achilles.launch.slurm import cancel_jobs
+
+            cancel_jobs([str(j) for j in state["slurm_jobs"]])
+            print(f"cancelled SLURM job(s) {', '.join(map(str, state['slurm_jobs']))}")
     if os.path.exists(args.state):
         os.unlink(args.state)
     return 0
