@@ -29,6 +29,10 @@ TICK = 0.5
 HISTORY = 300.0
 #: Seconds over which a job's and a node's rate is measured.
 RATE_WINDOW = 10.0
+#: Nodes whose own throughput line is kept (the first ones seen; a departed node's line ages
+#: out after HISTORY seconds and frees its place). Beyond this, nodes count in the cluster's
+#: line only: per-node history would grow the server by HISTORY / TICK samples per node.
+MAX_NODE_SERIES = 32
 #: Graphs with at most this many tasks are shown task by task.
 SMALL_GRAPH = 200
 MAX_EVENTS = 200
@@ -230,7 +234,11 @@ class Monitor(SchedulerObserver):
             if last is not None and now > last[0]:
                 rate = (node.done - last[1]) / (now - last[0])
             self._node_last[node.node_id] = (now, node.done)
-            self._append(self.node_series.setdefault(node.name, collections.deque()), now, rate)
+            series = self.node_series.get(node.name)
+            if series is None and len(self.node_series) < MAX_NODE_SERIES:
+                series = self.node_series[node.name] = collections.deque()
+            if series is not None:
+                self._append(series, now, rate)
             self._node_rate.setdefault(node.node_id, Rate()).add(now, node.done)
         for name in [n for n, s in self.node_series.items() if not s or s[-1][0] < now - HISTORY]:
             del self.node_series[name]

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import collections
 import importlib.util
+import json
 import os
 
 import pytest
 
-from conftest import ROOT, group_members
+from conftest import ROOT, group_members, wait_for
 
 spec = importlib.util.spec_from_file_location("swarm_bench", os.path.join(ROOT, "bench", "swarm.py"))
 assert spec is not None and spec.loader is not None
@@ -67,5 +68,26 @@ def test_nodes_dropped_mid_map_lose_nothing() -> None:
         assert stats["live"] == 80 and stats["lost"] == 20
         assert stats["duplicate_tasks"] > 0  # re-dispatched chunks: the drop cut work short
         assert len(sw.cluster.status()["nodes"]) == 80
+        pids = sw.pids()
+    _gone(pids)
+
+
+def test_dashboard_history_is_bounded_with_many_nodes() -> None:
+    """With 200 nodes the dashboard keeps throughput lines for the first 32 only (the server
+    does not keep 5 minutes of samples per node); status and the dashboard's state still list
+    all 200 nodes."""
+    sw = swarm.Swarm(200, window=32)
+    with sw:
+        sw.start_swarm()
+        swarm.dispatch_run(sw, 1000)
+
+        def history() -> dict:
+            return json.loads(sw.dashboard_get("/api/history"))
+
+        wait_for(lambda: len(history()["cluster"]) >= 3, what="three dashboard samples")
+        assert len(history()["nodes"]) == 32
+        state = json.loads(sw.dashboard_get("/api/dashboard"))["state"]
+        assert len(state["nodes"]) == 200
+        assert len(state["sample"]["nodes"]) <= 32
         pids = sw.pids()
     _gone(pids)
