@@ -20,7 +20,8 @@ from typing import Any, Deque, Dict, Iterable, Iterator, List, Optional, Set, Tu
 from achilles.core import wire
 from achilles.core.errors import ConnectionLost, JobCancelled
 from achilles.core.serialization import dumps_data, load_error, loads_data
-from achilles.controller.events import ConnectionLostEvent, Event, JobFailed, JobLink, PipeResult, Want
+from achilles.controller.events import (Cancelled, ConnectionLostEvent, Event, JobFailed, JobLink,
+                                        PipeResult, Want)
 
 #: PIPE_RESULT kinds (see :mod:`achilles.server.pipelines`).
 ITEMS, ERRORS, FAILED, DONE = 0, 1, 2, 3
@@ -113,6 +114,8 @@ class PipeRun:
                 self.window = max(MIN_ORDERED_WINDOW, 4 * processes)
             case PipeResult():
                 self._result(event)
+            case Cancelled():
+                self.closed = True
             case JobFailed(message=message):
                 raise JobCancelled(f"pipeline {self.pipe_id[:8]} failed on the server: {message}")
             case ConnectionLostEvent(reason=reason, conn_id=conn_id) if conn_id == self._conn:
@@ -173,7 +176,7 @@ class PipeRun:
                     yield values
                 if self.error is not None:
                     raise self.error
-                if self.done:
+                if self.done or self.closed:
                     return
                 self._fill()
                 self._handle(self.events.get())
@@ -181,8 +184,10 @@ class PipeRun:
             self.close()
 
     def close(self, reason: str = "stopped by the caller") -> None:
-        """Stop the pipeline on the server if it has not finished; stop listening for it."""
+        """Stop the pipeline on the server if it has not finished; stop listening for it. A
+        reader blocked in :meth:`batches` in another thread returns."""
         if not self.done and not self.closed:
             self.link.send([wire.encode_message(wire.CANCEL, (self.pipe_id, reason))])
         self.closed = True
+        self.events.put(Cancelled(reason))  # wakes a reader blocked in another thread
         self.link.unregister(self.pipe_id)

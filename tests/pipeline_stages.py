@@ -148,3 +148,32 @@ class Gpu(achilles.Stage):
 def hostname_of_node(x):
     """Which process ran the item (a function stage)."""
     return (os.getpid(), x)
+
+
+class BadSetup(achilles.Stage):
+    def setup(self):
+        raise TaskFailure("cannot load the model")
+
+
+class DieInSetup(achilles.Stage):
+    """Its process dies in setup, every time."""
+
+    def setup(self):
+        os._exit(3)
+
+
+class Marker(achilles.Stage):
+    """Writes its pid at setup and a file at teardown; slow per item."""
+
+    def setup(self, folder):
+        self.folder = folder
+        with open(os.path.join(folder, f"pid-{os.getpid()}"), "w"):
+            pass
+
+    def do(self, x):
+        pause(0.01)
+        self.put(x)
+
+    def teardown(self):
+        with open(os.path.join(self.folder, f"teardown-{os.getpid()}"), "w"):
+            pass

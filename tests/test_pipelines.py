@@ -14,10 +14,11 @@ import pytest
 
 import achilles
 from achilles import As, Broadcast, Parallel, Serial, StageError
-from achilles.core.errors import ResourceUnavailable
+from achilles.core.errors import ResourceUnavailable, WorkerCrashed
 from conftest import ROOT, alive, wait_for
-from pipeline_stages import (Add, Collecting, Count, Double, Explode, FailOn, Forever, Gpu,
-                             Lifecycle, MetaTag, PidFile, ReadMeta, Slow, Tag, hostname_of_node)
+from pipeline_stages import (Add, BadSetup, Collecting, Count, DieInSetup, Double, Explode,
+                             FailOn, Forever, Gpu, Lifecycle, Marker, MetaTag, PidFile, ReadMeta,
+                             Slow, Tag, hostname_of_node)
 from tasks import TaskFailure, square
 
 pytestmark = pytest.mark.timeout(120)
@@ -190,6 +191,21 @@ def test_collect_policy_returns_errors_with_results(cluster):
     assert sorted(int(e.item) for e in errors) == [5, 10, 15, 20, 25]
 
 
+def test_setup_error_fails_the_pipeline(cluster):
+    """An exception in ``setup`` fails the pipeline with its own type, naming the stage."""
+    with pytest.raises(TaskFailure, match="cannot load the model") as info:
+        achilles.pipeline(range(5), Add(0), BadSetup(), cluster=cluster).list()
+    assert "stage BadSetup copy 0" in " ".join(info.value.__notes__)
+
+
+def test_copy_dying_in_setup_fails_with_worker_crashed(cluster):
+    """A copy whose process dies in ``setup`` every time is started again, then the pipeline
+    fails with WorkerCrashed instead of restarting it forever."""
+    with pytest.raises(WorkerCrashed, match="DieInSetup copy 0 died 3 times"):
+        achilles.pipeline(range(5), DieInSetup(), cluster=cluster).list()
+    assert cluster.map(square, range(3)) == [0, 1, 4]
+
+
 # --- faults -------------------------------------------------------------------------------
 @pytest.mark.faults
 def test_stage_process_killed_outputs_arrive_once(make_cluster, tmp_path):
@@ -228,6 +244,23 @@ def test_node_killed_mid_stream_outputs_arrive_once(make_cluster, tmp_path):
     exactly_once(out, range(600))
     assert all(s["nodes"] == [] for s in p.stats["stages"])  # every copy ended
     assert [n["name"] for n in lc.cluster.status()["nodes"]] == ["local-1"]
+
+
+@pytest.mark.faults
+def test_controller_gone_stops_every_copy(make_cluster, tmp_path):
+    """When the controller's connection goes away mid-stream, every stage copy stops: idle
+    ones after running teardown, and none is left running."""
+    lc = make_cluster(nodes=1, processes=2)
+    p = achilles.pipeline(range(10 ** 6), As(2, Marker, str(tmp_path)), Add(0),
+                          cluster=lc.cluster, batch=2)
+    it = p.items()
+    for _ in range(20):
+        next(it)
+    pids = [int(f.name.split("-")[1]) for f in tmp_path.glob("pid-*")]
+    assert len(pids) == 2
+    lc.cluster.close()
+    wait_for(lambda: not any(alive(pid) for pid in pids), what="the stage copies to stop")
+    assert len(list(tmp_path.glob("teardown-*"))) == 2
 
 
 # --- resources ----------------------------------------------------------------------------
@@ -272,3 +305,46 @@ def test_example_pipeline_errors():
     out = run_example("pipeline_errors.py")
     assert out.splitlines() == ["result 2.0", "result 3.0", "error in Root ValueError -1.0",
                                 "result 4.0", "result 5.0", "skipped 2"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_long_source_runs_in_flat_memory(make_cluster):
+    """A source stage of 2,000,000 items streams with flat memory: from 400,000 items on, the
+    RSS of the controller, the server and the node (with its stage processes) stays put."""
+    from test_load import rss_mib, tree_rss_mib
+
+    lc = make_cluster(nodes=1, processes=2)
+    me = os.getpid()
+    first, peak = {}, collections.Counter()
+    n = 0
+    for _ in achilles.pipeline(Count(2_000_000), Add(0), cluster=lc.cluster, batch=1000).items():
+        n += 1
+        if n % 200_000 == 0:
+            now = {"controller": rss_mib(me), "server": rss_mib(lc.server.pid),
+                   "node": tree_rss_mib(lc.nodes[0].pid)}
+            if n == 400_000:
+                first = now
+            for role, value in now.items():
+                peak[role] = max(peak[role], value)
+    assert n == 2_000_000
+    growth = {role: peak[role] - first[role] for role in first}
+    print("rss at 400k", first, "peak", dict(peak))
+    # Holding the items anywhere would take ~60+ MiB (2M ints in lists).
+    assert all(g < 25 for g in growth.values()), growth
+
+
+def test_stop_from_another_thread_ends_items(cluster, tmp_path):
+    """``stop()`` called from another thread while ``items()`` waits makes ``items()`` end
+    (no hang) and stops the copies."""
+    import threading
+
+    p = achilles.pipeline(Forever(str(tmp_path)), Slow(0.5), cluster=cluster, batch=1).start()
+    it = p.items()
+    next(it)
+    timer = threading.Timer(0.2, p.stop)
+    timer.start()
+    rest = list(it)  # returns once stopped
+    timer.join()
+    assert len(rest) < 50
+    wait_for(lambda: list(tmp_path.glob("source-teardown-*")), what="the source's teardown")
