@@ -84,14 +84,16 @@ class Executor(concurrent.futures.Executor):
     first call of this executor; ``max_tasks_per_child`` replaces a worker after that many.
     ``mp_context`` is accepted and ignored. The cluster is found as :class:`achilles.Pool`
     finds it (``cluster``, ``host``/``port``/``username``/``secret_key``, the innermost ``with``
-    block, the configuration, or with ``local=True`` a ``LocalCluster`` of its own).
+    block, the configuration, or with ``local=True`` a ``LocalCluster`` of its own). What the
+    calls print or log is printed here unless ``forward_output=False``.
     """
 
     def __init__(self, max_workers: Optional[int] = None, mp_context: Any = None,
                  initializer: Optional[Callable[..., Any]] = None, initargs: Iterable[Any] = (),
                  *, max_tasks_per_child: Optional[int] = None, local: bool = False,
                  cluster: Any = None, host: Optional[str] = None, port: Optional[int] = None,
-                 username: Optional[str] = None, secret_key: Optional[str] = None) -> None:
+                 username: Optional[str] = None, secret_key: Optional[str] = None,
+                 forward_output: Optional[bool] = None) -> None:
         if max_workers is not None and (not isinstance(max_workers, int) or max_workers <= 0):
             raise ValueError("max_workers must be greater than 0")
         if initializer is not None and not callable(initializer):
@@ -105,6 +107,7 @@ class Executor(concurrent.futures.Executor):
         self._initializer = initializer
         self._initargs = tuple(initargs)
         self._max_tasks_per_child = max_tasks_per_child
+        self._forward_output = forward_output
         self._group = "executor-" + uuid.uuid4().hex
         self._lock = threading.Lock()
         self._jobs: Dict[Job, Optional[ClusterFuture]] = {}
@@ -125,6 +128,8 @@ class Executor(concurrent.futures.Executor):
             options.update(initializer=self._initializer, initargs=self._initargs)
         if self._max_tasks_per_child is not None:
             options["maxtasksperchild"] = self._max_tasks_per_child
+        if self._forward_output is not None:
+            options["forward_output"] = self._forward_output
         return options
 
     def _check_open(self) -> None:

@@ -140,7 +140,9 @@ class Pool:
     connection of the pool's own, else, with ``local=True``, a ``LocalCluster`` of
     ``processes`` worker processes that the pool starts and stops.
 
-    As a context manager it terminates on exit, as the stdlib's does.
+    As a context manager it terminates on exit, as the stdlib's does. What the tasks print
+    or log is printed here (see README "Task output") unless ``forward_output=False``
+    (default: the cluster's setting).
     """
 
     def __init__(self, processes: Optional[int] = None,
@@ -148,7 +150,8 @@ class Pool:
                  maxtasksperchild: Optional[int] = None, context: Any = None, *,
                  local: bool = False, cluster: Any = None, host: Optional[str] = None,
                  port: Optional[int] = None, username: Optional[str] = None,
-                 secret_key: Optional[str] = None) -> None:
+                 secret_key: Optional[str] = None,
+                 forward_output: Optional[bool] = None) -> None:
         if processes is not None and (not isinstance(processes, int) or processes < 1):
             raise ValueError("Number of processes must be at least 1")
         if initializer is not None and not callable(initializer):
@@ -160,6 +163,7 @@ class Pool:
         self._initializer = initializer
         self._initargs = tuple(initargs)
         self._maxtasksperchild = maxtasksperchild
+        self._forward_output = forward_output
         self._group = "pool-" + uuid.uuid4().hex
         self._lock = threading.Lock()
         self._jobs: Set[Job] = set()
@@ -184,6 +188,8 @@ class Pool:
             options.update(initializer=self._initializer, initargs=self._initargs)
         if self._maxtasksperchild is not None:
             options["maxtasksperchild"] = self._maxtasksperchild
+        if self._forward_output is not None:
+            options["forward_output"] = self._forward_output
         return options
 
     def _check_running(self) -> None:

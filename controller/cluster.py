@@ -238,7 +238,8 @@ class Cluster:
                    callback: Optional[Callable[[Any], Any]] = None, *,
                    initializer: Optional[Callable[..., Any]] = None,
                    initargs: Tuple[Any, ...] = (), maxtasksperchild: Optional[int] = None,
-                   max_active: Optional[int] = None, group: Optional[str] = None) -> JobHandle:
+                   max_active: Optional[int] = None, group: Optional[str] = None,
+                   forward_output: Optional[bool] = None) -> JobHandle:
         """Start ``map(func, iterable)`` and return at once; no thread waits for it.
 
         ``on_event`` gets, on this cluster's event thread (one for all its handles, callbacks
@@ -248,7 +249,7 @@ class Cluster:
         event thread. Bad options and an unpicklable function raise here; an input iterator
         that raises or an unpicklable item end the job with ``JobError`` after the results
         before it. ``handle.cancel(reason)`` stops it from any thread. The options are
-        :meth:`map`'s.
+        :meth:`map`'s; forwarded task output is printed on the event thread.
         """
         opts = JobOptions.check(initializer, initargs, maxtasksperchild, max_active, group)
         size = check_chunksize(chunksize)
@@ -256,7 +257,7 @@ class Cluster:
             raise TypeError(f"func must be callable, not {type(func).__name__}")
         if not callable(on_event):
             raise TypeError(f"on_event must be callable, not {type(on_event).__name__}")
-        options = opts.encode(self._scope)
+        options = {**opts.encode(self._scope), **self.job_options(forward_output)}
         inputs = _inputs(iterable)
 
         def make_run(sink: EventSink) -> JobRun:

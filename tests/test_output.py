@@ -329,3 +329,22 @@ def test_the_dashboard_shows_a_failures_last_lines(make_cluster, capfd):
     assert by_type["TaskFailure"]["output"] == [f"item 2 step {i}"
                                                 for i in range(30 - TAIL_LINES, 30)]
     assert by_type["WorkerCrashed"]["output"] == ["last words of 9"]
+
+
+def test_pool_and_executor_forward_too_and_take_forward_output(shared_cluster, capfd):
+    """achilles.Pool and achilles.Executor calls (one-shot and streamed) print their tasks'
+    output with the prefix; forward_output=False on the pool or executor turns it off."""
+    cluster = shared_cluster.cluster
+    with achilles.Pool(cluster=cluster) as pool:
+        assert pool.apply(chatty, (1,)) == 1
+        assert list(pool.imap(chatty, [2])) == [2]
+    with achilles.Executor(cluster=cluster) as executor:
+        assert executor.submit(chatty, 3).result(timeout=60) == 3
+        assert list(executor.map(chatty, [4])) == [4]
+    with achilles.Pool(cluster=cluster, forward_output=False) as pool:
+        assert pool.apply(chatty, (5,)) == 5
+        assert pool.map(chatty, [6]) == [6]
+    with achilles.Executor(cluster=cluster, forward_output=False) as executor:
+        assert executor.submit(chatty, 7).result(timeout=60) == 7
+    out, _ = capfd.readouterr()
+    assert sorted(t for _, _, t in prefixed(out)) == ["out 1", "out 2", "out 3", "out 4"]
