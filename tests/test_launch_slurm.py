@@ -3,14 +3,12 @@ munged started by the fixture, see tests/slurmhost.py)."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import stat
 import subprocess
 import sys
-import threading
-from typing import Iterator, List
+from typing import Iterator
 
 import pytest
 
@@ -20,9 +18,9 @@ from achilles.core.errors import AchillesError
 from achilles.launch.slurm import SlurmCluster
 from tests.conftest import wait_for
 from tests.slurmhost import SlurmHost, unavailable
+from tests.upcli import Up
 
 pytestmark = pytest.mark.timeout(180)
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -99,23 +97,11 @@ def test_achilles_up_slurm_serves_until_down(slurm_env, tmp_path) -> None:
     """``achilles up --slurm --nodes 2 --processes 3`` submits the nodes, serves a script that
     uses the folder's .env, and ``achilles down`` cancels the job and stops `up` (exit 0)."""
     achilles.gen_config(str(tmp_path / ".env"), port=0)
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    env.pop("ACHILLES_ENV_FILE", None)
-    up = subprocess.Popen([sys.executable, "-m", "achilles", "up", "--slurm", "--nodes", "2",
-                           "--processes", "3", "--time", "10:00"], cwd=tmp_path, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          start_new_session=True)
-    output: List[str] = []
-    reader = threading.Thread(target=lambda: output.extend(iter(up.stdout.readline, "")),
-                              daemon=True)
-    reader.start()
+    up = Up(str(tmp_path), ["--slurm", "--nodes", "2", "--processes", "3", "--time", "10:00"])
     try:
-        wait_for(lambda: any("nodes connected" in line for line in output) or up.poll() is not None,
-                 timeout=90, what="achilles up to report its nodes")
-        assert up.poll() is None, "".join(output)
-        state = json.loads((tmp_path / ".achilles-up.json").read_text())
+        state = up.wait_ready(90)
         assert len(state["slurm_jobs"]) == 1
-        env["ACHILLES_PORT"] = str(state["port"])
+        env = dict(up.env, ACHILLES_PORT=str(state["port"]))
         script = ("import achilles\n"
                   "with achilles.connect() as c:\n"
                   "    print(sum(c.map(abs, range(-50, 50))),"
@@ -123,13 +109,27 @@ def test_achilles_up_slurm_serves_until_down(slurm_env, tmp_path) -> None:
         run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env,
                              capture_output=True, text=True, timeout=60)
         assert run.stdout.strip() == "2500 [3, 3]", run.stdout + run.stderr
-        down = subprocess.run([sys.executable, "-m", "achilles", "down"], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=90)
+        down = up.achilles("down")
         assert down.returncode == 0, down.stdout + down.stderr
-        assert up.wait(30) == 0
+        assert up.proc.wait(30) == 0
         assert slurm_env.squeue() == []
     finally:
-        if up.poll() is None:
-            os.killpg(up.pid, signal.SIGKILL)
-            up.wait(10)
-        reader.join(10)
+        up.close()
+
+
+def test_down_cancels_the_job_of_a_killed_up(slurm_env, tmp_path) -> None:
+    """When ``achilles up --slurm`` was killed (SIGKILL: no cleanup), its job would keep its
+    nodes; ``achilles down`` cancels the job named in the state file."""
+    achilles.gen_config(str(tmp_path / ".env"), port=0)
+    up = Up(str(tmp_path), ["--slurm", "--nodes", "1"])
+    try:
+        state = up.wait_ready(90)
+        assert [line.split()[0].split("_")[0] for line in slurm_env.squeue()] == state["slurm_jobs"]
+        os.kill(up.proc.pid, signal.SIGKILL)
+        up.proc.wait(10)
+        down = up.achilles("down")
+        assert down.returncode == 0, down.stdout + down.stderr
+        assert "cancelled SLURM job(s) " + state["slurm_jobs"][0] in down.stdout
+        wait_for(lambda: slurm_env.squeue() == [], timeout=30, what="the job to end")
+    finally:
+        up.close()

@@ -3,7 +3,6 @@ in its own network namespace joined to this one by a veth pair (see tests/sshhos
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import stat
@@ -18,8 +17,9 @@ import achilles
 from achilles.core.errors import AchillesError
 from achilles.launch.hosts import HostSpec, parse_hosts, read_hosts_file
 from achilles.launch.ssh import SSHCluster
-from tests.conftest import wait_for
+from tests.conftest import alive, wait_for
 from tests.sshhosts import SSHHosts, unavailable
+from tests.upcli import Up
 
 pytestmark = pytest.mark.timeout(120)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -158,39 +158,58 @@ def test_achilles_up_ssh_serves_scripts_until_achilles_down(ssh_home, tmp_path) 
     their log lines prefixed with the host, serves a script that uses that .env, and
     ``achilles down`` from the same folder stops it all: `up` exits 0, the hosts are empty."""
     achilles.gen_config(str(tmp_path / ".env"), port=0)
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    env.pop("ACHILLES_ENV_FILE", None)
-    up = subprocess.Popen([sys.executable, "-m", "achilles", "up", "--ssh", "alpha,beta:2",
-                           "--python", ssh_home.python], cwd=tmp_path, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          start_new_session=True)
-    output: List[str] = []
-    reader = threading.Thread(target=lambda: output.extend(iter(up.stdout.readline, "")),
-                              daemon=True)
-    reader.start()
+    up = Up(str(tmp_path), ["--ssh", "alpha,beta:2", "--python", ssh_home.python])
     try:
-        wait_for(lambda: any("nodes connected" in line for line in output) or up.poll() is not None,
-                 timeout=60, what="achilles up to report its nodes")
-        assert up.poll() is None, "".join(output)
-        assert any(line.startswith("[alpha] ") for line in output)
-        assert any(line.startswith("[beta] ") for line in output)
-        state = json.loads((tmp_path / ".achilles-up.json").read_text())
-        env["ACHILLES_PORT"] = str(state["port"])
+        state = up.wait_ready(60)
+        assert any(line.startswith("[alpha] ") for line in up.output)
+        assert any(line.startswith("[beta] ") for line in up.output)
+        env = dict(up.env, ACHILLES_PORT=str(state["port"]))
         script = ("import achilles\n"
                   "with achilles.connect() as c:\n"
                   "    print(sum(c.map(abs, range(-50, 50))), len(c.status()['nodes']))\n")
         run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env,
                              capture_output=True, text=True, timeout=60)
         assert run.stdout.split() == ["2500", "2"], run.stdout + run.stderr
-        down = subprocess.run([sys.executable, "-m", "achilles", "down"], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=60)
+        down = up.achilles("down")
         assert down.returncode == 0, down.stdout + down.stderr
-        assert up.wait(30) == 0
+        assert up.proc.wait(30) == 0
         for name in ("alpha", "beta"):
             wait_for(lambda: not ssh_home.node_pids(name), timeout=20, what=f"{name} to be empty")
         assert not (tmp_path / ".achilles-up.json").exists()
+        assert "nothing is up" in up.achilles("down").stderr
     finally:
-        if up.poll() is None:
-            os.killpg(up.pid, signal.SIGKILL)
-            up.wait(10)
-        reader.join(10)
+        up.close()
+
+
+def test_ctrl_c_stops_up_and_its_nodes(ssh_home, tmp_path) -> None:
+    """Ctrl-C (SIGINT) on ``achilles up`` stops the nodes and the server; `up` exits 0."""
+    achilles.gen_config(str(tmp_path / ".env"), port=0)
+    up = Up(str(tmp_path), ["--ssh", "alpha", "--python", ssh_home.python])
+    try:
+        up.wait_ready(60)
+        server = up.server_pids()
+        assert len(server) == 1
+        os.kill(up.proc.pid, signal.SIGINT)
+        assert up.proc.wait(30) == 0
+        assert not alive(server[0])
+        wait_for(lambda: not ssh_home.node_pids("alpha"), timeout=20, what="alpha to be empty")
+    finally:
+        up.close()
+
+
+def test_a_killed_up_leaves_no_node_or_server(ssh_home, tmp_path) -> None:
+    """When ``achilles up`` dies without cleaning up (SIGKILL), its server stops (its stdin
+    closes) and every node stops (its SSH session ends): nothing is left on the hosts."""
+    achilles.gen_config(str(tmp_path / ".env"), port=0)
+    up = Up(str(tmp_path), ["--ssh", "alpha,beta", "--python", ssh_home.python])
+    try:
+        up.wait_ready(60)
+        server = up.server_pids()
+        assert len(server) == 1 and ssh_home.node_pids("alpha")
+        os.kill(up.proc.pid, signal.SIGKILL)
+        up.proc.wait(10)
+        wait_for(lambda: not alive(server[0]), timeout=20, what="the server to stop")
+        for name in ("alpha", "beta"):
+            wait_for(lambda: not ssh_home.node_pids(name), timeout=30, what=f"{name} to be empty")
+    finally:
+        up.close()
