@@ -152,6 +152,10 @@ def test_as_completed_and_wait(executor, tmp_path):
     slow = executor.submit(wait_file, gate)
     fast = executor.submit(mul, 6, 7)
     assert next(cf.as_completed([slow, fast], timeout=60)) is fast
+    with pytest.raises(cf.TimeoutError):
+        slow.result(timeout=0.05)
+    with pytest.raises(cf.TimeoutError):
+        list(cf.as_completed([slow], timeout=0.05))
     done, not_done = cf.wait([slow, fast], timeout=60, return_when=cf.FIRST_COMPLETED)
     assert done == {fast} and not_done == {slow}
     failing = executor.submit(fail_on_three, 3)
@@ -256,6 +260,18 @@ def test_context_manager_waits(shared_cluster):
         results = ex.map(abs, range(-3, 3))
     assert [f.result(timeout=0) for f in futures] == [0, 2, 4, 6, 8, 10]
     assert list(results) == [3, 2, 1, 0, 1, 2]
+
+
+def test_results_outlive_the_dropped_executor(shared_cluster):
+    """Results of an executor dropped without shutdown still arrive (CPython's
+    test_del_shutdown)."""
+    ex = achilles.Executor(cluster=shared_cluster)
+    results = ex.map(abs, range(-5, 5))
+    future = ex.submit(mul, 3, 4)
+    del ex
+    gc.collect()
+    assert list(results) == [abs(x) for x in range(-5, 5)]
+    assert future.result(timeout=60) == 12
 
 
 def test_dropped_map_cancels_its_job(executor, shared_cluster, tmp_path):

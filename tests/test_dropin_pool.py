@@ -383,11 +383,26 @@ def test_initializer_runs_once_per_worker_process(shared_cluster, tmp_path):
 
 
 def test_maxtasksperchild_replaces_workers(shared_cluster):
-    """With maxtasksperchild=2 no worker process runs more than 2 of the pool's tasks."""
+    """With maxtasksperchild=2 no worker process runs more than 2 of the pool's tasks; with
+    maxtasksperchild=1, close() then join() before the tasks are done does not deadlock."""
     with achilles.Pool(maxtasksperchild=2, cluster=shared_cluster) as p:
         pids = p.map(pid_of, range(20), chunksize=1)
     per_process = collections.Counter(pids)
     assert max(per_process.values()) <= 2 and len(per_process) >= 10
+    p = achilles.Pool(maxtasksperchild=1, cluster=shared_cluster)
+    results = [p.apply_async(pid_of, (i,)) for i in range(6)]
+    p.close()
+    p.join()
+    assert len({r.get() for r in results}) == 6
+
+
+def test_join_after_a_failed_map(shared_cluster):
+    """A map that failed does not leave join() waiting (CPython issue 23992)."""
+    p = achilles.Pool(cluster=shared_cluster)
+    with pytest.raises(TaskFailure):
+        p.map(fail_on_three, range(50), chunksize=1)
+    p.close()
+    p.join()
 
 
 def test_chunksize_below_one_raises_value_error(pool):
@@ -411,9 +426,14 @@ def breaks_at_five():
 
 def test_input_iterator_raising_midway(pool):
     """An input iterator that raises: imap yields every result before that item, then raises
-    the iterator's own exception; map and map_async raise it."""
+    the iterator's own exception (imap_unordered the same, in any order); map and map_async
+    raise it."""
     it = pool.imap(sqr, breaks_at_five(), chunksize=1)
     assert [next(it) for _ in range(5)] == [0, 1, 4, 9, 16]
+    with pytest.raises(Broken):
+        next(it)
+    it = pool.imap_unordered(sqr, breaks_at_five(), chunksize=1)
+    assert sorted(next(it) for _ in range(5)) == [0, 1, 4, 9, 16]
     with pytest.raises(Broken):
         next(it)
     with pytest.raises(Broken):
