@@ -10,7 +10,7 @@ from achilles import _layout
 _layout.install(__path__[0])
 
 from achilles.api import (  # noqa: E402
-    connect, default_cluster, imap, imap_unordered, kill_cluster, map, status,
+    connect, default_cluster, imap, imap_unordered, kill_cluster, map, report_progress, status,
 )
 from achilles.core.config import gen_config, load_config  # noqa: E402
 from achilles.flows import dataflow  # noqa: E402
@@ -29,7 +29,7 @@ __all__ = [
     "task", "workflow", "dataflow", "TaskCall", "connect", "map", "imap", "imap_unordered", "status", "kill_cluster", "LocalCluster",
     "Pool", "Executor",
     "pipeline", "EZ", "Pipeline", "Stage", "F", "As", "Serial", "Parallel", "Broadcast", "StageError",
-    "SSHCluster", "SlurmCluster",
+    "SSHCluster", "SlurmCluster", "report_progress",
     "gen_config", "load_config", "default_cluster",
     "AchillesError", "AuthenticationError", "ConfigError", "ConnectionFailed", "ConnectionLost",
     "FrameTooLarge", "JobCancelled", "ProtocolError", "RemoteError", "ResourceUnavailable", "TaskTimeout",

@@ -45,26 +45,28 @@ def map(func: Callable[[Any], Any], iterable: Iterable[Any], chunksize: Optional
         callback: Optional[Callable[[Any], Any]] = None, *,
         initializer: Optional[Callable[..., Any]] = None, initargs: Tuple[Any, ...] = (),
         maxtasksperchild: Optional[int] = None, max_active: Optional[int] = None,
-        group: Optional[str] = None, forward_output: Optional[bool] = None) -> List[Any]:
+        group: Optional[str] = None, forward_output: Optional[bool] = None,
+        progress: Any = None) -> List[Any]:
     """``Cluster.map`` on the default connection: results in input order, as a list. The
     keyword options are ``Cluster.map``'s (``forward_output=False``: do not print the tasks'
-    output here)."""
+    output here; ``progress=True``: draw a progress bar)."""
     return default_cluster().map(func, iterable, chunksize, callback, initializer=initializer,
                                  initargs=initargs, maxtasksperchild=maxtasksperchild,
                                  max_active=max_active, group=group,
-                                 forward_output=forward_output)
+                                 forward_output=forward_output, progress=progress)
 
 
 def imap(func: Callable[[Any], Any], iterable: Iterable[Any], chunksize: Optional[int] = None,
          callback: Optional[Callable[[Any], Any]] = None, *,
          initializer: Optional[Callable[..., Any]] = None, initargs: Tuple[Any, ...] = (),
          maxtasksperchild: Optional[int] = None, max_active: Optional[int] = None,
-         group: Optional[str] = None, forward_output: Optional[bool] = None) -> Any:
+         group: Optional[str] = None, forward_output: Optional[bool] = None,
+         progress: Any = None) -> Any:
     """``Cluster.imap`` on the default connection: results in input order, as they come."""
     return default_cluster().imap(func, iterable, chunksize, callback, initializer=initializer,
                                   initargs=initargs, maxtasksperchild=maxtasksperchild,
                                   max_active=max_active, group=group,
-                                  forward_output=forward_output)
+                                  forward_output=forward_output, progress=progress)
 
 
 def imap_unordered(func: Callable[[Any], Any], iterable: Iterable[Any],
@@ -73,12 +75,21 @@ def imap_unordered(func: Callable[[Any], Any], iterable: Iterable[Any],
                    initializer: Optional[Callable[..., Any]] = None,
                    initargs: Tuple[Any, ...] = (), maxtasksperchild: Optional[int] = None,
                    max_active: Optional[int] = None, group: Optional[str] = None,
-                   forward_output: Optional[bool] = None) -> Any:
+                   forward_output: Optional[bool] = None, progress: Any = None) -> Any:
     """``Cluster.imap_unordered`` on the default connection: results in completion order."""
     return default_cluster().imap_unordered(
         func, iterable, chunksize, callback, initializer=initializer, initargs=initargs,
         maxtasksperchild=maxtasksperchild, max_active=max_active, group=group,
-        forward_output=forward_output)
+        forward_output=forward_output, progress=progress)
+
+
+def report_progress(n: float = 1) -> None:
+    """Call inside a task running on a node: ``n`` more items of its chunk (or a fraction of
+    a graph task) are done, so the caller's progress bar moves before the chunk returns.
+    Rate-limited in the worker; does nothing outside a worker process."""
+    from achilles.node.worker import report_progress as report
+
+    report(n)
 
 
 def status() -> Dict[str, List[Dict[str, Any]]]:

@@ -14,7 +14,7 @@ from typing import Any, List, Optional
 
 import achilles
 from achilles.core import defaults
-from achilles.core.config import Config, forward_output_default
+from achilles.core.config import Config, as_flag, forward_output_default
 from achilles.core.errors import AchillesError
 from achilles.controller.cluster import Cluster
 
@@ -149,6 +149,8 @@ class LocalCluster:
                 cfg.max_frame = self.max_frame
             cfg.forward_output = (forward_output_default() if self.forward_output is None
                                   else self.forward_output)
+            cfg.progress = as_flag("ACHILLES_PROGRESS", os.environ.get("ACHILLES_PROGRESS"),
+                                   False)
             self.cluster = Cluster(cfg)
             self.wait_for_nodes(self.n_nodes, deadline)
             return self.cluster

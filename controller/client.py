@@ -12,7 +12,8 @@ from twisted.internet.endpoints import SSL4ClientEndpoint, TCP4ClientEndpoint, c
 from twisted.python.failure import Failure
 
 from achilles.controller.events import (ChunkResult, ConnectionLostEvent, EventSink, GraphDone,
-                                        JobFailed, Output, OutputTail, PipeResult, Reply, TaskDone,
+                                        JobFailed, JobProgress, Output, OutputTail, PipeResult, Reply,
+                                        TaskDone,
                                         Want)
 from achilles.core import wire
 from achilles.core.errors import AuthenticationError, ConnectionFailed
@@ -128,6 +129,12 @@ class ControllerProtocol(PeerSideProtocol):
         sink = self.jobs.get(pipe_id)
         if sink is not None:
             sink.put(PipeResult(origin, tuple(key), last, kind, bytes(payload)))
+    @handles(wire.JOB_PROGRESS)
+    def job_progress(self, job_id: str, done: float, failed: int, skipped: int, retried: int,
+                     by_name: Dict[str, List[int]]) -> None:
+        sink = self.jobs.get(job_id)
+        if sink is not None:
+            sink.put(JobProgress(done, failed, skipped, retried, by_name))
 
     @handles(wire.JOB_FAILED)
     def job_failed(self, job_id: str, message: str) -> None:

@@ -22,6 +22,7 @@ from achilles.controller.events import ConnectionLostEvent, Event, EventSink, Re
 from achilles.controller.handle import HandleEvent, HandleSet, JobHandle
 from achilles.controller.job import JobRun, ResultIterator
 from achilles.controller.options import JobOptions, check_chunksize
+from achilles.controller.progress import wanted
 
 REQUEST_TIMEOUT = 30.0
 KILL_TIMEOUT = 30.0
@@ -160,9 +161,12 @@ class Cluster:
         forward = self.forward_output if forward_output is None else forward_output
         return {} if forward else {"output": False}
 
+    def _progress(self, spec: Any) -> Any:
+        return wanted(spec, self.config.progress)
+
     def _run(self, func: Callable[[Any], Any], iterable: Iterable[Any], chunksize: Any,
              callback: Optional[Callable[[Any], Any]], ordered: bool, balance: bool,
-             options: JobOptions, forward_output: Optional[bool]) -> JobRun:
+             options: JobOptions, forward_output: Optional[bool], progress: Any) -> JobRun:
         chunksize = check_chunksize(chunksize)
         if not callable(func):
             raise TypeError(f"func must be callable, not {type(func).__name__}")
@@ -170,13 +174,15 @@ class Cluster:
             raise TypeError(f"callback must be callable or None, not {type(callback).__name__}")
         encoded = {**options.encode(self._scope), **self.job_options(forward_output)}
         return JobRun(self, func, _inputs(iterable), chunksize, callback, ordered, encoded,
-                      balance, options.cap_chunksize(chunksize))
+                      balance, options.cap_chunksize(chunksize),
+                      progress=self._progress(progress))
 
     def map(self, func: Callable[[Any], Any], iterable: Iterable[Any],
             chunksize: Optional[int] = None, callback: Optional[Callable[[Any], Any]] = None, *,
             initializer: Optional[Callable[..., Any]] = None, initargs: Tuple[Any, ...] = (),
             maxtasksperchild: Optional[int] = None, max_active: Optional[int] = None,
-            group: Optional[str] = None, forward_output: Optional[bool] = None) -> List[Any]:
+            group: Optional[str] = None, forward_output: Optional[bool] = None,
+            progress: Any = None) -> List[Any]:
         """``[func(x) for x in iterable]`` across the cluster, in input order.
 
         ``iterable`` may be any iterable (read lazily) or a generator function (called here).
@@ -192,12 +198,14 @@ class Cluster:
         (group's) chunks run at once across the cluster, the server holding the rest.
         ``group`` (any string) makes several jobs of this ``Cluster`` share the initializer
         state in each worker and one ``max_active`` cap (set by the group's first job):
-        ``achilles.Pool`` gives all its jobs one group.
+        ``achilles.Pool`` gives all its jobs one group. ``progress``: True for a tqdm bar of
+        items done as nodes finish them, a tqdm bar to drive, or a callable ``(done, total)``;
+        None follows ``ACHILLES_PROGRESS``.
         """
         opts = JobOptions.check(initializer, initargs, maxtasksperchild, max_active, group)
         out: List[Any] = []
         for values in self._run(func, iterable, chunksize, callback, True, True, opts,
-                                forward_output).chunks():
+                                forward_output, progress).chunks():
             out.extend(values)
         return out
 
@@ -205,8 +213,8 @@ class Cluster:
              chunksize: Optional[int] = None, callback: Optional[Callable[[Any], Any]] = None, *,
              initializer: Optional[Callable[..., Any]] = None, initargs: Tuple[Any, ...] = (),
              maxtasksperchild: Optional[int] = None, max_active: Optional[int] = None,
-             group: Optional[str] = None,
-             forward_output: Optional[bool] = None) -> ResultIterator:
+             group: Optional[str] = None, forward_output: Optional[bool] = None,
+             progress: Any = None) -> ResultIterator:
         """Like :meth:`map` but yields each result, in input order, as soon as it is ready.
 
         Work starts at once; input is read only as the cluster asks for it, so a slow reader
@@ -216,7 +224,7 @@ class Cluster:
         """
         opts = JobOptions.check(initializer, initargs, maxtasksperchild, max_active, group)
         return ResultIterator(self._run(func, iterable, chunksize, callback, True, False, opts,
-                                        forward_output))
+                                        forward_output, progress))
 
     def imap_unordered(self, func: Callable[[Any], Any], iterable: Iterable[Any],
                        chunksize: Optional[int] = None,
@@ -224,14 +232,15 @@ class Cluster:
                        initializer: Optional[Callable[..., Any]] = None,
                        initargs: Tuple[Any, ...] = (), maxtasksperchild: Optional[int] = None,
                        max_active: Optional[int] = None, group: Optional[str] = None,
-                       forward_output: Optional[bool] = None) -> ResultIterator:
+                       forward_output: Optional[bool] = None,
+                       progress: Any = None) -> ResultIterator:
         """Like :meth:`imap` but yields results in completion order.
 
         ``callback`` runs on the node on each result; the other options are :meth:`map`'s.
         """
         opts = JobOptions.check(initializer, initargs, maxtasksperchild, max_active, group)
         return ResultIterator(self._run(func, iterable, chunksize, callback, False, False, opts,
-                                        forward_output))
+                                        forward_output, progress))
 
     def submit_job(self, func: Callable[[Any], Any], iterable: Iterable[Any],
                    on_event: Callable[[HandleEvent], Any], chunksize: Optional[int] = None,
@@ -267,22 +276,26 @@ class Cluster:
         return self._handles.start(on_event, make_run)
 
     # --- call graphs --------------------------------------------------------------------------
-    def compute(self, *calls: Any, forward_output: Optional[bool] = None) -> List[Any]:
+    def compute(self, *calls: Any, forward_output: Optional[bool] = None,
+                progress: Any = None) -> List[Any]:
         """Run the graphs under these lazy task calls (shared parts run once) and return their
         values in order. A failing task raises its own exception with the remote traceback,
         its position in the graph and its last lines of output. Task output is printed here
-        with a ``(node task name#id)`` prefix unless ``forward_output=False``."""
+        with a ``(node task name#id)`` prefix unless ``forward_output=False``. ``progress`` as
+        for :meth:`map`, counting tasks settled; ``"tasks"`` draws one bar per ``@task`` name."""
         from achilles.controller.graph import GraphRun
 
-        return GraphRun(self, list(calls), self.job_options(forward_output)).wait()
+        return GraphRun(self, list(calls), self.job_options(forward_output),
+                        self._progress(progress)).wait()
 
-    def submit_graph(self, call: Any,
-                     forward_output: Optional[bool] = None) -> "concurrent.futures.Future[Any]":
+    def submit_graph(self, call: Any, forward_output: Optional[bool] = None,
+                     progress: Any = None) -> "concurrent.futures.Future[Any]":
         """Start a graph in the background; returns a ``concurrent.futures.Future`` of its
         value (so ``add_done_callback``, ``as_completed`` and ``wait`` work)."""
         from achilles.controller.graph import single, submit_graph
 
-        return single(submit_graph(self, [call], self.job_options(forward_output)))
+        return single(submit_graph(self, [call], self.job_options(forward_output),
+                                   self._progress(progress)))
 
     def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> "concurrent.futures.Future[Any]":
         """Run ``fn(*args, **kwargs)`` once on the cluster; returns a Future of its value.

@@ -90,6 +90,19 @@ class PipeResult:
 
 
 @dataclass(frozen=True)
+class JobProgress:
+    """A watched job's figures (JOB_PROGRESS): items ``done`` (with the parts running chunks
+    reported), ``failed`` and ``skipped`` chunks or tasks, ``retried`` re-runs, and for graphs
+    ``by_name``: ``{task name: [done, failed or skipped, total]}``."""
+
+    done: float
+    failed: int
+    skipped: int
+    retried: int
+    by_name: Dict[str, List[int]]
+
+
+@dataclass(frozen=True)
 class JobFailed:
     """The server gave up on the job or graph, saying why."""
 
@@ -119,8 +132,8 @@ class Reply:
 
 
 #: Every event a job, graph or request can receive.
-Event = Union[Want, ChunkResult, TaskDone, GraphDone, PipeResult, JobFailed, Cancelled,
-              ConnectionLostEvent, Reply, Output, OutputTail]
+Event = Union[Want, ChunkResult, TaskDone, GraphDone, PipeResult, JobProgress, JobFailed,
+              Cancelled, ConnectionLostEvent, Reply, Output, OutputTail]
 
 
 class EventSink(Protocol):

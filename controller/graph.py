@@ -8,6 +8,7 @@ branches finish), so no failure hangs.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import pickle
 import queue
@@ -16,9 +17,10 @@ import uuid
 from typing import Any, Callable, Dict, List, Optional
 
 from achilles.controller.events import (ConnectionLostEvent, Event, GraphDone, JobFailed, JobLink,
-                                        Output, OutputTail, TaskDone)
+                                        JobProgress, Output, OutputTail, TaskDone)
 from achilles.controller.failures import failure_exception
 from achilles.controller.output import OutputPrinter
+from achilles.controller.progress import Progress
 from achilles.core import wire
 from achilles.core.errors import ConnectionLost, JobCancelled
 from achilles.core.serialization import loads_data
@@ -26,10 +28,13 @@ from achilles.core.taskgraph import GraphSpec, TaskCall, build
 
 
 class GraphRun:
-    """One submitted graph; :meth:`wait` returns the outputs' values in order."""
+    """One submitted graph; :meth:`wait` returns the outputs' values in order.
+
+    ``progress`` (a spec from :func:`achilles.controller.progress.wanted`, or None) draws the
+    tasks settled (done, failed or skipped) of all tasks; ``"tasks"``: one bar per task name."""
 
     def __init__(self, link: JobLink, roots: List[TaskCall],
-                 options: Optional[Dict[str, Any]] = None) -> None:
+                 options: Optional[Dict[str, Any]] = None, progress: Any = None) -> None:
         if not roots or not all(isinstance(r, TaskCall) for r in roots):
             raise TypeError("compute() takes lazy task calls (the result of calling a @task)")
         self.link = link
@@ -47,8 +52,16 @@ class GraphRun:
         self._message = wire.encode_message(wire.GRAPH, (
             self.graph_id, pickle.dumps(self.spec.funcs, protocol=5), tasks,
             self.spec.outputs))
+        self._opening = [self._message]
+        if progress is not None:
+            self._opening.append(wire.encode_message(wire.WATCH, (self.graph_id,)))
         self._conn = link.register(self.graph_id, self.events)
-        self.link.send([self._message])
+        self.progress: Optional[Progress] = None
+        if progress is not None:
+            names: Dict[str, int] = collections.Counter(t[1] for t in self.spec.tasks)
+            desc = "graph " + ", ".join(dict.fromkeys(r.name for r in roots))
+            self.progress = Progress(progress, len(self.spec.tasks), desc, "task", names)
+        self.link.send(list(self._opening))
 
     def _error(self, task_id: int, status: int, payload: bytes, node: str) -> BaseException:
         call = self.spec.calls[task_id]
@@ -82,6 +95,10 @@ class GraphRun:
                         self.output.show(event, self._label(task_id))
                     case OutputTail():
                         self.output.keep_tail(event)
+                    case JobProgress(done=done, failed=failed, skipped=skipped, retried=retried,
+                                     by_name=by_name) if self.progress:
+                        self.progress.update(done + failed + skipped, failed, skipped, retried,
+                                             by_name)
                     case GraphDone(report=report):
                         self._record(report)
                         break
@@ -92,6 +109,8 @@ class GraphRun:
                         self._resume(reason)
         finally:
             self.link.unregister(self.graph_id)
+            if self.progress is not None:
+                self.progress.close()
         if self.first_error is not None and any(o not in self.values for o in self.spec.outputs):
             raise self.first_error
         return [self.values[o] for o in self.spec.outputs]
@@ -102,20 +121,27 @@ class GraphRun:
         except ConnectionLost as exc:
             raise ConnectionLost(f"lost the connection to the server ({reason}) while running "
                                  f"a graph; {exc}") from None
-        self.link.send([self._message])
+        self.link.send(list(self._opening))
 
     def _record(self, report: Dict[int, Dict[str, Any]]) -> None:
         for task_id, info in report.items():
             call = self.spec.calls.get(task_id)
             if call is not None:
                 call.info = dict(info)
+        if self.progress is not None:
+            # The final figures, from the report (the last JOB_PROGRESS came before it).
+            by_state = collections.Counter(info.get("state") for info in report.values())
+            retried = sum(max(0, int(info.get("attempts") or 0) - 1) for info in report.values())
+            figures = self.progress.figures
+            self.progress.update(len(report), by_state["failed"], by_state["skipped"],
+                                 max(retried, figures["retried"]))
 
 
-def submit_graph(link: JobLink, roots: List[TaskCall], options: Optional[Dict[str, Any]] = None
-                 ) -> "concurrent.futures.Future[List[Any]]":
+def submit_graph(link: JobLink, roots: List[TaskCall], options: Optional[Dict[str, Any]] = None,
+                 progress: Any = None) -> "concurrent.futures.Future[List[Any]]":
     """Run a graph in the background; the Future holds the outputs' values (a list)."""
     future: "concurrent.futures.Future[List[Any]]" = concurrent.futures.Future()
-    run = GraphRun(link, roots, options)
+    run = GraphRun(link, roots, options, progress)
     future.set_running_or_notify_cancel()
 
     def settle() -> None:

@@ -19,11 +19,12 @@ from achilles.core.errors import ConnectionLost, JobCancelled
 from achilles.core.serialization import dumps_code, dumps_data, function_name, loads_data
 from achilles.controller.chunking import ChunkSizer
 from achilles.controller.events import (
-    Cancelled, ChunkResult, ConnectionLostEvent, Event, EventSink, JobFailed, JobLink, Output,
-    OutputTail, Want,
+    Cancelled, ChunkResult, ConnectionLostEvent, Event, EventSink, JobFailed, JobLink, JobProgress,
+    Output, OutputTail, Want,
 )
 from achilles.controller.failures import failure_exception
 from achilles.controller.output import OutputPrinter
+from achilles.controller.progress import Progress
 
 INITIAL_CREDIT = wire.INITIAL_CREDIT
 MIN_WINDOW = 8
@@ -41,12 +42,16 @@ class JobRun:
     An empty input never reaches the server. An input iterable that raises, or an item that
     cannot be pickled, ends the input there: the results of every item before it come first,
     then that exception (:attr:`input_error`) is raised.
+
+    ``progress`` (a spec from :func:`achilles.controller.progress.wanted`, or None) asks the
+    server for the job's progress (WATCH) and draws it.
     """
 
     def __init__(self, link: JobLink, func: Callable[..., Any], iterable: Iterable[Any],
                  chunksize: Optional[int], callback: Optional[Callable[..., Any]], ordered: bool,
                  options: Optional[Dict[str, Any]] = None, balance: bool = False,
-                 chunk_limit: Optional[int] = None, sink: Optional[EventSink] = None) -> None:
+                 chunk_limit: Optional[int] = None, sink: Optional[EventSink] = None,
+                 progress: Any = None) -> None:
         self.link = link
         self.ordered = ordered
         self.function = function_name(func)
@@ -83,6 +88,13 @@ class JobRun:
         # Pickled before anything is registered or sent: an unpicklable function raises here.
         self._submit = wire.encode_message(wire.SUBMIT, (
             self.job_id, self.function, dumps_code(func), dumps_code(callback), options or {}))
+        self.progress: Optional[Progress] = None
+        self.chunks_failed = 0
+        self._base = (0, 0)  # items done and re-runs before the server's current copy of the job
+        self._retried = 0
+        self._opening = [self._submit]
+        if progress is not None:
+            self._opening.append(wire.encode_message(wire.WATCH, (self.job_id,)))
         self._input: Iterator[Any] = iter(iterable)
         head = self._read(1)
         self._conn = 0
@@ -91,8 +103,10 @@ class JobRun:
             return
         self._input = itertools.chain(head, self._input)
         self._conn = link.register(self.job_id, self._sink)
+        if progress is not None:
+            self.progress = Progress(progress, total, self.function)
         try:
-            self._fill([self._submit])
+            self._fill(list(self._opening))
         except BaseException:
             self.close()
             raise
@@ -171,6 +185,10 @@ class JobRun:
                     self.output.show(event, _label(chunk_id, spec[0]))
             case OutputTail():
                 self.output.keep_tail(event)
+            case JobProgress(done=done, failed=failed, retried=retried) if self.progress:
+                self._retried = self._base[1] + retried
+                self.progress.update(self._base[0] + done, max(failed, self.chunks_failed),
+                                     retried=self._retried)
             case JobFailed(message=message):
                 raise JobCancelled(f"job {self.job_id[:8]} failed on the server: {message}")
             case Cancelled(reason=reason):
@@ -193,6 +211,7 @@ class JobRun:
             else:
                 self.ready.append((first, values))
             return
+        self.chunks_failed += 1
         exc, index, partial = failure_exception(event.status, event.payload, self.function,
                                                 event.node, first, n)
         if event.status == wire.ITEM_ERROR and index is not None and hasattr(exc, "add_note"):
@@ -213,7 +232,9 @@ class JobRun:
             raise ConnectionLost(
                 f"lost the connection to the server ({reason}) with {self.items_done} of "
                 f"{self.items_sent} items done; {exc}", done=self.items_done) from None
-        messages = [self._submit] + [self.outstanding[cid][2] for cid in sorted(self.outstanding)]
+        # The server's new copy of the job counts from zero: what was done before is the base.
+        self._base = (self.items_done, self._retried)
+        messages = self._opening + [self.outstanding[cid][2] for cid in sorted(self.outstanding)]
         self.session_chunks = len(self.outstanding)
         self.credit = max(0, INITIAL_CREDIT - self.session_chunks)
         if self.exhausted:
@@ -269,6 +290,14 @@ class JobRun:
             self.finished = True
             self.link.send([wire.encode_message(wire.CANCEL, (self.job_id, reason))])
         self.link.unregister(self.job_id)
+        if self.progress is not None and not self.progress.closed:
+            # The final figures are this side's: every result it has, every failure it saw.
+            complete = self._answered() and self.error is None and self.input_error is None
+            n = self.items_sent if complete else max(self.progress.n, self.items_done)
+            self.progress.update(n, max(self.progress.figures["failed"], self.chunks_failed),
+                                 retried=self._retried,
+                                 total=self.items_sent if complete else None)
+            self.progress.close()
 
     def cancel(self, reason: str) -> None:
         """From any thread: cancel the job on the server (queued chunks are dropped, nodes stop

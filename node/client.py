@@ -251,7 +251,8 @@ class NodeFactory(protocol.ReconnectingClientFactory):
         self.stopping = False
         self.refusals = 0
         self._sessions = 0
-        self.pool = WorkerPool(processes, self._from_worker, self._output_from_worker)
+        self.pool = WorkerPool(processes, self._from_worker, self._output_from_worker,
+                               self._progress_from_worker)
         self.stages = StageHost(name, self._from_stage)
 
     # Twisted types buildProtocol's result as a protocol with a generic ``factory`` property;
@@ -268,6 +269,14 @@ class NodeFactory(protocol.ReconnectingClientFactory):
 
     def _from_worker(self, task: Task, status: int, payload: bytes, elapsed: float) -> None:
         reactor.callFromThread(self._deliver, task, status, payload, elapsed)
+
+    def _progress_from_worker(self, task: Task, n: float) -> None:
+        reactor.callFromThread(self._deliver_progress, task, n)
+
+    def _deliver_progress(self, task: Task, n: float) -> None:
+        proto = self.current
+        if proto is not None and proto.session == task.session and not task.cancelled:
+            proto.send(wire.TASK_PROGRESS, task.job_id, task.chunk_id, n)
 
     def _deliver(self, task: Task, status: int, payload: bytes, elapsed: float) -> None:
         proto = self.current

@@ -29,7 +29,7 @@ from multiprocess.connection import wait
 
 from achilles.core import wire
 from achilles.core.errors import describe_exit
-from achilles.node.worker import RETIRE
+from achilles.node.worker import PROGRESS, RETIRE
 from achilles.core.output import TAIL_LINES
 
 log = logging.getLogger("achilles.node")
@@ -75,6 +75,8 @@ ResultHandler = Callable[[Task, int, bytes, float], None]
 #: ``on_output(task, lines, dropped)``: lines a running task wrote, and how many more it
 #: wrote that the rate limit dropped (see :mod:`achilles.node.capture`).
 OutputHandler = Callable[[Task, List[list], int], None]
+#: ``on_progress(task, n)``: the running task reported ``n`` more items done.
+ProgressHandler = Callable[[Task, float], None]
 
 
 def _context() -> Any:
@@ -133,16 +135,19 @@ class _Slot:
 class WorkerPool:
     """``processes`` workers; :meth:`submit` queues a task, ``on_result`` gets every outcome.
 
-    ``on_result(task, status, payload, elapsed)`` and ``on_output(task, lines, dropped)`` are
-    called from supervisor threads: pass functions that hop to the reactor
+    ``on_result(task, status, payload, elapsed)``, ``on_output(task, lines, dropped)`` and
+    ``on_progress(task, n)`` (a running task's :func:`~achilles.node.worker.report_progress`)
+    are called from supervisor threads: pass functions that hop to the reactor
     (``reactor.callFromThread``). A task's output always comes before its result.
     """
 
     def __init__(self, processes: int, on_result: ResultHandler,
-                 on_output: Optional[OutputHandler] = None) -> None:
+                 on_output: Optional[OutputHandler] = None,
+                 on_progress: Optional[ProgressHandler] = None) -> None:
         self.processes = processes
         self.on_result = on_result
         self.on_output = on_output
+        self.on_progress = on_progress
         self._ctx = _context()
         self._queue: "queue.Queue[Any]" = queue.Queue()
         self._waiting: Dict[int, Task] = {}  # id(task) -> task, queued and not yet taken
@@ -301,7 +306,7 @@ class WorkerPool:
     def _run(self, slot: _Slot, task: Task) -> Any:
         """Run a task: ``(status, payload, elapsed, retire)``, None if the worker died,
         ``"timeout"``, or ``"retire"`` when the worker retired before running it. Output
-        messages that come first go to ``on_output``."""
+        messages that come first go to ``on_output``, progress reports to ``on_progress``."""
         forward = task.forward and self.on_output is not None
         try:
             slot.conn.send_bytes(pickle.dumps(
@@ -319,7 +324,11 @@ class WorkerPool:
                 header = pickle.loads(slot.conn.recv_bytes())
                 if type(header[0]) is not str:
                     break
-                self._output(task, header[0], header[1])
+                if header[0] == PROGRESS:
+                    if self.on_progress is not None and not task.cancelled:
+                        self.on_progress(task, header[1])
+                else:
+                    self._output(task, header[0], header[1])
             status, elapsed, retire = header
             if not slot.wait_ready(None):
                 return None

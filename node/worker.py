@@ -19,6 +19,8 @@ process before its first chunk of the group; with ``maxtasks`` the process runs 
 many of the group's items (calls) and then exits, to be replaced. A chunk that would take it
 past the limit is not run here: the reply is :data:`RETIRE` and the node runs the chunk on a
 fresh process (one chunk larger than the limit runs whole on a fresh process).
+Before the reply, a task that calls :func:`report_progress` may send ``("progress", n)``
+messages, at most one per :data:`PROGRESS_INTERVAL` seconds per worker.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import collections
 import os
 import pickle
 import signal
+import threading
 import time
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -40,6 +43,86 @@ CODE_CACHE = 32
 TAKEN = -2
 #: Reply status (never on the wire): this process is retiring before the chunk; run it elsewhere.
 RETIRE = -1
+#: The kind of a progress message on the pipe (``(PROGRESS, n)``, like output messages).
+PROGRESS = "progress"
+#: Seconds between two progress headers from one worker: report_progress is rate-limited here.
+PROGRESS_INTERVAL = 0.2
+
+
+class _Reporter:
+    """Sums a running task's :func:`report_progress` calls and sends the sum up the pipe at
+    most once per :data:`PROGRESS_INTERVAL`: a report inside the interval waits for a timer
+    thread, and a remainder not yet sent when the chunk ends is dropped (its result counts
+    every item). Writes to the pipe go under :meth:`lock`: the output capture's when it
+    captures this chunk (its flushes write to the same pipe), else the reporter's own."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self._own = threading.Lock()
+        self._lock: Any = self._own
+        self.pending = 0.0
+        self.last = -PROGRESS_INTERVAL
+        self.chunk = 0  # counts chunks, so that a timer of an earlier chunk sends nothing
+        self.running = False
+        self.timer: Optional[threading.Timer] = None
+
+    def lock(self) -> Any:
+        """The lock every write to the pipe takes during the current chunk."""
+        return self._lock
+
+    def start(self, capture: Any) -> None:
+        """A chunk starts (``capture``: the output capture, if it captures this chunk)."""
+        self._lock = self._own if capture is None else capture.lock
+        with self._lock:
+            self.running = True
+
+    def add(self, n: float) -> None:
+        with self.lock():
+            if not self.running:
+                return
+            self.pending += n
+            wait = self.last + PROGRESS_INTERVAL - time.monotonic()
+            if wait <= 0:
+                self._send()
+            elif self.timer is None:
+                self.timer = threading.Timer(wait, self._flush, (self.chunk,))
+                self.timer.daemon = True
+                self.timer.start()
+
+    def _flush(self, chunk: int) -> None:
+        with self.lock():
+            self.timer = None
+            if chunk == self.chunk and self.running and self.pending:
+                self._send()
+
+    def _send(self) -> None:
+        self.last = time.monotonic()
+        self.conn.send_bytes(pickle.dumps((PROGRESS, self.pending), protocol=5))
+        self.pending = 0.0
+
+    def end(self) -> None:
+        """The chunk ended (call with :meth:`lock` held, before sending its outcome): what is
+        pending is dropped and no timer of this chunk sends any more."""
+        self.running = False
+        self.chunk += 1
+        self.pending = 0.0
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+
+_reporter: Optional[_Reporter] = None
+
+
+def report_progress(n: float = 1) -> None:
+    """Inside a task running on a node: ``n`` more items of the current chunk (or a fraction
+    of a graph task) are done, so the caller's progress bar moves before the chunk returns.
+    Elsewhere (not in a worker process) it does nothing."""
+    if isinstance(n, bool) or not isinstance(n, (int, float)) or not 0 < n < float("inf"):
+        raise ValueError(f"report_progress takes a positive number of items, not {n!r}")
+    reporter = _reporter
+    if reporter is not None:
+        reporter.add(float(n))
 
 
 class _CodeCache:
@@ -187,6 +270,7 @@ def run_graph_task(funcs_bytes: bytes, payload: bytes) -> Tuple[int, bytes]:
 
 def worker_main(conn: Any, progress: Any) -> None:
     """Serve chunks from ``conn`` until the parent closes it; ``progress`` is a shared int."""
+    global _reporter
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     cache = _CodeCache()
     groups = _Groups()
@@ -195,6 +279,7 @@ def worker_main(conn: Any, progress: Any) -> None:
     def send(kind: str, data: Any) -> None:
         conn.send_bytes(pickle.dumps((kind, data), protocol=5))
 
+    reporter = _reporter = _Reporter(conn)
     while True:
         try:
             message = conn.recv_bytes()
@@ -210,6 +295,7 @@ def worker_main(conn: Any, progress: Any) -> None:
                 capture = Capture(send)
             results = [] if kind != "graph" else None
             capture.start(results)
+        reporter.start(capture if forward else None)
         start = time.perf_counter()
         retire = False
         if kind == "graph":
@@ -223,13 +309,12 @@ def worker_main(conn: Any, progress: Any) -> None:
                                                    init_bytes, maxtasks, results)
         elapsed = time.perf_counter() - start
         try:
-            if capture is not None and capture.active:
-                with capture.lock:
+            header = pickle.dumps((status, elapsed, retire), protocol=5)
+            with reporter.lock():
+                reporter.end()
+                if capture is not None and capture.active:
                     capture.finish(status not in (wire.OK, RETIRE))
-                    conn.send_bytes(pickle.dumps((status, elapsed, retire), protocol=5))
-                    conn.send_bytes(result)
-            else:
-                conn.send_bytes(pickle.dumps((status, elapsed, retire), protocol=5))
+                conn.send_bytes(header)
                 conn.send_bytes(result)
         except (EOFError, OSError):
             os._exit(0)

@@ -41,6 +41,7 @@ class Chunk:
     resources: Dict[str, float] = field(default_factory=dict)
     #: The last lines of output of its latest failed attempt, decoded and as sent (OUTPUT_TAIL).
     tail: Optional[Tuple[List[Line], bytes]] = None
+    reported: float = 0.0  # items its task said were done (report_progress) while in flight
 
 
 @dataclass(eq=False)
@@ -118,6 +119,9 @@ class Job(ABC):
         self.chunks_failed = 0
         self.recheck = False  # a chunk needing resources was queued since the last check
         self.group: Optional[JobGroup] = None  # the max_active cap this job counts against
+        self.watched = False  # the controller asked for JOB_PROGRESS (WATCH)
+        self.reported = 0.0  # sum of the in-flight chunks' ``reported``
+        self.retried = 0  # chunks run again: after a crash, a lost node or a task's retry
 
     # figures shown in status() and used by older callers
     @property
@@ -156,6 +160,27 @@ class Job(ABC):
 
     def on_dispatch(self, chunk: Chunk, node: NodeState) -> None:
         """``chunk`` was handed to ``node``."""
+
+    def report(self, chunk: Chunk, n: float) -> bool:
+        """An in-flight chunk's task reported ``n`` more items done (capped at the chunk's
+        size); whether the job's progress moved."""
+        add = min(n, chunk.n_items - chunk.reported)
+        if add <= 0:
+            return False
+        chunk.reported += add
+        self.reported += add
+        return True
+
+    def unreport(self, chunk: Chunk) -> None:
+        """``chunk`` left its node (answered, or its node was lost): forget what it reported."""
+        if chunk.reported:
+            self.reported = max(0.0, self.reported - chunk.reported)
+            chunk.reported = 0.0
+
+    def progress(self) -> Tuple[float, int, int, int, Dict[str, List[int]]]:
+        """The fields of JOB_PROGRESS after the job id: items done (with what running chunks
+        reported), failed and skipped chunks or tasks, re-runs, per-name counts (graphs)."""
+        return self.items_done + self.reported, self.chunks_failed, 0, self.retried, {}
 
     @abstractmethod
     def on_result(self, chunk: Chunk, status: int, payload: bytes, elapsed: float,
@@ -282,6 +307,14 @@ class GraphJob(Job):
         super().__init__(job_id, owner, f"graph of {len(graph.tasks)} tasks", funcs, b"",
                          {"kind": "graph", "output": output}, started)
         self.graph = graph
+        self.skipped = 0
+        self.by_name: Dict[str, List[int]] = {}  # task name -> [done, failed or skipped, total]
+        for t in graph.tasks.values():
+            self.by_name.setdefault(t.name, [0, 0, 0])[2] += 1
+
+    def progress(self) -> Tuple[float, int, int, int, Dict[str, List[int]]]:
+        return (self.items_done + self.reported, self.chunks_failed, self.skipped, self.retried,
+                {name: list(counts) for name, counts in self.by_name.items()})
 
     def start(self) -> None:
         """Queue the tasks that have no inputs."""
@@ -311,6 +344,7 @@ class GraphJob(Job):
         if status == wire.OK:
             self.items_done += 1
             self.chunks_done += 1
+            self.by_name[t.name][0] += 1
             if t.task_id in self.graph.outputs:
                 self.owner.peer.send(wire.TASK_DONE, self.job_id, t.task_id, status, node.name,
                                      elapsed, payload)
@@ -322,6 +356,7 @@ class GraphJob(Job):
             log.info("task %s#%d of graph %s failed (attempt %d); retrying in %g s", t.name,
                      t.task_id, self.job_id[:8], t.attempts, delay)
             t.state = QUEUED
+            self.retried += 1
             return delay
         self._fail(t, status, payload, node.name, elapsed)
         return None
@@ -330,6 +365,10 @@ class GraphJob(Job):
         self.chunks_done += 1
         self.chunks_failed += 1
         skipped = self.graph.failed(t)
+        self.by_name[t.name][1] += 1
+        self.skipped += len(skipped)
+        for s in skipped:
+            self.by_name[s.name][1] += 1
         if skipped:
             dropped = {s.task_id for s in skipped}
             self.queue = collections.deque(c for c in self.queue if c.chunk_id not in dropped)

@@ -43,6 +43,8 @@ MAX_WANT = 1024
 JOB_DONE_DELAY = 0.05
 #: ... or until this many finished jobs are waiting for one node.
 JOB_DONE_BATCH = 256
+#: Seconds between two JOB_PROGRESS messages for one watched job (changes are coalesced).
+PROGRESS_INTERVAL = 0.25
 #: Result status codes a node may report.
 KNOWN_STATUSES = frozenset({wire.OK, wire.ITEM_ERROR, wire.CRASHED, wire.TIMED_OUT})
 
@@ -78,6 +80,8 @@ class Scheduler:
         self._refill_pending: Dict[str, Job] = {}
         #: Told about joins, losses, job ends and failures (the dashboard's monitor).
         self.observer = SchedulerObserver()
+        self._progress_dirty: Dict[str, Job] = {}  # watched jobs changed since the last JOB_PROGRESS
+        self._progress_call: Any = None  # the pending flush, if any
 
     @property
     def clock(self) -> Any:
@@ -181,6 +185,9 @@ class Scheduler:
             del job.placed[chunk.chunk_id]
             if job.group is not None:
                 job.group.active -= 1
+            job.unreport(chunk)
+            job.retried += 1
+            self._progress_changed(job)
             job.requeue(chunk)
             self._mark_ready(job)
             requeued += 1
@@ -405,6 +412,9 @@ class Scheduler:
 
     def _maybe_finish(self, job: Job) -> None:
         if job.state == "running" and job.finished:
+            if job.watched:  # the final figures, before the job's last message
+                self._progress_dirty.pop(job.job_id, None)
+                self._send_progress(job)
             job.state = "done"
             job.on_finish()
             self._forget(job, wire.JOB_DONE)
@@ -438,12 +448,15 @@ class Scheduler:
         if job.group is not None:
             job.group.active -= 1
         self._unplace(node, chunk)
+        job.unreport(chunk)
+        self._progress_changed(job)
         if crash is not None:
             exitcode, item = crash
             chunk.crashes += 1
             self.observer.worker_crashed(job, chunk, node, exitcode,
                                          chunk.crashes < self.max_crashes)
             if chunk.crashes < self.max_crashes:
+                job.retried += 1
                 log.warning("chunk %d of job %s killed a worker on node %s (%s); retrying it "
                             "(%d of %d)", chunk_id, job_id[:8], node.name, exitcode,
                             chunk.crashes, self.max_crashes)
@@ -491,6 +504,41 @@ class Scheduler:
         job = self._running_on(node, job_id, chunk_id)
         if job is not None:
             node.inflight[(job_id, chunk_id)].tail = (lines, encode_lines(lines))
+    def progress(self, node: NodeState, job_id: str, chunk_id: int, n: float) -> None:
+        """A task running on ``node`` reported ``n`` more items done (TASK_PROGRESS). Reports
+        for chunks no longer in flight there are dropped; a malformed one raises ProtocolError."""
+        if not isinstance(n, (int, float)) or not 0 < n < float("inf"):
+            raise ProtocolError(f"TASK_PROGRESS for chunk {chunk_id} of job {job_id[:8]} "
+                                f"reports {n!r} items")
+        job = self._running_on(node, job_id, chunk_id)
+        if job is not None and job.report(node.inflight[(job_id, chunk_id)], float(n)):
+            self._progress_changed(job)
+
+    def watch(self, ctrl: ControllerState, job_id: str) -> None:
+        """Send JOB_PROGRESS for one of ``ctrl``'s jobs from now on (WATCH)."""
+        job = self._owned(ctrl, job_id)
+        if job is not None and not job.watched:
+            job.watched = True
+            self._progress_changed(job)
+
+    def _progress_changed(self, job: Job) -> None:
+        """A watched job's figures moved: send them with the next flush (at most one
+        JOB_PROGRESS per job every :data:`PROGRESS_INTERVAL` seconds)."""
+        if not job.watched:
+            return
+        self._progress_dirty[job.job_id] = job
+        if self._progress_call is None:
+            self._progress_call = self.clock.callLater(PROGRESS_INTERVAL, self._flush_progress)
+
+    def _flush_progress(self) -> None:
+        self._progress_call = None
+        dirty, self._progress_dirty = self._progress_dirty, {}
+        for job_id, job in dirty.items():
+            if self.jobs.get(job_id) is job and job.state == "running":
+                self._send_progress(job)
+
+    def _send_progress(self, job: Job) -> None:
+        job.owner.peer.send(wire.JOB_PROGRESS, job.job_id, *job.progress())
 
     @staticmethod
     def _crash_info(payload: Any, job_id: str, chunk_id: int) -> Tuple[Any, Any]:
@@ -664,8 +712,15 @@ class Scheduler:
             assert job_id in job.owner.jobs, f"job {job_id} missing from its controller's jobs"
             assert not job.finished, f"job {job_id} is finished but still listed"
             job.check()
+            reported = 0.0
             for chunk_id, node in job.placed.items():
                 placed[(job_id, chunk_id)] = node
+                chunk = node.inflight[(job_id, chunk_id)]
+                assert 0 <= chunk.reported <= chunk.n_items, f"chunk {chunk_id} over-reported"
+                reported += chunk.reported
+            assert abs(job.reported - reported) < 1e-6, \
+                f"job {job_id} counts {job.reported} reported items, its chunks {reported}"
+            assert all(c.reported == 0 for c in job.queue), f"job {job_id}: a queued chunk has progress"
             for node_id, node in job.shipped_to.items():
                 assert node_id in self.nodes and self.nodes[node_id] is node, \
                     f"job {job_id} shipped to departed node {node_id}"

@@ -130,6 +130,10 @@ class ServerConnection(ServerSideProtocol):
                          payload: bytes) -> None:
         if self.node is not None:
             self.factory.scheduler.output_tail(self.node, job_id, chunk_id, payload)
+    @handles(wire.TASK_PROGRESS)
+    def task_progress(self, job_id: str, chunk_id: int, n: float) -> None:
+        if self.node is not None:
+            self.factory.scheduler.progress(self.node, job_id, chunk_id, n)
 
     @handles(wire.PIPE_OUT)
     def pipe_out(self, pipe_id: str, stage: int, copy: int, incarnation: int, seq: int,
@@ -175,6 +179,10 @@ class ServerConnection(ServerSideProtocol):
     @handles(wire.END)
     def end(self, job_id: str, n_chunks: int) -> None:
         self.factory.scheduler.end(self._controller(), job_id, n_chunks)
+
+    @handles(wire.WATCH)
+    def watch(self, job_id: str) -> None:
+        self.factory.scheduler.watch(self._controller(), job_id)
 
     @handles(wire.CANCEL)
     def cancel(self, job_id: str, reason: str) -> None:

@@ -9,7 +9,7 @@ import pytest
 import achilles
 from achilles import task
 from achilles.local import LocalCluster
-from tests.conftest import group_members
+from conftest import group_members
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -354,7 +354,8 @@ def test_inbound_sets_follow_routes():
     """Each role accepts from each peer exactly the messages declared for that direction."""
     assert wire.inbound("server", "node") == {wire.NODE_READY, wire.NODE_LOAD, wire.RESULT,
                                               wire.TASK_ERROR, wire.PIPE_OUT, wire.OUTPUT,
-                                              wire.OUTPUT_TAIL, wire.PING, wire.PONG}
+                                              wire.OUTPUT_TAIL, wire.TASK_PROGRESS, wire.PING,
+                                              wire.PONG}
     assert wire.inbound("node", "server") == {wire.TASK, wire.JOB_CODE, wire.JOB_DONE,
                                               wire.CANCEL, wire.SHUTDOWN, wire.PIPE_WORK,
                                               wire.PING, wire.PONG}

@@ -58,6 +58,8 @@ VARIABLES: Dict[str, str] = {
                                  "key; printed at start as a ?token= URL)"),
     "ACHILLES_FORWARD_OUTPUT": ("controllers: print what tasks print and log, prefixed with node "
                                 "and item (default 1; 0 turns it off)"),
+    "ACHILLES_PROGRESS": "controllers: 1 shows a progress bar for every map and graph call that "
+                         "does not pass progress= (default 0)",
     "ACHILLES_TLS_CERT": "server: its TLS certificate (PEM); turns TLS on",
     "ACHILLES_TLS_KEY": "server: the key of ACHILLES_TLS_CERT",
     "ACHILLES_TLS_CLIENT_CA": "server: require client certificates signed by this CA (mutual TLS)",
@@ -90,6 +92,7 @@ class Config:
     dashboard: str = DEFAULT_DASHBOARD
     dashboard_token: Optional[str] = field(default=None, repr=False)
     forward_output: bool = True
+    progress: bool = False
     tls_cert: Optional[str] = None
     tls_key: Optional[str] = None
     tls_client_ca: Optional[str] = None
@@ -313,9 +316,11 @@ def load_config(**overrides: Any) -> Config:
     cfg.dashboard_token = pick("dashboard_token", "ACHILLES_DASHBOARD_TOKEN")
     cfg.forward_output = as_flag("ACHILLES_FORWARD_OUTPUT",
                                  pick("forward_output", "ACHILLES_FORWARD_OUTPUT"), True)
+    cfg.progress = as_flag("ACHILLES_PROGRESS", pick("progress", "ACHILLES_PROGRESS"), False)
     for name in TLS_FIELDS:
         setattr(cfg, name, pick(name, "ACHILLES_" + name.upper()))
     return cfg
+
 
 
 def gen_config(

@@ -113,16 +113,21 @@ class TaskCall:
             _collect(value, found)
         return list(found.values())
 
-    def result(self, cluster: Any = None, forward_output: Optional[bool] = None) -> Any:
+    def result(self, cluster: Any = None, forward_output: Optional[bool] = None,
+               progress: Any = None) -> Any:
         """Run the graph on ``cluster`` (default: the default connection) and return its value.
-        ``forward_output=False``: do not print the tasks' output here."""
-        return (cluster or _default_cluster()).compute(self, **_output_option(forward_output))[0]
+        ``forward_output=False``: do not print the tasks' output here. ``progress``: True,
+        ``"tasks"`` (a bar per task name), a tqdm bar or a callable ``(done, total)`` (see
+        ``Cluster.compute``)."""
+        return (cluster or _default_cluster()).compute(self, progress=progress,
+                                                       **_output_option(forward_output))[0]
 
     __call__ = result  # entangle's spelling: g()
 
-    def future(self, cluster: Any = None, forward_output: Optional[bool] = None) -> Any:
+    def future(self, cluster: Any = None, forward_output: Optional[bool] = None,
+               progress: Any = None) -> Any:
         """Submit the graph; return a ``concurrent.futures.Future`` of its value."""
-        return (cluster or _default_cluster()).submit_graph(self,
+        return (cluster or _default_cluster()).submit_graph(self, progress=progress,
                                                              **_output_option(forward_output))
 
     def graph(self) -> Dict[str, Any]:

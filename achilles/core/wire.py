@@ -73,6 +73,9 @@ class Msg(IntEnum):
     TASK_DONE = 35
     GRAPH_DONE = 36
     NODE_LOAD = 37
+    TASK_PROGRESS = 40
+    JOB_PROGRESS = 41
+    WATCH = 42
     TASK_ERROR = 44
     PIPE_START = 55
     PIPE_FEED = 56
@@ -228,6 +231,15 @@ declare(Msg.OUTPUT, ("job_id", STR), ("chunk_id", INT), ("node", STR), ("dropped
 declare(Msg.OUTPUT_TAIL, ("job_id", STR), ("chunk_id", INT), ("node", STR),
         ("payload", PAYLOAD), routes={(N, S), (S, C)}, payload=True,
         doc="the last lines of a failed chunk's output, sent just before its failed result")
+declare(Msg.TASK_PROGRESS, ("job_id", STR), ("chunk_id", INT), ("n", NUM), routes={(N, S)},
+        doc="a running chunk's task called report_progress: n more items' worth is done")
+declare(Msg.WATCH, ("job_id", STR), routes={(C, S)},
+        doc="send JOB_PROGRESS for this job (after its SUBMIT or GRAPH)")
+declare(Msg.JOB_PROGRESS, ("job_id", STR), ("done", NUM), ("failed", INT), ("skipped", INT),
+        ("retried", INT), ("by_name", DICT), routes={(S, C)},
+        doc="a watched job's progress, coalesced: items done (with reported parts of running "
+            "chunks), failed and skipped chunks or tasks, re-runs; graphs: {task name: "
+            "[done, failed or skipped, total]}")
 
 # Module-level names for every code (``wire.SUBMIT`` is ``Msg.SUBMIT``), spelled out so
 # type checkers see them.
@@ -265,6 +277,9 @@ PIPE_OUT = Msg.PIPE_OUT
 PIPE_RESULT = Msg.PIPE_RESULT
 OUTPUT = Msg.OUTPUT
 OUTPUT_TAIL = Msg.OUTPUT_TAIL
+TASK_PROGRESS = Msg.TASK_PROGRESS
+JOB_PROGRESS = Msg.JOB_PROGRESS
+WATCH = Msg.WATCH
 assert all(globals().get(m.name) is m for m in Msg), "a Msg code has no module-level name"
 
 NAMES: Dict[int, str] = {code: message.name for code, message in REGISTRY.items()}
