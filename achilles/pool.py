@@ -197,7 +197,7 @@ class Pool:
             raise ValueError("Pool not running")
 
     def _start(self, func: Callable[..., Any], iterable: Iterable[Any],
-               chunksize: Optional[int], result: ApplyResult) -> None:
+               chunksize: Optional[int], result: ApplyResult, progress: Any = None) -> None:
         self._check_running()
 
         def settle(error: Optional[BaseException], values: Optional[list]) -> None:
@@ -207,17 +207,18 @@ class Pool:
         job = OneShot(self._settler, settle)
         self._add(job)
         try:
-            job.start(self._backend.cluster, func, iterable, chunksize, self._options())
+            job.start(self._backend.cluster, func, iterable, chunksize,
+                      {**self._options(), "progress": progress})
         except BaseException:
             self._ended(job)
             raise
 
     def _stream(self, func: Callable[..., Any], iterable: Iterable[Any],
-                chunksize: Optional[int], ordered: bool) -> ResultStream:
+                chunksize: Optional[int], ordered: bool, progress: Any = None) -> ResultStream:
         self._check_running()
         cluster = self._backend.cluster
         make = cluster.imap if ordered else cluster.imap_unordered
-        results = make(func, iterable, chunksize, **self._options())
+        results = make(func, iterable, chunksize, progress=progress, **self._options())
         stream = ResultStream(results, f"achilles-pool-{next(_names)}", self._ended)
         self._add(stream)
         stream.start()
@@ -273,47 +274,52 @@ class Pool:
         """Start ``func(*args, **kwds)``; returns an :class:`ApplyResult`. ``callback(value)``
         or ``error_callback(exception)`` runs in this process when it completes."""
         result = ApplyResult(self, callback, error_callback)
-        self._start(Apply(func), [(tuple(args), dict(kwds))], 1, result)
+        self._start(Apply(func), [(tuple(args), dict(kwds))], 1, result, progress=False)
         return result
 
     def map(self, func: Callable[[Any], Any], iterable: Iterable[Any],
-            chunksize: Optional[int] = None) -> List[Any]:
-        """``[func(x) for x in iterable]`` on the cluster, in input order."""
-        return self.map_async(func, iterable, chunksize).get()
+            chunksize: Optional[int] = None, *, progress: Any = None) -> List[Any]:
+        """``[func(x) for x in iterable]`` on the cluster, in input order. ``progress=True``
+        (or a tqdm bar, or a callable ``(done, total)``) shows the items done; so do the
+        other map-like methods."""
+        return self.map_async(func, iterable, chunksize, progress=progress).get()
 
     def map_async(self, func: Callable[[Any], Any], iterable: Iterable[Any],
                   chunksize: Optional[int] = None,
                   callback: Optional[Callable[[Any], Any]] = None,
-                  error_callback: Optional[Callable[[BaseException], Any]] = None) -> MapResult:
+                  error_callback: Optional[Callable[[BaseException], Any]] = None, *,
+                  progress: Any = None) -> MapResult:
         """Start a ``map``; returns a :class:`MapResult` whose ``get()`` is the list."""
         result = MapResult(self, callback, error_callback)
-        self._start(func, iterable, chunksize, result)
+        self._start(func, iterable, chunksize, result, progress)
         return result
 
     def starmap(self, func: Callable[..., Any], iterable: Iterable[Iterable[Any]],
-                chunksize: Optional[int] = None) -> List[Any]:
+                chunksize: Optional[int] = None, *, progress: Any = None) -> List[Any]:
         """``[func(*args) for args in iterable]`` on the cluster, in input order."""
-        return self.starmap_async(func, iterable, chunksize).get()
+        return self.starmap_async(func, iterable, chunksize, progress=progress).get()
 
     def starmap_async(self, func: Callable[..., Any], iterable: Iterable[Iterable[Any]],
                       chunksize: Optional[int] = None,
                       callback: Optional[Callable[[Any], Any]] = None,
-                      error_callback: Optional[Callable[[BaseException], Any]] = None) -> MapResult:
+                      error_callback: Optional[Callable[[BaseException], Any]] = None, *,
+                      progress: Any = None) -> MapResult:
         """Start a ``starmap``; returns a :class:`MapResult`."""
         result = MapResult(self, callback, error_callback)
-        self._start(Star(func), iterable, chunksize, result)
+        self._start(Star(func), iterable, chunksize, result, progress)
         return result
 
     def imap(self, func: Callable[[Any], Any], iterable: Iterable[Any],
-             chunksize: Optional[int] = None) -> IMapIterator:
+             chunksize: Optional[int] = None, *, progress: Any = None) -> IMapIterator:
         """Results of ``func`` over ``iterable`` in input order, as they come. The input is
         read lazily; a reader that falls behind pauses the job (until ``join()``)."""
-        return IMapIterator(self._stream(func, iterable, chunksize, True))
+        return IMapIterator(self._stream(func, iterable, chunksize, True, progress))
 
     def imap_unordered(self, func: Callable[[Any], Any], iterable: Iterable[Any],
-                       chunksize: Optional[int] = None) -> IMapUnorderedIterator:
+                       chunksize: Optional[int] = None, *,
+                       progress: Any = None) -> IMapUnorderedIterator:
         """Like :meth:`imap`, in completion order."""
-        return IMapUnorderedIterator(self._stream(func, iterable, chunksize, False))
+        return IMapUnorderedIterator(self._stream(func, iterable, chunksize, False, progress))
 
     def close(self) -> None:
         """Accept no more work; what was submitted runs to its end."""

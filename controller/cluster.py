@@ -248,7 +248,7 @@ class Cluster:
                    initializer: Optional[Callable[..., Any]] = None,
                    initargs: Tuple[Any, ...] = (), maxtasksperchild: Optional[int] = None,
                    max_active: Optional[int] = None, group: Optional[str] = None,
-                   forward_output: Optional[bool] = None) -> JobHandle:
+                   forward_output: Optional[bool] = None, progress: Any = None) -> JobHandle:
         """Start ``map(func, iterable)`` and return at once; no thread waits for it.
 
         ``on_event`` gets, on this cluster's event thread (one for all its handles, callbacks
@@ -258,7 +258,7 @@ class Cluster:
         event thread. Bad options and an unpicklable function raise here; an input iterator
         that raises or an unpicklable item end the job with ``JobError`` after the results
         before it. ``handle.cancel(reason)`` stops it from any thread. The options are
-        :meth:`map`'s; forwarded task output is printed on the event thread.
+        :meth:`map`'s; forwarded task output and a ``progress`` bar are drawn on the event thread.
         """
         opts = JobOptions.check(initializer, initargs, maxtasksperchild, max_active, group)
         size = check_chunksize(chunksize)
@@ -268,10 +268,11 @@ class Cluster:
             raise TypeError(f"on_event must be callable, not {type(on_event).__name__}")
         options = {**opts.encode(self._scope), **self.job_options(forward_output)}
         inputs = _inputs(iterable)
+        spec = self._progress(progress)
 
         def make_run(sink: EventSink) -> JobRun:
             return JobRun(self, func, inputs, size, callback, False, options, True,
-                          opts.cap_chunksize(size), sink=sink)
+                          opts.cap_chunksize(size), sink=sink, progress=spec)
 
         return self._handles.start(on_event, make_run)
 

@@ -255,3 +255,22 @@ def test_final_progress_comes_before_the_graph_report():
     assert cpeer.of(wire.JOB_PROGRESS)[-1][2:] == (3.0, 0, 0, 0, {"leaf": [2, 0, 2], "sum": [1, 0, 1]})
     clock.advance(PROGRESS_INTERVAL)
     assert len(cpeer.of(wire.JOB_PROGRESS)) == 1
+
+
+def test_pool_methods_take_progress(cluster):
+    """``achilles.Pool``'s map, starmap, imap and imap_unordered (and their async forms) take
+    ``progress=`` and their bars end at done == total."""
+    with achilles.Pool(cluster=cluster) as pool:
+        bar = _bar()
+        assert pool.map(square, range(50), progress=bar) == [x * x for x in range(50)]
+        assert bar.n == bar.total == 50
+        seen = []
+        assert pool.starmap_async(pow, [(2, 3), (3, 2)],
+                                  progress=lambda d, t: seen.append((d, t))).get(30) == [8, 9]
+        assert seen[-1] == (2, 2)
+        bar = _bar()
+        assert sorted(pool.imap_unordered(square, range(20), progress=bar)) == \
+            sorted(x * x for x in range(20))
+        pool.close()
+        pool.join()  # the reader thread has finished the job, and with it the bar
+        assert bar.n == bar.total == 20
