@@ -179,8 +179,12 @@ def test_new_call_fails_after_the_reconnect_timeout(make_cluster):
     """If the server stays away past ACHILLES_RECONNECT_TIMEOUT, a new call fails with a
     ConnectionFailed naming that setting."""
     lc = make_cluster(nodes=1, processes=1, reconnect_timeout=0.5)
+    proto = lc.cluster._proto
     lc.server.kill()
     lc.server.wait(10)
+    # A call made before the reactor thread has seen the close starts on the old connection
+    # and fails as a running call (ConnectionLost); this test is about a new call.
+    wait_for(lambda: proto.state == "closed", what="the controller to see the server go")
     with pytest.raises(ConnectionFailed, match="ACHILLES_RECONNECT_TIMEOUT"):
         lc.cluster.map(square, range(3))
 
