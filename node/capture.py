@@ -9,7 +9,9 @@ goes where the node's own output goes, as does everything while forwarding is of
 
 Lines are not sent one by one: a background thread sends what gathered every
 :data:`~achilles.core.output.FLUSH_INTERVAL` seconds, ``flush()`` (``print(..., flush=True)``)
-sends at once, and the chunk's end sends the rest before its result. A token bucket (:data:`~achilles.core.output.RATE` lines per second after
+sends at once (up to :data:`FLUSHES` times a second), and the chunk's end sends the rest
+before its result. So a worker sends at most about twenty messages a second, plus one per
+chunk that wrote something. A token bucket (:data:`~achilles.core.output.RATE` lines per second after
 a burst of :data:`~achilles.core.output.BURST`, per worker process) bounds what leaves the
 worker; lines over it are counted and the count travels with the next message. The last
 :data:`~achilles.core.output.TAIL_LINES` lines of a chunk are kept whatever the limit, and
@@ -29,8 +31,10 @@ from typing import Any, Callable, Deque, Dict, List, Optional, TextIO
 
 from achilles.core.output import BURST, FLUSH_INTERVAL, RATE, TAIL_LINES, clip, MAX_LINE
 
-#: A batch of lines for the parent: ``(lines, dropped)``.
+#: ``send(kind, data)``: one message to the parent (see :class:`Capture`).
 Sender = Callable[[str, Any], None]
+#: Explicit ``flush()`` calls that send at once, per second (and at once after a pause).
+FLUSHES = 10
 
 
 class _Stream(io.TextIOBase):
@@ -65,12 +69,37 @@ class _Stream(io.TextIOBase):
         return self.original.fileno()
 
     @property
+    def buffer(self) -> "_Binary":
+        """Bytes written here are text too (decoded as UTF-8)."""
+        return _Binary(self)
+
+    @property
     def encoding(self) -> str:  # type: ignore[override]
         return getattr(self.original, "encoding", None) or "utf-8"
 
     @property
     def errors(self) -> Optional[str]:  # type: ignore[override]
         return getattr(self.original, "errors", None)
+
+
+class _Binary(io.RawIOBase):
+    """``sys.stdout.buffer`` of a captured stream: bytes decoded and written as text."""
+
+    def __init__(self, text: _Stream) -> None:
+        super().__init__()
+        self._text = text
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        if not self._text._capture.active:
+            return int(self._text.original.buffer.write(data))
+        self._text.write(bytes(data).decode("utf-8", "replace"))
+        return len(data)
+
+    def flush(self) -> None:
+        self._text.flush()
 
 
 class _LastResort(logging.Handler):
@@ -116,6 +145,8 @@ class Capture:
         self._tail: Deque[list] = collections.deque(maxlen=TAIL_LINES)
         self._tokens = float(BURST)
         self._stamp = time.monotonic()
+        self._flushes = float(FLUSHES)  # a token bucket for explicit flushes
+        self._flush_stamp = self._stamp
         self._wake = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self.stdout = _Stream(self, "stdout", sys.stdout)
@@ -197,10 +228,19 @@ class Capture:
             self._wake.set()
 
     def flush(self) -> None:
-        """Send the whole lines gathered so far now (``print(..., flush=True)``)."""
+        """Send the whole lines gathered so far now (``print(..., flush=True)``), up to
+        :data:`FLUSHES` times a second; more often, the background thread sends them."""
         with self.lock:
-            if self.active and self._pending:
+            if not (self.active and self._pending):
+                return
+            now = time.monotonic()
+            self._flushes = min(float(FLUSHES), self._flushes + (now - self._flush_stamp) * FLUSHES)
+            self._flush_stamp = now
+            if self._flushes >= 1.0:
+                self._flushes -= 1.0
                 self._flush()
+            else:
+                self._wake.set()
 
     def _flusher(self) -> None:
         while True:

@@ -49,3 +49,12 @@ def last_words_then_die(x):
     """Print (flushed) a line, then kill the worker process."""
     print(f"last words of {x}", flush=True)
     os._exit(3)
+
+
+def odd_writers(x):
+    """Write through sys.stdout.buffer, without newlines, and as a redrawn progress line."""
+    sys.stdout.buffer.write(f"bytes {x}\n".encode())
+    sys.stdout.write("no ")
+    sys.stdout.write("newline")
+    print(f"\rbar 10%\rbar 100%", file=sys.stderr)
+    return x

@@ -23,8 +23,8 @@ from achilles.core.errors import ConfigError, ProtocolError
 from achilles.core.output import BURST, RATE, TAIL_LINES, decode_lines, encode_lines
 from achilles.server.scheduler import Scheduler
 from conftest import wait_for
-from output_tasks import (chatty, flood, flood_then_fail, last_words_then_die, steps_then_fail,
-                          tagged)
+from output_tasks import (chatty, flood, flood_then_fail, last_words_then_die, odd_writers,
+                          steps_then_fail, tagged)
 from tasks import TaskFailure, pause
 
 pytestmark = pytest.mark.timeout(120)
@@ -70,6 +70,16 @@ def test_print_stderr_and_logging_reach_the_caller_with_node_and_item(cluster, c
         [(f"item {i}", f"err {i}") for i in range(6)]
         + [(f"item {i}", f"WARNING chatty: log {i}") for i in range(6)])
     assert {node for node, _, _ in err_lines} <= {"local-0", "local-1"}
+
+
+def test_bytes_partial_lines_and_redrawn_lines_are_lines_too(cluster, capfd):
+    """Bytes written to sys.stdout.buffer arrive as text; text without a final newline
+    arrives as a line at the chunk's end; a line redrawn with carriage returns arrives as
+    it was shown last."""
+    assert cluster.map(odd_writers, [5]) == [5]
+    out, err = capfd.readouterr()
+    assert sorted(t for _, _, t in prefixed(out)) == ["bytes 5", "no newline"]
+    assert [t for _, _, t in prefixed(err)] == ["bar 100%"]
 
 
 def test_imap_unordered_and_graph_tasks_forward_too(cluster, capfd):
