@@ -48,10 +48,9 @@ class _Stream(io.TextIOBase):
         self.original = original
 
     def write(self, text: str) -> int:
-        if not self._capture.active:
-            return self.original.write(text)
-        self._capture.write(self._name, text)
-        return len(text)
+        if self._capture.write(self._name, text):
+            return len(text)
+        return self.original.write(text)
 
     def flush(self) -> None:
         if self._capture.active:
@@ -175,18 +174,19 @@ class Capture:
             self._results = results
             self.active = True
 
-    def write(self, stream: str, text: str) -> None:
-        """Text written to ``stream``: whole lines become captured lines, the rest waits."""
+    def write(self, stream: str, text: str) -> bool:
+        """Text written to ``stream``: whole lines become captured lines, the rest waits.
+        False (nothing taken) when no chunk is being captured."""
         with self.lock:
             if not self.active:
-                return
+                return False
             old = self._partial[stream]
             item = self._partial_item[stream] if old else self._item()
             buf = old + text
             if "\n" not in buf and len(buf) <= MAX_LINE:
                 self._partial[stream] = buf
                 self._partial_item[stream] = item
-                return
+                return True
             lines = buf.split("\n")
             rest = lines.pop()
             if len(rest) > MAX_LINE:
@@ -195,6 +195,7 @@ class Capture:
             self._add(stream, lines, item)
             self._partial[stream] = rest
             self._partial_item[stream] = self._item()
+            return True
 
     def write_lines(self, stream: str, lines: List[str]) -> None:
         """Whole lines for ``stream``."""
