@@ -86,7 +86,8 @@ def startup_warnings(host: str, tls: bool, max_preauth: int) -> None:
     before, limit = raise_fd_limit()
     if limit >= 0:
         raised = f" (raised from {before})" if limit != before else ""
-        log.info("open file limit: %d%s", limit, raised)
+        log.info("open file limit: %d%s: room for %d nodes and controllers (one descriptor "
+                 "each)", limit, raised, max(0, limit - max_preauth - FD_HEADROOM))
         if limit < max_preauth + FD_HEADROOM:
             log.warning("the open file limit (%d) leaves little room beyond ACHILLES_MAX_PREAUTH=%d "
                         "connections in the handshake; raise the hard limit (ulimit -Hn) or lower "
