@@ -404,9 +404,35 @@ def test_silent_peer_is_dropped_after_heartbeat(protos):
     assert proto.state == "ready"
     pings = [c for c, _ in frames_of(transport.value())].count(wire.PING)
     assert pings >= 4  # the server pings 4 times per heartbeat period
-    clock.advance(1.0)
+    for _ in range(4):  # 1 s of silence: not yet more than the heartbeat
+        clock.advance(0.25)
     assert proto.state == "ready"
     clock.advance(0.3)
+    assert proto.state == "closed" and transport.disconnected
+    lose(proto)
+
+
+def test_a_stalled_server_does_not_drop_its_peers(protos):
+    """When the server itself did not run for longer than the heartbeat (stopped, starved: on
+    the test clock, one jump of 5 s), its overdue tick does not judge the peer by that gap:
+    the peer, whose messages were waiting unread, has a full heartbeat from then on; a peer
+    that stays silent after it is dropped (heartbeat 1 s)."""
+    clock = Clock()
+    factory = ServerFactory(USER, SECRET, prefetch=1, heartbeat=1.0, clock=clock)
+    proto, transport, hello = raw_server(factory, protos)
+    peer = PeerHandshake("controller", USER, KEY)
+    [auth] = peer.receive(*hello)
+    proto.dataReceived(auth)
+    peer.receive(*wire.FrameDecoder().frames(transport.value())[0])
+    sealer = FrameSealer(peer.session_keys()[0])
+    clock.advance(0.25)
+    clock.advance(5.0)  # the stall: the overdue tick runs before the waiting PING is read
+    assert proto.state == "ready"
+    proto.dataReceived(sealed(sealer, wire.PING, 1))
+    for _ in range(4):
+        clock.advance(0.25)
+    assert proto.state == "ready"
+    clock.advance(0.5)  # 1.25 s without a word since the PING: dropped
     assert proto.state == "closed" and transport.disconnected
     lose(proto)
 

@@ -88,6 +88,8 @@ class AchillesProtocol(protocol.Protocol):
         self._timer: Optional[DelayedCall] = None
         self._beat: Optional[LoopingCall] = None
         self._last_heard = 0.0
+        self._last_tick = 0.0  # clock seconds of the last heartbeat tick
+        self._listening_since = 0.0  # the end of the last stall of this process
 
     @property
     def last_heard(self) -> float:
@@ -153,7 +155,7 @@ class AchillesProtocol(protocol.Protocol):
         self.on_authenticated()
 
     def _start_heartbeat(self) -> None:
-        self._last_heard = self.clock.seconds()
+        self._last_heard = self._last_tick = self._listening_since = self.clock.seconds()
         if self.heartbeat > 0:
             self._beat = LoopingCall(self._heartbeat_tick)
             # LoopingCall declares the zope interface IReactorTime, which mypy cannot match
@@ -162,7 +164,14 @@ class AchillesProtocol(protocol.Protocol):
             self._beat.start(self.heartbeat / 4, now=False)
 
     def _heartbeat_tick(self) -> None:
-        silent = self.clock.seconds() - self._last_heard
+        now = self.clock.seconds()
+        if now - self._last_tick > self.heartbeat / 2:
+            # This tick is overdue: this process did not run for a while (stopped, starved,
+            # paused). Timers run before reads, so the peer's messages may be waiting unread:
+            # its silence counts from now, not from before the stall.
+            self._listening_since = now
+        self._last_tick = now
+        silent = now - max(self._last_heard, self._listening_since)
         if silent > self.heartbeat:
             log.warning("no heartbeat from %s for %.1f s; dropping the connection",
                         self.peer_address, silent)
