@@ -52,7 +52,11 @@ def _free_subnets(count: int) -> List[int]:
 
 
 class SSHHosts:
-    """``names`` hosts, each a namespace with its own sshd; ``home`` is the client's HOME."""
+    """``names`` hosts, each a namespace with its own sshd; ``home`` is the client's HOME.
+
+    Each host NAME has three ~/.ssh/config aliases: ``NAME`` (with IdentityFile),
+    ``NAME-jump`` (the same through ``ProxyJump NAME``) and ``NAME-agent`` (no IdentityFile:
+    only an agent's key gets in)."""
 
     def __init__(self, base: str, names: List[str]) -> None:
         self.base = base
@@ -68,7 +72,8 @@ class SSHHosts:
     def start(self) -> "SSHHosts":
         os.makedirs(os.path.join(self.home, ".ssh"), mode=0o700)
         os.makedirs("/run/sshd", exist_ok=True)
-        key = os.path.join(self.home, ".ssh", "id_ed25519")
+        # Not a default key name: a host without IdentityFile is reached only through the agent.
+        self.key = key = os.path.join(self.home, ".ssh", "cluster_key")
         host_key = os.path.join(self.base, "host_ed25519")
         for path in (key, host_key):
             subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", path], check=True,
@@ -104,6 +109,11 @@ class SSHHosts:
             log.close()
             config.append(f"Host {name}\n  HostName {address}\n  Port {SSH_PORT}\n  User root\n"
                           f"  IdentityFile {key}\n")
+            # The same host reached through a jump host (itself), and with keys from the agent only.
+            config.append(f"Host {name}-jump\n  HostName {address}\n  Port {SSH_PORT}\n"
+                          f"  User root\n  IdentityFile {key}\n  ProxyJump {name}\n")
+            config.append(f"Host {name}-agent\n  HostName {address}\n  Port {SSH_PORT}\n"
+                          "  User root\n")
             known.append(f"[{address}]:{SSH_PORT} {host_pub}")
         with open(os.path.join(self.home, ".ssh", "config"), "w") as fh:
             fh.write("\n".join(config))

@@ -213,3 +213,76 @@ def test_a_killed_up_leaves_no_node_or_server(ssh_home, tmp_path) -> None:
             wait_for(lambda: not ssh_home.node_pids(name), timeout=30, what=f"{name} to be empty")
     finally:
         up.close()
+
+
+def test_a_host_with_another_achilles_version_is_refused(ssh_home, tmp_path) -> None:
+    """A host whose Python imports a different Achilles version fails the start with both
+    versions named."""
+    fake = tmp_path / "old" / "achilles"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text('__version__ = "0.0.1"\n')
+    python = tmp_path / "old-python"
+    python.write_text(f"#!/bin/sh\nPYTHONPATH={fake.parent} exec {sys.executable} \"$@\"\n")
+    python.chmod(0o755)
+    launcher = SSHCluster(["alpha"], remote_python=str(python), on_log=None)
+    with pytest.raises(AchillesError, match=f"has Achilles 0.0.1, this machine {achilles.__version__}"):
+        launcher.start()
+
+
+def test_proxyjump_and_agent_keys_from_the_ssh_config(ssh_home, tmp_path, monkeypatch) -> None:
+    """A host reached through ProxyJump, and a host whose only key is in an ssh-agent, both
+    run a node; behind the jump the start asks for --server-address (this machine's address as
+    the host would reach it is unknown) and works with it; without the agent, the agent-only
+    host is refused with an error naming it."""
+    sock = str(tmp_path / "agent.sock")
+    agent = subprocess.Popen(["ssh-agent", "-D", "-a", sock], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: os.path.exists(sock), timeout=10, what="ssh-agent's socket")
+        added = subprocess.run(["ssh-add", ssh_home.key], env=dict(os.environ, SSH_AUTH_SOCK=sock),
+                               capture_output=True, text=True, timeout=30)
+        assert added.returncode == 0, added.stderr
+        with pytest.raises(AchillesError, match="alpha-jump: .*ProxyJump.*--server-address"):
+            SSHCluster(["alpha-jump"], remote_python=ssh_home.python, on_log=None).start()
+        launcher = SSHCluster(["alpha-jump"], remote_python=ssh_home.python, on_log=None,
+                              server_address=ssh_home.gateways["alpha"])
+        with launcher as cluster:
+            assert cluster.map(lambda x: x * 2, [1, 2]) == [2, 4]
+        monkeypatch.setenv("SSH_AUTH_SOCK", sock)
+        with SSHCluster(["beta-agent"], remote_python=ssh_home.python, on_log=None) as cluster:
+            assert cluster.map(lambda x: x * 3, [1, 2]) == [3, 6]
+        monkeypatch.delenv("SSH_AUTH_SOCK")
+        with pytest.raises(AchillesError, match="beta-agent: SSH connection failed"):
+            SSHCluster(["beta-agent"], remote_python=ssh_home.python, on_log=None).start()
+    finally:
+        agent.terminate()
+        agent.wait(10)
+    for name in ("alpha", "beta"):
+        wait_for(lambda: not ssh_home.node_pids(name), timeout=20, what=f"{name} to be empty")
+
+
+def test_tls_ca_reaches_the_hosts_and_nodes_verify_the_server(ssh_home, tmp_path) -> None:
+    """With TLS in the cluster's .env, the CA certificate is copied beside the .env on each
+    host (mode 0600, the .env pointed at the copy) and the nodes join (the server takes only
+    TLS, so they verified it against the copy); the server's key does not leave this machine."""
+    from achilles.core.tls import generate_certs
+
+    paths = generate_certs(str(tmp_path / "certs"),
+                           hosts=["127.0.0.1", *ssh_home.gateways.values()])
+    env = tmp_path / ".env"
+    achilles.gen_config(str(env), port=0)
+    with open(env, "a") as fh:
+        fh.write(f"ACHILLES_TLS_CERT={paths['server.pem']}\nACHILLES_TLS_KEY={paths['server.key']}\n"
+                 f"ACHILLES_TLS_CA={paths['ca.pem']}\n")
+    launcher = SSHCluster(["alpha", "beta"], remote_python=ssh_home.python, env_file=str(env),
+                          on_log=None)
+    with launcher as cluster:
+        assert cluster.map(lambda x: x - 1, [1, 2, 3]) == [0, 1, 2]
+        for node in launcher.nodes:
+            folder = node.directory
+            assert folder and sorted(os.listdir(folder)) == [".env", "tls_ca.pem"]
+            assert stat.S_IMODE(os.stat(os.path.join(folder, "tls_ca.pem")).st_mode) == 0o600
+            copied = achilles.load_config(env_file=os.path.join(folder, ".env"))
+            assert copied.tls_ca == f"{folder}/tls_ca.pem"
+            with open(paths["ca.pem"]) as a, open(copied.tls_ca) as b:
+                assert a.read() == b.read()

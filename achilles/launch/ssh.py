@@ -8,6 +8,7 @@ and agent, like ``ssh`` does. Its event loop runs in one background thread.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import shlex
 import threading
@@ -42,6 +43,16 @@ def _asyncssh() -> Any:
     return asyncssh
 
 
+def _same_address(a: str, b: str) -> bool:
+    try:
+        x, y = ipaddress.ip_address(a.split("%")[0]), ipaddress.ip_address(b.split("%")[0])
+    except ValueError:
+        return a == b
+    x = getattr(x, "ipv4_mapped", None) or x
+    y = getattr(y, "ipv4_mapped", None) or y
+    return x == y
+
+
 class _Loop:
     """An asyncio event loop in a daemon thread; ``run`` waits for one coroutine's result."""
 
@@ -73,13 +84,19 @@ class RemoteNode:
         self.pid: Optional[int] = None
         self.directory: Optional[str] = None
         self.exit_status: Optional[int] = None
+        #: The client address the host's sshd saw (``$SSH_CONNECTION``).
+        self.seen_from: Optional[str] = None
         self.stopping = False
         self.tasks: List["asyncio.Task[Any]"] = []
 
     def local_address(self) -> Optional[str]:
-        """This machine's address as the host sees it (the SSH connection's own end)."""
+        """This machine's address as the host sees it: the SSH connection's own end, when the
+        host saw the connection come from there (not through a jump host or address
+        translation, where the host may not reach it); else None."""
         sockname = self.conn.get_extra_info("sockname") if self.conn is not None else None
-        return sockname[0] if sockname else None
+        if not sockname or not self.seen_from:
+            return None
+        return sockname[0] if _same_address(sockname[0], self.seen_from) else None
 
 
 class SSHCluster(Launcher):
@@ -162,6 +179,8 @@ class SSHCluster(Launcher):
             raise AchillesError(f"no SSH connection within {self.connect_timeout:g} s") from None
         except (OSError, ssh.Error) as exc:
             raise AchillesError(f"SSH connection failed: {exc}") from None
+        seen = await node.conn.run("echo $SSH_CONNECTION", check=False, timeout=60)
+        node.seen_from = (str(seen.stdout or "").split() or [None])[0]
         py = shlex.quote(self.remote_python)
         result = await node.conn.run(f"{py} -c {shlex.quote(_CHECK)}", check=False, timeout=60)
         out = str(result.stdout or "").strip().splitlines()
@@ -221,8 +240,9 @@ class SSHCluster(Launcher):
     async def _start_one(self, node: RemoteNode) -> None:
         address = self.server_address or node.local_address()
         if not address:
-            raise AchillesError("cannot tell which address of this machine the host reaches "
-                                "(e.g. through ProxyJump); pass --server-address / server_address=")
+            raise AchillesError("cannot tell which address of this machine the host reaches (it "
+                                "is behind ProxyJump or address translation); pass "
+                                "--server-address / server_address=")
         made = await node.conn.run('mktemp -d "${TMPDIR:-/tmp}/achilles-XXXXXXXX"', check=False,
                                    timeout=60)
         if made.exit_status != 0:
