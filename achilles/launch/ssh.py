@@ -180,7 +180,8 @@ class SSHCluster(Launcher):
         except (OSError, ssh.Error) as exc:
             raise AchillesError(f"SSH connection failed: {exc}") from None
         seen = await node.conn.run("echo $SSH_CONNECTION", check=False, timeout=60)
-        node.seen_from = (str(seen.stdout or "").split() or [None])[0]
+        words = str(seen.stdout or "").split()
+        node.seen_from = words[0] if words else None
         py = shlex.quote(self.remote_python)
         result = await node.conn.run(f"{py} -c {shlex.quote(_CHECK)}", check=False, timeout=60)
         out = str(result.stdout or "").strip().splitlines()
