@@ -1,16 +1,19 @@
-"""``achilles``: one command for every role — server, node, config, demo, status, kill, up, down."""
+"""``achilles``: one command for every role — server, node, config, demo, status, top, kill, up,
+down."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from typing import List, Optional
+import time
+from typing import Any, Dict, List, Optional, Tuple
 
 from achilles.core.cli_common import add_client_tls_options, add_connection_options, run_main
+from achilles.core.errors import AchillesError
 from achilles.launch.cli import add_down_parser, add_up_parser
 
-COMMANDS = ("server", "node", "config", "certs", "demo", "status", "kill", "up", "down")
+COMMANDS = ("server", "node", "config", "certs", "demo", "status", "top", "kill", "up", "down")
 
 
 def _config(args: argparse.Namespace) -> int:
@@ -54,10 +57,44 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(processes=args.processes, keep=args.keep)
 
 
+def _where(args: argparse.Namespace, cluster: Any) -> str:
+    return f"{cluster.config.host}:{cluster.config.port}"
+
+
 def _status(args: argparse.Namespace) -> int:
+    from achilles.tables import render
+
     with _connect(args) as cluster:
-        print(json.dumps(cluster.status(), indent=2))
+        status = cluster.status()
+        print(json.dumps(status, indent=2) if args.json else render(status, _where(args, cluster)))
     return 0
+
+
+#: Clears a terminal and puts the cursor at the top left (``achilles top`` on a terminal).
+CLEAR = "\x1b[H\x1b[2J"
+
+
+def _top(args: argparse.Namespace) -> int:
+    from achilles.tables import render
+
+    if args.interval <= 0:
+        raise AchillesError("--interval must be positive")
+    terminal = sys.stdout.isatty()
+    with _connect(args) as cluster:
+        previous: Optional[Tuple[Dict[str, Any], float]] = None
+        try:
+            while True:
+                status = cluster.status()
+                taken = time.monotonic()
+                text = render(status, _where(args, cluster),
+                              previous[0] if previous else None,
+                              taken - previous[1] if previous else None, rates=True)
+                sys.stdout.write((CLEAR if terminal else "\n") + text + "\n")
+                sys.stdout.flush()
+                previous = (status, taken)
+                time.sleep(args.interval)
+        except KeyboardInterrupt:
+            return 0
 
 
 def _kill(args: argparse.Namespace) -> int:
@@ -92,10 +129,17 @@ def build_parser() -> argparse.ArgumentParser:
                       help="then keep the cluster up, with a job running, until Enter, and "
                            "print its dashboard's URL")
     demo.set_defaults(run=_demo)
-    st = sub.add_parser("status", help="print the cluster's nodes and jobs as JSON")
+    st = sub.add_parser("status", help="print the cluster's nodes and jobs as tables")
     add_connection_options(st)
     add_client_tls_options(st)
+    st.add_argument("--json", action="store_true", help="print status() as JSON instead")
     st.set_defaults(run=_status)
+    top = sub.add_parser("top", help="show the nodes and jobs live, with rates, until Ctrl-C")
+    add_connection_options(top)
+    add_client_tls_options(top)
+    top.add_argument("--interval", type=float, default=1.0,
+                     help="seconds between refreshes (default 1)")
+    top.set_defaults(run=_top)
     kill = sub.add_parser("kill", help="stop every node and the server")
     add_connection_options(kill)
     add_client_tls_options(kill)
