@@ -35,7 +35,7 @@ def _rate(now: Any, before: Any, seconds: Optional[float]) -> str:
     return f"{max(0.0, now - before) / seconds:,.1f}"
 
 
-def table(headers: Sequence[str], rows: List[Sequence[Any]], right: Sequence[bool]) -> str:
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], right: Sequence[bool]) -> str:
     """Columns padded to their widest cell; ``right[i]`` right-aligns column ``i``."""
     cells = [[printable(str(c), 60) for c in row] for row in rows]
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
