@@ -4,7 +4,7 @@ A job's or graph's run hands each :class:`~achilles.controller.events.Output` to
 :meth:`OutputPrinter.show`, which prints every line with a short prefix naming the node and
 the item (``(node-1 item 17) text``) or graph task (``(node-1 task add#3) text``): ``print``
 output to ``sys.stdout``, ``sys.stderr`` and log records to ``sys.stderr``, and a notice when
-the node's rate limit dropped lines. :class:`~achilles.controller.events.OutputTail` (the
+the node's rate limit dropped lines (tqdm progress bars are cleared around them). :class:`~achilles.controller.events.OutputTail` (the
 last lines of a chunk whose failure comes next) is kept until :meth:`OutputPrinter.attach`
 puts it on the exception: as a note, and as the attribute ``task_output`` (a list of lines).
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, TextIO, Tuple
 
 from achilles.controller.events import Output, OutputTail
 from achilles.core.errors import ProtocolError
@@ -35,6 +35,17 @@ def _decode(payload: bytes, chunk_id: int) -> List[Line]:
         return []
 
 
+def _write(stream: TextIO, text: str) -> None:
+    """Write ``text``; progress bars drawn by tqdm (``progress=True``) are cleared first and
+    redrawn after, so lines and bars do not run into each other."""
+    tqdm_module = sys.modules.get("tqdm")
+    if tqdm_module is None:
+        stream.write(text)
+        return
+    with tqdm_module.tqdm.external_write_mode(file=stream):
+        stream.write(text)
+
+
 class OutputPrinter:
     """Prints one job's forwarded output and keeps its failing chunks' last lines."""
 
@@ -43,14 +54,18 @@ class OutputPrinter:
 
     def show(self, event: Output, label: Label) -> None:
         """Print the event's lines with their prefix, and say how many were dropped."""
-        out, err = sys.stdout, sys.stderr
+        out: List[str] = []
+        err: List[str] = []
         for item, stream, text in _decode(event.payload, event.chunk_id):
-            target = out if stream == "stdout" else err
-            target.write(f"({event.node} {label(item)}) {text}\n")
+            (out if stream == "stdout" else err).append(f"({event.node} {label(item)}) {text}\n")
         if event.dropped:
-            err.write(f"({event.node} {label(None)}) [achilles: {event.dropped} more line(s) "
-                      f"of output dropped: the node forwards at most {RATE:g} lines/s per "
-                      "worker process]\n")
+            err.append(f"({event.node} {label(None)}) [achilles: {event.dropped} more line(s) "
+                       f"of output dropped: the node forwards at most {RATE:g} lines/s per "
+                       "worker process]\n")
+        if out:
+            _write(sys.stdout, "".join(out))
+        if err:
+            _write(sys.stderr, "".join(err))
 
     def keep_tail(self, event: OutputTail) -> None:
         """Remember the last lines of a chunk whose failure comes next."""

@@ -360,3 +360,14 @@ def test_pool_and_executor_forward_too_and_take_forward_output(shared_cluster, c
         assert executor.submit(chatty, 7).result(timeout=60) == 7
     out, _ = capfd.readouterr()
     assert sorted(t for _, _, t in prefixed(out)) == ["out 1", "out 2", "out 3", "out 4"]
+
+
+def test_output_and_a_progress_bar_share_the_terminal(cluster, capfd):
+    """With progress=True the forwarded lines still arrive whole, each on its own line once
+    the bar's redraws (carriage returns) are set aside."""
+    assert cluster.map(chatty, range(4), chunksize=1, progress=True) == list(range(4))
+    out, err = capfd.readouterr()
+    shown = [segment for line in (out + err).splitlines() for segment in line.split("\r")]
+    lines = prefixed("\n".join(shown))
+    assert sorted(t for _, _, t in lines if t.startswith("out")) == [f"out {i}" for i in range(4)]
+    assert sorted(t for _, _, t in lines if t.startswith("err")) == [f"err {i}" for i in range(4)]
