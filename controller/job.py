@@ -96,12 +96,13 @@ class JobRun:
         if progress is not None:
             self._opening.append(wire.encode_message(wire.WATCH, (self.job_id,)))
         self._input: Iterator[Any] = iter(iterable)
-        head = self._read(1)
         self._conn = 0
+        head = [] if total == 0 else [None] if total else self._read(1)
         if not head:  # empty input (or it raised at once): nothing to ask the server
             self.exhausted = self.finished = True
             return
-        self._input = itertools.chain(head, self._input)
+        if total is None:
+            self._input = itertools.chain(head, self._input)
         self._conn = link.register(self.job_id, self._sink)
         if progress is not None:
             self.progress = Progress(progress, total, self.function)

@@ -51,6 +51,9 @@ class JobOptions:
     def check(cls, initializer: Any = None, initargs: Any = (), maxtasksperchild: Any = None,
               max_active: Any = None, group: Any = None) -> "JobOptions":
         """Validate the keyword arguments; TypeError or ValueError names the bad one."""
+        if (initializer is None and initargs == () and maxtasksperchild is None
+                and max_active is None and group is None):
+            return NO_OPTIONS
         if initializer is not None and not callable(initializer):
             raise TypeError(f"initializer must be callable, not {type(initializer).__name__}")
         if isinstance(initargs, (str, bytes)) or not isinstance(initargs, (tuple, list)):
@@ -66,6 +69,8 @@ class JobOptions:
         """The ``SUBMIT`` options dict; ``scope`` is unique to the calling ``Cluster``.
         An initializer or initargs that cannot be pickled raise here."""
         out: Dict[str, Any] = {}
+        if self is NO_OPTIONS:
+            return out
         if self.initializer is not None:
             out["init"] = dumps_code(functools.partial(self.initializer, *self.initargs))
         if self.maxtasksperchild is not None:
@@ -80,3 +85,7 @@ class JobOptions:
         """The largest automatic chunk: ``maxtasksperchild`` items, so that a worker runs at
         most that many before it is replaced (None: no cap)."""
         return self.maxtasksperchild if chunksize is None else None
+
+
+#: The options of a job that sets none (the common case, checked without work).
+NO_OPTIONS = JobOptions()
