@@ -484,11 +484,12 @@ def dispatch_run(sw: Swarm, chunks: int) -> Dict[str, Any]:
 
 
 def measure(nodes: int, chunks: int, idle: float, status_calls: int, processes: int,
-            delay_chunks: int, delay: float, window: int, heartbeat: float) -> Dict[str, Any]:
+            delay_chunks: int, delay: float, window: int, heartbeat: float,
+            load_reports: bool = True) -> Dict[str, Any]:
     """Every figure for one swarm size (see the module docstring)."""
     out: Dict[str, Any] = {"nodes": nodes}
     with Swarm(nodes, processes=processes, window=window, heartbeat=heartbeat,
-               delay=0.0) as sw:
+               delay=0.0, load_reports=load_reports) as sw:
         assert sw.server is not None
         time.sleep(0.5)
         base = rss_bytes(sw.server.pid)
@@ -571,14 +572,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="also run with nodes answering after this many seconds")
     parser.add_argument("--delay-chunks", type=int, default=20000)
     parser.add_argument("--window", type=int, default=64, help="handshakes in flight at once")
-    parser.add_argument("--heartbeat", type=float, default=10.0)
+    parser.add_argument("--heartbeat", type=float, default=10.0,
+                        help="ACHILLES_HEARTBEAT of the server and the simulated nodes")
+    parser.add_argument("--no-load-reports", action="store_true",
+                        help="simulated nodes send no NODE_LOAD (with a long --heartbeat: the "
+                             "server's CPU is dispatch alone)")
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args(argv)
     raise_fd_limit(64)
     rows = []
     for n in (int(s) for s in args.nodes.split(",")):
         row = measure(n, args.chunks, args.idle, args.status_calls, args.processes,
-                      args.delay_chunks, args.delay, args.window, args.heartbeat)
+                      args.delay_chunks, args.delay, args.window, args.heartbeat,
+                      not args.no_load_reports)
         rows.append(row)
         print(json.dumps(row), flush=True)
     print()
