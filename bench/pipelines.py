@@ -10,8 +10,9 @@ item, the middle two as 2 copies: ``S, As(2, S), As(2, S), S``) over ``--items``
   (``pip install '.[bench]'``).
 
 Ideal throughput: the slowest stage (one copy: 1 / 2 ms) and the cores (2 / (4 x 2 ms)) bound
-it; the smaller is the ideal. The busy loop is calibrated in this process, and the ideal uses
-the measured cost per call. Printed: items/s, the fraction of the ideal, and Achilles' ratio
+it; the smaller is the ideal (250 items/s). The busy loop spins on the process's CPU clock, so
+each call costs 2 ms of CPU whatever else runs; each round prints how busy the machine was, to
+tell a slow system from a crowded machine (other processes' CPU counts against every system). Printed: items/s, the fraction of the ideal, and Achilles' ratio
 to each other system. ``--memory N`` instead streams an N-item source stage (10,000,000 in the
 issue) through a trivial stage and prints the RSS of the controller, the server and the node
 (with its stage processes) after the first 200,000 items and at their peak.
@@ -70,11 +71,12 @@ def trivial(x: int) -> int:
     return x & 7
 
 
-def calibrate(n: int = 200) -> float:
-    start = time.perf_counter()
-    for i in range(n):
-        work(i)
-    return (time.perf_counter() - start) / n
+def cpu_busy() -> float:
+    """CPU seconds spent by the whole machine so far (all cores, from /proc/stat)."""
+    with open("/proc/stat") as fh:
+        fields = [int(v) for v in fh.readline().split()[1:]]
+    idle = fields[3] + fields[4]
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 def run_achilles(cluster: Any, items: int, batch: int) -> float:
@@ -174,12 +176,12 @@ def main(argv: Any = None) -> int:
                       f"{peak[role]:6.1f} MiB  growth {peak[role] - start[role]:+.1f} MiB")
         return 0
 
-    per_call = calibrate()
+    per_call = COST  # burn() spins on this process's CPU clock
     cores = 2
     ideal = min(1 / per_call, cores / (4 * per_call))
-    print(f"work(): {per_call * 1e3:.2f} ms per call here; ideal {ideal:,.0f} items/s "
+    print(f"work(): {per_call * 1e3:.2f} ms of CPU per call; ideal {ideal:,.0f} items/s "
           f"(slowest stage {1 / per_call:,.0f}/s, {cores} cores {cores / (4 * per_call):,.0f}/s); "
-          f"{args.items:,} items, batch {args.batch}")
+          f"{args.items:,} items, batch {args.batch}; load average {os.getloadavg()[0]:.1f}")
     figures: Dict[str, List[float]] = collections.defaultdict(list)
     runners: Dict[str, Callable[[], float]] = {}
     lc = achilles.LocalCluster(nodes=1, processes=2)
@@ -200,8 +202,15 @@ def main(argv: Any = None) -> int:
         for r in range(args.repeat):
             order = list(runners) if r % 2 == 0 else list(reversed(list(runners)))
             for name in order:
+                busy0, t0 = cpu_busy(), time.perf_counter()
                 figures[name].append(runners[name]())
-                print(f"  round {r + 1}: {name:<8} {figures[name][-1]:8,.1f} items/s", flush=True)
+                # Expected busy cores if nothing else ran: items x 4 stages x COST / wall time.
+                wall = time.perf_counter() - t0
+                used = (cpu_busy() - busy0) / wall
+                ours = args.items * 4 * COST / wall
+                print(f"  round {r + 1}: {name:<8} {figures[name][-1]:8,.1f} items/s "
+                      f"(machine busy {used:.2f} cores, of which the stages' work {ours:.2f})",
+                      flush=True)
     finally:
         pool.terminate()
         lc.stop()
