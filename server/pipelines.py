@@ -203,6 +203,18 @@ class PipelineJob(Job):
                     f"offer: {', '.join(offered) or 'nothing'}); start a node with --resources"),
                     []))
                 return
+        need: Dict[str, float] = collections.defaultdict(float)
+        for stage in self.stages:
+            for k, v in stage.resources.items():
+                need[k] += v
+        for k, v in need.items():
+            offered = sum(n.resources.get(k, 0.0) for n in nodes)
+            if v > offered:
+                names = ", ".join(s.name for s in self.stages if k in s.resources)
+                self.fail(error_record(0, ResourceUnavailable(
+                    f"stages {names} need {k}={v:g} at once (one copy each), but the connected "
+                    f"nodes offer {k}={offered:g} in all; start nodes with more --resources"), []))
+                return
         for stage in self.stages:
             for copy in stage.copies:
                 if copy.state == "unplaced":

@@ -275,6 +275,9 @@ def test_resources_place_copies_on_nodes_that_offer_them(make_cluster):
     p2 = achilles.pipeline(range(5), As(2, Add, 0, resources={"tpu": 1}), cluster=lc.cluster)
     with pytest.raises(ResourceUnavailable, match="tpu=1"):
         p2.list()
+    # Two stages that each hold the one gpu could never both run: refused, not hung.
+    with pytest.raises(ResourceUnavailable, match="need gpu=2 at once"):
+        achilles.pipeline(range(5), Gpu(), Gpu(), cluster=lc.cluster).list()
 
 
 # --- examples -----------------------------------------------------------------------------
@@ -348,3 +351,17 @@ def test_stop_from_another_thread_ends_items(cluster, tmp_path):
     timer.join()
     assert len(rest) < 50
     wait_for(lambda: list(tmp_path.glob("source-teardown-*")), what="the source's teardown")
+
+
+def test_watch_prints_queue_fill_and_busy_copies(cluster):
+    """``watch()`` prints, while the pipeline runs, each stage's busy copies, queue fill and
+    output count."""
+    import io
+
+    buf = io.StringIO()
+    p = achilles.pipeline(range(100), As(2, Slow, 0.01), Slow(0.01), cluster=cluster, batch=2)
+    assert p.watch(interval=0.05, file=buf) is p
+    assert sorted(p.list()) == list(range(100))
+    text = buf.getvalue()
+    assert "pipeline Slow -> Slow#2:" in text
+    assert "Slow#2" in text and "busy " in text and "/2  queue " in text and "out " in text
