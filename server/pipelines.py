@@ -208,12 +208,12 @@ class PipelineJob(Job):
             for k, v in stage.resources.items():
                 need[k] += v
         for k, v in need.items():
-            offered = sum(n.resources.get(k, 0.0) for n in nodes)
-            if v > offered:
+            total = sum(n.resources.get(k, 0.0) for n in nodes)
+            if v > total:
                 names = ", ".join(s.name for s in self.stages if k in s.resources)
                 self.fail(error_record(0, ResourceUnavailable(
                     f"stages {names} need {k}={v:g} at once (one copy each), but the connected "
-                    f"nodes offer {k}={offered:g} in all; start nodes with more --resources"), []))
+                    f"nodes offer {k}={total:g} in all; start nodes with more --resources"), []))
                 return
         for stage in self.stages:
             for copy in stage.copies:
