@@ -197,3 +197,37 @@ def test_closing_the_cluster_ends_live_handles(make_cluster, tmp_path):
     lc.cluster.close()
     last = ev.wait()[-1]
     assert isinstance(last, JobError) and isinstance(last.error, JobCancelled)
+
+
+@pytest.mark.faults
+def test_handle_survives_a_server_restart(make_cluster):
+    """The server restarts while a handle's job runs: the event thread reconnects and
+    resubmits what is unanswered; every result arrives exactly once, then JobDone."""
+    lc = make_cluster(nodes=1, processes=2, reconnect_timeout=60)
+    ev = Events()
+    half = threading.Event()
+
+    def on_event(event):
+        ev(event)
+        if len(ev.values()) >= 50:
+            half.set()
+
+    lc.cluster.submit_job(delayed, [0.01] * 300, on_event, chunksize=2)
+    assert half.wait(60)
+    lc.restart_server(down_for=0.5)
+    assert ev.wait(90)[-1] == JobDone(300)
+    assert sorted(ev.values()) == list(range(300))
+
+
+@pytest.mark.faults
+def test_handle_gets_connection_lost_past_the_deadline(make_cluster):
+    """If the server stays away past the reconnect deadline, the handle ends with
+    JobError(ConnectionLost) instead of hanging."""
+    from achilles.core.errors import ConnectionLost
+
+    lc = make_cluster(nodes=1, processes=1, reconnect_timeout=1.0)
+    ev = Events()
+    lc.cluster.submit_job(delayed, [0.01] * 1000, ev, chunksize=1)
+    lc.server.kill()
+    last = ev.wait(60)[-1]
+    assert isinstance(last, JobError) and isinstance(last.error, ConnectionLost)
