@@ -68,6 +68,14 @@ def _pump(stream: IO[bytes], tail: LogTail) -> None:
     stream.close()
 
 
+def _read_text(path: str) -> str:
+    try:
+        with open(path) as fh:
+            return fh.read().strip()
+    except OSError:
+        return ""
+
+
 class ServerProcess:
     """An ``achilles-server`` started on this machine for a launcher, with the cluster's
     ``.env``; stopped by its process group."""
@@ -100,7 +108,7 @@ class ServerProcess:
         self._pump = threading.Thread(target=_pump, args=(self.proc.stderr, self.tail), daemon=True,
                                       name="achilles-server-log")
         self._pump.start()
-        while not os.path.exists(port_file) or not open(port_file).read().strip():
+        while not _read_text(port_file):
             if self.proc.poll() is not None:
                 self.join_log()
                 raise AchillesError(f"the server exited with status {self.proc.returncode}:\n"
@@ -108,8 +116,7 @@ class ServerProcess:
             if time.monotonic() > deadline:
                 raise AchillesError("the server did not start in time")
             time.sleep(0.02)
-        with open(port_file) as fh:
-            self.port = int(fh.read())
+        self.port = int(_read_text(port_file))
         return self.port
 
     def alive(self) -> bool:
@@ -168,12 +175,12 @@ class Launcher:
         self.on_log = on_log
         self.start_timeout = start_timeout
         self.cluster: Optional[Cluster] = None
+        if env_file is not None and not os.path.isfile(env_file):
+            raise ConfigError(f"{env_file} does not name a readable .env file")
         self._dir = tempfile.mkdtemp(prefix=f"achilles-{self.kind}-")
         if env_file is None:
             env_file = gen_config(os.path.join(self._dir, ".env"), host="127.0.0.1", port=0,
                                   username="launch-" + secrets.token_hex(4))
-        elif not os.path.isfile(env_file):
-            raise ConfigError(f"{env_file} does not name a readable .env file")
         self.env_file = os.path.abspath(env_file)
         self.settings: Config = load_config(env_file=self.env_file)
         self.settings.require_secret()

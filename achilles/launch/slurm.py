@@ -223,9 +223,19 @@ class SlurmCluster(Launcher):
     def _stop_nodes(self) -> None:
         try:
             if self.job_ids:
-                _slurm(["scancel", *self.job_ids])
+                try:
+                    _slurm(["scancel", *self.job_ids])
+                except AchillesError as exc:  # e.g. every task had ended already
+                    if self.on_log is not None:
+                        self.on_log("slurm", str(exc))
                 deadline = time.monotonic() + 60
-                while self._queue() and time.monotonic() < deadline:
+                while time.monotonic() < deadline:
+                    try:
+                        if not self._queue():
+                            break
+                    except AchillesError:
+                        break
                     time.sleep(0.2)
+                self.job_ids, self.tasks = [], []
         finally:
             shutil.rmtree(self.directory, ignore_errors=True)
