@@ -296,6 +296,7 @@ class Swarm:
 
     def __init__(self, nodes: int, processes: int = 1, delay: float = 0.0, window: int = 64,
                  heartbeat: float = 10.0, prefetch: int = 2, load_reports: bool = True,
+                 node_heartbeat: Optional[float] = None,
                  log_level: str = "WARNING", profile: Optional[str] = None) -> None:
         self.profile = profile
         self.nodes = nodes
@@ -303,6 +304,8 @@ class Swarm:
         self.delay = delay
         self.window = window
         self.heartbeat = heartbeat
+        #: The simulated nodes' heartbeat (default: the server's).
+        self.node_heartbeat = heartbeat if node_heartbeat is None else node_heartbeat
         self.prefetch = prefetch
         self.load_reports = load_reports
         self.log_level = log_level
@@ -377,7 +380,8 @@ class Swarm:
             [sys.executable, os.path.abspath(__file__), "_swarm", "--port", str(self.port),
              "--nodes", str(self.nodes), "--processes", str(self.processes),
              "--delay", str(self.delay), "--window", str(self.window),
-             "--heartbeat", str(self.heartbeat)] + ([] if self.load_reports else ["--no-load"]),
+             "--heartbeat", str(self.node_heartbeat)]
+            + ([] if self.load_reports else ["--no-load"]),
             env=self._env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=open(os.path.join(self.dir, "swarm.log"), "wb"), start_new_session=True,
             text=True, bufsize=1)

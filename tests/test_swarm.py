@@ -7,6 +7,8 @@ import collections
 import importlib.util
 import json
 import os
+import signal
+import time
 
 import pytest
 
@@ -89,5 +91,29 @@ def test_dashboard_history_is_bounded_with_many_nodes() -> None:
         state = json.loads(sw.dashboard_get("/api/dashboard"))["state"]
         assert len(state["nodes"]) == 200
         assert len(state["sample"]["nodes"]) <= 32
+        pids = sw.pids()
+    _gone(pids)
+
+
+def test_a_stopped_server_keeps_its_nodes() -> None:
+    """The server process is stopped (SIGSTOP) for three times its heartbeat (2 s) while its
+    50 nodes, whose own heartbeat is long, stay up. Resumed, it drops none of them (its
+    overdue heartbeat timers run before it reads their answers), and they still take work."""
+    sw = swarm.Swarm(50, window=32, heartbeat=2.0, node_heartbeat=60.0)
+    with sw:
+        sw.start_swarm()
+        assert sw.server is not None
+        os.kill(sw.server.pid, signal.SIGSTOP)
+        try:
+            time.sleep(6.0)
+        finally:
+            os.kill(sw.server.pid, signal.SIGCONT)
+        # the overdue timers run first on resume: a wrong verdict shows in the first status
+        assert len(sw.cluster.status()["nodes"]) == 50
+        swarm.dispatch_run(sw, 500)  # every result exactly once
+        assert len(sw.cluster.status()["nodes"]) == 50
+        stats = sw.command("stats", "stats")
+        assert stats["live"] == 50 and stats.get("lost", 0) == 0
+        assert "no heartbeat" not in sw.server_log()
         pids = sw.pids()
     _gone(pids)
