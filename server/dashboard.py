@@ -117,7 +117,7 @@ class QuietSite(Site):
     """A site that does not log each request (the server's log is about the cluster)."""
 
     def log(self, request: http.Request) -> None:
-        pass
+        """Skip the access log."""
 
 
 @implementer(IPushProducer)
@@ -140,12 +140,15 @@ class Stream:
             self.seq = seq
 
     def pauseProducing(self) -> None:
+        """The socket buffer is full: skip this viewer until it drains."""
         self.paused = True
 
     def resumeProducing(self) -> None:
+        """The socket drained: send again from the next tick."""
         self.paused = False
 
     def stopProducing(self) -> None:
+        """The connection is gone."""
         self.closed = True
 
     def close(self) -> None:
@@ -172,6 +175,7 @@ class Text(Resource):
         self.text = text.encode("utf-8")
 
     def render_GET(self, request: Request) -> bytes:
+        """The text, with its status code."""
         request.setResponseCode(self.code)
         request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
         return self.text
@@ -189,6 +193,7 @@ class Redirect(Resource):
         self.path = b"/" + path.lstrip(b"/")  # never //host: no open redirect
 
     def render_GET(self, request: Request) -> bytes:
+        """Redirect to :attr:`path`."""
         request.redirect(self.path)
         return b""
 
@@ -214,6 +219,8 @@ class Root(Resource):
         self.putChild(b"metrics", cast(IResource, Metrics(dashboard)))
 
     def getChildWithDefault(self, path: bytes, request: Request) -> Resource:
+        """Refuse the request unless :class:`Access` allows it; trade a good ``?token=``
+        for a cookie."""
         for name, value in SECURITY_HEADERS.items():
             request.setHeader(name, value)
         access = self.dashboard.access
@@ -246,6 +253,7 @@ class File(Resource):
         self.name = name
 
     def render_GET(self, request: Request) -> bytes:
+        """The file, or 404 for anything below it."""
         if request.postpath not in ([], [b""]):
             return Text(404, "not found\n").render_GET(request)
         request.setHeader(b"Content-Type", STATIC[self.name])
@@ -265,6 +273,7 @@ class Api(Resource):
         self.what = what
 
     def render_GET(self, request: Request) -> bytes:
+        """The JSON view this resource names (``?since=SEQ`` for ``dashboard``)."""
         monitor = self.dashboard.monitor
         if self.what == "status":
             return json_response(request, monitor.scheduler.status())
@@ -287,6 +296,7 @@ class Metrics(Resource):
         self.dashboard = dashboard
 
     def render_GET(self, request: Request) -> bytes:
+        """The metrics in the Prometheus text format."""
         request.setHeader(b"Content-Type", CONTENT_TYPE.encode())
         return render(self.dashboard.registry)
 
@@ -301,6 +311,7 @@ class Events(Resource):
         self.dashboard = dashboard
 
     def render_GET(self, request: Request) -> Any:
+        """Open the stream: the history and a full update at once, then updates each tick."""
         dashboard = self.dashboard
         if len(dashboard.streams) >= MAX_STREAMS:
             return Text(503, "too many open dashboards; this one polls instead\n").render_GET(request)
