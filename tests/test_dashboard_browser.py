@@ -114,10 +114,18 @@ def combine(a: int, b: int) -> int:
     return a + b
 
 
+def talk_then_fail(x: int) -> int:
+    """Print a line, then fail on 3."""
+    print(f"about to look at item {x}")
+    if x == 3:
+        raise tasks.TaskFailure(f"item {x} is bad")
+    return x
+
+
 def test_page_follows_the_cluster_live(make_cluster, browser, tmp_path):
     """Loaded while nothing runs, the page goes live over SSE and lists both nodes; while a
     job runs it shows the job and its done count rising; a running graph is drawn task by
-    task with their states; a failing task's traceback appears;
+    task with their states; a failing task's traceback and last output line appear;
     a killed node leaves the table and the event log says so; with ?poll the page polls and
     shows the same cluster."""
     lc = make_cluster(nodes=2, processes=1)
@@ -163,11 +171,12 @@ def test_page_follows_the_cluster_live(make_cluster, browser, tmp_path):
     assert graph.result(WAIT) == 6
 
     with pytest.raises(tasks.TaskFailure):
-        lc.cluster.map(tasks.fail_on_three, range(6), chunksize=1)
-    until(browser, lambda b: any("raise TaskFailure" in t and "item 3 is bad" in t
+        lc.cluster.map(talk_then_fail, range(6), chunksize=1)
+    until(browser, lambda b: any("in talk_then_fail" in t and "item 3 is bad" in t
                                  for t in texts(b, ".failure pre.traceback")),
           "the failure's traceback")
     assert any("tasks.TaskFailure" in t for t in texts(browser, ".failure summary"))
+    assert "about to look at item 3" in texts(browser, ".failure pre.output")
     shot(browser, "failure")
 
     os.killpg(lc.nodes[1].pid, signal.SIGKILL)
