@@ -19,7 +19,7 @@ from achilles.launch.hosts import HostSpec, parse_hosts, read_hosts_file
 from achilles.launch.ssh import SSHCluster
 from tests.conftest import alive, wait_for
 from tests.sshhosts import SSHHosts, unavailable
-from tests.upcli import Up
+from tests.upcli import Up, cli_env
 
 pytestmark = pytest.mark.timeout(120)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -181,14 +181,26 @@ def test_achilles_up_ssh_serves_scripts_until_achilles_down(ssh_home, tmp_path) 
         up.close()
 
 
+def test_up_without_a_env_says_to_run_achilles_config(tmp_path) -> None:
+    """``achilles up`` in a folder without a .env exits 2 and says to run `achilles config`
+    (it never makes up a secret the user's scripts would not know)."""
+    out = subprocess.run([sys.executable, "-m", "achilles", "up", "--ssh", "alpha"], cwd=tmp_path,
+                         env=cli_env(), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "run `achilles config` first" in out.stderr, out.stderr
+    assert not (tmp_path / ".achilles-up.json").exists()
+
+
 def test_ctrl_c_stops_up_and_its_nodes(ssh_home, tmp_path) -> None:
-    """Ctrl-C (SIGINT) on ``achilles up`` stops the nodes and the server; `up` exits 0."""
+    """``achilles up --hostfile`` starts the hosts the file lists; Ctrl-C (SIGINT) stops the
+    nodes and the server and `up` exits 0."""
     achilles.gen_config(str(tmp_path / ".env"), port=0)
-    up = Up(str(tmp_path), ["--ssh", "alpha", "--python", ssh_home.python])
+    (tmp_path / "hosts").write_text("# one host\nalpha:2\n")
+    up = Up(str(tmp_path), ["--hostfile", "hosts", "--python", ssh_home.python])
     try:
         up.wait_ready(60)
         server = up.server_pids()
         assert len(server) == 1
+        assert any(line.startswith("[alpha] ") for line in up.output)
         os.kill(up.proc.pid, signal.SIGINT)
         assert up.proc.wait(30) == 0
         assert not alive(server[0])
