@@ -4,6 +4,7 @@ events (:mod:`achilles.controller.events`) on it."""
 
 from __future__ import annotations
 
+import errno
 import logging
 from typing import Any, Dict, List, Union
 
@@ -16,7 +17,7 @@ from achilles.controller.events import (ChunkResult, ConnectionLostEvent, EventS
                                         TaskDone,
                                         Want)
 from achilles.core import wire
-from achilles.core.errors import AuthenticationError, ConnectionFailed
+from achilles.core.errors import AuthenticationError, ConnectionFailed, ServerBusy
 from achilles.core.protocol import PeerSideProtocol, handles
 from achilles.core.reactor import get_reactor
 
@@ -46,7 +47,12 @@ class ControllerProtocol(PeerSideProtocol):
         self.ready.callback(self)
 
     def on_closed(self, reason: Failure) -> None:
-        if not self.ready.called:
+        if not self.ready.called and self.auth_error is None and self.handshake.state == "start":
+            self.ready.errback(Failure(ServerBusy(
+                f"the server at {self.address} dropped the connection before its greeting "
+                f"({reason.getErrorMessage()}); it may be over its pre-auth connection caps "
+                "(ACHILLES_MAX_PREAUTH_PER_SOURCE)")))
+        elif not self.ready.called:
             err = self.auth_error or ConnectionFailed(
                 f"the server at {self.address} closed the connection during the handshake "
                 f"({reason.getErrorMessage()}); is it an Achilles server, and do both sides "
@@ -173,6 +179,10 @@ def connect(host: str, port: int, username: str, auth_key: bytes,
             raise ConnectionFailed(
                 f"cannot reach the Achilles server at {address}: connection refused; start "
                 "`achilles-server` there or fix ACHILLES_HOST / ACHILLES_PORT") from None
+        if f.check(netError.ConnectError) and getattr(f.value, "osError", None) == errno.ECONNRESET:
+            raise ServerBusy(
+                f"the server at {address} reset the connection at once; it may be over its "
+                "pre-auth connection caps (ACHILLES_MAX_PREAUTH_PER_SOURCE)") from None
         if f.check(netError.TimeoutError, netError.DNSLookupError, netError.ConnectError):
             raise ConnectionFailed(
                 f"cannot reach the Achilles server at {address}: {f.getErrorMessage()}; check "

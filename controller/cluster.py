@@ -6,6 +6,7 @@ import concurrent.futures
 import inspect
 import itertools
 import logging
+import random
 import queue
 import threading
 import secrets
@@ -14,7 +15,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 from achilles.core import defaults, wire
 from achilles.core.config import Config, is_interactive, load_config
-from achilles.core.errors import AchillesError, ConnectionFailed, ConnectionLost
+from achilles.core.errors import AchillesError, ConnectionFailed, ConnectionLost, ServerBusy
 from achilles.core.handshake import derive_key
 from achilles.controller import reactor_thread
 from achilles.controller.client import CONNECT_TIMEOUT, ControllerProtocol, connect
@@ -81,15 +82,28 @@ class Cluster:
                         connect, self.config.host, self.config.port, self.config.username,
                         self._key, self.timeout, self.config.heartbeat, self._tls,
                         self.config.max_frame, timeout=self.timeout + 5)
+                except ServerBusy as exc:
+                    error = exc
+                    busy = True
                 except ConnectionFailed as exc:
                     if not self._reached:
                         raise
                     error = exc
+                    busy = False
                 else:
                     self._proto = proto
                     self._reached = True
                     return proto
             now = time.monotonic()
+            if busy and not self._reached:
+                # a burst of connections from here is over the server's pre-auth cap: the
+                # server is there, so keep trying (jittered) for the connect timeout
+                if deadline is None:
+                    deadline = now + self.timeout
+                if now >= deadline:
+                    raise ConnectionFailed(f"{error} (still so after {self.timeout:g} s)") from None
+                time.sleep(min(random.uniform(0.02, RETRY_INTERVAL), deadline - now))
+                continue
             if deadline is None:
                 deadline = now + self.config.reconnect_timeout
                 log.warning("lost the server at %s:%s; retrying for up to %g s "

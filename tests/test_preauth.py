@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+import threading
 import time
 from typing import List
 
@@ -225,6 +226,41 @@ def test_total_preauth_cap_refuses_beyond_it_and_frees_slots_on_close(make_clust
                  secret_key=lc.cluster.config.secret_key)
     with Cluster(cfg) as c:
         assert c.map(square, [3]) == [9]
+
+
+def test_a_controller_over_the_per_source_cap_waits_for_a_free_slot(make_cluster, monkeypatch):
+    """A controller whose source is at ACHILLES_MAX_PREAUTH_PER_SOURCE (a burst of controllers
+    on one host) is refused by the server, retries, and gets in once a slot is free, instead of
+    failing at once as it does for a server that is not there."""
+    monkeypatch.setenv("ACHILLES_HANDSHAKE_TIMEOUT", "100")
+    monkeypatch.setenv("ACHILLES_MAX_PREAUTH_PER_SOURCE", "4")
+    lc = make_cluster(nodes=1, processes=1, log_level="INFO")
+    held = [connect_from("127.0.0.1", lc.port) for _ in range(4)]
+    outcome: list = []
+    try:
+        for s in held:  # each gets its HELLO: all 4 slots of 127.0.0.1 are taken
+            s.settimeout(PATIENCE)
+            assert s.recv(5)[0] == wire.HELLO
+        cfg = Config(host="127.0.0.1", port=lc.port, username="local",
+                     secret_key=lc.cluster.config.secret_key)
+
+        def run() -> None:
+            try:
+                with Cluster(cfg, timeout=PATIENCE) as c:
+                    outcome.append(c.map(square, [3]))
+            except Exception as exc:  # reported below
+                outcome.append(exc)
+
+        caller = threading.Thread(target=run)
+        caller.start()
+        wait_for(lambda: "refusing a connection from 127.0.0.1" in lc.log_text("server"),
+                 timeout=PATIENCE, what="the server to refuse the controller over the cap")
+        assert outcome == [], f"the controller gave up at once: {outcome}"
+    finally:
+        for s in held:
+            s.close()
+    caller.join(PATIENCE)
+    assert outcome == [[9]]
 
 
 def test_plain_tcp_on_a_public_address_warns_loudly(daemons, secret, tmp_path):

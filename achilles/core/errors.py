@@ -22,6 +22,12 @@ class ConnectionFailed(AchillesError):
     """The server could not be reached."""
 
 
+class ServerBusy(ConnectionFailed):
+    """The server took the connection and dropped it before its greeting: it is over its
+    pre-auth connection caps (ACHILLES_MAX_PREAUTH, ACHILLES_MAX_PREAUTH_PER_SOURCE), so
+    trying again shortly may succeed."""
+
+
 class AuthenticationError(AchillesError):
     """A peer failed to prove the shared secret (either direction) or used the wrong protocol."""
 
