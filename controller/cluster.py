@@ -72,6 +72,7 @@ class Cluster:
         server restart; a server never reached fails at once with ConnectionFailed.
         """
         deadline: Optional[float] = None
+        error: ConnectionFailed
         while True:
             with self._lock:
                 proto = self._proto
