@@ -365,3 +365,21 @@ def test_watch_prints_queue_fill_and_busy_copies(cluster):
     text = buf.getvalue()
     assert "pipeline Slow -> Slow#2:" in text
     assert "Slow#2" in text and "busy " in text and "/2  queue " in text and "out " in text
+
+
+@pytest.mark.faults
+def test_server_restart_fails_the_pipeline_with_connection_lost(make_cluster):
+    """A server restart mid-stream ends the pipeline with ConnectionLost saying it is not
+    resumed (its stages' state lived on the nodes); the cluster serves the next call."""
+    from achilles.core.errors import ConnectionLost
+
+    lc = make_cluster(nodes=1, processes=1)
+    it = achilles.pipeline(range(10 ** 6), Slow(0.001), cluster=lc.cluster, batch=4).items()
+    for _ in range(10):
+        next(it)
+    lc.restart_server()
+    with pytest.raises(ConnectionLost, match="not resumed"):
+        for _ in it:
+            pass
+    lc.wait_for_nodes(1)
+    assert lc.cluster.map(square, range(3)) == [0, 1, 4]
