@@ -301,3 +301,22 @@ def test_tls_ca_reaches_the_hosts_and_nodes_verify_the_server(ssh_home, tmp_path
             assert copied.tls_ca == f"{folder}/tls_ca.pem"
             with open(paths["ca.pem"]) as a, open(copied.tls_ca) as b:
                 assert a.read() == b.read()
+
+
+def test_a_node_that_dies_is_reported_and_the_rest_still_serve(ssh_home) -> None:
+    """When a node dies on its host (SIGKILL), the launcher reports ``node exited with status``
+    under that host's name, maps still run on the other host, and stopping the cluster with a
+    dead node neither hangs nor fails, and leaves both hosts empty."""
+    lines, sink = _collect()
+    launcher = SSHCluster(["alpha", "beta"], remote_python=ssh_home.python, on_log=sink)
+    with launcher as cluster:
+        beta = next(n for n in launcher.nodes if n.name == "beta")
+        assert beta.pid is not None
+        os.kill(beta.pid, signal.SIGKILL)
+        wait_for(lambda: any(s == "beta" and "node exited with status" in t for s, t in lines),
+                 timeout=20, what="the launcher to report beta's node")
+        wait_for(lambda: [n["name"] for n in cluster.status()["nodes"]] == ["alpha"], timeout=30,
+                 what="the server to drop beta")
+        assert cluster.map(lambda x: x + 10, range(5)) == list(range(10, 15))
+    for name in ("alpha", "beta"):
+        wait_for(lambda: not ssh_home.node_pids(name), timeout=20, what=f"{name} to be empty")
