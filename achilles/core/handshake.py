@@ -21,6 +21,8 @@ relayed handshake gives a man in the middle nothing it can use.
 
 from __future__ import annotations
 
+import json
+
 import hashlib
 import hmac
 import secrets
@@ -171,7 +173,12 @@ class ServerHandshake:
 
     def fail_frame(self) -> bytes:
         """The AUTH_FAIL frame telling the peer why it was refused (never secret material)."""
-        return wire.encode_json(wire.AUTH_FAIL, {"reason": (self.failure or "refused")[:200]})
+        reason = (self.failure or "refused")[:200]
+        while True:  # peer text escaped in JSON can take 6 bytes a character: cut to fit
+            body = {"reason": reason}
+            if len(json.dumps(body, separators=(",", ":"))) <= wire.PREAUTH_MAX_FRAME:
+                return wire.encode_json(wire.AUTH_FAIL, body)
+            reason = reason[:len(reason) // 2]
 
 
 class PeerHandshake:
