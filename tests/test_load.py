@@ -15,11 +15,15 @@ pytestmark = [pytest.mark.faults, pytest.mark.timeout(600)]
 
 
 def rss_mib(pid: int) -> float:
-    """Resident memory of a process, MiB."""
-    with open(f"/proc/{pid}/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
+    """Resident memory of a process, MiB (0 for a process that is gone, e.g. a worker that
+    ended between listing its group and reading it)."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except FileNotFoundError:
+        pass
     return 0.0
 
 
