@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import socket
 import subprocess
 import sys
 import urllib.parse
@@ -15,6 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import tasks
+from achilles import TaskTimeout, WorkerCrashed, task
 from conftest import ROOT, alive, group_members, wait_for
 from achilles.server.webauth import derive_token
 
@@ -294,3 +296,39 @@ def test_dashboard_uses_tls_when_the_server_has_a_certificate(make_cluster):
         conn.close()
     with pytest.raises((http.client.HTTPException, ConnectionError, OSError)):
         get(f"http://{parts.hostname}:{parts.port}", "/api/status")
+
+
+@task(timeout=0.5)
+def spin_forever() -> None:
+    """Never returns: runs into its timeout."""
+    while True:
+        pass
+
+
+def test_crashes_timeouts_and_refused_handshakes_are_counted(make_cluster):
+    """A task that kills its worker, a graph task past its timeout and a connection that
+    fails the handshake each show in /metrics (parsed), in the failure list and in the event
+    log."""
+    lc = make_cluster(nodes=1, processes=1, max_crashes=1)
+    with pytest.raises(WorkerCrashed):
+        lc.cluster.map(tasks.always_exit, range(8), chunksize=1)
+    with pytest.raises(TaskTimeout):
+        lc.cluster.compute(spin_forever())
+    with socket.create_connection(("127.0.0.1", lc.port), timeout=10) as sock:
+        sock.sendall(b"\x02\x00\x00\x00\x05hello")  # not the handshake the server expects
+        try:
+            while sock.recv(1024):
+                pass
+        except ConnectionResetError:
+            pass  # the server dropped us
+
+    wait_for(lambda: metrics(lc.dashboard_url)[("achilles_handshake_failures_total", ())] >= 1,
+             what="the refused handshake counted")
+    m = metrics(lc.dashboard_url)
+    assert m[("achilles_worker_crashes_total", ())] == 1
+    assert m[("achilles_task_timeouts_total", ())] == 1
+    assert m[("achilles_tasks_total", (("state", "failed"),))] == 2
+    view = json.loads(get(lc.dashboard_url, "/api/dashboard")[2])
+    assert sorted(f["type"] for f in view["failures"]) == ["TaskTimeout", "WorkerCrashed"]
+    kinds = {e["kind"] for e in view["events"]}
+    assert {"worker crashed", "timeout", "job started", "job finished"} <= kinds
