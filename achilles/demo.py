@@ -51,7 +51,8 @@ def run_demo(processes: Optional[int] = None, out: Callable[..., Any] = print, k
 
         limits = [20_000 + 1_000 * i for i in range(16)]
         t = time.perf_counter()
-        counts = cluster.map(count_primes, limits)
+        # On a terminal the map draws its progress bar (progress=True); in a pipe it does not.
+        counts = cluster.map(count_primes, limits, progress=sys.stderr.isatty())
         out(f"map(count_primes, 16 limits) -> {counts[:4]} ... in {time.perf_counter() - t:.2f} s")
         expected = [count_primes(x) for x in limits[:2]]
         if counts[:2] != expected:
