@@ -60,6 +60,7 @@ class _Reporter:
         self.conn = conn
         self._own = threading.Lock()
         self._lock: Any = self._own
+        self.pid = os.getpid()  # a process the task forks shares the pipe: it reports nothing
         self.pending = 0.0
         self.last = -PROGRESS_INTERVAL
         self.chunk = 0  # counts chunks, so that a timer of an earlier chunk sends nothing
@@ -77,6 +78,8 @@ class _Reporter:
             self.running = True
 
     def add(self, n: float) -> None:
+        if os.getpid() != self.pid:
+            return
         with self.lock():
             if not self.running:
                 return
