@@ -503,3 +503,17 @@ def test_fuzz_server_receive(case, started):
         assert server.state == "done"
         assert server.role in handshake.ROLES
         assert one(replies)[0] == wire.AUTH_OK
+
+
+def test_fail_frame_fits_the_preauth_cap_whatever_the_peer_sent() -> None:
+    """A refusal whose reason quotes the peer's text (here a protocol version of characters
+    that JSON escapes as 12 bytes each) still makes an AUTH_FAIL frame within the pre-auth cap."""
+    server = ServerHandshake("user", derive_key("user", "a-secret-of-enough-length"))
+    server.start()
+    auth = wire.encode_json(wire.AUTH, {"proto": ["\U0001cf00" * 40]})
+    code, body = wire.FrameDecoder().frames(auth)[0]
+    with pytest.raises(AuthenticationError):
+        server.receive(code, body)
+    frame = server.fail_frame()
+    assert len(frame) <= wire.HEADER.size + wire.PREAUTH_MAX_FRAME
+    assert wire.FrameDecoder().frames(frame)[0][0] == wire.AUTH_FAIL
