@@ -136,12 +136,18 @@ def test_env_reaches_hosts_mode_0600_never_on_a_command_line(ssh_home, tmp_path)
                 assert secret.encode() not in cmdline, f"secret on pid {entry}'s command line"
 
 
-def test_hosts_without_achilles_are_named_before_anything_starts(ssh_home) -> None:
+def test_hosts_without_achilles_are_named_before_anything_starts(ssh_home, tmp_path) -> None:
     """A Python that cannot import Achilles, and a Python that does not exist, fail the start
     with one error naming every host and what to do (--python), and no node or server runs."""
-    launcher = SSHCluster(["alpha", "beta"], remote_python=sys.executable, on_log=None)
+    bare = tmp_path / "python-without-achilles"  # no site-packages at all, whatever is installed
+    bare.write_text(f"#!/bin/sh\nexec {sys.executable} -I -S \"$@\"\n")
+    bare.chmod(0o755)
+    launcher = SSHCluster(["alpha", "beta"], remote_python=str(bare), on_log=None)
     with pytest.raises(AchillesError) as info:
-        launcher.start()
+        try:
+            launcher.start()
+        finally:
+            launcher.stop()
     text = str(info.value)
     assert "alpha:" in text and "beta:" in text
     assert "cannot import achilles" in text and "--python" in text
