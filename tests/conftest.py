@@ -23,14 +23,22 @@ from achilles.local import LocalCluster
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float = 20.0, interval: float = 0.02,
-             what: str = "condition") -> None:
-    """Poll ``predicate`` until true; fail with ``what`` after ``timeout`` seconds."""
+def poll(predicate: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
+    """Poll ``predicate`` until it is true (True) or ``timeout`` seconds pass (False): the
+    one place tests wait on something they cannot be told about."""
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
+            return False
         time.sleep(interval)
+    return True
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 20.0, interval: float = 0.02,
+             what: str = "condition") -> None:
+    """Poll ``predicate`` until true; fail with ``what`` after ``timeout`` seconds."""
+    if not poll(predicate, timeout, interval):
+        raise AssertionError(f"timed out waiting for {what}")
 
 
 def read_frame(sock) -> "tuple":
@@ -96,9 +104,7 @@ def stop_group(proc: subprocess.Popen, grace: float = 5.0) -> None:
                 os.killpg(proc.pid, sig)
             except (ProcessLookupError, PermissionError):
                 pass
-        deadline = time.monotonic() + grace
-        while (proc.poll() is None or group_members(proc.pid)) and time.monotonic() < deadline:
-            time.sleep(0.02)
+        poll(lambda: proc.poll() is not None and not group_members(proc.pid), grace)
         if proc.poll() is not None and not group_members(proc.pid):
             return
 

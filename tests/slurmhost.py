@@ -10,10 +10,9 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
 from typing import Dict, List, Optional
 
-from tests.conftest import alive
+from tests.conftest import alive, poll
 
 CPUS = 12
 DAEMONS = ("/usr/sbin/munged", "/usr/sbin/slurmctld", "/usr/sbin/slurmd")
@@ -133,11 +132,8 @@ PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
         return self
 
     def _wait(self, predicate, what: str, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"timed out waiting for {what}: {self.logs()}")
-            time.sleep(0.1)
+        if not poll(predicate, timeout, 0.1):
+            raise RuntimeError(f"timed out waiting for {what}: {self.logs()}")
 
     def logs(self) -> str:
         """The daemons' logs' last lines."""
@@ -178,9 +174,7 @@ PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
         env = dict(os.environ, **self.env)
         subprocess.run(["scancel", "--user", str(os.getuid())], env=env, capture_output=True,
                        timeout=30)
-        deadline = time.monotonic() + 30
-        while self.squeue() and time.monotonic() < deadline:
-            time.sleep(0.2)
+        poll(lambda: not self.squeue(), 30, 0.2)
         leftovers = self.job_processes()
         for pid in leftovers:
             try:
@@ -202,9 +196,7 @@ PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
                 self.munged.wait(10)
         for name in ("slurmd", "slurmctld"):
             pid = self.pids.get(name)
-            deadline = time.monotonic() + 10
-            while pid and alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.05)
+            poll(lambda: not (pid and alive(pid)), 10, 0.05)
             if pid and alive(pid):
                 try:
                     os.kill(pid, signal.SIGKILL)

@@ -11,8 +11,9 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from typing import Dict, List, Optional
+
+from conftest import poll
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SSHD = "/usr/sbin/sshd"
@@ -127,17 +128,17 @@ class SSHHosts:
         return self
 
     def _wait_listening(self, name: str, address: str) -> None:
-        deadline = time.monotonic() + 20
-        while True:
+        def listening() -> bool:
             if self.sshd[name].poll() is not None:
                 raise RuntimeError(f"sshd for {name} exited: " + self.log(name))
             try:
                 with socket.create_connection((address, SSH_PORT), timeout=1):
-                    return
+                    return True
             except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"sshd for {name} is not listening: " + self.log(name))
-                time.sleep(0.05)
+                return False
+
+        if not poll(listening, 20, 0.05):
+            raise RuntimeError(f"sshd for {name} is not listening: " + self.log(name))
 
     def log(self, name: str) -> str:
         """What a host's sshd logged."""

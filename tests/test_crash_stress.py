@@ -12,7 +12,6 @@ import os
 import pickle
 import random
 import threading
-import time
 
 import pytest
 
@@ -20,6 +19,7 @@ from achilles.core import wire
 from achilles.core.errors import WorkerCrashed
 from conftest import alive, wait_for
 from crash_tasks import chaos
+from tasks import pause
 from test_crash_races import chunk, pools  # noqa: F401  (the pools fixture)
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults, pytest.mark.timeout(120)]
@@ -97,7 +97,7 @@ def test_pool_gives_every_chunk_one_outcome(pools):  # noqa: F811
             pool.cancel_job(1, job)
             cancelled.update(c for c in range(start, cid) if f"job-{c // 10}" == job)
         if rng.random() < 0.05:
-            time.sleep(rng.choice([0.001, 0.01]))
+            pause(rng.choice([0.001, 0.01]))  # vary the timing
     wanted = set(range(start, cid)) - cancelled
     assert out.wait(wanted, CALL_TIMEOUT), f"chunks lost (seed {SEED}): " \
         f"{sorted(wanted - set(out.got))}"

@@ -12,7 +12,6 @@ import pickle
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 
@@ -172,7 +171,7 @@ def test_callbacks_run_one_at_a_time(pool):
         with lock:
             state["now"] += 1
             state["most"] = max(state["most"], state["now"])
-        time.sleep(0.01)
+        pause(0.01)  # a callback that takes a while
         with lock:
             state["now"] -= 1
 

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from achilles.core.errors import ConnectionLost, WorkerCrashed
-from conftest import ROOT, wait_for
+from conftest import ROOT, poll, wait_for
 from tasks import always_exit, crash_once, oom_killed, segfault, sleepy, square
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(120)]
@@ -184,10 +184,13 @@ def test_slow_consumer_is_bounded(make_cluster):
     lc = make_cluster(nodes=1, processes=2)
     it = lc.cluster.imap(square, itertools.count(), chunksize=1)
     assert [next(it) for _ in range(5)] == [0, 1, 4, 9, 16]
-    time.sleep(1.0)
-    sent = lc.cluster.status()["jobs"][0]["sent"]
-    time.sleep(1.0)
-    assert lc.cluster.status()["jobs"][0]["sent"] == sent
+    def job() -> dict:
+        return lc.cluster.status()["jobs"][0]
+
+    # paused: everything sent has been answered and nothing more comes
+    wait_for(lambda: job()["sent"] == job()["done"], timeout=30, what="the job to pause")
+    sent = job()["sent"]
     assert sent <= 64
+    assert not poll(lambda: job()["sent"] != sent, 1.0), "input kept coming with no reader"
     assert next(it) == 25
     it.close()

@@ -8,13 +8,12 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 
 import pytest
 
 import achilles
 from achilles.core.errors import RemoteError, RemoteTraceback
-from conftest import wait_for
+from conftest import poll, wait_for
 from tasks import (
     TaskFailure, add_one, delayed, fail_on_three, pause, slow_square, square, unpicklable_error,
     where,
@@ -198,12 +197,14 @@ def test_two_controllers_at_once(shared_cluster):
                    threading.Thread(target=run, args=("b", second, 1000))]
         for t in threads:
             t.start()
-        seen_two = False
-        deadline = time.monotonic() + 30
-        while any(t.is_alive() for t in threads) and time.monotonic() < deadline:
-            if len(shared_cluster.cluster.status()["jobs"]) == 2:
-                seen_two = True
-            time.sleep(0.01)
+        seen = []
+
+        def done_watching() -> bool:
+            seen.append(len(shared_cluster.cluster.status()["jobs"]))
+            return not any(t.is_alive() for t in threads)
+
+        poll(done_watching, 30, 0.01)
+        seen_two = 2 in seen
         for t in threads:
             t.join(30)
     finally:

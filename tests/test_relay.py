@@ -11,7 +11,6 @@ import pickle
 import socket
 import struct
 import threading
-import time
 from typing import List
 
 import pytest
@@ -20,7 +19,7 @@ from achilles.core import wire
 from achilles.core.config import Config
 from achilles.controller.cluster import Cluster
 from achilles.core.session import TAG_SIZE
-from conftest import MarkerPickle, wait_for
+from conftest import MarkerPickle, poll, wait_for
 
 pytestmark = [pytest.mark.timeout(90), pytest.mark.faults]
 
@@ -165,12 +164,7 @@ def evil_job(marker) -> List[tuple]:
 
 
 def still_absent(path, seconds: float = 1.5) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if path.exists():
-            return False
-        time.sleep(0.05)
-    return not path.exists()
+    return not poll(path.exists, seconds, 0.05)
 
 
 def server_with_node(daemons, secret: str, processes: int = 1) -> int:

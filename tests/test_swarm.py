@@ -8,11 +8,11 @@ import importlib.util
 import json
 import os
 import signal
-import time
 
 import pytest
 
 from conftest import ROOT, group_members, wait_for
+from tasks import pause
 
 spec = importlib.util.spec_from_file_location("swarm_bench", os.path.join(ROOT, "bench", "swarm.py"))
 assert spec is not None and spec.loader is not None
@@ -105,7 +105,7 @@ def test_a_stopped_server_keeps_its_nodes() -> None:
         assert sw.server is not None
         os.kill(sw.server.pid, signal.SIGSTOP)
         try:
-            time.sleep(6.0)
+            pause(6.0)  # the stall itself: three of the server's heartbeats
         finally:
             os.kill(sw.server.pid, signal.SIGCONT)
         # the overdue timers run first on resume: a wrong verdict shows in the first status
