@@ -31,6 +31,21 @@ from achilles.core.errors import ConfigError
 STREAM_CHUNKS = 4
 
 
+def job_options(group: str, cap: Optional[int], initializer: Optional[Callable[..., Any]],
+                initargs: Tuple[Any, ...], maxtasksperchild: Optional[int],
+                forward_output: Optional[bool]) -> Dict[str, Any]:
+    """The cluster options of a pool's or executor's jobs: one group, so they share the
+    initializer state in each worker process and one cap on tasks running at once."""
+    options: Dict[str, Any] = {"group": group, "max_active": cap}
+    if initializer is not None:
+        options.update(initializer=initializer, initargs=initargs)
+    if maxtasksperchild is not None:
+        options["maxtasksperchild"] = maxtasksperchild
+    if forward_output is not None:
+        options["forward_output"] = forward_output
+    return options
+
+
 class Apply:
     """``func(*args, **kwds)`` for an item ``(args, kwds)``: ``apply`` and ``submit`` as a
     one-item map job. Named after ``func`` in status, logs and error notes."""

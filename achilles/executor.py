@@ -14,7 +14,8 @@ import time
 import uuid
 from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Union
 
-from achilles.dropin import Apply, Backend, OneShot, Reader, ResultStream, Settler, Star
+from achilles.dropin import (Apply, Backend, OneShot, Reader, ResultStream, Settler, Star,
+                              job_options)
 
 _names = itertools.count(1)
 Job = Union[OneShot, ResultStream]
@@ -121,16 +122,9 @@ class Executor(concurrent.futures.Executor):
                 f"{'shut down' if self._shutdown else 'running'} on {self._backend!r}>")
 
     def _options(self) -> Dict[str, Any]:
-        """The cluster options of this executor's jobs: one group, so they share the
-        initializer state in each worker process and one ``max_workers`` cap."""
-        options: Dict[str, Any] = {"group": self._group, "max_active": self._max_workers}
-        if self._initializer is not None:
-            options.update(initializer=self._initializer, initargs=self._initargs)
-        if self._max_tasks_per_child is not None:
-            options["maxtasksperchild"] = self._max_tasks_per_child
-        if self._forward_output is not None:
-            options["forward_output"] = self._forward_output
-        return options
+        """The cluster options of this executor's jobs (``max_workers`` is the cap)."""
+        return job_options(self._group, self._max_workers, self._initializer, self._initargs,
+                           self._max_tasks_per_child, self._forward_output)
 
     def _check_open(self) -> None:
         if self._shutdown:

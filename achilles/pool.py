@@ -18,7 +18,8 @@ import warnings
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Set, Union
 
 from achilles.core.errors import JobCancelled
-from achilles.dropin import Apply, Backend, OneShot, Reader, ResultStream, Settler, Star
+from achilles.dropin import (Apply, Backend, OneShot, Reader, ResultStream, Settler, Star,
+                              job_options)
 
 log = logging.getLogger("achilles.pool")
 
@@ -181,16 +182,9 @@ class Pool:
 
     # --- jobs -------------------------------------------------------------------------------
     def _options(self) -> Dict[str, Any]:
-        """The cluster options of this pool's jobs: one group, so they share the initializer
-        state in each worker process and one ``processes`` cap."""
-        options: Dict[str, Any] = {"group": self._group, "max_active": self._processes}
-        if self._initializer is not None:
-            options.update(initializer=self._initializer, initargs=self._initargs)
-        if self._maxtasksperchild is not None:
-            options["maxtasksperchild"] = self._maxtasksperchild
-        if self._forward_output is not None:
-            options["forward_output"] = self._forward_output
-        return options
+        """The cluster options of this pool's jobs (``processes`` is the cap)."""
+        return job_options(self._group, self._processes, self._initializer, self._initargs,
+                           self._maxtasksperchild, self._forward_output)
 
     def _check_running(self) -> None:
         if self._state != RUN:
