@@ -25,7 +25,7 @@ from achilles.controller.client import ControllerProtocol
 from achilles.controller.events import ChunkResult, Reply
 from achilles.core.errors import AuthenticationError, ConnectionFailed
 from achilles.core.handshake import PeerHandshake, derive_key
-from achilles.core.protocol import PeerSideProtocol, handles
+from achilles.core.protocol import REFUSED_LINGER, PeerSideProtocol, handles
 from achilles.core.session import TAG_SIZE, FrameOpener, FrameSealer
 from achilles.server.service import ServerFactory
 from conftest import MarkerPickle
@@ -370,6 +370,25 @@ def test_handshake_timeout_closes_silent_peer(protos):
     assert proto.state == "handshake" and not transport.disconnecting
     clock.advance(0.002)
     assert proto.state == "closed" and transport.disconnecting
+    lose(proto)
+
+
+def test_refused_peer_that_never_closes_is_aborted_after_the_linger(protos):
+    """A peer refused with AUTH_FAIL gets a graceful close first and, if it never completes it
+    (a TLS peer that withholds close_notify), is aborted REFUSED_LINGER seconds later, long
+    before the handshake deadline (on a test clock: not aborted 1 ms before, aborted 1 ms after)."""
+    clock = Clock()
+    factory = ServerFactory(USER, SECRET, prefetch=1, heartbeat=0, clock=clock)
+    proto, transport, hello = raw_server(factory, protos)
+    [auth] = PeerHandshake("controller", USER, derive_key(USER, "wrong-" + SECRET)).receive(*hello)
+    proto.dataReceived(auth)
+    assert proto.state == "closed" and transport.disconnecting and not transport.disconnected
+    assert [c for c, _ in wire.FrameDecoder().frames(transport.value())] == [wire.AUTH_FAIL]
+    assert REFUSED_LINGER < proto.handshake_timeout
+    clock.advance(REFUSED_LINGER - 0.001)
+    assert not transport.disconnected
+    clock.advance(0.002)
+    assert transport.disconnected  # StringTransport marks abortConnection so
     lose(proto)
 
 

@@ -27,6 +27,10 @@ from achilles.core.session import FrameOpener, FrameSealer
 log = logging.getLogger("achilles.protocol")
 
 HANDSHAKE_TIMEOUT = 10.0
+# Seconds a refused peer has to read its AUTH_FAIL before the socket is aborted. A graceful
+# close is tried first, but over TLS it waits for the peer's close_notify, which a hostile
+# peer never sends.
+REFUSED_LINGER = 2.0
 HEARTBEAT = wire.DEFAULT_HEARTBEAT
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -139,6 +143,15 @@ class AchillesProtocol(protocol.Protocol):
             # Refused before auth and still not gone (a TLS peer that never answers our
             # close_notify keeps it open): drop it now.
             self.link.abortConnection()
+
+    def _abort_after(self, seconds: float) -> None:
+        """Abort this (already closing) connection ``seconds`` from now, or at the handshake
+        deadline if that comes first, in case the graceful close never completes."""
+        if self._timer is not None and self._timer.active():
+            if self._timer.getTime() <= self.clock.seconds() + seconds:
+                return
+            self._timer.cancel()
+        self._timer = self.clock.callLater(seconds, self._handshake_timed_out)
 
     def authenticated(self, peer_role: str, send_key: bytes, recv_key: bytes) -> None:
         """Move to ``ready``: lift the frame limit, accept the peer's post-auth messages, and
@@ -318,6 +331,7 @@ class ServerSideProtocol(AchillesProtocol):
             self.state = "closed"
             self.on_refused(str(exc))
             self.link.loseConnection()
+            self._abort_after(REFUSED_LINGER)
             return
         for data in replies:
             self.link.write(data)

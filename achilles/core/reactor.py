@@ -20,6 +20,9 @@ class DelayedCall(Protocol):
     def cancel(self) -> None:
         """Drop it (only while :meth:`active`)."""
 
+    def getTime(self) -> float:
+        """When it is due, on its clock."""
+
 
 class Clock(Protocol):
     """The reactor's time: the global reactor, or a ``twisted.internet.task.Clock`` in tests."""
