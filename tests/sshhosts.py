@@ -1,7 +1,8 @@
 """Throwaway SSH hosts for tests: one OpenSSH daemon in each of several network namespaces,
-each namespace joined to this one by a veth pair (so a node's address differs from the
-server's), and a private HOME whose ``~/.ssh/config`` names them (Host alias, HostName, Port,
-User, IdentityFile) with a matching ``known_hosts``. Everything is stopped by PID at the end."""
+each namespace joined by a veth pair to one bridge in this namespace (so a node's address
+differs from the server's, the hosts reach each other, and this process reaches each host),
+and a private HOME whose ``~/.ssh/config`` names them (Host alias, HostName, Port, User,
+IdentityFile) with a matching ``known_hosts``. Everything is stopped by PID at the end."""
 
 from __future__ import annotations
 
@@ -39,16 +40,13 @@ def unavailable() -> Optional[str]:
     return None
 
 
-def _free_subnets(count: int) -> List[int]:
+def _free_subnet() -> int:
     used = _ip("-o", "-4", "addr").stdout
     start = os.getpid() % 200
-    found = []
     for k in range(250):
         n = 1 + (start + k) % 250
         if f"10.213.{n}." not in used:
-            found.append(n)
-            if len(found) == count:
-                return found
+            return n
     raise RuntimeError("no free 10.213.N.0/24 subnet for test namespaces")
 
 
@@ -66,7 +64,7 @@ class SSHHosts:
         self.namespaces: Dict[str, str] = {}
         self.addresses: Dict[str, str] = {}
         self.gateways: Dict[str, str] = {}
-        self.veths: List[str] = []
+        self.links: List[str] = []
         self.sshd: Dict[str, subprocess.Popen] = {}
         self.python = os.path.join(base, "python-with-achilles")
 
@@ -82,15 +80,22 @@ class SSHHosts:
         with open(host_key + ".pub") as fh:
             host_pub = " ".join(fh.read().split()[:2])
         config, known = [], []
-        for i, (name, n) in enumerate(zip(self.names, _free_subnets(len(self.names)))):
+        subnet = _free_subnet()
+        bridge = f"ab{os.getpid() % 100000}"
+        gateway = f"10.213.{subnet}.1"
+        _ip("link", "add", bridge, "type", "bridge")
+        self.links.append(bridge)
+        _ip("addr", "add", f"{gateway}/24", "dev", bridge)
+        _ip("link", "set", bridge, "up")
+        for i, name in enumerate(self.names):
             ns = f"ach{os.getpid()}{name}"
             outer, inner = f"av{os.getpid() % 100000}{i}", f"ai{os.getpid() % 100000}{i}"
-            gateway, address = f"10.213.{n}.1", f"10.213.{n}.2"
+            address = f"10.213.{subnet}.{2 + i}"
             _ip("netns", "add", ns)
             self.namespaces[name] = ns
             _ip("link", "add", outer, "type", "veth", "peer", "name", inner, "netns", ns)
-            self.veths.append(outer)
-            _ip("addr", "add", f"{gateway}/24", "dev", outer)
+            self.links.append(outer)
+            _ip("link", "set", outer, "master", bridge)
             _ip("link", "set", outer, "up")
             for args in (["addr", "add", f"{address}/24", "dev", inner], ["link", "set", inner, "up"],
                          ["link", "set", "lo", "up"]):
@@ -170,8 +175,8 @@ class SSHHosts:
                 proc.wait(10)
             except subprocess.TimeoutExpired:
                 pass
-        for veth in self.veths:
-            _ip("link", "del", veth, check=False)
+        for link in reversed(self.links):
+            _ip("link", "del", link, check=False)
         for ns in self.namespaces.values():
             _ip("netns", "del", ns, check=False)
         return leftovers

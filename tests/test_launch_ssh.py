@@ -326,3 +326,80 @@ def test_a_node_that_dies_is_reported_and_the_rest_still_serve(ssh_home) -> None
         assert cluster.map(lambda x: x + 10, range(5)) == list(range(10, 15))
     for name in ("alpha", "beta"):
         wait_for(lambda: not ssh_home.node_pids(name), timeout=20, what=f"{name} to be empty")
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return fh.read()
+    except OSError:
+        return b""
+
+
+def test_ssh_cluster_runs_the_server_on_a_host(ssh_home, tmp_path) -> None:
+    """With ``server_host``, the server runs on that host (in its namespace, from a private
+    0600 copy of the .env, no secret on any command line), both hosts' nodes join it at its
+    address, a map from this process runs through it, and leaving the block leaves nothing on
+    either host (no server, node or copied file)."""
+    env = tmp_path / ".env"
+    achilles.gen_config(str(env), port=0)
+    secret = achilles.load_config(env_file=str(env)).secret_key
+    lines, sink = _collect()
+    launcher = SSHCluster(["alpha", "beta:2"], remote_python=ssh_home.python, env_file=str(env),
+                          on_log=sink, log_level="INFO", server_host="alpha")
+    with launcher as cluster:
+        assert launcher.server_address == ssh_home.addresses["alpha"]
+        assert cluster.map(lambda x: x * x, range(30), chunksize=3) == [x * x for x in range(30)]
+        servers = [p for p in ssh_home.node_pids("alpha") if b"achilles.server" in _cmdline(p)]
+        assert len(servers) == 1
+        assert not [p for p in ssh_home.node_pids("beta") if b"achilles.server" in _cmdline(p)]
+        copied = os.path.join(os.readlink(f"/proc/{servers[0]}/cwd"), ".env")
+        assert stat.S_IMODE(os.stat(copied).st_mode) == 0o600 and secret in open(copied).read()
+        assert not any(secret.encode() in _cmdline(int(e)) for e in os.listdir("/proc") if e.isdigit())
+        nodes = {n["name"]: n for n in cluster.status()["nodes"]}
+        assert set(nodes) == {"alpha", "beta"} and nodes["beta"]["processes"] == 2
+        for name in ("alpha", "beta"):
+            assert nodes[name]["address"].startswith(ssh_home.addresses[name] + ":")
+        folders = [n.directory for n in launcher._remotes()]
+    assert any(source == "server@alpha" for source, _ in lines)
+    assert not any(folder and os.path.exists(folder) for folder in folders)
+    for name in ("alpha", "beta"):
+        wait_for(lambda: not ssh_home.node_pids(name), timeout=20, what=f"{name} to be empty")
+
+
+def test_achilles_up_server_on_first_host_until_down(ssh_home, tmp_path, monkeypatch) -> None:
+    """``achilles up --ssh alpha,beta --server-on first`` starts the server on alpha and a
+    node on each host, prints and records the address scripts reach it at, a map from this
+    process through that address runs on both nodes, and ``achilles down`` stops everything on
+    both hosts (`up` exits 0, no process is left in either namespace)."""
+    achilles.gen_config(str(tmp_path / ".env"), port=0)
+    up = Up(str(tmp_path), ["--ssh", "alpha,beta", "--server-on", "first",
+                            "--python", ssh_home.python])
+    try:
+        state = up.wait_ready(60)
+        assert state["host"] == ssh_home.addresses["alpha"]
+        assert any(f"ACHILLES_HOST={state['host']} ACHILLES_PORT={state['port']}" in line
+                   for line in up.output)
+        assert any(line.startswith("[server@alpha] ") for line in up.output)
+        assert up.server_pids() == []
+        assert [p for p in ssh_home.node_pids("alpha") if b"achilles.server" in _cmdline(p)]
+        monkeypatch.chdir(tmp_path)  # this process reads the folder's .env, as a script would
+        with achilles.connect(host=state["host"], port=state["port"]) as cluster:
+            assert sum(cluster.map(abs, range(-50, 50))) == 2500
+            assert sorted(n["name"] for n in cluster.status()["nodes"]) == ["alpha", "beta"]
+        down = up.achilles("down")
+        assert down.returncode == 0, down.stdout + down.stderr
+        assert up.proc.wait(30) == 0
+        for name in ("alpha", "beta"):
+            wait_for(lambda: not ssh_home.node_pids(name), timeout=20, what=f"{name} to be empty")
+    finally:
+        up.close()
+
+
+def test_server_on_is_refused_with_slurm(tmp_path) -> None:
+    """``achilles up --slurm --server-on first`` exits 2 saying --server-on is for SSH hosts
+    (under SLURM the server runs here)."""
+    achilles.gen_config(str(tmp_path / ".env"), port=0)
+    out = subprocess.run([sys.executable, "-m", "achilles", "up", "--slurm", "--server-on", "first"],
+                         cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "--server-on is for --ssh/--hostfile" in out.stderr, out.stderr

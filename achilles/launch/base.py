@@ -76,7 +76,29 @@ def _read_text(path: str) -> str:
         return ""
 
 
-class ServerProcess:
+class ServerHandle:
+    """The server a launcher started, wherever it runs: :meth:`start` it, ask whether it is
+    :meth:`alive`, read its log (``tail``), :meth:`stop` it."""
+
+    tail: LogTail
+
+    def start(self, deadline: float) -> int:
+        """Start the server and return the port it listens on."""
+        raise NotImplementedError
+
+    def alive(self) -> bool:
+        """Whether the server process is still running."""
+        raise NotImplementedError
+
+    def join_log(self) -> None:
+        """Wait (briefly) until the server's last log lines are read."""
+
+    def stop(self) -> None:
+        """Stop the server; wait until it is gone."""
+        raise NotImplementedError
+
+
+class ServerProcess(ServerHandle):
     """An ``achilles-server`` started on this machine for a launcher, with the cluster's
     ``.env``; stopped by its process group."""
 
@@ -156,7 +178,8 @@ class ServerProcess:
 
 
 class Launcher:
-    """A server here plus nodes somewhere else; subclasses start and stop the nodes.
+    """A server (here, unless a subclass runs it elsewhere) plus nodes somewhere else;
+    subclasses start and stop the nodes.
 
     ``env_file``: the cluster's ``.env`` (its secret, user name, TLS and other settings);
     without one, a private ``.env`` with a fresh secret is made for this cluster's lifetime.
@@ -187,7 +210,8 @@ class Launcher:
         if server_address is None and not is_local_address(self.settings.host):
             server_address = self.settings.host
         self.server_address = server_address
-        self.server = ServerProcess(self.env_file, bind, port, self._dir, log_level, on_log)
+        self.server: ServerHandle = ServerProcess(self.env_file, bind, port, self._dir, log_level,
+                                                  on_log)
 
     # --- what a subclass provides --------------------------------------------------------------
     def _prepare(self, deadline: float) -> None:
@@ -219,7 +243,7 @@ class Launcher:
         """Settings a script on this machine uses to reach the started server."""
         host = self.server_address if self.server_address else (
             "127.0.0.1" if is_local_address(self.bind) else self.bind)
-        return load_config(env_file=self.env_file, host=host, port=self.server.port)
+        return load_config(env_file=self.env_file, host=host, port=self.port)
 
     def start(self) -> Cluster:
         """Start the server and the nodes, wait until every node joined, and return a connected

@@ -1,5 +1,5 @@
-"""``achilles up`` (a server here, nodes over SSH or as a SLURM job, in the foreground until
-Ctrl-C or ``achilles down``) and ``achilles down``."""
+"""``achilles up`` (a server here or on the first SSH host, nodes over SSH or as a SLURM job,
+in the foreground until Ctrl-C or ``achilles down``) and ``achilles down``."""
 
 from __future__ import annotations
 
@@ -33,6 +33,9 @@ def add_up_parser(sub: Any) -> None:
                        help="host1,user@host2:8,... (~/.ssh/config aliases work; :N = processes)")
     where.add_argument("--hostfile", help="a file with one host (host, user@host, host:N) per line")
     where.add_argument("--slurm", action="store_true", help="submit the nodes as a SLURM job array")
+    up.add_argument("--server-on", metavar="WHERE", default="here",
+                    help="where the server runs with --ssh/--hostfile: here (default), first (the "
+                         "first host), or another SSH destination")
     up.add_argument("--python",
                     help="the Python that has Achilles on the hosts, e.g. a virtualenv's (default: "
                          "python3 over SSH, this Python under SLURM)")
@@ -51,8 +54,10 @@ def add_up_parser(sub: Any) -> None:
     up.add_argument("--port", type=int, help="server port (default: the .env's ACHILLES_PORT)")
     up.add_argument("--bind", default="0.0.0.0", help="address the server listens on (default 0.0.0.0)")
     up.add_argument("--server-address",
-                    help="address nodes connect to (default: the .env's ACHILLES_HOST unless it is "
-                         "loopback, else the address each host's SSH connection reached)")
+                    help="address nodes (and, with --server-on, scripts here) connect to (default: "
+                         "the .env's ACHILLES_HOST unless it is loopback, else the address each "
+                         "host's SSH connection came from, or with --server-on the server host's "
+                         "address that SSH reached)")
     up.add_argument("--timeout", type=float, default=None,
                     help="seconds to wait for every node to join (default: no limit)")
     up.add_argument("--log-level", help="of the server and nodes (default: the .env's, else INFO)")
@@ -76,6 +81,8 @@ def _launcher(args: argparse.Namespace) -> "Launcher":
                                   server_address=args.server_address, log_level=cfg.log_level,
                                   start_timeout=args.timeout)
     if args.slurm:
+        if args.server_on != "here":
+            raise ConfigError("--server-on is for --ssh/--hostfile; under --slurm the server runs here")
         from achilles.launch.slurm import SlurmCluster
 
         options: Dict[str, Any] = {"python": args.python} if args.python else {}
@@ -86,7 +93,9 @@ def _launcher(args: argparse.Namespace) -> "Launcher":
     from achilles.launch.ssh import SSHCluster
 
     hosts = read_hosts_file(args.hostfile) if args.hostfile else parse_hosts(args.ssh)
-    return SSHCluster(hosts, remote_python=args.python or "python3", **common)
+    server_host = {"here": None, "first": hosts[0].destination}.get(args.server_on, args.server_on)
+    return SSHCluster(hosts, remote_python=args.python or "python3", server_host=server_host,
+                      **common)
 
 
 def _pid_runs_achilles(pid: int) -> bool:
@@ -123,12 +132,16 @@ def run_up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         launcher.start()
-        state = {"pid": os.getpid(), "port": launcher.port, "kind": launcher.kind,
-                 "slurm_jobs": list(getattr(launcher, "job_ids", []))}
+        reach = launcher.controller_config()
+        state = {"pid": os.getpid(), "host": reach.host, "port": launcher.port,
+                 "kind": launcher.kind, "slurm_jobs": list(getattr(launcher, "job_ids", []))}
         write_state(args.state, state)
-        print(f"{launcher.expected_nodes()} nodes connected; the server listens on "
-              f"{launcher.bind}:{launcher.port}. Scripts using this .env reach it (port "
-              f"{launcher.port}); stop with Ctrl-C or `achilles down`.", flush=True)
+        remote = getattr(launcher, "remote_server", None)
+        where = f" on {remote.spec.destination}" if remote is not None else ""
+        print(f"{launcher.expected_nodes()} nodes connected; the server{where} listens on "
+              f"{launcher.bind}:{launcher.port}. Scripts using this .env reach it at "
+              f"ACHILLES_HOST={reach.host} ACHILLES_PORT={launcher.port}; stop with Ctrl-C or "
+              "`achilles down`.", flush=True)
         while launcher.server.alive():
             time.sleep(0.5)
         raise AchillesError("the server exited:\n" + launcher.server.tail.text()[-2000:])

@@ -1,4 +1,5 @@
-"""``SSHCluster``: a server on this machine and one node per host, started over SSH.
+"""``SSHCluster``: a server (on this machine, or on one of the hosts) and one node per host,
+started over SSH.
 
 SSH goes through ``asyncssh`` (the ``ssh`` extra), which reads the user's ``~/.ssh/config``
 (Host aliases, HostName, Port, User, IdentityFile, ProxyJump), ``~/.ssh/known_hosts``, keys
@@ -12,16 +13,20 @@ import ipaddress
 import json
 import shlex
 import threading
+import time
 from typing import Any, Coroutine, Dict, Iterable, List, Optional, TypeVar, Union
 
 import achilles
 from achilles.core.errors import AchillesError, ConfigError
-from achilles.launch.base import Launcher, LogSink, LogTail, print_log
-from achilles.launch.hosts import HostSpec, parse_hosts
+from achilles.launch.base import Launcher, LogSink, LogTail, ServerHandle, print_log
+from achilles.launch.hosts import HostSpec, parse_host, parse_hosts
 
 T = TypeVar("T")
 STOP_GRACE = 10.0
 MIN_PYTHON = (3, 9)
+#: The TLS files each kind of process reads, copied beside its ``.env`` on its host.
+NODE_TLS_FIELDS = ("tls_ca", "tls_client_cert", "tls_client_key")
+SERVER_TLS_FIELDS = ("tls_cert", "tls_key", "tls_client_ca")
 
 _CHECK = (
     "import sys, json\n"
@@ -72,8 +77,9 @@ class _Loop:
             self.loop.close()
 
 
-class RemoteNode:
-    """One node on one host: its SSH connection, its process and its log."""
+class RemoteProcess:
+    """One process (a node, or the server) on one host: its SSH connection, its process and
+    its log."""
 
     def __init__(self, spec: HostSpec, name: str, sink: Optional[LogSink]) -> None:
         self.spec = spec
@@ -84,8 +90,9 @@ class RemoteNode:
         self.pid: Optional[int] = None
         self.directory: Optional[str] = None
         self.exit_status: Optional[int] = None
-        #: The client address the host's sshd saw (``$SSH_CONNECTION``).
+        #: The client address the host's sshd saw, and its own (``$SSH_CONNECTION``).
         self.seen_from: Optional[str] = None
+        self.seen_at: Optional[str] = None
         self.stopping = False
         self.tasks: List["asyncio.Task[Any]"] = []
 
@@ -98,9 +105,38 @@ class RemoteNode:
             return None
         return sockname[0] if _same_address(sockname[0], self.seen_from) else None
 
+    def host_address(self) -> Optional[str]:
+        """The host's address as this machine reached it: the SSH connection's far end, when
+        the connection is direct (see :meth:`local_address`) and arrived there; else None."""
+        peername = self.conn.get_extra_info("peername") if self.conn is not None else None
+        if not peername or not self.seen_at or self.local_address() is None:
+            return None
+        return peername[0] if _same_address(peername[0], self.seen_at) else None
+
+
+class RemoteServer(ServerHandle):
+    """The ``achilles-server`` an :class:`SSHCluster` runs on one of its hosts."""
+
+    def __init__(self, cluster: "SSHCluster", remote: RemoteProcess) -> None:
+        self.cluster = cluster
+        self.remote = remote
+        self.tail = remote.tail
+
+    def start(self, deadline: float) -> int:
+        """Start the server on its host, wait until it listens; return its port."""
+        return self.cluster._run(self.cluster._start_server(self.remote, deadline))
+
+    def alive(self) -> bool:
+        """Whether the server process is still running on its host."""
+        return self.remote.proc is not None and self.remote.exit_status is None
+
+    def stop(self) -> None:
+        """Stop the server (its stdin closes; SIGKILL after a grace period), remove its files."""
+        self.cluster._stop_remote(self.remote)
+
 
 class SSHCluster(Launcher):
-    """Start a server here and a node on each of ``hosts`` over SSH.
+    """Start a server (here, or on ``server_host``) and a node on each of ``hosts`` over SSH.
 
     ``hosts``: ``"host1,host2:8"`` or a list of such strings (``:N`` = worker processes,
     default: the host's CPU count; a host named twice gets two nodes). Each host's Python
@@ -108,6 +144,12 @@ class SSHCluster(Launcher):
     every host is checked before anything starts. The cluster's ``.env`` (``env_file``, or a
     fresh private one) is copied to a private temporary folder on each host with mode 0600.
     Node log lines go to ``on_log(host, line)`` (default: ``[host] line`` on stderr).
+
+    ``server_host``: an SSH destination (e.g. the first of ``hosts``) to run the server on
+    instead of this machine, with its own private copy of the ``.env`` (and the server's TLS
+    files). Nodes and this machine's controllers then reach it at ``server_address``, by
+    default the address this machine's SSH connection reached that host at
+    (:meth:`controller_config` gives the settings for scripts here).
 
     ``with SSHCluster(["alpha", "beta:4"]) as cluster: cluster.map(...)``; leaving the block
     (or :meth:`stop`) stops every node, removes the copied files and stops the server. Nodes
@@ -120,7 +162,8 @@ class SSHCluster(Launcher):
                  remote_python: str = "python3", env_file: Optional[str] = None, port: int = 0,
                  bind: str = "0.0.0.0", server_address: Optional[str] = None,
                  log_level: str = "WARNING", on_log: Optional[LogSink] = print_log,
-                 start_timeout: Optional[float] = 120.0, connect_timeout: float = 30.0) -> None:
+                 start_timeout: Optional[float] = 120.0, connect_timeout: float = 30.0,
+                 server_host: Optional[str] = None) -> None:
         self._ssh = _asyncssh()
         self.hosts = parse_hosts(hosts)
         super().__init__(env_file=env_file, port=port, bind=bind, server_address=server_address,
@@ -131,15 +174,27 @@ class SSHCluster(Launcher):
         for spec in self.hosts:
             counts[spec.destination] = counts.get(spec.destination, 0) + 1
         seen: Dict[str, int] = {}
-        self.nodes: List[RemoteNode] = []
+        self.nodes: List[RemoteProcess] = []
         for spec in self.hosts:
             index = seen[spec.destination] = seen.get(spec.destination, -1) + 1
             name = spec.destination if counts[spec.destination] == 1 else f"{spec.destination}-{index}"
-            self.nodes.append(RemoteNode(spec, name, on_log))
+            self.nodes.append(RemoteProcess(spec, name, on_log))
+        self.remote_server: Optional[RemoteProcess] = None
+        if server_host is not None:
+            spec = parse_host(server_host)
+            if spec.processes:
+                raise ConfigError(f"the server's host is written host or user@host, without :N; "
+                                  f"got {server_host!r}")
+            self.remote_server = RemoteProcess(spec, f"server@{spec.destination}", on_log)
+            self.server = RemoteServer(self, self.remote_server)
         self._loop: Optional[_Loop] = None
 
     def __repr__(self) -> str:
-        return f"<SSHCluster port={self.port} hosts={[n.name for n in self.nodes]}>"
+        where = f" server={self.remote_server.spec.destination}" if self.remote_server else ""
+        return f"<SSHCluster port={self.port}{where} hosts={[n.name for n in self.nodes]}>"
+
+    def _remotes(self) -> List[RemoteProcess]:
+        return self.nodes + ([self.remote_server] if self.remote_server else [])
 
     def expected_nodes(self) -> int:
         """One node per host entry."""
@@ -161,16 +216,17 @@ class SSHCluster(Launcher):
         self._run(self._connect_and_check_all())
 
     async def _connect_and_check_all(self) -> None:
-        results = await asyncio.gather(*(self._connect_and_check(n) for n in self.nodes),
+        remotes = self._remotes()
+        results = await asyncio.gather(*(self._connect_and_check(n) for n in remotes),
                                        return_exceptions=True)
         problems = []
-        for node, result in zip(self.nodes, results):
+        for node, result in zip(remotes, results):
             if isinstance(result, BaseException):
                 problems.append(f"  {node.name}: {result}")
         if problems:
             raise AchillesError("cannot start nodes on every host:\n" + "\n".join(problems))
 
-    async def _connect_and_check(self, node: RemoteNode) -> None:
+    async def _connect_and_check(self, node: RemoteProcess) -> None:
         ssh = self._ssh
         try:
             node.conn = await asyncio.wait_for(ssh.connect(node.spec.destination),
@@ -182,6 +238,7 @@ class SSHCluster(Launcher):
         seen = await node.conn.run("echo $SSH_CONNECTION", check=False, timeout=60)
         words = str(seen.stdout or "").split()
         node.seen_from = words[0] if words else None
+        node.seen_at = words[2] if len(words) > 2 else None
         py = shlex.quote(self.remote_python)
         result = await node.conn.run(f"{py} -c {shlex.quote(_CHECK)}", check=False, timeout=60)
         out = str(result.stdout or "").strip().splitlines()
@@ -214,12 +271,13 @@ class SSHCluster(Launcher):
         if problems:
             raise AchillesError("cannot start nodes on every host:\n" + "\n".join(problems))
 
-    def _env_text(self, directory: str, files: Dict[str, bytes]) -> bytes:
-        """The cluster's .env, plus lines pointing TLS settings at the copies in ``directory``."""
+    def _env_text(self, directory: str, files: Dict[str, bytes], fields: Iterable[str]) -> bytes:
+        """The cluster's .env, plus lines pointing the TLS settings ``fields`` at the copies in
+        ``directory`` (their contents put in ``files``)."""
         with open(self.env_file, "rb") as fh:
             text = fh.read()
         extra = []
-        for field in ("tls_ca", "tls_client_cert", "tls_client_key"):
+        for field in fields:
             path = getattr(self.settings, field)
             if path:
                 with open(path, "rb") as fh:
@@ -229,7 +287,7 @@ class SSHCluster(Launcher):
             text = text.rstrip(b"\n") + b"\n" + "\n".join(extra).encode() + b"\n"
         return text
 
-    async def _write_private(self, node: RemoteNode, path: str, data: bytes) -> None:
+    async def _write_private(self, node: RemoteProcess, path: str, data: bytes) -> None:
         """Write ``data`` to ``path`` on the host with mode 0600; the data goes through the
         session's stdin, never a command line."""
         q = shlex.quote(path)
@@ -238,48 +296,95 @@ class SSHCluster(Launcher):
         if result.exit_status != 0:
             raise AchillesError(f"cannot write {path}: {result.stderr!r}")
 
-    async def _start_one(self, node: RemoteNode) -> None:
-        address = self.server_address or node.local_address()
-        if not address:
-            raise AchillesError("cannot tell which address of this machine the host reaches (it "
-                                "is behind ProxyJump or address translation); pass "
-                                "--server-address / server_address=")
+    async def _private_folder(self, node: RemoteProcess, fields: Iterable[str]) -> str:
+        """Make a private temporary folder on the host and copy the ``.env`` (and the TLS
+        ``fields``' files) into it, mode 0600; return the folder."""
         made = await node.conn.run('mktemp -d "${TMPDIR:-/tmp}/achilles-XXXXXXXX"', check=False,
                                    timeout=60)
         if made.exit_status != 0:
             raise AchillesError(f"cannot make a temporary folder: {str(made.stderr).strip()}")
         node.directory = directory = str(made.stdout).strip()
         files: Dict[str, bytes] = {}
-        await self._write_private(node, f"{directory}/.env", self._env_text(directory, files))
+        await self._write_private(node, f"{directory}/.env",
+                                  self._env_text(directory, files, fields))
         for field, data in files.items():
             await self._write_private(node, f"{directory}/{field}.pem", data)
-        args = [self.remote_python, "-m", "achilles.node", "--host", address,
-                "--port", str(self.port), "--name", node.name, "--log-level", self.log_level,
-                "--exit-with-stdin"]
-        if node.spec.processes:
-            args += ["--processes", str(node.spec.processes)]
+        return directory
+
+    async def _launch(self, node: RemoteProcess, module: str, args: List[str]) -> None:
+        """Run ``python -m module args`` on the host in its private folder, reading the
+        ``.env`` there; pump its output into its log and watch for its exit."""
+        directory = node.directory
+        assert directory is not None
         q = shlex.quote
         command = (f"cd {q(directory)} && echo $$ && exec env ACHILLES_ENV_FILE={q(directory + '/.env')} "
-                   + " ".join(q(a) for a in args))
+                   + " ".join(q(a) for a in [self.remote_python, "-m", module, *args]))
         node.proc = await node.conn.create_process(command)
         first = await asyncio.wait_for(node.proc.stdout.readline(), 60)
         if not first.strip().isdigit():
-            raise AchillesError(f"the node did not start: {first!r}")
+            raise AchillesError(f"{module} did not start: {first!r}")
         node.pid = int(first)
         node.tasks = [asyncio.ensure_future(self._pump(node.proc.stderr, node.tail)),
                       asyncio.ensure_future(self._pump(node.proc.stdout, node.tail)),
                       asyncio.ensure_future(self._watch(node))]
+
+    async def _start_one(self, node: RemoteProcess) -> None:
+        address = self.server_address or node.local_address()
+        if not address:
+            raise AchillesError("cannot tell which address of this machine the host reaches (it "
+                                "is behind ProxyJump or address translation); pass "
+                                "--server-address / server_address=")
+        await self._private_folder(node, NODE_TLS_FIELDS)
+        args = ["--host", address, "--port", str(self.port), "--name", node.name,
+                "--log-level", self.log_level, "--exit-with-stdin"]
+        if node.spec.processes:
+            args += ["--processes", str(node.spec.processes)]
+        await self._launch(node, "achilles.node", args)
+
+    async def _start_server(self, server: RemoteProcess, deadline: float) -> int:
+        """Start the server on its host and wait until it listens; return its port."""
+        where = server.spec.destination
+        if not self.server_address:
+            self.server_address = server.host_address()
+            if not self.server_address:
+                raise AchillesError(f"cannot tell which address of {where} the nodes and this "
+                                    "machine reach (it is behind ProxyJump or address "
+                                    "translation); pass --server-address / server_address=")
+        directory = await self._private_folder(server, SERVER_TLS_FIELDS)
+        port_file = f"{directory}/server.port"
+        await self._launch(server, "achilles.server",
+                           ["--host", self.bind, "--port", str(self.port), "--port-file", port_file,
+                            "--log-level", self.log_level, "--exit-with-stdin"])
+        q = shlex.quote(port_file)
+        # One command waits on the host until the port file is written or the server is gone.
+        listening = (f"while [ ! -s {q} ] && kill -0 {server.pid} 2>/dev/null; do sleep 0.05; "
+                     f"done; cat {q} 2>/dev/null")
+        try:
+            result = await asyncio.wait_for(server.conn.run(listening, check=False),
+                                            max(1.0, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            raise AchillesError(f"the server on {where} did not start in time") from None
+        text = str(result.stdout or "").strip()
+        if not text.isdigit():
+            try:
+                await asyncio.wait_for(asyncio.shield(server.tasks[-1]), 10)
+            except asyncio.TimeoutError:
+                pass
+            raise AchillesError(f"the server on {where} exited with status {server.exit_status}:"
+                                f"\n{server.tail.text()[-2000:]}")
+        return int(text)
 
     @staticmethod
     async def _pump(stream: Any, tail: LogTail) -> None:
         async for line in stream:
             tail.add(str(line).rstrip("\n"))
 
-    async def _watch(self, node: RemoteNode) -> None:
+    async def _watch(self, node: RemoteProcess) -> None:
         await node.proc.wait(check=False)
         node.exit_status = node.proc.exit_status if node.proc.exit_status is not None else -1
         if not node.stopping:
-            node.tail.add(f"node exited with status {node.exit_status}")
+            what = "server" if node is self.remote_server else "node"
+            node.tail.add(f"{what} exited with status {node.exit_status}")
 
     def _node_problem(self) -> Optional[str]:
         for node in self.nodes:
@@ -290,18 +395,26 @@ class SSHCluster(Launcher):
 
     # --- stop --------------------------------------------------------------------------------
     def _stop_nodes(self) -> None:
-        if self._loop is None:
-            return
-        try:
+        if self._loop is not None:
             self._run(self._stop_all(), timeout=STOP_GRACE * 3 + 30)
+
+    def _stop_remote(self, remote: RemoteProcess) -> None:
+        if self._loop is not None:
+            self._run(self._stop_one(remote), timeout=STOP_GRACE * 3 + 30)
+
+    def stop(self) -> None:
+        """Stop the nodes, then the server, wherever it runs; remove every copied file."""
+        try:
+            super().stop()
         finally:
-            self._loop.close()
-            self._loop = None
+            if self._loop is not None:
+                self._loop.close()
+                self._loop = None
 
     async def _stop_all(self) -> None:
         await asyncio.gather(*(self._stop_one(n) for n in self.nodes), return_exceptions=True)
 
-    async def _stop_one(self, node: RemoteNode) -> None:
+    async def _stop_one(self, node: RemoteProcess) -> None:
         node.stopping = True
         try:
             if node.proc is not None and node.exit_status is None:
@@ -321,5 +434,6 @@ class SSHCluster(Launcher):
                 await node.conn.run(f"rm -rf {shlex.quote(node.directory)}", check=False, timeout=30)
         finally:
             if node.conn is not None:
-                node.conn.close()
-                await node.conn.wait_closed()
+                conn, node.conn = node.conn, None
+                conn.close()
+                await conn.wait_closed()
