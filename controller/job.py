@@ -16,7 +16,8 @@ from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optiona
 
 from achilles.core import wire
 from achilles.core.errors import ConnectionLost, JobCancelled
-from achilles.core.serialization import dumps_code, dumps_data, function_name, loads_data
+from achilles.core.codecache import dumps_code_cached
+from achilles.core.serialization import dumps_data, function_name, loads_data
 from achilles.controller.chunking import ChunkSizer
 from achilles.controller.events import (
     Cancelled, ChunkResult, ConnectionLostEvent, Event, EventSink, JobFailed, JobLink, JobProgress,
@@ -87,7 +88,8 @@ class JobRun:
         self.output = OutputPrinter()
         # Pickled before anything is registered or sent: an unpicklable function raises here.
         self._submit = wire.encode_message(wire.SUBMIT, (
-            self.job_id, self.function, dumps_code(func), dumps_code(callback), options or {}))
+            self.job_id, self.function, dumps_code_cached(func), dumps_code_cached(callback),
+            options or {}))
         self.progress: Optional[Progress] = None
         self.chunks_failed = 0
         self._base = (0, 0)  # items done and re-runs before the server's current copy of the job
