@@ -11,7 +11,7 @@ the connection with a logged reason. Timers (handshake deadline, heartbeats) run
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, ClassVar, Dict, FrozenSet, List, Optional, TypeVar
+from typing import Any, Callable, ClassVar, Dict, FrozenSet, List, Optional, Tuple, TypeVar
 
 from twisted.internet import protocol
 from twisted.internet.task import LoopingCall
@@ -25,6 +25,9 @@ from achilles.core.reactor import Clock, DelayedCall, Transport, get_reactor, tr
 from achilles.core.session import FrameOpener, FrameSealer
 
 log = logging.getLogger("achilles.protocol")
+
+#: Buffers one ``sendmsg`` call passes at most (Linux's IOV_MAX is 1024).
+MAX_IOVEC = 512
 
 HANDSHAKE_TIMEOUT = 10.0
 # Seconds a refused peer has to read its AUTH_FAIL before the socket is aborted. A graceful
@@ -50,6 +53,63 @@ def handles(*codes: wire.Msg) -> Callable[[F], F]:
 def default_clock() -> Clock:
     """The global reactor, as a clock."""
     return get_reactor()
+
+
+class Outbox:
+    """Frames for plain TCP connections, held until the end of the reactor's turn.
+
+    A connection's messages of one turn (every read the last poll returned, every timer and
+    call from another thread) are sealed and written together in one ``sendmsg`` right before
+    the next poll, straight to the socket while Twisted's own buffer for it is empty: no
+    writer registered with epoll and unregistered again, and one system call per connection
+    per turn however many messages it got. The flush runs as a zero-delay call of the global
+    reactor (which runs before its next poll) and before the reactor shuts down.
+    """
+
+    def __init__(self) -> None:
+        self.pending: List["AchillesProtocol"] = []
+        self.scheduled = False
+        self._trigger = False
+
+    def add(self, proto: "AchillesProtocol") -> None:
+        """``proto`` holds frames to write at the end of this turn."""
+        self.pending.append(proto)
+        if not self.scheduled:
+            self.scheduled = True
+            reactor = get_reactor()
+            if not self._trigger:
+                self._trigger = True
+                reactor.addSystemEventTrigger("before", "shutdown", self.flush)
+            reactor.callLater(0, self.flush)
+
+    def flush(self) -> None:
+        """Write every held frame."""
+        self.scheduled = False
+        pending, self.pending = self.pending, []
+        for proto in pending:
+            proto.flush()
+
+
+OUTBOX = Outbox()
+
+
+def _direct_socket(transport: Any) -> Any:
+    """The socket to write to directly, or None when Twisted must write (TLS, not TCP, its
+    buffer holds data, the connection is closing)."""
+    if (type(transport) not in _TCP_TYPES or transport.TLS or not transport.connected
+            or transport.disconnecting or transport._tempDataBuffer
+            or len(transport.dataBuffer) > transport.offset):
+        return None
+    return transport.socket
+
+
+def _tcp_types() -> Tuple[type, ...]:
+    from twisted.internet import tcp
+
+    return (tcp.Server, tcp.Client)
+
+
+_TCP_TYPES = _tcp_types()
 
 
 class AchillesProtocol(protocol.Protocol):
@@ -94,6 +154,8 @@ class AchillesProtocol(protocol.Protocol):
         self._last_heard = 0.0
         self._last_tick = 0.0  # clock seconds of the last heartbeat tick
         self._listening_since = 0.0  # the end of the last stall of this process
+        self._corked = False  # post-auth frames wait in _out for the end of the reactor's turn
+        self._out: List[List[bytes]] = []
 
     @property
     def last_heard(self) -> float:
@@ -102,7 +164,10 @@ class AchillesProtocol(protocol.Protocol):
 
     @property
     def link(self) -> Transport:
-        """This connection's transport (once connected)."""
+        """This connection's transport (once connected). Frames still held for the end of the
+        turn are written first, so whatever is done with the link comes after them."""
+        if self._out:
+            self.flush()
         return transport_of(self)
 
     # --- hooks ------------------------------------------------------------------------------
@@ -163,6 +228,7 @@ class AchillesProtocol(protocol.Protocol):
         self._timer = None
         self._inbound = wire.inbound(self.local_role, peer_role)
         self._sealer = FrameSealer(send_key)
+        self._corked = type(self.transport) in _TCP_TYPES
         self.decoder.set_limit(self.max_frame, self._inbound, FrameOpener(recv_key))
         self._start_heartbeat()
         self.on_authenticated()
@@ -254,7 +320,12 @@ class AchillesProtocol(protocol.Protocol):
         if self.state == "ready":
             assert self._sealer is not None
             self.check_size(pieces)
-            self.link.writeSequence(self._sealer.seal(pieces))
+            if self._corked:
+                if not self._out:
+                    OUTBOX.add(self)
+                self._out.append(pieces)
+            else:
+                self.link.writeSequence(self._sealer.seal(pieces))
 
     def send_many(self, messages: List[List[bytes]]) -> None:
         """Send several encoded messages in one write."""
@@ -262,8 +333,36 @@ class AchillesProtocol(protocol.Protocol):
             assert self._sealer is not None
             for m in messages:
                 self.check_size(m)
+            if self._corked:
+                if not self._out:
+                    OUTBOX.add(self)
+                self._out.extend(messages)
+                return
             seal = self._sealer.seal
             self.link.writeSequence([piece for m in messages for piece in seal(m)])
+
+    def flush(self) -> None:
+        """Seal and write the messages held for the end of this turn (see :class:`Outbox`)."""
+        out, self._out = self._out, []
+        if not out or self.state != "ready":
+            return
+        assert self._sealer is not None
+        seal = self._sealer.seal
+        frames = [piece for m in out for piece in seal(m)]
+        transport = self.transport
+        sock = _direct_socket(transport)
+        if sock is None or len(frames) > MAX_IOVEC:
+            transport_of(self).writeSequence(frames)
+            return
+        try:
+            sent = sock.sendmsg(frames)
+        except BlockingIOError:
+            sent = 0
+        except OSError:  # the connection is failing: Twisted finds out and closes it
+            transport_of(self).writeSequence(frames)
+            return
+        if sent < sum(map(len, frames)):
+            transport_of(self).write(b"".join(frames)[sent:])
 
     @handles(wire.PING)
     def ping(self, token: int) -> None:
