@@ -52,6 +52,11 @@ class Reactor(Clock, Protocol):
     def callWhenRunning(self, callable: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run ``callable`` once the loop runs."""
 
+    def addSystemEventTrigger(self, phase: str, eventType: str, callable: Callable[..., Any],
+                              *args: Any, **kwargs: Any) -> Any:
+        """Run ``callable`` at a phase (``before``, ``during``, ``after``) of an event
+        (``startup``, ``shutdown``)."""
+
     def listenTCP(self, port: int, factory: Any, backlog: int = 50,
                   interface: str = "") -> Any:
         """Listen on a TCP port; returns the listening port."""
