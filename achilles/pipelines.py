@@ -268,7 +268,7 @@ class Pipeline:
 
     def __init__(self, stages: Tuple[Any, ...], cluster: Any = None, ordered: bool = False,
                  on_error: str = "fail", batch: int = DEFAULT_BATCH,
-                 name: Optional[str] = None) -> None:
+                 name: Optional[str] = None, forward_output: Optional[bool] = None) -> None:
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {', '.join(ON_ERROR)}, got {on_error!r}")
         if not stages:
@@ -298,6 +298,7 @@ class Pipeline:
         self.cluster = cluster
         self.ordered = ordered
         self.batch = batch
+        self.forward_output = forward_output
         self.name = name or " -> ".join(s["name"] for s in self.specs)[:100]
         self._run: Optional[PipeRun] = None
         self._watcher: Optional[threading.Thread] = None
@@ -312,9 +313,12 @@ class Pipeline:
                     from achilles.api import default_cluster
 
                     self.cluster = default_cluster()
+                forward = self.forward_output
+                if forward is None:
+                    forward = bool(getattr(self.cluster, "forward_output", True))
                 self._run = PipeRun(self.cluster, self.name, self.specs,
                                     None if self.inputs is None else self.entry, self.inputs,
-                                    self.ordered, self.batch)
+                                    self.ordered, self.batch, forward)
             return self
 
     def items(self) -> Iterator[Any]:
@@ -423,7 +427,8 @@ class Pipeline:
 
 
 def pipeline(*stages: Any, cluster: Any = None, ordered: bool = False, on_error: str = "fail",
-             batch: int = DEFAULT_BATCH, name: Optional[str] = None) -> Pipeline:
+             batch: int = DEFAULT_BATCH, name: Optional[str] = None,
+             forward_output: Optional[bool] = None) -> Pipeline:
     """Build a stage pipeline (mpyx's ``EZ``): the first element may be an input iterable
     (read lazily; a generator function is called) or a source stage; the rest are stages or
     nested structures (``[]`` serial, ``()`` parallel, ``{}`` broadcast). Runs on ``cluster``
@@ -432,10 +437,12 @@ def pipeline(*stages: Any, cluster: Any = None, ordered: bool = False, on_error:
     ``on_error``: ``"fail"`` (the stage's exception is raised by ``items()``), ``"skip"``
     (logged on the node and counted) or ``"collect"`` (:class:`StageError` objects come out
     alongside the results); a ``Stage`` subclass may set its own. ``batch``: items per
-    message between stages.
+    message between stages. What stage copies print or log is printed here, prefixed with the
+    node, stage and copy, while the outputs are read, unless ``forward_output=False``
+    (default: the cluster's ``forward_output``).
     """
     return Pipeline(stages, cluster=cluster, ordered=ordered, on_error=on_error, batch=batch,
-                    name=name)
+                    name=name, forward_output=forward_output)
 
 
 EZ = pipeline

@@ -13,7 +13,8 @@ from twisted.internet.endpoints import SSL4ClientEndpoint, TCP4ClientEndpoint, c
 from twisted.python.failure import Failure
 
 from achilles.controller.events import (ChunkResult, ConnectionLostEvent, EventSink, GraphDone,
-                                        JobFailed, JobProgress, Output, OutputTail, PipeResult, Reply,
+                                        JobFailed, JobProgress, Output, OutputTail, PipeOutput,
+                                        PipeResult, Reply,
                                         TaskDone,
                                         Want)
 from achilles.core import wire
@@ -115,6 +116,13 @@ class ControllerProtocol(PeerSideProtocol):
         sink = self.jobs.get(job_id)
         if sink is not None:
             sink.put(OutputTail(chunk_id, node, bytes(payload)))
+
+    @handles(wire.PIPE_OUTPUT)
+    def pipe_output(self, pipe_id: str, stage: int, copy: int, node: str, dropped: int,
+                    payload: bytes) -> None:
+        sink = self.jobs.get(pipe_id)
+        if sink is not None:
+            sink.put(PipeOutput(stage, copy, node, dropped, bytes(payload)))
 
     @handles(wire.TASK_DONE)
     def task_done(self, graph_id: str, task_id: int, status: int, node: str, elapsed: float,

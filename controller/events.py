@@ -125,6 +125,18 @@ class ConnectionLostEvent:
 
 
 @dataclass(frozen=True)
+class PipeOutput:
+    """Lines copy ``copy`` of stage ``stage`` wrote on ``node`` (encoded as an
+    :class:`Output`'s), and how many more the node's rate limit dropped."""
+
+    stage: int
+    copy: int
+    node: str
+    dropped: int
+    payload: bytes
+
+
+@dataclass(frozen=True)
 class Reply:
     """The answer to a request (STATUS, KILL)."""
 
@@ -133,7 +145,7 @@ class Reply:
 
 #: Every event a job, graph or request can receive.
 Event = Union[Want, ChunkResult, TaskDone, GraphDone, PipeResult, JobProgress, JobFailed,
-              Cancelled, ConnectionLostEvent, Reply, Output, OutputTail]
+              Cancelled, ConnectionLostEvent, Reply, Output, OutputTail, PipeOutput]
 
 
 class EventSink(Protocol):

@@ -5,7 +5,8 @@ final outputs cross this connection. Input is read lazily, only as the server gr
 (``WANT``) and, with ``ordered=True``, while fewer than a window of source batches are still
 open, so an endless generator holds a bounded amount here. Outputs are acknowledged to the
 server as the caller consumes them (unordered), which is what slows the last stages down when
-the caller reads slowly.
+the caller reads slowly. What stage copies print or log (``PIPE_OUTPUT``) is printed here as it
+comes, prefixed with the node, stage and copy.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from achilles.core import wire
 from achilles.core.errors import ConnectionLost, JobCancelled
 from achilles.core.serialization import dumps_data, load_error, loads_data
 from achilles.controller.events import (Cancelled, ConnectionLostEvent, Event, JobFailed, JobLink,
-                                        PipeResult, Want)
+                                        Output, PipeOutput, PipeResult, Want)
+from achilles.controller.output import OutputPrinter
 
 #: PIPE_RESULT kinds (see :mod:`achilles.server.pipelines`).
 ITEMS, ERRORS, FAILED, DONE = 0, 1, 2, 3
@@ -50,7 +52,8 @@ class PipeRun:
     """Starts a pipeline on creation; :meth:`batches` yields lists of outputs."""
 
     def __init__(self, link: JobLink, name: str, stages: List[Dict[str, Any]], entry: Any,
-                 inputs: Optional[Iterable[Any]], ordered: bool, batch: int) -> None:
+                 inputs: Optional[Iterable[Any]], ordered: bool, batch: int,
+                 forward_output: bool = True) -> None:
         self.link = link
         self.ordered = ordered
         self.batch = max(1, int(batch))
@@ -74,8 +77,13 @@ class PipeRun:
         self.done = False
         self.closed = False
         self.stats: Dict[str, Any] = {}
+        self.stage_names = [str(s.get("name", i)) for i, s in enumerate(stages)]
+        self.printer = OutputPrinter()
+        options: Dict[str, Any] = {"entry": entry, "batch": self.batch}
+        if not forward_output:
+            options["output"] = False
         self.link.send([wire.encode_message(wire.PIPE_START, (
-            self.pipe_id, name, stages, {"entry": entry, "batch": self.batch}))])
+            self.pipe_id, name, stages, options))])
 
     # --- input ------------------------------------------------------------------------------
     def _fill(self) -> None:
@@ -114,6 +122,11 @@ class PipeRun:
                 self.window = max(MIN_ORDERED_WINDOW, 4 * processes)
             case PipeResult():
                 self._result(event)
+            case PipeOutput(stage=stage, copy=copy):
+                name = (self.stage_names[stage] if 0 <= stage < len(self.stage_names)
+                        else f"stage{stage}")
+                self.printer.show(Output(stage, event.node, event.dropped, event.payload),
+                                  lambda _item: f"stage {name}.{copy}")
             case Cancelled():
                 self.closed = True
             case JobFailed(message=message):

@@ -252,6 +252,12 @@ class Capture:
                 if self.active:
                     self._flush()
 
+    def send_lines(self) -> None:
+        """Send the whole lines gathered so far (call with :attr:`lock` held); a stage copy
+        does so before each answer, so its lines arrive ahead of the outputs they precede."""
+        if self.active:
+            self._flush()
+
     def _flush(self) -> None:
         """Send the gathered lines and the drop count (call with :attr:`lock` held)."""
         if self._pending or self._dropped:

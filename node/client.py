@@ -146,15 +146,22 @@ class NodeProtocol(PeerSideProtocol):
     def send_output(self, task: Task, dropped: int, payload: bytes) -> None:
         """Send lines of a running chunk's output (``payload``, encoded); lines too large for
         a frame are counted as dropped instead."""
-        pieces = wire.encode_message(wire.OUTPUT, (task.job_id, task.chunk_id,
-                                                   self.factory.name, dropped, payload))
+        self._send_lines(wire.OUTPUT, (task.job_id, task.chunk_id, self.factory.name), dropped,
+                         payload)
+
+    def send_stage_output(self, key: CopyKey, dropped: int, payload: bytes) -> None:
+        """Send lines a stage copy wrote, as :meth:`send_output` does a chunk's."""
+        _, pipe_id, stage, copy, _ = key
+        self._send_lines(wire.PIPE_OUTPUT, (pipe_id, stage, copy, self.factory.name), dropped,
+                         payload)
+
+    def _send_lines(self, code: int, head: tuple, dropped: int, payload: bytes) -> None:
+        pieces = wire.encode_message(code, head + (dropped, payload))
         try:
             self.check_size(pieces)
         except FrameTooLarge:
             count = len(decode_lines(payload))
-            pieces = wire.encode_message(wire.OUTPUT, (task.job_id, task.chunk_id,
-                                                       self.factory.name, dropped + count,
-                                                       encode_lines([])))
+            pieces = wire.encode_message(code, head + (dropped + count, encode_lines([])))
         self.send_encoded(pieces)
 
     def send_tail(self, task: Task, lines: List[list]) -> None:
@@ -253,7 +260,7 @@ class NodeFactory(protocol.ReconnectingClientFactory):
         self._sessions = 0
         self.pool = WorkerPool(processes, self._from_worker, self._output_from_worker,
                                self._progress_from_worker)
-        self.stages = StageHost(name, self._from_stage)
+        self.stages = StageHost(name, self._from_stage, self._output_from_stage)
 
     # Twisted types buildProtocol's result as a protocol with a generic ``factory`` property;
     # NodeProtocol's ``factory`` is this class.
@@ -293,6 +300,14 @@ class NodeFactory(protocol.ReconnectingClientFactory):
         proto = self.current
         if proto is not None and proto.session == key[0]:
             proto.send_stage_out(key, seq, status, n_items, skipped, exhausted, errors, payload)
+
+    def _output_from_stage(self, key: CopyKey, lines: List[list], dropped: int) -> None:
+        reactor.callFromThread(self._deliver_stage_output, key, dropped, encode_lines(lines))
+
+    def _deliver_stage_output(self, key: CopyKey, dropped: int, payload: bytes) -> None:
+        proto = self.current
+        if proto is not None and proto.session == key[0]:
+            proto.send_stage_output(key, dropped, payload)
 
     def _output_from_worker(self, task: Task, lines: List[list], dropped: int) -> None:
         reactor.callFromThread(self._deliver_output, task, dropped, encode_lines(lines))

@@ -6,6 +6,9 @@ hands each request to the process in order and each answer to ``on_out``; when t
 dies, ``on_out`` gets one ``CRASHED`` answer for the copy and the copy is forgotten (the server
 re-queues what it held and starts a new incarnation, here or on another node).
 
+What a copy prints or logs comes between its answers as ``("out", (lines, dropped))``
+messages (:mod:`achilles.node.capture` runs in the copy's process) and goes to ``on_output``.
+
 Stopping a pipeline (its job was cancelled, finished, or the server is gone) drops the copies'
 queued requests and asks each process to run ``teardown`` and exit; one still busy after
 :data:`STOP_GRACE` seconds is killed.
@@ -35,6 +38,17 @@ _STOP = ("stop", -1, b"")
 CopyKey = Tuple[int, str, int, int, int]
 #: ``on_out(key, seq, status, n_items, skipped, exhausted, errors, payload)``, from a thread.
 OutHandler = Callable[[CopyKey, int, int, int, int, bool, bytes, bytes], None]
+#: ``on_output(key, lines, dropped)``: lines a stage copy wrote, from a thread.
+LinesHandler = Callable[[CopyKey, List[list], int], None]
+
+
+def stage_process(conn: Any) -> None:
+    """A stage copy process's target: :func:`~achilles.core.stagerun.stage_main` with the
+    node's output capture."""
+    from achilles.core.stagerun import stage_main
+    from achilles.node.capture import Capture
+
+    stage_main(conn, Capture)
 
 
 @dataclass(eq=False)
@@ -57,9 +71,11 @@ class StageCopy:
 class StageHost:
     """Every stage copy on this node, by :data:`CopyKey`."""
 
-    def __init__(self, node_name: str, on_out: OutHandler) -> None:
+    def __init__(self, node_name: str, on_out: OutHandler,
+                 on_output: Optional[LinesHandler] = None) -> None:
         self.node_name = node_name
         self.on_out = on_out
+        self.on_output = on_output
         self._ctx = _context()
         self._lock = threading.Lock()
         self._copies: Dict[CopyKey, StageCopy] = {}
@@ -143,10 +159,8 @@ class StageHost:
                 del self._copies[copy.key]
 
     def _start_process(self, copy: StageCopy) -> None:
-        from achilles.core.stagerun import stage_main
-
         copy.conn, child = self._ctx.Pipe(duplex=True)
-        copy.proc = self._ctx.Process(target=stage_main, args=(child,), daemon=True)
+        copy.proc = self._ctx.Process(target=stage_process, args=(child,), daemon=True)
         try:
             with _PROCESS_LOCK:
                 copy.proc.start()
@@ -211,12 +225,18 @@ class StageHost:
                 wait([copy.proc.sentinel], 5.0)
                 return
 
-    @staticmethod
-    def _answer(copy: StageCopy) -> Optional[Tuple[tuple, bytes]]:
-        """The process's reply to the request just sent, or None if it died first."""
-        if copy.conn not in wait([copy.conn, copy.proc.sentinel]):
-            return None
-        header = pickle.loads(copy.conn.recv_bytes())
+    def _answer(self, copy: StageCopy) -> Optional[Tuple[tuple, bytes]]:
+        """The process's reply to the request just sent (output lines before it go to
+        ``on_output``), or None if it died first."""
+        while True:
+            if copy.conn not in wait([copy.conn, copy.proc.sentinel]):
+                return None
+            header = pickle.loads(copy.conn.recv_bytes())
+            if header[0] != "out":
+                break
+            if self.on_output is not None and not copy.stopping:
+                lines, dropped = header[1]
+                self.on_output(copy.key, lines, dropped)
         if copy.conn not in wait([copy.conn, copy.proc.sentinel]):
             return None
         return header, copy.conn.recv_bytes()

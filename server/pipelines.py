@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Deque, Dict, List, Optional, Set, Tuple
 
 from achilles.core import wire
 from achilles.core.errors import ProtocolError, ResourceUnavailable, WorkerCrashed
+from achilles.core.output import decode_lines
 from achilles.core.serialization import error_record
 from achilles.server.dispatch import NodeState
 from achilles.server.jobs import Chunk, ControllerState, Job
@@ -242,7 +243,7 @@ class PipelineJob(Job):
             self.shipped_to[node.node_id] = node
         spec = {"code": copy.code, "name": stage.name, "copy": copy.index,
                 "on_error": stage.on_error, "skip": copy.accepted, "source": stage.source,
-                "batch": self.batch}
+                "batch": self.batch, "forward": self.forwards_output}
         self._send(copy, "start", None, pickle.dumps(spec, protocol=5))
 
     def _reserved(self) -> Dict[int, Dict[str, float]]:
@@ -392,6 +393,22 @@ class PipelineJob(Job):
                  payload: bytes) -> None:
         self.unacked += 1
         self.owner.peer.send(wire.PIPE_RESULT, self.job_id, origin, list(key), last, kind, payload)
+
+    def output(self, node: NodeState, stage_i: int, copy_i: int, dropped: int,
+               payload: bytes) -> None:
+        """A PIPE_OUTPUT from ``node``: lines a copy placed there wrote, relayed to the owner
+        (unless it turned output off); ProtocolError if malformed."""
+        if dropped < 0:
+            raise ProtocolError(f"PIPE_OUTPUT for pipeline {self.job_id[:8]} drops {dropped} "
+                                "lines")
+        decode_lines(payload)
+        if (self.state != "running" or not self.forwards_output
+                or not 0 <= stage_i < len(self.stages)
+                or not 0 <= copy_i < len(self.stages[stage_i].copies)
+                or self.stages[stage_i].copies[copy_i].node is not node):
+            return
+        self.owner.peer.send(wire.PIPE_OUTPUT, self.job_id, stage_i, copy_i, node.name, dropped,
+                             payload)
 
     # --- answers from copies ----------------------------------------------------------------
     def answer(self, node: NodeState, stage_i: int, copy_i: int, incarnation: int, seq: int,

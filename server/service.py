@@ -144,6 +144,13 @@ class ServerConnection(ServerSideProtocol):
             job.answer(self.node, stage, copy, incarnation, seq, status, n_items, skipped,
                        exhausted, errors, payload)
 
+    @handles(wire.PIPE_OUTPUT)
+    def pipe_output(self, pipe_id: str, stage: int, copy: int, node_name: str, dropped: int,
+                    payload: bytes) -> None:
+        job = self.factory.scheduler.jobs.get(pipe_id)
+        if self.node is not None and isinstance(job, PipelineJob):
+            job.output(self.node, stage, copy, dropped, payload)
+
     # --- controller messages ----------------------------------------------------------------
     def _controller(self) -> ControllerState:
         # Controller messages are accepted only once a controller has authenticated.

@@ -177,3 +177,32 @@ class Marker(achilles.Stage):
     def teardown(self):
         with open(os.path.join(self.folder, f"teardown-{os.getpid()}"), "w"):
             pass
+
+
+class Chatty(achilles.Stage):
+    """Prints in setup, do and teardown, writes to stderr and logs a warning per item."""
+
+    def setup(self):
+        print("setting up")
+
+    def do(self, x):
+        import logging
+        import sys
+
+        print(f"out {x}")
+        sys.stderr.write(f"err {x}\n")
+        logging.getLogger("chatty").warning("log %d", x)
+        self.put(x)
+
+    def teardown(self):
+        print("tearing down", end="")  # no newline: still a line at the end
+
+
+class ChattyFail(achilles.Stage):
+    """Prints before raising on 3."""
+
+    def do(self, x):
+        print(f"before {x}", flush=True)
+        if x == 3:
+            raise TaskFailure("three")
+        self.put(x)

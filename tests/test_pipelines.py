@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import achilles
 from achilles import As, Broadcast, Parallel, Serial, StageError
 from achilles.core.errors import ResourceUnavailable, WorkerCrashed
 from conftest import ROOT, alive, wait_for
-from pipeline_stages import (Add, BadSetup, Collecting, Count, DieInSetup, Double, Explode,
+from pipeline_stages import (Add, BadSetup, Chatty, ChattyFail, Collecting, Count, DieInSetup, Double, Explode,
                              FailOn, Forever, Gpu, Lifecycle, Marker, MetaTag, PidFile, ReadMeta,
                              Slow, Tag, hostname_of_node)
 from tasks import TaskFailure, square
@@ -383,3 +384,35 @@ def test_server_restart_fails_the_pipeline_with_connection_lost(make_cluster):
             pass
     lc.wait_for_nodes(1)
     assert lc.cluster.map(square, range(3)) == [0, 1, 4]
+
+
+# --- output -------------------------------------------------------------------------------
+STAGE_LINE = re.compile(r"^\((local-\d+) stage ([A-Za-z]+)\.(\d+)\) (.*)$")
+
+
+def stage_lines(text):
+    """``[(stage, copy, text)]`` for every forwarded stage line in captured output."""
+    return [m.groups()[1:] for m in map(STAGE_LINE.match, text.splitlines()) if m]
+
+
+def test_stage_output_reaches_the_caller(cluster, capfd):
+    """What stage copies print, write to stderr and log (in setup, do and teardown) is
+    printed by the caller with the node, stage and copy; lines printed before a stage's
+    failure come out before it is raised; forward_output=False keeps them on the node."""
+    assert sorted(achilles.pipeline(range(4), As(2, Chatty), cluster=cluster).list()) == [0, 1, 2, 3]
+    out, err = capfd.readouterr()
+    outs = stage_lines(out)
+    assert sorted(t for _, _, t in outs) == sorted(
+        ["setting up"] * 2 + ["tearing down"] * 2 + [f"out {i}" for i in range(4)])
+    assert {(s, c) for s, c, _ in outs} == {("Chatty", "0"), ("Chatty", "1")}
+    assert sorted(t for _, _, t in stage_lines(err)) == sorted(
+        [f"err {i}" for i in range(4)] + [f"WARNING chatty: log {i}" for i in range(4)])
+
+    with pytest.raises(TaskFailure):
+        achilles.pipeline(range(6), ChattyFail(), cluster=cluster, batch=8).list()
+    out, _ = capfd.readouterr()
+    assert [t for _, _, t in stage_lines(out)] == [f"before {i}" for i in range(4)]
+
+    achilles.pipeline(range(2), Chatty(), cluster=cluster, forward_output=False).list()
+    out, err = capfd.readouterr()
+    assert stage_lines(out) == [] and stage_lines(err) == []

@@ -259,6 +259,7 @@ PAYLOAD_FIELDS = {
     wire.PIPE_RESULT: ("pipe-1", 7, [0, 1], True, 0),
     wire.OUTPUT: ("job-1", 7, "node-1", 3),
     wire.OUTPUT_TAIL: ("job-1", 7, "node-1"),
+    wire.PIPE_OUTPUT: ("pipe-1", 2, 1, "node-1", 3),
 }
 
 
@@ -354,8 +355,8 @@ def test_inbound_sets_follow_routes():
     """Each role accepts from each peer exactly the messages declared for that direction."""
     assert wire.inbound("server", "node") == {wire.NODE_READY, wire.NODE_LOAD, wire.RESULT,
                                               wire.TASK_ERROR, wire.PIPE_OUT, wire.OUTPUT,
-                                              wire.OUTPUT_TAIL, wire.TASK_PROGRESS, wire.PING,
-                                              wire.PONG}
+                                              wire.OUTPUT_TAIL, wire.PIPE_OUTPUT,
+                                              wire.TASK_PROGRESS, wire.PING, wire.PONG}
     assert wire.inbound("node", "server") == {wire.TASK, wire.JOB_CODE, wire.JOB_DONE,
                                               wire.CANCEL, wire.SHUTDOWN, wire.PIPE_WORK,
                                               wire.PING, wire.PONG}

@@ -19,6 +19,11 @@ Requests:
 - ``end``: ``teardown()`` runs (its ``put``\\ s are outputs), the reply is sent, the process exits.
 - ``stop``: ``teardown()`` runs where possible, outputs are discarded, the process exits.
 
+With ``forward`` in the spec and a capture factory given to :func:`stage_main` (the node's
+:class:`~achilles.node.capture.Capture`), what the copy prints or logs from ``start`` on is
+captured, and sent between replies as a one-piece message, a pickled ``("out", (lines,
+dropped))``; whole lines gathered so far go just before each reply.
+
 The stage object is duck-typed: the runtime sets ``_achilles_emit`` (called by ``put`` with the
 item and its meta), ``copy_index``, ``node_name``, and ``meta`` before each call; ``setup`` gets ``_achilles_args`` and
 ``_achilles_kwargs``.
@@ -33,7 +38,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from achilles.core import wire
 from achilles.core.serialization import dumps_data, error_record, loads_code, loads_data
@@ -191,10 +196,40 @@ def _safe_repr(item: Any) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
-def _reply(conn: Any, seq: int, status: int, n_items: int, skipped: int, exhausted: bool,
-           errors: bytes, payload: bytes) -> None:
-    conn.send_bytes(pickle.dumps((seq, status, n_items, skipped, exhausted, errors), protocol=5))
-    conn.send_bytes(payload)
+class _Channel:
+    """The pipe to the node: replies, and captured output lines between them."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self.capture: Any = None  # a Capture while output is forwarded
+        self._lock = threading.Lock()
+
+    def forward(self, make_capture: Callable[[Callable[[str, Any], None]], Any]) -> None:
+        """Capture this process's output from now on."""
+        self.capture = make_capture(self._send_out)
+        self._lock = self.capture.lock
+        self.capture.start(None)
+
+    def _send_out(self, kind: str, data: Any) -> None:
+        # Called by the capture with its lock held; "tail" is never asked for (lines go live).
+        if kind == "out":
+            self.conn.send_bytes(pickle.dumps(("out", data), protocol=5))
+
+    def end_output(self) -> None:
+        """Send what is left of the output, partial lines too; nothing is captured after."""
+        if self.capture is not None:
+            with self._lock:
+                self.capture.finish(False)
+
+    def reply(self, seq: int, status: int, n_items: int, skipped: int, exhausted: bool,
+              errors: bytes, payload: bytes) -> None:
+        """One reply, after the output lines gathered so far."""
+        header = pickle.dumps((seq, status, n_items, skipped, exhausted, errors), protocol=5)
+        with self._lock:
+            if self.capture is not None:
+                self.capture.send_lines()
+            self.conn.send_bytes(header)
+            self.conn.send_bytes(payload)
 
 
 def _stop(runner: Optional[_Runner]) -> None:
@@ -209,10 +244,13 @@ def _stop(runner: Optional[_Runner]) -> None:
     os._exit(0)
 
 
-def stage_main(conn: Any) -> None:
-    """Serve one stage copy's requests from ``conn`` until ``end``, ``stop`` or a closed pipe."""
+def stage_main(conn: Any, make_capture: Optional[Callable[..., Any]] = None) -> None:
+    """Serve one stage copy's requests from ``conn`` until ``end``, ``stop`` or a closed pipe;
+    ``make_capture(send)`` makes the output capture used when the spec asks to forward."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     runner: Optional[_Runner] = None
+    channel = _Channel(conn)
+    _reply = channel.reply
     while True:
         try:
             op, seq, extra = pickle.loads(conn.recv_bytes())
@@ -223,40 +261,45 @@ def stage_main(conn: Any) -> None:
             if op == "stop":
                 _stop(runner)
             if op == "start":
-                runner = _Runner(pickle.loads(payload), str(extra))
+                spec = pickle.loads(payload)
+                if spec.get("forward") and make_capture is not None:
+                    channel.forward(make_capture)
+                runner = _Runner(spec, str(extra))
                 try:
                     runner.setup()
                 except Exception as exc:
-                    _reply(conn, seq, wire.ITEM_ERROR, 0, 0, False, b"", runner.failure(exc))
+                    _reply(seq, wire.ITEM_ERROR, 0, 0, False, b"", runner.failure(exc))
                     continue
                 n = len(runner.items)
-                _reply(conn, seq, wire.OK, n, 0, False, b"", runner.take())
+                _reply(seq, wire.OK, n, 0, False, b"", runner.take())
             elif runner is None:
                 raise RuntimeError(f"stage request {op!r} before start")
             elif op == "items":
                 status, skipped, errors = runner.do(payload)
                 if status != wire.OK:
-                    _reply(conn, seq, status, 0, skipped, False, b"", errors)
+                    _reply(seq, status, 0, skipped, False, b"", errors)
                     continue
                 n = len(runner.items)
-                _reply(conn, seq, wire.OK, n, skipped, False, errors, runner.take())
+                _reply(seq, wire.OK, n, skipped, False, errors, runner.take())
             elif op == "pull":
                 exhausted = runner.pull()
                 if runner.setup_error is not None:
                     runner.items, runner.metas = [], []
-                    _reply(conn, seq, wire.ITEM_ERROR, 0, 0, False, b"",
+                    _reply(seq, wire.ITEM_ERROR, 0, 0, False, b"",
                            runner.failure(runner.setup_error))
                     continue
                 n = len(runner.items)
-                _reply(conn, seq, wire.OK, n, 0, exhausted, b"", runner.take())
+                _reply(seq, wire.OK, n, 0, exhausted, b"", runner.take())
             elif op == "end":
                 try:
                     runner.teardown()
                 except Exception as exc:
-                    _reply(conn, seq, wire.ITEM_ERROR, 0, 0, True, b"", runner.failure(exc))
+                    channel.end_output()
+                    _reply(seq, wire.ITEM_ERROR, 0, 0, True, b"", runner.failure(exc))
                     os._exit(0)
                 n = len(runner.items)
-                _reply(conn, seq, wire.OK, n, 0, True, b"", runner.take())
+                channel.end_output()
+                _reply(seq, wire.OK, n, 0, True, b"", runner.take())
                 conn.close()
                 os._exit(0)
             else:
@@ -268,6 +311,6 @@ def stage_main(conn: Any) -> None:
                 where = runner.where() if runner is not None else "a stage copy"
                 if hasattr(exc, "add_note"):
                     exc.add_note(f"raised in {where}")
-                _reply(conn, seq, wire.ITEM_ERROR, 0, 0, False, b"", error_record(0, exc, []))
+                _reply(seq, wire.ITEM_ERROR, 0, 0, False, b"", error_record(0, exc, []))
             except (EOFError, OSError):
                 os._exit(0)

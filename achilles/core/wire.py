@@ -84,6 +84,7 @@ class Msg(IntEnum):
     PIPE_RESULT = 59
     OUTPUT = 48
     OUTPUT_TAIL = 49
+    PIPE_OUTPUT = 62
 
 
 @dataclass(frozen=True)
@@ -231,6 +232,10 @@ declare(Msg.OUTPUT, ("job_id", STR), ("chunk_id", INT), ("node", STR), ("dropped
 declare(Msg.OUTPUT_TAIL, ("job_id", STR), ("chunk_id", INT), ("node", STR),
         ("payload", PAYLOAD), routes={(N, S), (S, C)}, payload=True,
         doc="the last lines of a failed chunk's output, sent just before its failed result")
+declare(Msg.PIPE_OUTPUT, ("pipe_id", STR), ("stage", INT), ("copy", INT), ("node", STR),
+        ("dropped", INT), ("payload", PAYLOAD), routes={(N, S), (S, C)}, payload=True,
+        doc="lines a pipeline's stage copy printed or logged (as OUTPUT's payload), and how "
+            "many more its rate limit dropped")
 declare(Msg.TASK_PROGRESS, ("job_id", STR), ("chunk_id", INT), ("n", NUM), routes={(N, S)},
         doc="a running chunk's task called report_progress: n more items' worth is done")
 declare(Msg.WATCH, ("job_id", STR), routes={(C, S)},
@@ -277,6 +282,7 @@ PIPE_OUT = Msg.PIPE_OUT
 PIPE_RESULT = Msg.PIPE_RESULT
 OUTPUT = Msg.OUTPUT
 OUTPUT_TAIL = Msg.OUTPUT_TAIL
+PIPE_OUTPUT = Msg.PIPE_OUTPUT
 TASK_PROGRESS = Msg.TASK_PROGRESS
 JOB_PROGRESS = Msg.JOB_PROGRESS
 WATCH = Msg.WATCH
