@@ -478,6 +478,51 @@ def test_pipelined_auth_and_status(factory, protos):
     lose(proto)
 
 
+def _authed_controller(factory, protos):
+    """A server protocol with a controller authenticated by hand; returns (proto, transport,
+    the controller's sealer, a decoder that opens the server's frames)."""
+    proto, transport, hello = raw_server(factory, protos)
+    peer = PeerHandshake("controller", USER, KEY)
+    [auth] = peer.receive(*hello)
+    keys = _keys_before_auth_ok(peer, hello)
+    proto.dataReceived(auth)
+    decoder = wire.FrameDecoder()
+    decoder.feed(transport.value())
+    assert decoder.next_frame()[0] == wire.AUTH_OK
+    decoder.set_limit(wire.DEFAULT_MAX_FRAME, wire.POSTAUTH_CODES, FrameOpener(keys[1]))
+    transport.clear()
+    return proto, transport, FrameSealer(keys[0]), decoder
+
+
+def test_batch_messages_are_each_handled_in_order(factory, protos):
+    """A BATCH frame from a controller (one session tag over several messages) is handled
+    message by message, in order: a STATUS and a PING get their STATUS_REPLY and PONG."""
+    proto, transport, sealer, decoder = _authed_controller(factory, protos)
+    batch = wire.encode_batch([wire.encode_message(wire.STATUS, (3,)),
+                               wire.encode_message(wire.PING, (9,))])
+    proto.dataReceived(b"".join(sealer.seal(batch)))
+    replies = [(c, wire.decode_message(b, c)) for c, b in decoder.frames(transport.value())]
+    assert replies == [(wire.STATUS_REPLY, (3, {"nodes": [], "jobs": []})), (wire.PONG, (9,))]
+    assert proto.state == "ready"
+    lose(proto)
+
+
+@pytest.mark.parametrize("inner", ["node-message", "nested"])
+def test_batch_cannot_smuggle_a_message(factory, protos, inner):
+    """Inside a BATCH the same rules hold as outside: a message the peer's role may not send
+    (a controller's NODE_READY) or a nested BATCH closes the connection, and nothing after it
+    in the BATCH is handled."""
+    proto, transport, sealer, decoder = _authed_controller(factory, protos)
+    bad = (wire.encode_message(wire.NODE_READY, ("n", 1, "h", 1, {})) if inner == "node-message"
+           else wire.encode_batch([wire.encode_message(wire.PING, (1,))]))
+    batch = wire.encode_batch([bad, wire.encode_message(wire.STATUS, (3,))])
+    proto.dataReceived(b"".join(sealer.seal(batch)))
+    assert proto.state == "closed" and transport.disconnecting
+    assert decoder.frames(transport.value()) == []
+    assert factory.scheduler.nodes == {}
+    lose(proto)
+
+
 def _keys_before_auth_ok(peer, hello):
     from achilles.core.handshake import session_keys
 

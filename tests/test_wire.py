@@ -469,3 +469,32 @@ def test_fuzz_preauth_decoder(case):
     else:
         assert decoder.buffered == len(data) - len(consumed)
         assert decoder.buffered < wire.HEADER.size + wire.PREAUTH_MAX_FRAME
+
+
+def test_batch_round_trip_keeps_order_and_payloads():
+    """A BATCH carries several messages in order; each decodes to its own fields, payloads
+    included, from views of the one body."""
+    messages = [wire.encode_message(wire.PING, (1,)),
+                wire.encode_message(wire.TASK, ("j" * 32, 7, False, None, b"payload")),
+                wire.encode_message(wire.PONG, (2,))]
+    pieces = wire.encode_batch(messages)
+    body = b"".join(pieces[1:])
+    assert wire.HEADER.unpack(pieces[0]) == (wire.BATCH, len(body))
+    (inner,) = wire.decode_message(body, wire.BATCH)
+    split = wire.split_batch(inner)
+    assert [code for code, _ in split] == [wire.PING, wire.TASK, wire.PONG]
+    decoded = [wire.decode_message(b, c) for c, b in split]
+    assert decoded[0] == (1,) and decoded[2] == (2,)
+    assert decoded[1][:4] == ("j" * 32, 7, False, None) and bytes(decoded[1][4]) == b"payload"
+
+
+@pytest.mark.parametrize("case", ["nested", "cut-header", "overrun"])
+def test_malformed_batch_is_refused(case):
+    """A BATCH inside a BATCH, a message header cut short, or a message longer than what is
+    left of the BATCH raises ProtocolError."""
+    ping = b"".join(wire.encode_message(wire.PING, (1,)))
+    inner = {"nested": b"".join(wire.encode_batch([wire.encode_message(wire.PING, (1,))])),
+             "cut-header": ping + ping[:3],
+             "overrun": ping + wire.HEADER.pack(wire.PING, 1000) + b"x"}[case]
+    with pytest.raises(ProtocolError, match="malformed BATCH"):
+        wire.split_batch(inner)

@@ -28,6 +28,10 @@ log = logging.getLogger("achilles.protocol")
 
 #: Buffers one ``sendmsg`` call passes at most (Linux's IOV_MAX is 1024).
 MAX_IOVEC = 512
+#: Messages up to this size (bytes) sent to one peer in one reactor turn share a BATCH frame...
+BATCH_ITEM = 16 << 10
+#: ... of at most about this size.
+BATCH_BYTES = 64 << 10
 
 HANDSHAKE_TIMEOUT = 10.0
 # Seconds a refused peer has to read its AUTH_FAIL before the socket is aborted. A graceful
@@ -342,13 +346,35 @@ class AchillesProtocol(protocol.Protocol):
             self.link.writeSequence([piece for m in messages for piece in seal(m)])
 
     def flush(self) -> None:
-        """Seal and write the messages held for the end of this turn (see :class:`Outbox`)."""
+        """Seal and write the messages held for the end of this turn (see :class:`Outbox`):
+        runs of small ones as one BATCH frame each."""
         out, self._out = self._out, []
         if not out or self.state != "ready":
             return
         assert self._sealer is not None
         seal = self._sealer.seal
-        frames = [piece for m in out for piece in seal(m)]
+        if len(out) == 1:
+            frames = seal(out[0])
+        else:
+            frames = []
+            run: List[List[bytes]] = []
+            run_bytes = 0
+            limit = min(BATCH_BYTES, self.send_limit // 2)
+            for m in out:
+                size = wire.frame_size(m)
+                if size <= BATCH_ITEM and run_bytes + size <= limit:
+                    run.append(m)
+                    run_bytes += size
+                    continue
+                if run:
+                    frames += seal(run[0] if len(run) == 1 else wire.encode_batch(run))
+                if size <= BATCH_ITEM:
+                    run, run_bytes = [m], size
+                else:
+                    run, run_bytes = [], 0
+                    frames += seal(m)
+            if run:
+                frames += seal(run[0] if len(run) == 1 else wire.encode_batch(run))
         transport = self.transport
         sock = _direct_socket(transport)
         if sock is None or len(frames) > MAX_IOVEC:
@@ -363,6 +389,11 @@ class AchillesProtocol(protocol.Protocol):
             return
         if sent < sum(map(len, frames)):
             transport_of(self).write(b"".join(frames)[sent:])
+
+    @handles(wire.BATCH)
+    def batch(self, messages: memoryview) -> None:
+        for code, body in wire.split_batch(messages):
+            self.dispatch(code, body)
 
     @handles(wire.PING)
     def ping(self, token: int) -> None:

@@ -27,7 +27,7 @@ from typing import AbstractSet, Any, Dict, FrozenSet, List, Tuple
 from achilles.core.errors import ProtocolError
 from achilles.core.session import TAG_SIZE, FrameOpener
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 HEADER = struct.Struct("!BI")
 PREAUTH_MAX_FRAME = 512
 #: The largest post-auth frame, by default (ACHILLES_MAX_FRAME).
@@ -77,6 +77,7 @@ class Msg(IntEnum):
     JOB_PROGRESS = 41
     WATCH = 42
     TASK_ERROR = 44
+    BATCH = 54
     PIPE_START = 55
     PIPE_FEED = 56
     PIPE_WORK = 57
@@ -246,6 +247,10 @@ declare(Msg.JOB_PROGRESS, ("job_id", STR), ("done", NUM), ("failed", INT), ("ski
             "chunks), failed and skipped chunks or tasks, re-runs; graphs: {task name: "
             "[done, failed or skipped, total]}")
 
+declare(Msg.BATCH, ("messages", PAYLOAD), routes=EITHER_WAY, payload=True,
+        doc="several post-auth messages of one sender's reactor turn under one session tag: "
+            "each as encode_message makes it (header, body), in order; never nested")
+
 # Module-level names for every code (``wire.SUBMIT`` is ``Msg.SUBMIT``), spelled out so
 # type checkers see them.
 HELLO = Msg.HELLO
@@ -286,6 +291,7 @@ PIPE_OUTPUT = Msg.PIPE_OUTPUT
 TASK_PROGRESS = Msg.TASK_PROGRESS
 JOB_PROGRESS = Msg.JOB_PROGRESS
 WATCH = Msg.WATCH
+BATCH = Msg.BATCH
 assert all(globals().get(m.name) is m for m in Msg), "a Msg code has no module-level name"
 
 NAMES: Dict[int, str] = {code: message.name for code, message in REGISTRY.items()}
@@ -379,6 +385,36 @@ def encode_message(code: int, fields: Tuple[Any, ...]) -> List[bytes]:
                 meta, payload]
     body = pickle.dumps(fields, protocol=PICKLE_PROTOCOL)
     return [HEADER.pack(code, len(body)), body]
+
+
+_NO_FIELDS = pickle.dumps((), protocol=PICKLE_PROTOCOL)
+
+
+def encode_batch(messages: List[List[bytes]]) -> List[bytes]:
+    """Encode several encoded messages (none a BATCH) as the pieces of one BATCH message."""
+    inner = [piece for m in messages for piece in m]
+    size = META.size + len(_NO_FIELDS) + sum(map(len, inner))
+    return [HEADER.pack(BATCH, size), META.pack(len(_NO_FIELDS)), _NO_FIELDS, *inner]
+
+
+def split_batch(messages: Any) -> List[Tuple[int, memoryview]]:
+    """The ``(code, body)`` of each message in a BATCH's payload, bodies as views of it.
+    A truncated message or a nested BATCH raises :class:`ProtocolError`."""
+    view = memoryview(messages)
+    out: List[Tuple[int, memoryview]] = []
+    pos, end, size = 0, len(view), HEADER.size
+    while pos < end:
+        if end - pos < size:
+            raise ProtocolError("malformed BATCH: a message header is cut short")
+        code, length = HEADER.unpack_from(view, pos)
+        pos += size
+        if length > end - pos:
+            raise ProtocolError("malformed BATCH: a message overruns it")
+        if code == BATCH:
+            raise ProtocolError("malformed BATCH: a BATCH inside a BATCH")
+        out.append((code, view[pos:pos + length]))
+        pos += length
+    return out
 
 
 def _unpickle_tuple(data: Any, message: Message) -> Tuple[Any, ...]:
