@@ -260,6 +260,7 @@ PAYLOAD_FIELDS = {
     wire.OUTPUT: ("job-1", 7, "node-1", 3),
     wire.OUTPUT_TAIL: ("job-1", 7, "node-1"),
     wire.PIPE_OUTPUT: ("pipe-1", 2, 1, "node-1", 3),
+    wire.BATCH: (),
 }
 
 
