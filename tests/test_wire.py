@@ -357,10 +357,11 @@ def test_inbound_sets_follow_routes():
     assert wire.inbound("server", "node") == {wire.NODE_READY, wire.NODE_LOAD, wire.RESULT,
                                               wire.TASK_ERROR, wire.PIPE_OUT, wire.OUTPUT,
                                               wire.OUTPUT_TAIL, wire.PIPE_OUTPUT,
-                                              wire.TASK_PROGRESS, wire.PING, wire.PONG}
+                                              wire.TASK_PROGRESS, wire.PING, wire.PONG,
+                                              wire.BATCH}
     assert wire.inbound("node", "server") == {wire.TASK, wire.JOB_CODE, wire.JOB_DONE,
                                               wire.CANCEL, wire.SHUTDOWN, wire.PIPE_WORK,
-                                              wire.PING, wire.PONG}
+                                              wire.PING, wire.PONG, wire.BATCH}
     assert wire.SUBMIT in wire.inbound("server", "controller")
     assert wire.SUBMIT not in wire.inbound("server", "node")
     assert wire.TASK not in wire.inbound("controller", "server")

@@ -247,7 +247,7 @@ declare(Msg.JOB_PROGRESS, ("job_id", STR), ("done", NUM), ("failed", INT), ("ski
             "chunks), failed and skipped chunks or tasks, re-runs; graphs: {task name: "
             "[done, failed or skipped, total]}")
 
-declare(Msg.BATCH, ("messages", PAYLOAD), routes=EITHER_WAY, payload=True,
+declare(Msg.BATCH, ("payload", PAYLOAD), routes=EITHER_WAY, payload=True,
         doc="several post-auth messages of one sender's reactor turn under one session tag: "
             "each as encode_message makes it (header, body), in order; never nested")
 
