@@ -282,7 +282,7 @@ class AchillesProtocol(protocol.Protocol):
         except (ProtocolError, AuthenticationError) as exc:
             self.fail(str(exc))
 
-    def dispatch(self, code: int, body: bytes) -> None:
+    def dispatch(self, code: int, body: "bytes | memoryview") -> None:
         """Decode a post-auth message, validate it against its declaration, and call its
         handler. A handler that raises closes the connection (its peer's work is then
         re-queued by the scheduler) with the error logged; it never goes unnoticed."""

@@ -427,7 +427,7 @@ def _unpickle_tuple(data: Any, message: Message) -> Tuple[Any, ...]:
     return fields
 
 
-def decode_message(body: bytes, code: int) -> Tuple[Any, ...]:
+def decode_message(body: "bytes | memoryview", code: int) -> Tuple[Any, ...]:
     """Decode and validate a post-auth message body. Only call this once the frame has been
     authenticated (the peer proved the secret and the frame's tag checked out).
 
