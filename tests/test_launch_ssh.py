@@ -57,6 +57,14 @@ def _collect() -> Tuple[List[Tuple[str, str]], "object"]:
     return lines, sink
 
 
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return fh.read()
+    except OSError:
+        return b""
+
+
 def test_host_lists_parse_counts_and_files(tmp_path) -> None:
     """``host1,user@host2:8`` gives one spec per host with its process count; a hosts file
     skips comments and blanks; a bad count is refused with the expected form."""
@@ -83,14 +91,20 @@ def test_without_asyncssh_the_error_names_the_extra() -> None:
         out.stdout + out.stderr
 
 
-def test_ssh_cluster_runs_a_map_on_nodes_in_other_namespaces(ssh_home) -> None:
+def test_ssh_cluster_runs_a_map_on_nodes_in_other_namespaces(ssh_home, tmp_path) -> None:
     """SSHCluster starts a node on each host through the ~/.ssh/config aliases; the nodes
     join from their own addresses (not the server's), ``:N`` sets the processes, a map runs,
     node log lines arrive tagged with their host, and leaving the block leaves nothing on the
-    hosts (no node process, no copied files)."""
+    hosts (no node process, no copied files). The cluster's .env arrives on each host in a
+    private folder with mode 0600, the node reads its secret from there, and no process on
+    any host or here has the secret on its command line."""
+    env = tmp_path / ".env"
+    achilles.gen_config(str(env), port=0)
+    secret = achilles.load_config(env_file=str(env)).secret_key
+    assert secret
     lines, sink = _collect()
-    launcher = SSHCluster(["alpha", "beta:3"], remote_python=ssh_home.python, log_level="INFO",
-                          on_log=sink)
+    launcher = SSHCluster(["alpha", "beta:3"], remote_python=ssh_home.python, env_file=str(env),
+                          log_level="INFO", on_log=sink)
     with launcher as cluster:
         assert cluster.map(lambda x: x ** 3, range(40), chunksize=2) == [x ** 3 for x in range(40)]
         nodes = {n["name"]: n for n in cluster.status()["nodes"]}
@@ -100,27 +114,8 @@ def test_ssh_cluster_runs_a_map_on_nodes_in_other_namespaces(ssh_home) -> None:
         assert nodes["beta"]["processes"] == 3
         folders = [n.directory for n in launcher.nodes]
         assert all(f and os.path.isdir(f) for f in folders)
-    assert {"alpha", "beta"} <= {source for source, _ in lines}
-    assert any(source == "server" for source, _ in lines)
-    assert not any(os.path.exists(f) for f in folders)
-    for name in ("alpha", "beta"):
-        wait_for(lambda: not ssh_home.node_pids(name), timeout=20, what=f"{name} to be empty")
-
-
-def test_env_reaches_hosts_mode_0600_never_on_a_command_line(ssh_home, tmp_path) -> None:
-    """The cluster's .env arrives on each host in a private folder with mode 0600, the
-    node reads its secret from there, and no process on any host or here has the secret on
-    its command line."""
-    env = tmp_path / ".env"
-    achilles.gen_config(str(env), port=0)
-    secret = achilles.load_config(env_file=str(env)).secret_key
-    assert secret
-    with SSHCluster("alpha,beta", remote_python=ssh_home.python, env_file=str(env),
-                    on_log=None) as cluster:
-        assert cluster.map(lambda x: x ** 3, [1, 2]) == [1, 8]
         for name in ("alpha", "beta"):
-            node_pids = [p for p in ssh_home.node_pids(name)
-                         if b"achilles.node" in open(f"/proc/{p}/cmdline", "rb").read()]
+            node_pids = [p for p in ssh_home.node_pids(name) if b"achilles.node" in _cmdline(p)]
             assert node_pids
             folder = os.readlink(f"/proc/{node_pids[0]}/cwd")
             assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700
@@ -129,11 +124,13 @@ def test_env_reaches_hosts_mode_0600_never_on_a_command_line(ssh_home, tmp_path)
             assert secret in open(copied).read()
         for entry in os.listdir("/proc"):
             if entry.isdigit():
-                try:
-                    cmdline = open(f"/proc/{entry}/cmdline", "rb").read()
-                except OSError:
-                    continue
-                assert secret.encode() not in cmdline, f"secret on pid {entry}'s command line"
+                assert secret.encode() not in _cmdline(int(entry)), \
+                    f"secret on pid {entry}'s command line"
+    assert {"alpha", "beta"} <= {source for source, _ in lines}
+    assert any(source == "server" for source, _ in lines)
+    assert not any(os.path.exists(f) for f in folders)
+    for name in ("alpha", "beta"):
+        wait_for(lambda: not ssh_home.node_pids(name), timeout=20, what=f"{name} to be empty")
 
 
 def test_hosts_without_achilles_are_named_before_anything_starts(ssh_home, tmp_path) -> None:
@@ -247,22 +244,16 @@ def test_a_host_with_another_achilles_version_is_refused(ssh_home, tmp_path) -> 
         launcher.start()
 
 
-def test_proxyjump_from_the_ssh_config(ssh_home) -> None:
-    """A host reached through ProxyJump runs a node; as the host did not see the connection
-    come from this machine's address, the start first asks for --server-address rather than
-    guess, and works with it."""
+def test_proxyjump_and_agent_keys_from_the_ssh_setup(ssh_home, tmp_path, monkeypatch) -> None:
+    """A host reached through ProxyJump, and a host whose only usable key is in an ssh-agent,
+    each run a node. As the ProxyJump host did not see the connection come from this machine's
+    address, the start first asks for --server-address rather than guess (before any server
+    starts), and works with it; without the agent the other host is refused with an error
+    naming it."""
+    launcher = SSHCluster(["alpha-jump"], remote_python=ssh_home.python, on_log=None)
     with pytest.raises(AchillesError, match="alpha-jump: .*ProxyJump.*--server-address"):
-        SSHCluster(["alpha-jump"], remote_python=ssh_home.python, on_log=None).start()
-    launcher = SSHCluster(["alpha-jump"], remote_python=ssh_home.python, on_log=None,
-                          server_address=ssh_home.gateways["alpha"])
-    with launcher as cluster:
-        assert cluster.map(lambda x: x * 2, [1, 2]) == [2, 4]
-    wait_for(lambda: not ssh_home.node_pids("alpha"), timeout=20, what="alpha to be empty")
-
-
-def test_keys_from_the_agent(ssh_home, tmp_path, monkeypatch) -> None:
-    """A host whose only usable key is in an ssh-agent runs a node; without the agent it is
-    refused with an error naming the host."""
+        launcher.start()
+    assert launcher.server.proc is None
     sock = str(tmp_path / "agent.sock")
     agent = subprocess.Popen(["ssh-agent", "-D", "-a", sock], stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
@@ -274,12 +265,16 @@ def test_keys_from_the_agent(ssh_home, tmp_path, monkeypatch) -> None:
         with pytest.raises(AchillesError, match="beta-agent: SSH connection failed"):
             SSHCluster(["beta-agent"], remote_python=ssh_home.python, on_log=None).start()
         monkeypatch.setenv("SSH_AUTH_SOCK", sock)
-        with SSHCluster(["beta-agent"], remote_python=ssh_home.python, on_log=None) as cluster:
+        with SSHCluster(["alpha-jump", "beta-agent"], remote_python=ssh_home.python, on_log=None,
+                        server_address=ssh_home.gateways["alpha"]) as cluster:
             assert cluster.map(lambda x: x * 3, [1, 2]) == [3, 6]
+            assert sorted(n["name"] for n in cluster.status()["nodes"]) == ["alpha-jump",
+                                                                              "beta-agent"]
     finally:
         agent.terminate()
         agent.wait(10)
-    wait_for(lambda: not ssh_home.node_pids("beta"), timeout=20, what="beta to be empty")
+    for name in ("alpha", "beta"):
+        wait_for(lambda: not ssh_home.node_pids(name), timeout=20, what=f"{name} to be empty")
 
 
 def test_tls_ca_reaches_the_hosts_and_nodes_verify_the_server(ssh_home, tmp_path) -> None:
@@ -328,68 +323,43 @@ def test_a_node_that_dies_is_reported_and_the_rest_still_serve(ssh_home) -> None
         wait_for(lambda: not ssh_home.node_pids(name), timeout=20, what=f"{name} to be empty")
 
 
-def _cmdline(pid: int) -> bytes:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as fh:
-            return fh.read()
-    except OSError:
-        return b""
-
-
-def test_ssh_cluster_runs_the_server_on_a_host(ssh_home, tmp_path) -> None:
-    """With ``server_host``, the server runs on that host (in its namespace, from a private
-    0600 copy of the .env, no secret on any command line), both hosts' nodes join it at its
-    address, a map from this process runs through it, and leaving the block leaves nothing on
-    either host (no server, node or copied file)."""
+def test_achilles_up_server_on_first_host_until_down(ssh_home, tmp_path, monkeypatch) -> None:
+    """``achilles up --ssh alpha,beta:2 --server-on first`` (SSHCluster's ``server_host``)
+    starts the server on alpha, in its namespace, from a private 0600 copy of the .env with no
+    secret on any command line, and a node on each host that joins it from its own address;
+    `up` prints and records the address scripts reach the server at, streams the server's log
+    lines as ``[server@alpha]``, a map from this process through that address runs on both
+    nodes, and ``achilles down`` stops everything on both hosts (`up` exits 0, no process is
+    left in either namespace)."""
     env = tmp_path / ".env"
     achilles.gen_config(str(env), port=0)
     secret = achilles.load_config(env_file=str(env)).secret_key
-    lines, sink = _collect()
-    launcher = SSHCluster(["alpha", "beta:2"], remote_python=ssh_home.python, env_file=str(env),
-                          on_log=sink, log_level="INFO", server_host="alpha")
-    with launcher as cluster:
-        assert launcher.server_address == ssh_home.addresses["alpha"]
-        assert cluster.map(lambda x: x * x, range(30), chunksize=3) == [x * x for x in range(30)]
+    up = Up(str(tmp_path), ["--ssh", "alpha,beta:2", "--server-on", "first",
+                            "--python", ssh_home.python, "--log-level", "INFO"])
+    try:
+        state = up.wait_ready(60)
+        assert state["host"] == ssh_home.addresses["alpha"]
+        assert any(f"ACHILLES_HOST={state['host']} ACHILLES_PORT={state['port']}" in line
+                   for line in up.output)
+        assert up.server_pids() == []
         servers = [p for p in ssh_home.node_pids("alpha") if b"achilles.server" in _cmdline(p)]
         assert len(servers) == 1
         assert not [p for p in ssh_home.node_pids("beta") if b"achilles.server" in _cmdline(p)]
         copied = os.path.join(os.readlink(f"/proc/{servers[0]}/cwd"), ".env")
         assert stat.S_IMODE(os.stat(copied).st_mode) == 0o600 and secret in open(copied).read()
         assert not any(secret.encode() in _cmdline(int(e)) for e in os.listdir("/proc") if e.isdigit())
-        nodes = {n["name"]: n for n in cluster.status()["nodes"]}
+        monkeypatch.chdir(tmp_path)  # this process reads the folder's .env, as a script would
+        with achilles.connect(host=state["host"], port=state["port"]) as cluster:
+            assert sum(cluster.map(abs, range(-50, 50), chunksize=5)) == 2500
+            nodes = {n["name"]: n for n in cluster.status()["nodes"]}
         assert set(nodes) == {"alpha", "beta"} and nodes["beta"]["processes"] == 2
         for name in ("alpha", "beta"):
             assert nodes[name]["address"].startswith(ssh_home.addresses[name] + ":")
-        folders = [n.directory for n in launcher._remotes()]
-    assert any(source == "server@alpha" for source, _ in lines)
-    assert not any(folder and os.path.exists(folder) for folder in folders)
-    for name in ("alpha", "beta"):
-        wait_for(lambda: not ssh_home.node_pids(name), timeout=20, what=f"{name} to be empty")
-
-
-def test_achilles_up_server_on_first_host_until_down(ssh_home, tmp_path, monkeypatch) -> None:
-    """``achilles up --ssh alpha,beta --server-on first`` starts the server on alpha and a
-    node on each host, prints and records the address scripts reach it at, a map from this
-    process through that address runs on both nodes, and ``achilles down`` stops everything on
-    both hosts (`up` exits 0, no process is left in either namespace)."""
-    achilles.gen_config(str(tmp_path / ".env"), port=0)
-    up = Up(str(tmp_path), ["--ssh", "alpha,beta", "--server-on", "first",
-                            "--python", ssh_home.python])
-    try:
-        state = up.wait_ready(60)
-        assert state["host"] == ssh_home.addresses["alpha"]
-        assert any(f"ACHILLES_HOST={state['host']} ACHILLES_PORT={state['port']}" in line
-                   for line in up.output)
         assert any(line.startswith("[server@alpha] ") for line in up.output)
-        assert up.server_pids() == []
-        assert [p for p in ssh_home.node_pids("alpha") if b"achilles.server" in _cmdline(p)]
-        monkeypatch.chdir(tmp_path)  # this process reads the folder's .env, as a script would
-        with achilles.connect(host=state["host"], port=state["port"]) as cluster:
-            assert sum(cluster.map(abs, range(-50, 50))) == 2500
-            assert sorted(n["name"] for n in cluster.status()["nodes"]) == ["alpha", "beta"]
         down = up.achilles("down")
         assert down.returncode == 0, down.stdout + down.stderr
         assert up.proc.wait(30) == 0
+        assert not os.path.exists(copied)
         for name in ("alpha", "beta"):
             wait_for(lambda: not ssh_home.node_pids(name), timeout=20, what=f"{name} to be empty")
     finally:

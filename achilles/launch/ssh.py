@@ -219,12 +219,30 @@ class SSHCluster(Launcher):
         remotes = self._remotes()
         results = await asyncio.gather(*(self._connect_and_check(n) for n in remotes),
                                        return_exceptions=True)
-        problems = []
-        for node, result in zip(remotes, results):
-            if isinstance(result, BaseException):
-                problems.append(f"  {node.name}: {result}")
+        problems = [f"  {node.name}: {result}" for node, result in zip(remotes, results)
+                    if isinstance(result, BaseException)]
+        if not problems:
+            problems = self._address_problems()
         if problems:
             raise AchillesError("cannot start nodes on every host:\n" + "\n".join(problems))
+
+    def _address_problems(self) -> List[str]:
+        """Settle the address nodes reach the server at (for a server on a host: that host's,
+        as this machine reached it); name each host for which none can be told, before
+        anything starts."""
+        server = self.remote_server
+        if self.server_address:
+            return []
+        if server is not None:
+            self.server_address = server.host_address()
+            if self.server_address:
+                return []
+            return [f"  {server.name}: cannot tell which address of {server.spec.destination} the "
+                    "nodes and this machine reach (it is behind ProxyJump or address "
+                    "translation); pass --server-address / server_address="]
+        return [f"  {node.name}: cannot tell which address of this machine the host reaches (it "
+                "is behind ProxyJump or address translation); pass --server-address / "
+                "server_address=" for node in self.nodes if not node.local_address()]
 
     async def _connect_and_check(self, node: RemoteProcess) -> None:
         ssh = self._ssh
@@ -330,10 +348,7 @@ class SSHCluster(Launcher):
 
     async def _start_one(self, node: RemoteProcess) -> None:
         address = self.server_address or node.local_address()
-        if not address:
-            raise AchillesError("cannot tell which address of this machine the host reaches (it "
-                                "is behind ProxyJump or address translation); pass "
-                                "--server-address / server_address=")
+        assert address, "_address_problems lets no host without a server address through"
         await self._private_folder(node, NODE_TLS_FIELDS)
         args = ["--host", address, "--port", str(self.port), "--name", node.name,
                 "--log-level", self.log_level, "--exit-with-stdin"]
@@ -344,12 +359,6 @@ class SSHCluster(Launcher):
     async def _start_server(self, server: RemoteProcess, deadline: float) -> int:
         """Start the server on its host and wait until it listens; return its port."""
         where = server.spec.destination
-        if not self.server_address:
-            self.server_address = server.host_address()
-            if not self.server_address:
-                raise AchillesError(f"cannot tell which address of {where} the nodes and this "
-                                    "machine reach (it is behind ProxyJump or address "
-                                    "translation); pass --server-address / server_address=")
         directory = await self._private_folder(server, SERVER_TLS_FIELDS)
         port_file = f"{directory}/server.port"
         await self._launch(server, "achilles.server",
