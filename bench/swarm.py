@@ -116,9 +116,10 @@ def run_swarm(host: str, port: int, secret: str, nodes: int, processes: int, del
     from achilles.core import wire
     from achilles.core.handshake import derive_key
     from achilles.core.protocol import PeerSideProtocol, handles
-    from achilles.core.reactor import get_reactor
+    from achilles.core.reactor import get_reactor, lean_events
 
     reactor = get_reactor()
+    lean_events(reactor)
     raise_fd_limit(nodes + 64)
     key = derive_key(USERNAME, secret)
     hostname = socket.gethostname()

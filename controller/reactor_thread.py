@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional, Tuple
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
-from achilles.core.reactor import get_reactor
+from achilles.core.reactor import get_reactor, lean_events
 
 log = logging.getLogger("achilles.controller")
 
@@ -32,6 +32,7 @@ def ensure_running() -> None:
     with _lock:
         if _thread is not None or reactor.running:
             return
+        lean_events(reactor)
         started = threading.Event()
         reactor.callWhenRunning(started.set)
         _thread = threading.Thread(target=reactor.run, kwargs={"installSignalHandlers": False},

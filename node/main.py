@@ -55,10 +55,11 @@ def run(args: argparse.Namespace) -> int:
     tls = cfg.client_tls()
     resources = parse_resources(args.resources)
     setup_logging(cfg.log_level, "node")
-    from achilles.core.reactor import get_reactor
+    from achilles.core.reactor import get_reactor, lean_events
     from achilles.node.client import NodeFactory
 
     reactor = get_reactor()
+    lean_events(reactor)
 
     name = cfg.node_name or node_default_name()
     processes = cfg.processes or cpu_count()

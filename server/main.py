@@ -117,10 +117,11 @@ def serve(args: argparse.Namespace) -> int:
     setup_logging(cfg.log_level, "server")
     from twisted.internet.error import CannotListenError
 
-    from achilles.core.reactor import get_reactor
+    from achilles.core.reactor import get_reactor, lean_events
     from achilles.server.service import ServerFactory
 
     reactor = get_reactor()
+    lean_events(reactor)
 
     startup_warnings(cfg.host, tls is not None, cfg.max_preauth)
     factory = ServerFactory(cfg.username, secret, prefetch=cfg.prefetch, heartbeat=cfg.heartbeat,
