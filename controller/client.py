@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import errno
 import logging
-from typing import Any, Dict, List, Union
+from typing import Any, Dict, List, Optional, Union
 
 from twisted.internet import defer, error as netError, reactor
 from twisted.internet.endpoints import SSL4ClientEndpoint, TCP4ClientEndpoint, connectProtocol
 from twisted.python.failure import Failure
 
-from achilles.controller.events import (ChunkResult, ConnectionLostEvent, EventSink, GraphDone,
+from achilles.controller.events import (ChunkResult, ConnectionLostEvent, Event, EventSink,
+                                        GraphDone, deliver,
                                         JobFailed, JobProgress, Output, OutputTail, PipeOutput,
                                         PipeResult, Reply,
                                         TaskDone,
@@ -43,6 +44,30 @@ class ControllerProtocol(PeerSideProtocol):
         self.jobs: Dict[str, EventSink] = {}
         self.requests: Dict[int, EventSink] = {}
         self.lost_reason = ""
+        #: Events of the read being handled, per sink, delivered together when it is done.
+        self._held: Optional[Dict[EventSink, List[Event]]] = None
+
+    def dataReceived(self, data: bytes) -> None:
+        """Handle one read; each sink gets the events it brought in one go (one wake-up of
+        the thread reading it, however many results the read held)."""
+        self._held = {}
+        try:
+            super().dataReceived(data)
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        held, self._held = self._held, None
+        if held:
+            for sink, events in held.items():
+                deliver(sink, events)
+
+    def _put(self, sink: EventSink, event: Event) -> None:
+        held = self._held
+        if held is None:
+            sink.put(event)
+        else:
+            held.setdefault(sink, []).append(event)
 
     def on_authenticated(self) -> None:
         self.ready.callback(self)
@@ -59,6 +84,7 @@ class ControllerProtocol(PeerSideProtocol):
                 f"({reason.getErrorMessage()}); is it an Achilles server, and do both sides "
                 "agree on TLS (ACHILLES_TLS_CA here, --tls-cert on the server)?")
             self.ready.errback(Failure(err))
+        self._release()
         self.lost_reason = reason.getErrorMessage()
         lost = ConnectionLostEvent(self.lost_reason, id(self))
         for sink in list(self.jobs.values()) + list(self.requests.values()):
@@ -95,72 +121,72 @@ class ControllerProtocol(PeerSideProtocol):
     def want(self, job_id: str, n: int, processes: int, capacity: int) -> None:
         sink = self.jobs.get(job_id)
         if sink is not None:
-            sink.put(Want(n, processes, capacity))
+            self._put(sink, Want(n, processes, capacity))
 
     @handles(wire.RESULT)
     def result(self, job_id: str, chunk_id: int, status: int, elapsed: float, node: str,
                payload: bytes) -> None:
         sink = self.jobs.get(job_id)
         if sink is not None:
-            sink.put(ChunkResult(chunk_id, status, payload, elapsed, node))
+            self._put(sink, ChunkResult(chunk_id, status, payload, elapsed, node))
 
     @handles(wire.OUTPUT)
     def output(self, job_id: str, chunk_id: int, node: str, dropped: int,
                payload: bytes) -> None:
         sink = self.jobs.get(job_id)
         if sink is not None:
-            sink.put(Output(chunk_id, node, dropped, bytes(payload)))
+            self._put(sink, Output(chunk_id, node, dropped, bytes(payload)))
 
     @handles(wire.OUTPUT_TAIL)
     def output_tail(self, job_id: str, chunk_id: int, node: str, payload: bytes) -> None:
         sink = self.jobs.get(job_id)
         if sink is not None:
-            sink.put(OutputTail(chunk_id, node, bytes(payload)))
+            self._put(sink, OutputTail(chunk_id, node, bytes(payload)))
 
     @handles(wire.PIPE_OUTPUT)
     def pipe_output(self, pipe_id: str, stage: int, copy: int, node: str, dropped: int,
                     payload: bytes) -> None:
         sink = self.jobs.get(pipe_id)
         if sink is not None:
-            sink.put(PipeOutput(stage, copy, node, dropped, bytes(payload)))
+            self._put(sink, PipeOutput(stage, copy, node, dropped, bytes(payload)))
 
     @handles(wire.TASK_DONE)
     def task_done(self, graph_id: str, task_id: int, status: int, node: str, elapsed: float,
                   payload: bytes) -> None:
         sink = self.jobs.get(graph_id)
         if sink is not None:
-            sink.put(TaskDone(task_id, status, payload, node, elapsed))
+            self._put(sink, TaskDone(task_id, status, payload, node, elapsed))
 
     @handles(wire.GRAPH_DONE)
     def graph_done(self, graph_id: str, report: Dict[int, Dict[str, Any]]) -> None:
         sink = self.jobs.get(graph_id)
         if sink is not None:
-            sink.put(GraphDone(report))
+            self._put(sink, GraphDone(report))
 
     @handles(wire.PIPE_RESULT)
     def pipe_result(self, pipe_id: str, origin: int, key: list, last: bool, kind: int,
                     payload: bytes) -> None:
         sink = self.jobs.get(pipe_id)
         if sink is not None:
-            sink.put(PipeResult(origin, tuple(key), last, kind, bytes(payload)))
+            self._put(sink, PipeResult(origin, tuple(key), last, kind, bytes(payload)))
     @handles(wire.JOB_PROGRESS)
     def job_progress(self, job_id: str, done: float, failed: int, skipped: int, retried: int,
                      by_name: Dict[str, List[int]]) -> None:
         sink = self.jobs.get(job_id)
         if sink is not None:
-            sink.put(JobProgress(done, failed, skipped, retried, by_name))
+            self._put(sink, JobProgress(done, failed, skipped, retried, by_name))
 
     @handles(wire.JOB_FAILED)
     def job_failed(self, job_id: str, message: str) -> None:
         sink = self.jobs.get(job_id)
         if sink is not None:
-            sink.put(JobFailed(message))
+            self._put(sink, JobFailed(message))
 
     @handles(wire.STATUS_REPLY, wire.KILL_DONE)
     def reply(self, request_id: int, value: Any) -> None:
         sink = self.requests.pop(request_id, None)
         if sink is not None:
-            sink.put(Reply(value))
+            self._put(sink, Reply(value))
 
 
 

@@ -10,6 +10,7 @@ connection; :class:`ObservedLink` wraps one to watch every event (progress bars)
 from __future__ import annotations
 
 import logging
+import queue
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Protocol, Union
 
@@ -153,6 +154,28 @@ class EventSink(Protocol):
 
     def put(self, event: Event) -> None:
         """Accept one event."""
+
+
+class EventQueue(queue.Queue[Event]):
+    """An unbounded ``queue.Queue`` of events that also takes several at once: the events
+    one read from the server brought for one job cost its reader one wake-up, not one each."""
+
+    def put_many(self, events: List[Event]) -> None:
+        """Append ``events`` in order under one lock and wake the reader once."""
+        with self.not_empty:
+            self.queue.extend(events)
+            self.unfinished_tasks += len(events)
+            self.not_empty.notify()
+
+
+def deliver(sink: EventSink, events: List[Event]) -> None:
+    """Hand ``events`` to ``sink`` in order (at once if it takes several: :class:`EventQueue`)."""
+    put_many = getattr(sink, "put_many", None)
+    if put_many is not None and len(events) > 1:
+        put_many(events)
+    else:
+        for event in events:
+            sink.put(event)
 
 
 class JobLink(Protocol):

@@ -16,8 +16,9 @@ import threading
 import uuid
 from typing import Any, Callable, Dict, List, Optional
 
-from achilles.controller.events import (ConnectionLostEvent, Event, GraphDone, JobFailed, JobLink,
-                                        JobProgress, Output, OutputTail, TaskDone)
+from achilles.controller.events import (ConnectionLostEvent, Event, EventQueue, GraphDone,
+                                        JobFailed, JobLink, JobProgress, Output, OutputTail,
+                                        TaskDone)
 from achilles.controller.failures import failure_exception
 from achilles.controller.output import OutputPrinter
 from achilles.controller.progress import Progress
@@ -41,7 +42,7 @@ class GraphRun:
         self.roots = roots
         self.spec: GraphSpec = build(roots)
         self.graph_id = uuid.uuid4().hex
-        self.events: "queue.Queue[Event]" = queue.Queue()
+        self.events: "queue.Queue[Event]" = EventQueue()
         self.values: Dict[int, Any] = {}
         self.errors: Dict[int, BaseException] = {}
         self.first_error: Optional[BaseException] = None

@@ -20,8 +20,8 @@ from achilles.core.codecache import dumps_code_cached
 from achilles.core.serialization import dumps_data, function_name, loads_data
 from achilles.controller.chunking import ChunkSizer
 from achilles.controller.events import (
-    Cancelled, ChunkResult, ConnectionLostEvent, Event, EventSink, JobFailed, JobLink, JobProgress,
-    Output, OutputTail, Want,
+    Cancelled, ChunkResult, ConnectionLostEvent, Event, EventQueue, EventSink, JobFailed, JobLink,
+    JobProgress, Output, OutputTail, Want,
 )
 from achilles.controller.failures import failure_exception
 from achilles.controller.output import OutputPrinter
@@ -63,7 +63,7 @@ class JobRun:
             total = None
         self.sizer = ChunkSizer(chunksize, total, balance, chunk_limit)
         self.job_id = uuid.uuid4().hex
-        self.events: "queue.Queue[Event]" = queue.Queue()
+        self.events: "queue.Queue[Event]" = EventQueue()
         # Where the connection puts this job's events: ``events`` (read by chunks()), or the
         # sink of an event-driven reader (JobHandle).
         self._sink: EventSink = self.events if sink is None else sink
