@@ -29,6 +29,9 @@ from achilles.controller.output import OutputPrinter
 ITEMS, ERRORS, FAILED, DONE = 0, 1, 2, 3
 #: Source batches open at once with ``ordered=True`` (at least; grows with the cluster).
 MIN_ORDERED_WINDOW = 8
+#: Acknowledgements held back to ride on the next input batch (well below the server's window
+#: of 8 unacknowledged result batches, so the last stages never wait for them).
+ACK_EVERY = 4
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,7 @@ class PipeRun:
         self.done = False
         self.closed = False
         self.stats: Dict[str, Any] = {}
+        self.unsent_acks = 0
         self.stage_names = [str(s.get("name", i)) for i, s in enumerate(stages)]
         self.printer = OutputPrinter()
         options: Dict[str, Any] = {"entry": entry, "batch": self.batch}
@@ -98,11 +102,13 @@ class PipeRun:
                 self.items_sent += len(items)
                 self.open.add(batch_id)
                 self.credit -= 1
+                acks, self.unsent_acks = self.unsent_acks, 0
                 messages.append(wire.encode_message(wire.PIPE_FEED, (
-                    self.pipe_id, batch_id, len(items), 0, end, dumps_data((items, None)))))
+                    self.pipe_id, batch_id, len(items), acks, end, dumps_data((items, None)))))
             elif end:
+                acks, self.unsent_acks = self.unsent_acks, 0
                 messages.append(wire.encode_message(wire.PIPE_FEED, (
-                    self.pipe_id, 0, 0, 0, True, b"")))
+                    self.pipe_id, 0, 0, acks, True, b"")))
             self.size = min(self.batch, self.size * 2)
             if end:
                 self.exhausted = True
@@ -110,9 +116,14 @@ class PipeRun:
             self.link.send(messages)
 
     def _ack(self, n: int) -> None:
-        if n and not self.done and not self.closed:
-            self.link.send([wire.encode_message(wire.PIPE_FEED, (self.pipe_id, 0, 0, n, False,
-                                                                 b""))])
+        """Acknowledge ``n`` result batches: with the next input batch while input is still
+        being read and fewer than :data:`ACK_EVERY` wait, else now."""
+        self.unsent_acks += n
+        if self.unsent_acks and (self.exhausted or self.unsent_acks >= ACK_EVERY):
+            n, self.unsent_acks = self.unsent_acks, 0
+            if not self.done and not self.closed:
+                self.link.send([wire.encode_message(wire.PIPE_FEED, (self.pipe_id, 0, 0, n,
+                                                                     False, b""))])
 
     # --- results ----------------------------------------------------------------------------
     def _handle(self, event: Event) -> None:
