@@ -162,6 +162,12 @@ class LeastLoaded(DispatchPolicy):
         self.window = window
 
     def pick(self, job: "Job", free: FreeSlots) -> Optional[Tuple[int, NodeState]]:
+        if job.queue and not job.queue[0].resources:  # the common case, without the loop
+            node = free.best()
+            if node is None:
+                return None
+            self.examined += 1
+            return 0, node
         for index, chunk in enumerate(itertools.islice(job.queue, self.window)):
             if not chunk.resources:
                 node = free.best()

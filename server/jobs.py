@@ -150,6 +150,8 @@ class Job(ABC):
 
     def take(self, index: int) -> Chunk:
         """Remove and return the queued chunk at ``index`` (the policy's choice)."""
+        if index == 0:
+            return self.queue.popleft()
         chunk = self.queue[index]
         del self.queue[index]
         return chunk

@@ -448,8 +448,10 @@ class Scheduler:
         if job.group is not None:
             job.group.active -= 1
         self._unplace(node, chunk)
-        job.unreport(chunk)
-        self._progress_changed(job)
+        if chunk.reported:
+            job.unreport(chunk)
+        if job.watched:
+            self._progress_changed(job)
         if crash is not None:
             exitcode, item = crash
             chunk.crashes += 1
@@ -636,8 +638,9 @@ class Scheduler:
             node.done_pending.pop(job.job_id, None)  # the same id again: keep its new code
             job.shipped_to[node.node_id] = node
             node.peer.send(wire.JOB_CODE, job.job_id, job.func_bytes, job.callback_bytes, job.options)
-        for k, v in chunk.resources.items():
-            node.used[k] = node.used.get(k, 0.0) + v
+        if chunk.resources:
+            for k, v in chunk.resources.items():
+                node.used[k] = node.used.get(k, 0.0) + v
         node.inflight[(job.job_id, chunk.chunk_id)] = chunk
         job.placed[chunk.chunk_id] = node
         if job.group is not None:
@@ -651,8 +654,9 @@ class Scheduler:
 
     def _unplace(self, node: NodeState, chunk: Chunk) -> None:
         """``chunk`` left ``node``'s inflight: give back its resources and credit."""
-        for k, v in chunk.resources.items():
-            node.used[k] = node.used.get(k, 0.0) - v
+        if chunk.resources:
+            for k, v in chunk.resources.items():
+                node.used[k] = node.used.get(k, 0.0) - v
         if node.bucket >= 0:
             self._free.update(node)
 

@@ -160,6 +160,7 @@ class AchillesProtocol(protocol.Protocol):
         self._listening_since = 0.0  # the end of the last stall of this process
         self._corked = False  # post-auth frames wait in _out for the end of the reactor's turn
         self._out: List[List[bytes]] = []
+        self._limit = 0  # send_limit, once the handshake fixed it
 
     @property
     def last_heard(self) -> float:
@@ -232,6 +233,7 @@ class AchillesProtocol(protocol.Protocol):
         self._timer = None
         self._inbound = wire.inbound(self.local_role, peer_role)
         self._sealer = FrameSealer(send_key)
+        self._limit = self.send_limit
         self._corked = type(self.transport) in _TCP_TYPES
         self.decoder.set_limit(self.max_frame, self._inbound, FrameOpener(recv_key))
         self._start_heartbeat()
@@ -311,8 +313,8 @@ class AchillesProtocol(protocol.Protocol):
 
     def check_size(self, pieces: List[bytes]) -> None:
         """Raise :class:`FrameTooLarge`, naming the setting, if a message is over the limit."""
-        size = wire.frame_size(pieces)
-        if size > self.send_limit:
+        size = wire.message_size(pieces)
+        if size > (self._limit or self.send_limit):
             raise FrameTooLarge(
                 f"a {wire.name_of(pieces[0][0])} message of {size:,} bytes is over the "
                 f"{self.send_limit:,}-byte limit; send less per message (a smaller chunksize, "
@@ -361,7 +363,7 @@ class AchillesProtocol(protocol.Protocol):
             run_bytes = 0
             limit = min(BATCH_BYTES, self.send_limit // 2)
             for m in out:
-                size = wire.frame_size(m)
+                size = wire.message_size(m)
                 if size <= BATCH_ITEM and run_bytes + size <= limit:
                     run.append(m)
                     run_bytes += size

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import pickle
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import AbstractSet, Any, Dict, FrozenSet, List, Tuple
 
@@ -106,19 +106,15 @@ class Message:
     payload: bool = False  # the last field is a raw payload, carried after the pickled fields
     preauth: bool = False  # a JSON frame of the handshake (fields are its keys)
     doc: str = ""
+    #: Each field's accepted types, in order (kept: :func:`validate` runs per message).
+    types: Tuple[Tuple[type, ...], ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "types", tuple(f.types for f in self.fields))
 
     @property
     def name(self) -> str:
         return self.code.name
-
-    @property
-    def types(self) -> Tuple[Tuple[type, ...], ...]:
-        """Each field's accepted types, in order (cached: :func:`validate` runs per message)."""
-        cached = self.__dict__.get("_types")
-        if cached is None:
-            cached = tuple(f.types for f in self.fields)
-            object.__setattr__(self, "_types", cached)
-        return cached
 
 
 STR: Tuple[type, ...] = (str,)
@@ -307,6 +303,15 @@ def frame_size(pieces: List[bytes]) -> int:
     return sum(map(len, pieces))
 
 
+_LENGTH = struct.Struct("!xI")
+
+
+def message_size(pieces: List[bytes]) -> int:
+    """The size of an encoded message (header included), as its header says: what the
+    receiver's frame limit is checked against."""
+    return HEADER.size + _LENGTH.unpack_from(pieces[0])[0]
+
+
 def inbound(local: str, peer: str) -> FrozenSet[int]:
     """Post-auth codes that ``peer`` may send to ``local``."""
     return frozenset(c for c, m in REGISTRY.items()
@@ -375,7 +380,9 @@ def encode_message(code: int, fields: Tuple[Any, ...]) -> List[bytes]:
     message = REGISTRY.get(code)
     if message is None or message.preauth:
         raise ProtocolError(f"{name_of(code)} is not a post-auth message")
-    validate(message, fields)
+    types = message.types
+    if len(fields) != len(types) or not all(map(isinstance, fields, types)):
+        validate(message, fields)
     if message.payload:
         payload = fields[-1]
         if not isinstance(payload, bytes):
@@ -447,7 +454,9 @@ def decode_message(body: "bytes | memoryview", code: int) -> Tuple[Any, ...]:
         fields = _unpickle_tuple(view[META.size:META.size + n], message) + (view[META.size + n:],)
     else:
         fields = _unpickle_tuple(body, message)
-    validate(message, fields)
+    types = message.types
+    if len(fields) != len(types) or not all(map(isinstance, fields, types)):
+        validate(message, fields)
     return fields
 
 
