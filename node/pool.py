@@ -29,6 +29,7 @@ from multiprocess.connection import wait
 
 from achilles.core import wire
 from achilles.core.errors import describe_exit
+from achilles.node.pipeio import recv_buffer
 from achilles.node.worker import PROGRESS, RETIRE
 from achilles.core.output import TAIL_LINES
 
@@ -332,7 +333,7 @@ class WorkerPool:
             status, elapsed, retire = header
             if not slot.wait_ready(None):
                 return None
-            payload = slot.conn.recv_bytes()
+            payload = recv_buffer(slot.conn)
         except (EOFError, OSError):
             return None
         if status == RETIRE:

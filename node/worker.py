@@ -36,6 +36,8 @@ from typing import Any, Callable, Dict, Optional, Tuple
 from achilles.core import wire
 from achilles.core.serialization import dumps_data, error_record, loads_code, loads_data
 from achilles.node.capture import Capture
+from achilles.node.malloc import keep_freed_memory
+from achilles.node.pipeio import recv_buffer
 
 CODE_CACHE = 32
 #: Written to the progress counter as soon as a chunk is received: a worker that dies with the
@@ -249,7 +251,7 @@ class _GraphCode:
 _graph_codes: "collections.OrderedDict[bytes, _GraphCode]" = collections.OrderedDict()
 
 
-def run_graph_task(funcs_bytes: bytes, payload: bytes) -> Tuple[int, bytes]:
+def run_graph_task(funcs_bytes: bytes, payload: "bytes | bytearray") -> Tuple[int, bytes]:
     """Run one call-graph task; returns ``(status, pickled value or error record)``."""
     from achilles.core.taskrefs import from_refs
 
@@ -275,6 +277,7 @@ def worker_main(conn: Any, progress: Any) -> None:
     """Serve chunks from ``conn`` until the parent closes it; ``progress`` is a shared int."""
     global _reporter
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    keep_freed_memory()
     cache = _CodeCache()
     groups = _Groups()
     capture: Optional[Capture] = None
@@ -286,7 +289,7 @@ def worker_main(conn: Any, progress: Any) -> None:
     while True:
         try:
             message = conn.recv_bytes()
-            payload = conn.recv_bytes()
+            payload = recv_buffer(conn)
         except (EOFError, OSError):
             os._exit(0)
         progress.value = TAKEN
@@ -326,7 +329,7 @@ def worker_main(conn: Any, progress: Any) -> None:
 
 
 def _run_in_group(cache: _CodeCache, groups: _Groups, func_bytes: bytes, cb_bytes: bytes,
-                  payload: bytes, progress: Any, group: str, init_bytes: bytes,
+                  payload: "bytes | bytearray", progress: Any, group: str, init_bytes: bytes,
                   maxtasks: int, results: Optional[list] = None) -> Tuple[int, bytes, bool]:
     """Run a chunk of a group with an initializer or a task limit: ``(status, payload,
     retire)``; status :data:`RETIRE` when the chunk must run on a fresh process."""

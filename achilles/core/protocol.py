@@ -11,7 +11,7 @@ the connection with a logged reason. Timers (handshake deadline, heartbeats) run
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, ClassVar, Dict, FrozenSet, List, Optional, Tuple, TypeVar
+from typing import Any, Callable, ClassVar, Dict, FrozenSet, List, Optional, TypeVar
 
 from twisted.internet import protocol
 from twisted.internet.task import LoopingCall
@@ -23,11 +23,10 @@ from achilles.core.handshake import PeerHandshake, ServerHandshake
 from achilles.core.logs import printable
 from achilles.core.reactor import Clock, DelayedCall, Transport, get_reactor, transport_of
 from achilles.core.session import FrameOpener, FrameSealer
+from achilles.core.socketwrite import TCP_TYPES, write_pieces
 
 log = logging.getLogger("achilles.protocol")
 
-#: Buffers one ``sendmsg`` call passes at most (Linux's IOV_MAX is 1024).
-MAX_IOVEC = 512
 #: Messages up to this size (bytes) sent to one peer in one reactor turn share a BATCH frame...
 BATCH_ITEM = 16 << 10
 #: ... of at most about this size.
@@ -95,25 +94,6 @@ class Outbox:
 
 
 OUTBOX = Outbox()
-
-
-def _direct_socket(transport: Any) -> Any:
-    """The socket to write to directly, or None when Twisted must write (TLS, not TCP, its
-    buffer holds data, the connection is closing)."""
-    if (type(transport) not in _TCP_TYPES or transport.TLS or not transport.connected
-            or transport.disconnecting or transport._tempDataBuffer
-            or len(transport.dataBuffer) > transport.offset):
-        return None
-    return transport.socket
-
-
-def _tcp_types() -> Tuple[type, ...]:
-    from twisted.internet import tcp
-
-    return (tcp.Server, tcp.Client)
-
-
-_TCP_TYPES = _tcp_types()
 
 
 class AchillesProtocol(protocol.Protocol):
@@ -234,7 +214,7 @@ class AchillesProtocol(protocol.Protocol):
         self._inbound = wire.inbound(self.local_role, peer_role)
         self._sealer = FrameSealer(send_key)
         self._limit = self.send_limit
-        self._corked = type(self.transport) in _TCP_TYPES
+        self._corked = type(self.transport) in TCP_TYPES
         self.decoder.set_limit(self.max_frame, self._inbound, FrameOpener(recv_key))
         self._start_heartbeat()
         self.on_authenticated()
@@ -278,7 +258,7 @@ class AchillesProtocol(protocol.Protocol):
                     return
                 code, body = item
                 if self.state == "handshake":
-                    self.handshake_frame(code, body)
+                    self.handshake_frame(code, bytes(body))  # pre-auth frames are small
                 else:
                     self.dispatch(code, body)
         except (ProtocolError, AuthenticationError) as exc:
@@ -331,7 +311,7 @@ class AchillesProtocol(protocol.Protocol):
                     OUTBOX.add(self)
                 self._out.append(pieces)
             else:
-                self.link.writeSequence(self._sealer.seal(pieces))
+                write_pieces(self.transport, self._sealer.seal(pieces))
 
     def send_many(self, messages: List[List[bytes]]) -> None:
         """Send several encoded messages in one write."""
@@ -345,7 +325,7 @@ class AchillesProtocol(protocol.Protocol):
                 self._out.extend(messages)
                 return
             seal = self._sealer.seal
-            self.link.writeSequence([piece for m in messages for piece in seal(m)])
+            write_pieces(self.transport, [piece for m in messages for piece in seal(m)])
 
     def flush(self) -> None:
         """Seal and write the messages held for the end of this turn (see :class:`Outbox`):
@@ -377,20 +357,7 @@ class AchillesProtocol(protocol.Protocol):
                     frames += seal(m)
             if run:
                 frames += seal(run[0] if len(run) == 1 else wire.encode_batch(run))
-        transport = self.transport
-        sock = _direct_socket(transport)
-        if sock is None or len(frames) > MAX_IOVEC:
-            transport_of(self).writeSequence(frames)
-            return
-        try:
-            sent = sock.sendmsg(frames)
-        except BlockingIOError:
-            sent = 0
-        except OSError:  # the connection is failing: Twisted finds out and closes it
-            transport_of(self).writeSequence(frames)
-            return
-        if sent < sum(map(len, frames)):
-            transport_of(self).write(b"".join(frames)[sent:])
+        write_pieces(self.transport, frames)
 
     @handles(wire.BATCH)
     def batch(self, messages: memoryview) -> None:

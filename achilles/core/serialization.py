@@ -39,7 +39,7 @@ def dumps_data(obj: Any) -> bytes:
         return dill.dumps(obj, protocol=PROTOCOL, recurse=True)
 
 
-def loads_data(data: bytes) -> Any:
+def loads_data(data: "bytes | bytearray | memoryview") -> Any:
     """Inverse of :func:`dumps_data` (dill's pickles load with the C unpickler too)."""
     return pickle.loads(data)
 

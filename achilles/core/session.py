@@ -14,6 +14,7 @@ import struct
 from typing import List, Sequence
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from achilles.core.errors import ProtocolError
@@ -21,6 +22,9 @@ from achilles.core.errors import ProtocolError
 TAG_SIZE = 16
 KEY_SIZE = 32
 _HEADER = struct.Struct("!BI")  # wire.HEADER; the header's length field counts the tag
+#: Frames this large are tagged piece by piece (the same tag, without joining the pieces
+#: first); below it, joining and tagging in one call is cheaper.
+PIECEWISE = 1 << 18
 
 
 def _nonce(seq: int) -> bytes:
@@ -34,6 +38,7 @@ class FrameSealer:
         if len(key) != KEY_SIZE:
             raise ValueError("session keys are 32 bytes")
         self._aead = AESGCM(key)
+        self._key = key
         self._seq = 0
 
     def seal(self, pieces: Sequence[bytes]) -> List[bytes]:
@@ -41,10 +46,20 @@ class FrameSealer:
         returns it) into the pieces of a sealed frame."""
         head = pieces[0]
         code, length = _HEADER.unpack(head)
-        data = b"".join([_HEADER.pack(code, length + TAG_SIZE), *pieces[1:]])
-        tag = self._aead.encrypt(_nonce(self._seq), b"", data)
+        nonce = _nonce(self._seq)
         self._seq += 1
-        return [data, tag]
+        head = _HEADER.pack(code, length + TAG_SIZE)
+        if length < PIECEWISE:
+            data = b"".join([head, *pieces[1:]])
+            return [data, self._aead.encrypt(nonce, b"", data)]
+        # GMAC over the pieces in turn equals GMAC over their concatenation.
+        gmac = Cipher(algorithms.AES(self._key), modes.GCM(nonce)).encryptor()
+        out = [head, *pieces[1:]]
+        for piece in out:
+            gmac.authenticate_additional_data(piece)
+        gmac.finalize()
+        out.append(gmac.tag)
+        return out
 
 
 class FrameOpener:

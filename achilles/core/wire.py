@@ -22,7 +22,7 @@ import pickle
 import struct
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import AbstractSet, Any, Dict, FrozenSet, List, Tuple
+from typing import AbstractSet, Any, Dict, FrozenSet, List, NoReturn, Tuple
 
 from achilles.core.errors import ProtocolError
 from achilles.core.session import TAG_SIZE, FrameOpener
@@ -296,6 +296,8 @@ PREAUTH_CODES = frozenset(c for c, m in REGISTRY.items() if m.preauth)
 POSTAUTH_CODES = ALL_CODES - PREAUTH_CODES
 PAYLOAD_CODES = frozenset(c for c, m in REGISTRY.items() if m.payload)
 META = struct.Struct("!I")
+#: Frames this large or larger are handed out of :class:`FrameDecoder` without a copy.
+LARGE_FRAME = 1 << 16
 
 
 def frame_size(pieces: List[bytes]) -> int:
@@ -375,8 +377,9 @@ def decode_json(body: bytes) -> Dict[str, Any]:
 
 
 def encode_message(code: int, fields: Tuple[Any, ...]) -> List[bytes]:
-    """Encode a post-auth message as pieces for ``writeSequence`` (no join, no payload copy
-    unless the payload is a memoryview). The fields must match the declaration."""
+    """Encode a post-auth message as pieces (no join, no payload copy: a payload stays the
+    bytes, bytearray or memoryview it is; :mod:`achilles.core.socketwrite` sends the pieces).
+    The fields must match the declaration."""
     message = REGISTRY.get(code)
     if message is None or message.preauth:
         raise ProtocolError(f"{name_of(code)} is not a post-auth message")
@@ -385,8 +388,6 @@ def encode_message(code: int, fields: Tuple[Any, ...]) -> List[bytes]:
         validate(message, fields)
     if message.payload:
         payload = fields[-1]
-        if not isinstance(payload, bytes):
-            payload = bytes(payload)
         meta = pickle.dumps(fields[:-1], protocol=PICKLE_PROTOCOL)
         return [HEADER.pack(code, META.size + len(meta) + len(payload)), META.pack(len(meta)),
                 meta, payload]
@@ -472,6 +473,10 @@ class FrameDecoder:
                  allowed: FrozenSet[int] = PREAUTH_CODES) -> None:
         self._buf = bytearray()
         self._pos = 0
+        #: The reads of a large frame, collected whole before one join (see :meth:`feed`).
+        self._parts: "List[bytes] | None" = None
+        self._have = 0
+        self._need = 0
         self._error: "ProtocolError | None" = None
         self._opener: "FrameOpener | None" = None
         self.max_frame = max_frame
@@ -488,21 +493,30 @@ class FrameDecoder:
     @property
     def buffered(self) -> int:
         """Bytes received but not yet returned as a frame."""
-        return len(self._buf) - self._pos
+        return len(self._buf) - self._pos + self._have
 
     def feed(self, data: bytes) -> None:
-        """Add received bytes."""
+        """Add received bytes. While a large frame is incomplete its reads are only kept (no
+        copy, no growing buffer); it is joined once, when complete."""
         if self._error is not None:
             raise self._error
+        if self._parts is not None:
+            self._parts.append(data)
+            self._have += len(data)
+            return
         if self._pos:
             del self._buf[: self._pos]
             self._pos = 0
         self._buf += data
 
-    def next_frame(self) -> "Tuple[int, bytes] | None":
-        """Return the next complete frame, or None when more bytes are needed."""
+    def next_frame(self) -> "Tuple[int, bytes | memoryview] | None":
+        """Return the next complete frame, or None when more bytes are needed. The body of a
+        frame of :data:`LARGE_FRAME` bytes or more is a ``memoryview`` of the bytes it arrived
+        in (no copy out); smaller bodies are ``bytes``."""
         if self._error is not None:
             raise self._error
+        if self._parts is not None:
+            return self._large_frame()
         buf, pos = self._buf, self._pos
         if len(buf) - pos < HEADER.size:
             return None
@@ -512,33 +526,66 @@ class FrameDecoder:
             self._fail(f"unexpected message code {code} ({name_of(code)}){hint}")
         if length > self.max_frame:
             self._fail(f"frame of {length} bytes exceeds the limit of {self.max_frame}")
+        if self._opener is not None and length < TAG_SIZE:
+            self._fail("frame too short to carry its session tag")
         end = pos + HEADER.size + length
         if end > len(buf):
+            if length >= LARGE_FRAME:
+                self._parts = [bytes(buf[pos:])]
+                self._have = len(buf) - pos
+                self._need = HEADER.size + length
+                self._buf = bytearray()
+                self._pos = 0
             return None
-        opener = self._opener
-        with memoryview(buf) as view:
-            if opener is not None:
-                if length < TAG_SIZE:
-                    self._fail("frame too short to carry its session tag")
-                end -= TAG_SIZE
-                try:
-                    opener.check(view[pos:end], view[end:end + TAG_SIZE])
-                except ProtocolError as exc:
-                    self._fail(str(exc))
-            body = bytes(view[pos + HEADER.size:end])
-        self._pos = end + (TAG_SIZE if opener is not None else 0)
-        return code, body
+        if length < LARGE_FRAME:
+            with memoryview(buf) as view:
+                body = bytes(self._open(view[pos:end]))
+            self._pos = end
+            return code, body
+        # A large frame that arrived in one read is not copied out either: the buffer becomes
+        # its body, and only what follows it moves to a new buffer (the old one is never
+        # resized while the body views it).
+        self._buf = buf[end:]
+        self._pos = 0
+        return code, self._open(memoryview(buf)[pos:end])
 
-    def _fail(self, reason: str) -> None:
+    def _large_frame(self) -> "Tuple[int, memoryview] | None":
+        """The collected large frame, once all of it is here."""
+        assert self._parts is not None
+        if self._have < self._need:
+            return None
+        whole = b"".join(self._parts)
+        self._parts = None
+        self._have = 0
+        need = self._need
+        self._buf = bytearray(memoryview(whole)[need:])
+        self._pos = 0
+        return whole[0], self._open(memoryview(whole)[:need])
+
+    def _open(self, frame: memoryview) -> memoryview:
+        """The body of one whole frame (header, body and, once keyed, tag), its tag checked."""
+        opener = self._opener
+        if opener is None:
+            return frame[HEADER.size:]
+        end = len(frame) - TAG_SIZE
+        try:
+            opener.check(frame[:end], frame[end:])
+        except ProtocolError as exc:
+            self._fail(str(exc))
+        return frame[HEADER.size:end]
+
+    def _fail(self, reason: str) -> NoReturn:
         self._buf = bytearray()
         self._pos = 0
+        self._parts = None
+        self._have = 0
         self._error = ProtocolError(reason)
         raise self._error
 
-    def frames(self, data: bytes) -> List[Tuple[int, bytes]]:
+    def frames(self, data: bytes) -> "List[Tuple[int, bytes | memoryview]]":
         """Feed ``data`` and return every complete frame (limits stay as they are)."""
         self.feed(data)
-        out: List[Tuple[int, bytes]] = []
+        out: "List[Tuple[int, bytes | memoryview]]" = []
         while True:
             f = self.next_frame()
             if f is None:
