@@ -15,16 +15,30 @@ W2  200 [40] pure-Python CPU tasks of ~20 ms each (a busy loop calibrated at sta
     before each parallel run. Target: Achilles efficiency >= 95% of Pool's.
 W3  100 [30] round trips of 1 MiB: ``map(rotate, blobs, chunksize=1)`` over distinct 1 MiB
     ``bytes``; ``rotate`` returns a new 1 MiB ``bytes``. Metric: MiB/s = MiB sent / wall time
-    (as many MiB come back). Target: Achilles >= 150 MiB/s.
+    (as many MiB come back). Target: Achilles >= Pool (issue 12: and >= Ray).
 W4  ``imap(nap, range(2000 [200]))`` with 5 ms sleeps and each library's default imap
     chunksize (Pool: 1; Achilles: adaptive, first chunks of 1). Metric: time from the ``imap``
     call to the first result. The iterator is then drained; that total is reported without a
     target. Target: Achilles < 50 ms.
 W5  200 [50] sequential single-item round trips ``map(square, [i])``. Metrics: median and p99
     latency. Target: Achilles p50 < 2 ms.
+W3s 10 [3] round trips of 10 MiB, as W3. Metric: MiB/s. Target: Achilles >= Ray (when Ray
+    runs).
+NP  40 [10] numpy arrays of 2 MiB (float64) round trip: ``map(np_roll, arrays, chunksize=1)``
+    returns a new array each. Metric: MiB/s. Target: Achilles >= Pool. Skipped, saying so,
+    when numpy is not installed.
+D1  5,000 [1,000] tasks at chunksize 1: ``map(square, ints, chunksize=1)``, one message per
+    item each way. Metric: tasks/s. Target: Achilles >= 15,000 tasks/s.
+G1  a reduction graph of 8,191 [1,023] tasks (4,096 leaves, pairwise ``add`` up to one root:
+    ``bench/graphs.py``'s tree) through ``Cluster.compute``. Metric: tasks/s. Target:
+    Achilles >= 20,000 tasks/s. Pool and Ray have no call graphs: ``n/a`` there.
 
-Method: every workload is written once against :class:`Runner` (a name, ``map`` and
-``imap``), which ``Pool`` and ``Cluster`` both fit. Each measurement is taken in ``--repeat``
+Peers: with Ray installed (``pip install ray``), ``ray.util.multiprocessing.Pool(2)`` (on a
+local Ray of 2 CPUs) runs every workload too, as a third column; ``--no-ray`` leaves it out.
+
+Method: every workload is written once against :class:`Runner` (a name, ``map``, ``imap``
+and, where the library has call graphs, ``compute``), which ``Pool``, Ray's ``Pool`` and
+``Cluster`` all fit. Each measurement is taken in ``--repeat``
 rounds (default 3, ``--quick`` 1); rounds alternate which side goes first (ABBA), and the
 table shows the median over rounds. Results are checked for correctness. The exit code is 0
 whether or not targets are met; it is 1 only if a workload raised.
@@ -39,17 +53,19 @@ the most sensitive (rounds can differ by 10-20% there): use ``--repeat 5`` or mo
 
 Flags: ``--quick`` (smaller sizes, one round), ``--only W1,W3`` (select workloads), ``--json
 PATH`` (also write the results as JSON), ``--repeat N`` (rounds), ``--timeout S`` (abort a
-hung run; the daemons stop by themselves when this process exits).
+hung run; the daemons stop by themselves when this process exits), ``--no-ray``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import faulthandler
 import json
 import math
 import multiprocessing
+import operator
 import os
 import platform
 import random
@@ -77,7 +93,7 @@ try:
     TICKS = os.sysconf("SC_CLK_TCK")
 except (AttributeError, ValueError, OSError):
     TICKS = 100
-WORKLOADS = ("W1", "W2", "W3", "W4", "W5")
+WORKLOADS = ("W1", "W2", "W3", "W4", "W5", "W3S", "NP", "D1", "G1")
 
 
 # --- task functions (module level: Pool pickles them by reference, Achilles by value) -------
@@ -106,16 +122,26 @@ def nap(x: int) -> int:
     return x
 
 
+def np_roll(array: Any) -> Any:
+    """NP: a new array of the same size (rolled by one element)."""
+    import numpy
+
+    return numpy.roll(array, 1)
+
+
 # --- the harness --------------------------------------------------------------------------
 
 @dataclass
 class Runner:
     """What a workload needs of a pool: ``map(func, items, chunksize=None)`` and
-    ``imap(func, items)`` (called with the library's default chunksize)."""
+    ``imap(func, items)`` (called with the library's default chunksize), and ``compute``
+    for the graph row."""
 
     name: str
     map: Callable[..., List[Any]]
     imap: Callable[..., Iterator[Any]]
+    #: ``compute(leaves)``: run bench/graphs.py's reduction tree; None without call graphs.
+    compute: Optional[Callable[[int], None]] = None
 
 
 @dataclass
@@ -128,29 +154,43 @@ class Sizes:
     w3_blobs: int
     w4_naps: int
     w5_calls: int
+    w3s_blobs: int
+    np_arrays: int
+    d1_tasks: int
+    g1_leaves: int
 
     @classmethod
     def pick(cls, quick: bool) -> "Sizes":
         """The full sizes, or the smaller ``--quick`` ones."""
         if quick:
             return cls(w1_small=20_000, w1_large=100_000, w2_tasks=40, w3_blobs=30,
-                       w4_naps=200, w5_calls=50)
+                       w4_naps=200, w5_calls=50, w3s_blobs=3, np_arrays=10, d1_tasks=1000,
+                       g1_leaves=512)
         return cls(w1_small=20_000, w1_large=1_000_000, w2_tasks=200, w3_blobs=100,
-                   w4_naps=2000, w5_calls=200)
+                   w4_naps=2000, w5_calls=200, w3s_blobs=10, np_arrays=40, d1_tasks=5000,
+                   g1_leaves=4096)
 
 
 @dataclass
 class Target:
     """A pass criterion on the Achilles figure: ``ratio>=`` (Achilles/Pool at least
-    ``value``), ``>=`` or ``<`` (absolute, in the metric's unit)."""
+    ``value``), ``peer>=`` (Achilles/``peer`` at least ``value``; no verdict when that peer
+    did not run), ``>=`` or ``<`` (absolute, in the metric's unit)."""
 
     kind: str
     value: float
+    peer: str = ""
 
-    def check(self, pool: float, achilles: float) -> bool:
-        """Whether the Achilles figure meets the target."""
+    def check(self, pool: float, achilles: float,
+              peers: Optional[Dict[str, float]] = None) -> Optional[bool]:
+        """Whether the Achilles figure meets the target (None: the peer did not run)."""
         if self.kind == "ratio>=":
             return pool > 0 and achilles / pool >= self.value
+        if self.kind == "peer>=":
+            other = (peers or {}).get(self.peer)
+            if other is None or math.isnan(other):
+                return None
+            return other > 0 and achilles / other >= self.value
         if self.kind == ">=":
             return achilles >= self.value
         if self.kind == "<":
@@ -161,6 +201,8 @@ class Target:
         """Human-readable form, e.g. ``>= 25% of Pool`` or ``< 50 ms``."""
         if self.kind == "ratio>=":
             return f">= {self.value:.0%} of Pool"
+        if self.kind == "peer>=":
+            return f">= {self.value:.0%} of {self.peer}"
         return f"{self.kind} {self.value:g} {unit}".rstrip()
 
 
@@ -189,6 +231,8 @@ class Metric:
     rounds_achilles: List[float] = field(default_factory=list)
     #: Average CPU (in cores) that processes outside the benchmark used while it was timed.
     other_cores: Optional[float] = None
+    #: Optional peers' figures (medians), by runner name (Ray).
+    peers: Dict[str, float] = field(default_factory=dict)
 
     @property
     def ratio(self) -> float:
@@ -203,7 +247,9 @@ class Metric:
     @property
     def passed(self) -> Optional[bool]:
         """True/False when the row has a target, else None."""
-        return None if self.target is None else self.target.check(self.pool, self.achilles)
+        if self.target is None or math.isnan(self.achilles):
+            return None
+        return self.target.check(self.pool, self.achilles, self.peers)
 
     def as_dict(self) -> Dict[str, Any]:
         """JSON-friendly form."""
@@ -364,6 +410,48 @@ def w5_latency(runner: Runner, calls: int) -> Measurement:
     return {"p50 ms": statistics.median(samples) * 1e3, "p99 ms": percentile(samples, 0.99) * 1e3}
 
 
+def payload_trip(runner: Runner, blobs: List[Any], same: Callable[[Any, Any], bool],
+                 what: str) -> Measurement:
+    """``map(rotate or np_roll, blobs, chunksize=1)``: MiB sent per second (as many come
+    back); W3, W3s and NP."""
+    func = rotate if isinstance(blobs[0], bytes) else np_roll
+    elapsed, out = timed(runner.map, func, blobs, chunksize=1)
+    expect(len(out) == len(blobs) and all(same(o, func(b)) for o, b in zip(out, blobs)),
+           f"{what} on {runner.name}")
+    return {"MiB/s": sum(b.nbytes if hasattr(b, "nbytes") else len(b) for b in blobs)
+            / MIB / elapsed}
+
+
+def d1_dispatch(runner: Runner, items: List[int], expected: List[int]) -> Measurement:
+    """``map(square, items, chunksize=1)``: tasks per second, one task per message."""
+    elapsed, out = timed(runner.map, square, items, chunksize=1)
+    expect(out == expected, f"D1 map(square, chunksize=1) on {runner.name}")
+    return {"tasks/s": len(items) / elapsed}
+
+
+def g1_graph(runner: Runner, leaves: int) -> Measurement:
+    """bench/graphs.py's reduction tree of ``2 * leaves - 1`` tasks: tasks per second
+    (``nan`` for a runner without call graphs)."""
+    if runner.compute is None:
+        return {"tasks/s": math.nan}
+    elapsed, _ = timed(runner.compute, leaves)
+    return {"tasks/s": (2 * leaves - 1) / elapsed}
+
+
+def achilles_compute(cluster: Any) -> Callable[[int], None]:
+    """``compute(leaves)`` for a Cluster: builds and runs the reduction tree, checks the sum."""
+    import achilles
+    from bench.graphs import add, leaf, tree
+
+    t_leaf, t_add = achilles.task(leaf), achilles.task(add)
+
+    def compute(leaves: int) -> None:
+        out = cluster.compute(tree(t_leaf, t_add, leaves))
+        expect(out == [sum(range(leaves))], f"G1 reduction tree of {leaves} leaves")
+
+    return compute
+
+
 def warm_up(runner: Runner) -> None:
     """Touch every code path once so neither side pays first-use costs in a timed run."""
     runner.map(square, list(range(1000)))
@@ -372,6 +460,9 @@ def warm_up(runner: Runner) -> None:
     list(runner.imap(nap, range(4)))
     for i in range(10):
         runner.map(square, [i])
+    runner.map(square, list(range(100)), chunksize=1)
+    if runner.compute is not None:
+        runner.compute(64)
 
 
 # --- the plan -----------------------------------------------------------------------------
@@ -412,7 +503,8 @@ def plan(sizes: Sizes, selected: Sequence[str]) -> List[Workload]:
         blobs = [rng.randbytes(MIB) for _ in range(sizes.w3_blobs)]
         out.append(Workload(
             "W3", lambda r, _: w3_payload(r, blobs),
-            [Row(f"W3 {sizes.w3_blobs} x 1 MiB round trip", "MiB/s", "MiB/s", Target(">=", 150))]))
+            [Row(f"W3 {sizes.w3_blobs} x 1 MiB round trip", "MiB/s", "MiB/s",
+                 Target("ratio>=", 1.0))]))
     if "W4" in selected:
         label = f"W4 imap {sizes.w4_naps} x 5 ms sleep"
         out.append(Workload(
@@ -423,6 +515,37 @@ def plan(sizes: Sizes, selected: Sequence[str]) -> List[Workload]:
         out.append(Workload(
             "W5", lambda r, _: w5_latency(r, sizes.w5_calls),
             [Row(label, "p50 ms", "ms", Target("<", 2)), Row(label, "p99 ms", "ms")]))
+    if "W3S" in selected:
+        rng = random.Random(4)
+        big = [rng.randbytes(10 * MIB) for _ in range(sizes.w3s_blobs)]
+        out.append(Workload(
+            "W3s", lambda r, _: payload_trip(r, big, operator.eq, "W3s map(rotate)"),
+            [Row(f"W3s {sizes.w3s_blobs} x 10 MiB round trip", "MiB/s", "MiB/s",
+                 Target("peer>=", 1.0, "Ray"))]))
+    if "NP" in selected:
+        try:
+            import numpy
+        except ImportError:
+            print("NP skipped: numpy is not installed (pip install numpy)", flush=True)
+        else:
+            gen = numpy.random.default_rng(5)
+            arrays = [gen.random(2 * MIB // 8) for _ in range(sizes.np_arrays)]
+            out.append(Workload(
+                "NP", lambda r, _: payload_trip(r, arrays, numpy.array_equal, "NP map(np_roll)"),
+                [Row(f"NP {sizes.np_arrays} numpy arrays of 2 MiB round trip", "MiB/s", "MiB/s",
+                     Target("ratio>=", 1.0))]))
+    if "D1" in selected:
+        ints = list(range(sizes.d1_tasks))
+        squares = [x * x for x in ints]
+        out.append(Workload(
+            "D1", lambda r, _: d1_dispatch(r, ints, squares),
+            [Row(f"D1 {sizes.d1_tasks:,} tasks at chunksize 1", "tasks/s", "tasks/s",
+                 Target(">=", 15_000))]))
+    if "G1" in selected:
+        out.append(Workload(
+            "G1", lambda r, _: g1_graph(r, sizes.g1_leaves),
+            [Row(f"G1 reduction graph of {2 * sizes.g1_leaves - 1:,} tasks", "tasks/s",
+                 "tasks/s", Target(">=", 20_000))]))
     return out
 
 
@@ -465,8 +588,10 @@ def run(workloads: List[Workload], runners: List[Runner], rounds: int
             p = [m[row.key] for m in seen[runners[0].name]]
             a = [m[row.key] for m in seen[runners[1].name]]
             others = noise[0] / TICKS / noise[1] if noise[1] >= MIN_NOISE_SECONDS else None
+            peers = {r.name: statistics.median(m[row.key] for m in seen[r.name])
+                     for r in runners[2:]}
             metrics.append(Metric(wl.key, row.label, row.key, row.unit, statistics.median(p),
-                                  statistics.median(a), row.target, p, a, others))
+                                  statistics.median(a), row.target, p, a, others, peers))
     return metrics, errors
 
 
@@ -485,14 +610,17 @@ def fmt(value: float) -> str:
 
 def render(metrics: List[Metric]) -> str:
     """The results table as text."""
-    header = ["workload", "metric", "Pool", "Achilles", "A/P", "target", "result"]
+    peers = sorted({name for m in metrics for name in m.peers})
+    header = ["workload", "metric", "Pool", *peers, "Achilles", "A/P", "target", "result"]
     rows = [header]
     for m in metrics:
         verdict = {None: "-", True: "PASS", False: "FAIL"}[m.passed]
-        rows.append([m.workload, m.metric, fmt(m.pool), fmt(m.achilles), f"{m.ratio:.2f}",
+        rows.append([m.workload, m.metric, fmt(m.pool),
+                     *(fmt(m.peers.get(name, math.nan)) for name in peers), fmt(m.achilles),
+                     fmt(m.ratio) if math.isnan(m.ratio) else f"{m.ratio:.2f}",
                      m.target_text, verdict])
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    right = {2, 3, 4}
+    right = set(range(2, 5 + len(peers)))
     lines = []
     for n, row in enumerate(rows):
         cells = [c.rjust(w) if i in right else c.ljust(w)
@@ -582,6 +710,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="rounds per workload, median reported (default 3; 1 with --quick)")
     p.add_argument("--timeout", type=float, default=1800, metavar="S",
                    help="abort the whole run after S seconds (default 1800)")
+    p.add_argument("--no-ray", action="store_true",
+                   help="leave Ray's Pool out even when Ray is installed")
     args = p.parse_args(argv)
     chosen = {w.strip().upper() for w in args.only.split(",") if w.strip()}
     unknown = sorted(chosen - set(WORKLOADS))
@@ -595,6 +725,29 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
+def start_ray(stack: contextlib.ExitStack) -> Any:
+    """``ray.util.multiprocessing.Pool(2)`` on a local Ray of 2 CPUs, stopped with ``stack``;
+    None (saying why) when Ray is not installed or does not start."""
+    try:
+        import ray
+        from ray.util.multiprocessing import Pool as RayPool
+    except ImportError:
+        print("Ray is not installed (pip install ray): no Ray column", flush=True)
+        return None
+    try:
+        ray.init(num_cpus=PROCESSES, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+        stack.callback(ray.shutdown)
+        ray_pool = RayPool(PROCESSES)
+        stack.callback(ray_pool.terminate)
+    except Exception as exc:  # a peer that cannot start leaves the run to the others
+        print(f"Ray did not start ({type(exc).__name__}: {exc}): no Ray column", flush=True)
+        return None
+    print(f"  {'ray':<13} ray.util.multiprocessing.Pool({PROCESSES}), Ray {ray.__version__}",
+          flush=True)
+    return ray_pool
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the benchmark, print the table; returns the exit code (1 only on errors)."""
     args = parse_args(argv)
@@ -603,7 +756,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     info = machine_info()
     print(f"Achilles benchmark: multiprocessing.Pool({PROCESSES}) vs "
-          f"LocalCluster(nodes=1, processes={PROCESSES})")
+          f"LocalCluster(nodes=1, processes={PROCESSES}) (and Ray's Pool, when installed)")
     for key, value in info.items():
         print(f"  {key:<13} {value}")
     print(f"  {'mode':<13} {'quick' if args.quick else 'full'}; workloads {','.join(args.only)}; "
@@ -613,9 +766,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sizes = Sizes.pick(args.quick)
     # The Pool forks its workers before the Achilles controller starts its reactor thread.
     with multiprocessing.Pool(PROCESSES) as pool, \
-            achilles.LocalCluster(nodes=1, processes=PROCESSES) as cluster:
+            achilles.LocalCluster(nodes=1, processes=PROCESSES) as cluster, \
+            contextlib.ExitStack() as peers:
         runners = [Runner("Pool", pool.map, pool.imap),
-                   Runner("Achilles", cluster.map, cluster.imap)]
+                   Runner("Achilles", cluster.map, cluster.imap, achilles_compute(cluster))]
+        ray_pool = None if args.no_ray else start_ray(peers)
+        if ray_pool is not None:
+            runners.append(Runner("Ray", ray_pool.map, ray_pool.imap))
         for runner in runners:
             warm_up(runner)
         metrics, errors = run(plan(sizes, args.only), runners, args.repeat)
@@ -628,9 +785,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     passed = sum(1 for m in judged if m.passed)
     print(f"\ntargets met: {passed} of {len(judged)}")
     for m in judged:
+        others = "".join(f", {name} {fmt(v)}" for name, v in m.peers.items())
         print(f"  {'PASS' if m.passed else 'FAIL'}  {m.workload} {m.metric}: Achilles "
-              f"{fmt(m.achilles)} {m.unit}".rstrip() + f" (Pool {fmt(m.pool)}); target "
-              f"{m.target_text}")
+              f"{fmt(m.achilles)} {m.unit}".rstrip() + f" (Pool {fmt(m.pool)}{others}); "
+              f"target {m.target_text}")
     for err in errors:
         print(f"\nERROR in {err}", file=sys.stderr)
     print_noise(metrics)
