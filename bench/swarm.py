@@ -19,7 +19,8 @@ is the real library (``achilles.connect``) in this process. The figures:
   for the dashboard's ``/api/dashboard`` (the server runs its dashboard, as by default);
 - **dispatch**: ``imap_unordered`` over ``--chunks`` items with ``chunksize=1``, every result
   checked to arrive exactly once; chunks per second of wall time, and server CPU seconds per
-  chunk (so ``1 / cpu`` is what the server could do with a core to itself);
+  chunk (so ``1 / cpu`` is what the server could do with a core to itself), and the CPU per
+  chunk of the swarm process and of the controller (this process);
 - with ``--delay D``: the same with every chunk taking D seconds on its node.
 
 The swarm process raises its open-file limit to the hard limit; the server raises its own at
@@ -485,7 +486,10 @@ def dispatch_run(sw: Swarm, chunks: int) -> Dict[str, Any]:
     return {"chunks": chunks, "seconds": wall, "per_second": chunks / wall,
             "server_cpu": cpu, "server_cpu_per_chunk_us": cpu / chunks * 1e6,
             "server_busy": cpu / wall, "swarm_busy": (after[1] - before[1]) / wall,
-            "controller_busy": (after[2] - before[2]) / wall, "other_processes_cores": max(0.0, others / wall)}
+            "controller_busy": (after[2] - before[2]) / wall,
+            "swarm_cpu_per_chunk_us": (after[1] - before[1]) / chunks * 1e6,
+            "controller_cpu_per_chunk_us": (after[2] - before[2]) / chunks * 1e6,
+            "other_processes_cores": max(0.0, others / wall)}
 
 
 def measure(nodes: int, chunks: int, idle: float, status_calls: int, processes: int,
@@ -594,14 +598,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(json.dumps(row), flush=True)
     print()
     print(f"{'nodes':>6} {'connect s':>9} {'KiB/node':>8} {'idle cores':>10} {'status ms':>9} "
-          f"{'dash ms':>7} {'chunks/s':>9} {'srv us/chunk':>12} {'net of idle':>11} {'srv busy':>8} {'others':>6}")
+          f"{'dash ms':>7} {'chunks/s':>9} {'srv us/chunk':>12} {'net of idle':>11} {'srv busy':>8} "
+          f"{'swarm us':>8} {'ctl us':>6} {'others':>6}")
     for r in rows:
         d = r["dispatch"]
         print(f"{r['nodes']:>6} {r['registered_seconds']:>9.2f} {r['rss_per_node_kib']:>8.1f} "
               f"{r['idle_server_cores']:>10.3f} {r['status_ms']:>9.1f} {r['dashboard_ms']:>7.1f} "
               f"{d['per_second']:>9,.0f} "
               f"{d['server_cpu_per_chunk_us']:>12.1f} {d['server_cpu_net_us']:>11.1f} "
-              f"{d['server_busy']:>8.2f} {d['other_processes_cores']:>6.2f}")
+              f"{d['server_busy']:>8.2f} {d['swarm_cpu_per_chunk_us']:>8.1f} "
+              f"{d['controller_cpu_per_chunk_us']:>6.1f} {d['other_processes_cores']:>6.2f}")
         if "delayed" in r:
             dd = r["delayed"]
             print(f"{'':>6} with {dd['delay'] * 1e3:g} ms per chunk: {dd['per_second']:,.0f} "
