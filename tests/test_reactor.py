@@ -6,7 +6,7 @@ import pytest
 from twisted.internet import protocol
 from twisted.internet.epollreactor import EPollReactor
 
-from achilles.core.reactor import lean_events
+from achilles.core.reactor import lean_events, runs_turn_hooks, turn_hooks
 
 
 class Echo(protocol.Protocol):
@@ -41,8 +41,9 @@ def test_lean_events_deliver_reads_and_survive_a_raising_handler():
     trip works both ways), and a protocol whose dataReceived raises loses its connection
     while the loop goes on, as with Twisted's own doPoll."""
     reactor = EPollReactor()
+    assert not runs_turn_hooks(reactor)
     lean_events(reactor)
-    assert reactor.doIteration.__func__.__name__ == "_lean_poll"
+    assert reactor.doIteration.__func__.__name__ == "_lean_poll" and runs_turn_hooks(reactor)
     port = reactor.listenTCP(0, protocol.Factory.forProtocol(Echo), interface="127.0.0.1")
     got: list = []
     protocol.ClientCreator(reactor, Probe, reactor, got).connectTCP(
@@ -53,3 +54,22 @@ def test_lean_events_deliver_reads_and_survive_a_raising_handler():
     for reader in reactor.getReaders() + reactor.getWriters():
         reader.connectionLost(None)
     assert got == [b"one", b"two", "lost"]
+
+
+@pytest.mark.timeout(30)
+def test_turn_hooks_run_before_each_poll_and_after_its_events():
+    """A lean reactor runs every turn hook once before it polls and once after handling what
+    the poll returned, so writes held during a turn go out before the loop sleeps."""
+    reactor = EPollReactor()
+    lean_events(reactor)
+    seen: list = []
+    hook = lambda: seen.append(len(calls))  # noqa: E731
+    calls: list = []
+    turn_hooks.append(hook)
+    try:
+        reactor.callLater(0, calls.append, 1)
+        reactor.callLater(0.05, reactor.stop)
+        reactor.run(installSignalHandlers=False)
+    finally:
+        turn_hooks.remove(hook)
+    assert seen[:2] == [1, 1] and len(seen) >= 4 and len(seen) % 2 == 0

@@ -21,7 +21,8 @@ from achilles.core import wire
 from achilles.core.errors import AchillesError, AuthenticationError, FrameTooLarge, ProtocolError
 from achilles.core.handshake import PeerHandshake, ServerHandshake
 from achilles.core.logs import printable
-from achilles.core.reactor import Clock, DelayedCall, Transport, get_reactor, transport_of
+from achilles.core.reactor import (Clock, DelayedCall, Transport, get_reactor, runs_turn_hooks,
+                                   transport_of, turn_hooks)
 from achilles.core.session import FrameOpener, FrameSealer
 from achilles.core.socketwrite import TCP_TYPES, write_pieces
 
@@ -65,8 +66,9 @@ class Outbox:
     call from another thread) are sealed and written together in one ``sendmsg`` right before
     the next poll, straight to the socket while Twisted's own buffer for it is empty: no
     writer registered with epoll and unregistered again, and one system call per connection
-    per turn however many messages it got. The flush runs as a zero-delay call of the global
-    reactor (which runs before its next poll) and before the reactor shuts down.
+    per turn however many messages it got. The flush runs as a turn hook of a lean reactor
+    (:func:`achilles.core.reactor.lean_events`), else as a zero-delay call of the global
+    reactor (which runs before its next poll), and before the reactor shuts down.
     """
 
     def __init__(self) -> None:
@@ -83,10 +85,13 @@ class Outbox:
             if not self._trigger:
                 self._trigger = True
                 reactor.addSystemEventTrigger("before", "shutdown", self.flush)
-            reactor.callLater(0, self.flush)
+            if not runs_turn_hooks(reactor):
+                reactor.callLater(0, self.flush)
 
     def flush(self) -> None:
         """Write every held frame."""
+        if not self.pending:
+            return
         self.scheduled = False
         pending, self.pending = self.pending, []
         for proto in pending:
@@ -94,6 +99,7 @@ class Outbox:
 
 
 OUTBOX = Outbox()
+turn_hooks.append(OUTBOX.flush)
 
 
 class AchillesProtocol(protocol.Protocol):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import errno
 import types
-from typing import Any, Callable, Iterable, Optional, Protocol, cast
+from typing import Any, Callable, Iterable, List, Optional, Protocol, cast
 
 from twisted.python import log as twisted_log
 
@@ -100,8 +100,16 @@ class Transport(Protocol):
         """The local address."""
 
 
+#: Run by a reactor made lean (:func:`lean_events`) right before each poll and after the
+#: events it returned: what one turn of the loop produced (held writes) goes out then.
+turn_hooks: List[Callable[[], None]] = []
+
+
 def _lean_poll(self: Any, timeout: Optional[float]) -> None:
-    """``EPollReactor.doPoll`` without Twisted's per-event log context (see :func:`lean_events`)."""
+    """``EPollReactor.doPoll`` without Twisted's per-event log context (see :func:`lean_events`),
+    running :data:`turn_hooks` before the poll and after its events."""
+    for hook in turn_hooks:
+        hook()
     try:
         events = self._poller.poll(-1 if timeout is None else timeout, len(self._selectables))
     except OSError as exc:
@@ -120,6 +128,8 @@ def _lean_poll(self: Any, timeout: Optional[float]) -> None:
             raise
         except BaseException:
             twisted_log.err()
+    for hook in turn_hooks:
+        hook()
 
 
 def lean_events(reactor: Any) -> None:
@@ -128,12 +138,19 @@ def lean_events(reactor: Any) -> None:
     Twisted's ``doPoll`` wraps every event in ``log.callWithLogger``, which copies a logging
     context dict per event for Twisted's own log prefix (Achilles logs through ``logging``):
     a few microseconds per socket read or write, on every message. Other reactors are left
-    as they are. Call it once per process, before the reactor runs.
+    as they are. Call it once per process, before the reactor runs. Such a reactor also
+    runs :data:`turn_hooks` each turn.
     """
     from twisted.internet.epollreactor import EPollReactor
 
     if isinstance(reactor, EPollReactor):
         setattr(reactor, "doIteration", types.MethodType(_lean_poll, reactor))
+        setattr(reactor, "_achilles_lean", True)
+
+
+def runs_turn_hooks(reactor: Any) -> bool:
+    """Whether ``reactor`` runs :data:`turn_hooks` every turn (:func:`lean_events` made it so)."""
+    return getattr(reactor, "_achilles_lean", False)
 
 
 def get_reactor() -> Reactor:
