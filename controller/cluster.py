@@ -136,10 +136,12 @@ class Cluster:
         return id(proto)
 
     def unregister(self, job_id: str) -> None:
-        """Stop routing a job's events (never blocks; safe from any thread)."""
+        """Stop routing a job's events (never blocks; safe from any thread). The entry goes
+        with the reactor thread's next wake-up: until then, events for the job are dropped
+        into a queue nobody reads."""
         proto = self._proto
         if proto is not None:
-            reactor_thread.post(proto.remove_job, job_id)
+            reactor_thread.post(proto.remove_job, job_id, wake=False)
 
     def send(self, messages: List[List[bytes]]) -> None:
         """Queue encoded messages for the reactor thread to write. A message over the frame

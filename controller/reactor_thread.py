@@ -64,6 +64,7 @@ def call(fn: Callable[..., Any], *args: Any, timeout: Optional[float] = None, **
     box: "queue.Queue[Any]" = queue.Queue(maxsize=1)
 
     def run() -> None:
+        _drain()  # calls posted before this one run first
         d = defer.maybeDeferred(fn, *args, **kwargs)
         d.addBoth(box.put)
 
@@ -82,14 +83,16 @@ _posted_lock = threading.Lock()
 _drain_scheduled = False
 
 
-def post(fn: Callable[..., Any], *args: Any) -> None:
-    """Run ``fn`` in the reactor thread without waiting. Posted calls run in order, and calls
-    posted in quick succession share one wake-up of the reactor (a job's routing entry, its
-    SUBMIT and its first chunks cost one thread hop, not three)."""
+def post(fn: Callable[..., Any], *args: Any, wake: bool = True) -> None:
+    """Run ``fn`` in the reactor thread without waiting. Posted calls run in order (also
+    before any later :func:`call`), and calls posted in quick succession share one wake-up of
+    the reactor. With ``wake=False`` the call waits for the next one that wakes it (or the
+    next :func:`call`): for bookkeeping that needs no thread hop of its own, such as removing
+    a finished job's routing entry."""
     global _drain_scheduled
     with _posted_lock:
         _posted.append((fn, args))
-        if _drain_scheduled:
+        if _drain_scheduled or not wake:
             return
         _drain_scheduled = True
     get_reactor().callFromThread(_drain)
