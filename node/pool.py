@@ -19,6 +19,7 @@ import collections
 import logging
 import pickle
 import queue
+import select
 import threading
 import time
 from dataclasses import dataclass
@@ -105,14 +106,20 @@ class _Slot:
             child.close()
         self.task: Optional[Task] = None
         self.killed = False
+        # One poll set per worker for its life (a fresh selector per wait cost more than the
+        # rest of a small chunk's hand-off): the pipe and the process's sentinel.
+        self._fd = self.conn.fileno()
+        self._poll = select.poll()
+        self._poll.register(self._fd, select.POLLIN)
+        self._poll.register(self.proc.sentinel, select.POLLIN)
 
     def wait_ready(self, timeout: Optional[float]) -> Optional[bool]:
-        """Wait for the worker's next message: True when one is readable, False when the
-        worker died first, None after ``timeout`` seconds."""
-        ready = wait([self.conn, self.proc.sentinel], timeout)
+        """Wait for the worker's next message: True when one is readable (or the pipe is at
+        its end), False when the worker died first, None after ``timeout`` seconds."""
+        ready = self._poll.poll(None if timeout is None else max(0.0, timeout) * 1000)
         if not ready:
             return None
-        return self.conn in ready
+        return any(fd == self._fd for fd, _ in ready)
 
     def reap(self, timeout: float) -> Optional[int]:
         """Wait up to ``timeout`` s for the process to end; its exit code, or None."""
@@ -150,7 +157,7 @@ class WorkerPool:
         self.on_output = on_output
         self.on_progress = on_progress
         self._ctx = _context()
-        self._queue: "queue.Queue[Any]" = queue.Queue()
+        self._queue: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
         self._waiting: Dict[int, Task] = {}  # id(task) -> task, queued and not yet taken
         self._lock = threading.Lock()
         self._closed = False
