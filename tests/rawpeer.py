@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pickle
 import socket
-from typing import Any, Optional, Tuple
+from collections import deque
+from typing import Any, Deque, Optional, Tuple
 
 from achilles.core import wire
 from achilles.core.handshake import PeerHandshake, derive_key
@@ -30,6 +31,7 @@ class RawPeer:
         self.sealer = FrameSealer(send_key)
         self.decoder.set_limit(wire.DEFAULT_MAX_FRAME, wire.inbound(role, "server"),
                                FrameOpener(recv_key))
+        self.batched: Deque[Tuple[int, Tuple[Any, ...]]] = deque()  # the rest of a BATCH
 
     def _next(self) -> Tuple[int, bytes]:
         while True:
@@ -57,11 +59,19 @@ class RawPeer:
         self.sock.sendall(b"".join(self.sealer.seal(pieces)))
 
     def receive(self, timeout: float = 10.0) -> Tuple[int, Tuple[Any, ...]]:
-        """The next message from the server, decoded (PINGs are answered and skipped)."""
+        """The next message from the server, decoded (PINGs are answered and skipped; the
+        messages of a BATCH frame come one by one)."""
         self.sock.settimeout(timeout)
         while True:
-            code, body = self._next()
-            fields = wire.decode_message(body, code)
+            if self.batched:
+                code, fields = self.batched.popleft()
+            else:
+                code, body = self._next()
+                fields = wire.decode_message(body, code)
+                if code == wire.BATCH:
+                    self.batched.extend((inner, wire.decode_message(part, inner))
+                                        for inner, part in wire.split_batch(fields[0]))
+                    continue
             if code == wire.PING:
                 self.send(wire.PONG, fields[0])
                 continue
