@@ -103,7 +103,7 @@ def test_ssh_cluster_runs_a_map_on_nodes_in_other_namespaces(ssh_home, tmp_path)
     secret = achilles.load_config(env_file=str(env)).secret_key
     assert secret
     lines, sink = _collect()
-    launcher = SSHCluster(["alpha", "beta:3"], remote_python=ssh_home.python, env_file=str(env),
+    launcher = SSHCluster(["alpha:1", "beta:3"], remote_python=ssh_home.python, env_file=str(env),
                           log_level="INFO", on_log=sink)
     with launcher as cluster:
         assert cluster.map(lambda x: x ** 3, range(40), chunksize=2) == [x ** 3 for x in range(40)]
@@ -161,7 +161,7 @@ def test_achilles_up_ssh_serves_scripts_until_achilles_down(ssh_home, tmp_path) 
     their log lines prefixed with the host, serves a script that uses that .env, and
     ``achilles down`` from the same folder stops it all: `up` exits 0, the hosts are empty."""
     achilles.gen_config(str(tmp_path / ".env"), port=0)
-    up = Up(str(tmp_path), ["--ssh", "alpha,beta:2", "--python", ssh_home.python])
+    up = Up(str(tmp_path), ["--ssh", "alpha:1,beta:1", "--python", ssh_home.python])
     try:
         state = up.wait_ready(60)
         assert any(line.startswith("[alpha] ") for line in up.output)
@@ -197,7 +197,7 @@ def test_ctrl_c_stops_up_and_its_nodes(ssh_home, tmp_path) -> None:
     """``achilles up --hostfile`` starts the hosts the file lists; Ctrl-C (SIGINT) stops the
     nodes and the server and `up` exits 0."""
     achilles.gen_config(str(tmp_path / ".env"), port=0)
-    (tmp_path / "hosts").write_text("# one host\nalpha:2\n")
+    (tmp_path / "hosts").write_text("# one host\nalpha:1\n")
     up = Up(str(tmp_path), ["--hostfile", "hosts", "--python", ssh_home.python])
     try:
         up.wait_ready(60)
@@ -216,7 +216,7 @@ def test_a_killed_up_leaves_no_node_or_server(ssh_home, tmp_path) -> None:
     """When ``achilles up`` dies without cleaning up (SIGKILL), its server stops (its stdin
     closes) and every node stops (its SSH session ends): nothing is left on the hosts."""
     achilles.gen_config(str(tmp_path / ".env"), port=0)
-    up = Up(str(tmp_path), ["--ssh", "alpha,beta", "--python", ssh_home.python])
+    up = Up(str(tmp_path), ["--ssh", "alpha:1,beta:1", "--python", ssh_home.python])
     try:
         up.wait_ready(60)
         server = up.server_pids()
@@ -265,7 +265,7 @@ def test_proxyjump_and_agent_keys_from_the_ssh_setup(ssh_home, tmp_path, monkeyp
         with pytest.raises(AchillesError, match="beta-agent: SSH connection failed"):
             SSHCluster(["beta-agent"], remote_python=ssh_home.python, on_log=None).start()
         monkeypatch.setenv("SSH_AUTH_SOCK", sock)
-        with SSHCluster(["alpha-jump", "beta-agent"], remote_python=ssh_home.python, on_log=None,
+        with SSHCluster(["alpha-jump:1", "beta-agent:1"], remote_python=ssh_home.python, on_log=None,
                         server_address=ssh_home.gateways["alpha"]) as cluster:
             assert cluster.map(lambda x: x * 3, [1, 2]) == [3, 6]
             assert sorted(n["name"] for n in cluster.status()["nodes"]) == ["alpha-jump",
@@ -290,7 +290,7 @@ def test_tls_ca_reaches_the_hosts_and_nodes_verify_the_server(ssh_home, tmp_path
     with open(env, "a") as fh:
         fh.write(f"ACHILLES_TLS_CERT={paths['server.pem']}\nACHILLES_TLS_KEY={paths['server.key']}\n"
                  f"ACHILLES_TLS_CA={paths['ca.pem']}\n")
-    launcher = SSHCluster(["alpha", "beta"], remote_python=ssh_home.python, env_file=str(env),
+    launcher = SSHCluster(["alpha:1", "beta:1"], remote_python=ssh_home.python, env_file=str(env),
                           on_log=None)
     with launcher as cluster:
         assert cluster.map(lambda x: x - 1, [1, 2, 3]) == [0, 1, 2]
@@ -309,7 +309,7 @@ def test_a_node_that_dies_is_reported_and_the_rest_still_serve(ssh_home) -> None
     under that host's name, maps still run on the other host, and stopping the cluster with a
     dead node neither hangs nor fails, and leaves both hosts empty."""
     lines, sink = _collect()
-    launcher = SSHCluster(["alpha", "beta"], remote_python=ssh_home.python, on_log=sink)
+    launcher = SSHCluster(["alpha:1", "beta:1"], remote_python=ssh_home.python, on_log=sink)
     with launcher as cluster:
         beta = next(n for n in launcher.nodes if n.name == "beta")
         assert beta.pid is not None
