@@ -31,7 +31,7 @@ from multiprocess.connection import wait
 from achilles.core import wire
 from achilles.core.errors import describe_exit
 from achilles.node.pipeio import recv_buffer
-from achilles.node.worker import PROGRESS, RETIRE
+from achilles.node.worker import INLINE_MAX, PROGRESS, RETIRE
 from achilles.core.output import TAIL_LINES
 
 log = logging.getLogger("achilles.node")
@@ -317,10 +317,13 @@ class WorkerPool:
         messages that come first go to ``on_output``, progress reports to ``on_progress``."""
         forward = task.forward and self.on_output is not None
         try:
+            small = len(task.payload) <= INLINE_MAX
             slot.conn.send_bytes(pickle.dumps(
                 (task.func_bytes, task.callback_bytes, task.careful, task.kind, task.group,
-                 task.init, task.maxtasks, forward), protocol=5))
-            slot.conn.send_bytes(task.payload)
+                 task.init, task.maxtasks, forward, bytes(task.payload) if small else None),
+                protocol=5))
+            if not small:
+                slot.conn.send_bytes(task.payload)
             deadline = None if task.timeout is None else time.monotonic() + task.timeout
             while True:
                 wait = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -337,10 +340,11 @@ class WorkerPool:
                         self.on_progress(task, header[1])
                 else:
                     self._output(task, header[0], header[1])
-            status, elapsed, retire = header
-            if not slot.wait_ready(None):
-                return None
-            payload = recv_buffer(slot.conn)
+            status, elapsed, retire, payload = header
+            if payload is None:
+                if not slot.wait_ready(None):
+                    return None
+                payload = recv_buffer(slot.conn)
         except (EOFError, OSError):
             return None
         if status == RETIRE:

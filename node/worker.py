@@ -1,14 +1,17 @@
 """The loop each worker process runs: receive a chunk, call the function per item, send results.
 
 Messages on the pipe (parent -> worker): a pickled ``(func_bytes, callback_bytes, careful,
-kind, group, init_bytes, maxtasks, forward)``, then the raw payload; ``kind`` is ``map`` (payload: a
+kind, group, init_bytes, maxtasks, forward, inline)``, then the raw payload unless ``inline``
+holds it (payloads up to :data:`INLINE_MAX` bytes travel inside the header: one message and
+one wake-up of the worker instead of two); ``kind`` is ``map`` (payload: a
 list of items) or ``graph`` (func_bytes: the graph's functions by key; payload: one task's key,
 arguments and input values). Once a chunk is received, :data:`TAKEN` is written to a shared
 counter; in careful mode (a re-run after the chunk killed a worker) the index of the item
 being run is written there before each item, so the node can blame the exact item if the
 worker dies again.
-Replies (worker -> parent): a pickled ``(status, elapsed, retire)`` header, then the result
-payload — a pickled list of results, or an :func:`achilles.core.serialization.error_record`.
+Replies (worker -> parent): a pickled ``(status, elapsed, retire, inline)`` header, then the
+result payload unless ``inline`` holds it (as above) — a pickled list of results, or an
+:func:`achilles.core.serialization.error_record`.
 ``retire`` says the process exits after this reply (``maxtasksperchild`` reached). With
 ``forward`` the chunk's output is captured (:mod:`achilles.node.capture`) and sent before the
 reply as pickled ``("out", (lines, dropped))`` and, when the chunk failed, ``("tail", lines)``.
@@ -40,6 +43,8 @@ from achilles.node.malloc import keep_freed_memory
 from achilles.node.pipeio import recv_buffer
 
 CODE_CACHE = 32
+#: Payloads up to this many bytes go inside their header's pickle (one pipe message).
+INLINE_MAX = 64 << 10
 #: Written to the progress counter as soon as a chunk is received: a worker that dies with the
 #: counter still at -1 died before taking its chunk, which is then not to blame.
 TAKEN = -2
@@ -289,12 +294,12 @@ def worker_main(conn: Any, progress: Any) -> None:
     while True:
         try:
             message = conn.recv_bytes()
-            payload = recv_buffer(conn)
+            func_bytes, cb_bytes, careful, kind, group, init_bytes, maxtasks, forward, inline = \
+                pickle.loads(message)
+            payload = recv_buffer(conn) if inline is None else inline
         except (EOFError, OSError):
             os._exit(0)
         progress.value = TAKEN
-        func_bytes, cb_bytes, careful, kind, group, init_bytes, maxtasks, forward = \
-            pickle.loads(message)
         results: Optional[list] = None
         if forward:
             if capture is None:
@@ -315,13 +320,16 @@ def worker_main(conn: Any, progress: Any) -> None:
                                                    init_bytes, maxtasks, results)
         elapsed = time.perf_counter() - start
         try:
-            header = pickle.dumps((status, elapsed, retire), protocol=5)
+            small = len(result) <= INLINE_MAX
+            header = pickle.dumps((status, elapsed, retire, result if small else None),
+                                  protocol=5)
             with reporter.lock():
                 reporter.end()
                 if capture is not None and capture.active:
                     capture.finish(status not in (wire.OK, RETIRE))
                 conn.send_bytes(header)
-                conn.send_bytes(result)
+                if not small:
+                    conn.send_bytes(result)
         except (EOFError, OSError):
             os._exit(0)
         if retire:
