@@ -17,13 +17,14 @@ ideal: it is what keeps a system below it. The busy loop spins on the process's 
 each call costs 2 ms of CPU whatever else runs. On a shared machine the wall-clock figure says
 more about the neighbours than about the pipeline, so each Achilles round also prints the CPU
 that the caller, the server and the node tree (stage copies included) spent, and the
-*efficiency*: the stages' useful work (items x 4 x 2 ms) over that total. That ratio does not
-depend on the load; on an otherwise idle machine the throughput is at most efficiency x ideal.
-Each round also prints how busy the machine was, to tell a slow system from a crowded machine.
-Printed: items/s, the fraction of the ideal, and Achilles' ratio to each other system.
-``--memory N`` instead streams an N-item source stage (10,000,000 in the
-issue) through a trivial stage and prints the RSS of the controller, the server and the node
-(with its stage processes) after the first 200,000 items and at their peak.
+*efficiency*: the stages' useful work (items x 4 x 2 ms) over that total. That ratio depends
+far less on the load (a crowded machine makes each message cost somewhat more CPU); on an
+otherwise idle machine the throughput is at most efficiency x ideal. Each round also prints
+how busy the machine was, to tell a slow system from a crowded machine. Printed: items/s, the
+fraction of the ideal, and Achilles' ratio to each other system. ``--memory N`` instead
+streams an N-item source stage (10,000,000 in the issue) through a trivial stage and prints
+the RSS of the controller, the server and the node (with its stage processes) after the first
+200,000 items and at their peak.
 """
 
 from __future__ import annotations
