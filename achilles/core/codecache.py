@@ -87,7 +87,9 @@ def _global_names(code: types.CodeType) -> Tuple[str, ...]:
             c = stack.pop()
             found.update(c.co_names)
             stack.extend(k for k in c.co_consts if isinstance(k, types.CodeType))
-        names = _names[code] = tuple(sorted(found))
+        names = tuple(sorted(found))
+        with _lock:
+            _names[code] = names
     return names
 
 
