@@ -7,6 +7,7 @@ from twisted.internet import protocol
 from twisted.internet.epollreactor import EPollReactor
 
 from achilles.core.reactor import lean_events, runs_turn_hooks, turn_hooks
+from achilles.core.socketwrite import _idle_socket, write_pieces
 
 
 class Echo(protocol.Protocol):
@@ -73,3 +74,43 @@ def test_turn_hooks_run_before_each_poll_and_after_its_events():
     finally:
         turn_hooks.remove(hook)
     assert seen[:2] == [1, 1] and len(seen) >= 4 and len(seen) % 2 == 0
+
+
+class Writer(protocol.Protocol):
+    """Writes through write_pieces twice: once on an idle connection, once behind a Twisted
+    write still queued; records whether the direct path was open each time and what echoes."""
+
+    def __init__(self, reactor, seen: dict) -> None:
+        self.reactor, self.seen, self.received = reactor, seen, b""
+
+    def connectionMade(self) -> None:
+        self.seen["idle"] = _idle_socket(self.transport) is self.transport.socket
+        write_pieces(self.transport, [b"a", memoryview(b"bc"), bytearray(b"d")])
+        self.transport.write(b"e")  # queued in Twisted until its next doWrite
+        self.seen["queued"] = _idle_socket(self.transport)
+        write_pieces(self.transport, [b"f", memoryview(b"g")])
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        if len(self.received) >= 7:
+            self.seen["echo"] = self.received
+            self.transport.loseConnection()
+            self.reactor.stop()
+
+
+@pytest.mark.timeout(30)
+def test_write_pieces_goes_direct_only_on_an_idle_plain_tcp_connection():
+    """On the installed Twisted, an idle plain TCP connection is written straight to its
+    socket (the fast path exists); with a Twisted write still queued it is not, and the bytes
+    arrive in the order written either way."""
+    reactor = EPollReactor()
+    port = reactor.listenTCP(0, protocol.Factory.forProtocol(Echo), interface="127.0.0.1")
+    seen: dict = {}
+    protocol.ClientCreator(reactor, Writer, reactor, seen).connectTCP(
+        "127.0.0.1", port.getHost().port)
+    reactor.callLater(20, reactor.stop)
+    reactor.run(installSignalHandlers=False)
+    port.stopListening()
+    for reader in reactor.getReaders() + reactor.getWriters():
+        reader.connectionLost(None)
+    assert seen == {"idle": True, "queued": None, "echo": b"abcdefg"}

@@ -143,7 +143,9 @@ def lean_events(reactor: Any) -> None:
     """
     from twisted.internet.epollreactor import EPollReactor
 
-    if isinstance(reactor, EPollReactor):
+    # _lean_poll uses Twisted's private poller state; a Twisted without it stays as it is.
+    internals = ("_poller", "_selectables", "_doReadOrWrite")
+    if isinstance(reactor, EPollReactor) and all(hasattr(reactor, a) for a in internals):
         setattr(reactor, "doIteration", types.MethodType(_lean_poll, reactor))
         setattr(reactor, "_achilles_lean", True)
 

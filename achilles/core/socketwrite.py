@@ -30,10 +30,15 @@ def _idle_socket(transport: Any) -> Any:
     producer and with nothing queued to send, so that writing to it keeps the byte order;
     else None."""
     if (type(transport) not in TCP_TYPES or transport.TLS or not transport.connected
-            or transport.disconnecting or transport.producer is not None
-            or transport._tempDataLen or len(transport.dataBuffer) > transport.offset):
+            or transport.disconnecting or transport.producer is not None):
         return None
-    return transport.socket
+    # Twisted's private write-buffer state; a Twisted without it gets its own write path.
+    queued = getattr(transport, "_tempDataLen", None)
+    buffer = getattr(transport, "dataBuffer", None)
+    offset = getattr(transport, "offset", None)
+    if queued is None or buffer is None or offset is None or queued or len(buffer) > offset:
+        return None
+    return getattr(transport, "socket", None)
 
 
 def write_pieces(transport: Any, pieces: Sequence[Piece]) -> None:
