@@ -127,12 +127,15 @@ class Daemons:
 
     def start(self, role: str, *args: str, secret: str, username: str = "tester",
               netns: Optional[str] = None) -> subprocess.Popen:
-        """Start ``achilles.<role>`` (inside network namespace ``netns`` if given)."""
+        """Start ``achilles.<role>`` (inside network namespace ``netns`` if given). It exits
+        when this test process does, however that ends (``--exit-with-stdin`` on a pipe only
+        this process holds), so a killed test run leaves no daemon behind."""
         log = str(self.tmp_path / f"{role}-{len(self.procs)}.log")
         prefix = ["ip", "netns", "exec", netns] if netns else []
         with open(log, "wb") as fh:
-            proc = subprocess.Popen(prefix + [sys.executable, "-m", f"achilles.{role}", *args],
-                                    env=self.env(secret, username), stdin=subprocess.DEVNULL,
+            proc = subprocess.Popen(prefix + [sys.executable, "-m", f"achilles.{role}", *args,
+                                              "--exit-with-stdin"],
+                                    env=self.env(secret, username), stdin=subprocess.PIPE,
                                     stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
                                     cwd=str(self.tmp_path))
         self.procs.append(proc)
@@ -155,6 +158,8 @@ class Daemons:
     def stop_all(self) -> None:
         for proc in self.procs:
             stop_group(proc)
+            if proc.stdin is not None:
+                proc.stdin.close()
 
 
 @pytest.fixture
