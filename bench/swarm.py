@@ -273,10 +273,21 @@ def run_swarm(host: str, port: int, secret: str, nodes: int, processes: int, del
                 out({"event": "stats", "live": len(live), "duplicate_tasks": dup,
                      "pending": sum(len(n.pending) for n in live.values()), **counts})
             elif words[:1] == ["drop"]:
-                victims = [n for n in live.values() if n.pending][: int(words[1])]
-                for n in victims:
-                    n.link.abortConnection()
-                out({"event": "dropped", "nodes": len(victims)})
+                # Drop nodes that hold chunks; wait (up to 10 s) until enough of them do, since
+                # how many hold one at an instant moves with the controller's window.
+                wanted, give_up = int(words[1]), time.monotonic() + 10
+
+                def drop() -> None:
+                    holding = [n for n in live.values() if n.pending]
+                    if len(holding) < wanted and time.monotonic() < give_up:
+                        reactor.callLater(0.002, drop)
+                        return
+                    victims = holding[:wanted]
+                    for n in victims:
+                        n.link.abortConnection()
+                    out({"event": "dropped", "nodes": len(victims)})
+
+                drop()
             elif words[:1] == ["forget"]:
                 seen.clear()
                 counts.clear()
