@@ -36,7 +36,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, Iterator, List, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -123,10 +123,9 @@ def run_pypeln(items: int) -> float:
     return items / elapsed
 
 
-def group_cpu(pgid: int) -> Dict[int, float]:
-    """CPU seconds (user + system, with reaped children) of every process in group ``pgid``."""
-    tick = os.sysconf("SC_CLK_TCK")
-    out: Dict[int, float] = {}
+def group_stats(pgid: int) -> Iterator[Tuple[int, List[str]]]:
+    """``(pid, fields of /proc/PID/stat after the command name)`` of every process in group
+    ``pgid``."""
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
@@ -135,8 +134,13 @@ def group_cpu(pgid: int) -> Dict[int, float]:
             except OSError:
                 continue
             if int(fields[2]) == pgid:
-                out[int(entry)] = sum(int(v) for v in fields[11:15]) / tick
-    return out
+                yield int(entry), fields
+
+
+def group_cpu(pgid: int) -> Dict[int, float]:
+    """CPU seconds (user + system, with reaped children) of every process in group ``pgid``."""
+    tick = os.sysconf("SC_CLK_TCK")
+    return {pid: sum(int(v) for v in fields[11:15]) / tick for pid, fields in group_stats(pgid)}
 
 
 class CpuMeter:
@@ -177,17 +181,7 @@ def rss_mib(pid: int) -> float:
 
 def tree_rss_mib(pid: int) -> float:
     """RSS of ``pid`` and every process in its process group (the node's workers and stages)."""
-    total = 0.0
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as fh:
-                    fields = fh.read().split(")")[-1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == pid:
-                total += rss_mib(int(entry))
-    return total
+    return sum(rss_mib(member) for member, _ in group_stats(pid))
 
 
 def main(argv: Any = None) -> int:

@@ -36,6 +36,19 @@ class Probe(protocol.Protocol):
         self.reactor.stop()
 
 
+def talk_to_echo(reactor, client, record) -> None:
+    """Run ``reactor`` with ``client(reactor, record)`` connected to an echo server on
+    loopback until the client stops it (or 20 s pass), then close every socket it holds."""
+    port = reactor.listenTCP(0, protocol.Factory.forProtocol(Echo), interface="127.0.0.1")
+    protocol.ClientCreator(reactor, client, reactor, record).connectTCP(
+        "127.0.0.1", port.getHost().port)
+    reactor.callLater(20, reactor.stop)
+    reactor.run(installSignalHandlers=False)
+    port.stopListening()
+    for reader in reactor.getReaders() + reactor.getWriters():
+        reader.connectionLost(None)
+
+
 @pytest.mark.timeout(30)
 def test_lean_events_deliver_reads_and_survive_a_raising_handler():
     """With lean_events, a reactor hands each ready socket to its protocol (an echo round
@@ -45,15 +58,8 @@ def test_lean_events_deliver_reads_and_survive_a_raising_handler():
     assert not runs_turn_hooks(reactor)
     lean_events(reactor)
     assert reactor.doIteration.__func__.__name__ == "_lean_poll" and runs_turn_hooks(reactor)
-    port = reactor.listenTCP(0, protocol.Factory.forProtocol(Echo), interface="127.0.0.1")
     got: list = []
-    protocol.ClientCreator(reactor, Probe, reactor, got).connectTCP(
-        "127.0.0.1", port.getHost().port)
-    reactor.callLater(20, reactor.stop)
-    reactor.run(installSignalHandlers=False)
-    port.stopListening()
-    for reader in reactor.getReaders() + reactor.getWriters():
-        reader.connectionLost(None)
+    talk_to_echo(reactor, Probe, got)
     assert got == [b"one", b"two", "lost"]
 
 
@@ -104,13 +110,6 @@ def test_write_pieces_goes_direct_only_on_an_idle_plain_tcp_connection():
     socket (the fast path exists); with a Twisted write still queued it is not, and the bytes
     arrive in the order written either way."""
     reactor = EPollReactor()
-    port = reactor.listenTCP(0, protocol.Factory.forProtocol(Echo), interface="127.0.0.1")
     seen: dict = {}
-    protocol.ClientCreator(reactor, Writer, reactor, seen).connectTCP(
-        "127.0.0.1", port.getHost().port)
-    reactor.callLater(20, reactor.stop)
-    reactor.run(installSignalHandlers=False)
-    port.stopListening()
-    for reader in reactor.getReaders() + reactor.getWriters():
-        reader.connectionLost(None)
+    talk_to_echo(reactor, Writer, seen)
     assert seen == {"idle": True, "queued": None, "echo": b"abcdefg"}
