@@ -9,6 +9,7 @@ from typing import Dict, List, Optional
 from achilles.core.cli_common import add_client_tls_options, add_connection_options, run_main
 from achilles.core.config import cpu_count, load_config, node_default_name
 from achilles.core.errors import ConfigError
+from achilles.core.gctune import settle as settle_gc
 from achilles.core.logs import setup_logging
 
 log = logging.getLogger("achilles.node")
@@ -79,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
             from achilles.core.lifeline import exit_with_stdin
 
             exit_with_stdin(factory.stop)
+        settle_gc()
         reactor.run()
     finally:
         factory.stages.close()
