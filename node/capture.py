@@ -142,6 +142,7 @@ class Capture:
         self._pending: List[list] = []
         self._dropped = 0
         self._tail: Deque[list] = collections.deque(maxlen=TAIL_LINES)
+        self._kept: List[list] = []  # lines of failed items of the chunk (keep_lines_of)
         self._tokens = float(BURST)
         self._stamp = time.monotonic()
         self._flushes = float(FLUSHES)  # a token bucket for explicit flushes
@@ -173,6 +174,18 @@ class Capture:
         with self.lock:
             self._results = results
             self.active = True
+
+    def keep_lines_of(self, item: int) -> None:
+        """Item ``item`` failed: its lines among the last ones are what :meth:`finish` sends
+        as the tail (with those of other items kept so), however many lines come after."""
+        with self.lock:
+            self._kept.extend(line for line in self._tail if line[0] == item)
+
+    def track(self, results: list) -> None:
+        """From now on the running task's index is ``len(results)`` (a batch of graph tasks
+        tells each line's task this way)."""
+        with self.lock:
+            self._results = results
 
     def write(self, stream: str, text: str) -> bool:
         """Text written to ``stream``: whole lines become captured lines, the rest waits.
@@ -275,8 +288,9 @@ class Capture:
                 self._partial[stream] = ""
                 self._add(stream, [rest], self._partial_item[stream])
         self._flush()
-        if failed and self._tail:
-            self.send("tail", list(self._tail))
+        if failed and (self._kept or self._tail):
+            self.send("tail", self._kept[-TAIL_LINES:] if self._kept else list(self._tail))
         self._tail.clear()
+        self._kept = []
         self._results = None
         self.active = False

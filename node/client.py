@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import socket
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -47,6 +48,17 @@ def host_load() -> Tuple[float, int, int, int]:
     except (OSError, ValueError):
         pass
     return load1, os.cpu_count() or 1, mem.get("MemTotal", 0), mem.get("MemAvailable", 0)
+
+
+def batch_failures(payload: bytes) -> List[Tuple[int, bytes]]:
+    """``(index, error record)`` of each failed task in a batch of graph tasks' result (a
+    graph batch is a chunk with a negative id), from this node's own worker."""
+    try:
+        outcomes = pickle.loads(payload)
+    except Exception:
+        return []
+    return [(i, o[3]) for i, o in enumerate(outcomes)
+            if o[1] == wire.ITEM_ERROR and isinstance(o[3], bytes)]
 
 
 class NodeProtocol(PeerSideProtocol):
@@ -184,7 +196,9 @@ class NodeProtocol(PeerSideProtocol):
         """Send a chunk's outcome; one too large to send is turned into a FrameTooLarge error
         for its caller, so it never stalls the job. A failure's last lines of output go
         first."""
-        if status != wire.OK and task.tail:
+        failures = (batch_failures(payload) if task.kind == "graph" and task.chunk_id < 0
+                    and status == wire.OK else [])
+        if (status != wire.OK or failures) and task.tail:
             self.send_tail(task, list(task.tail))
         pieces = wire.encode_message(wire.RESULT, (task.job_id, task.chunk_id, status, elapsed,
                                                    self.factory.name, payload))
@@ -199,14 +213,20 @@ class NodeProtocol(PeerSideProtocol):
             status, payload = wire.ITEM_ERROR, record
         if status == wire.ITEM_ERROR:
             self.report_error(task, payload)
+        for index, record in failures:
+            self.report_error(task, record, index)
         self.send_encoded(pieces)
 
-    def report_error(self, task: Task, record: bytes) -> None:
-        """Tell the server a task's error as plain text (for the dashboard), ahead of its result."""
+    def report_error(self, task: Task, record: bytes, index: Optional[int] = None) -> None:
+        """Tell the server a task's error as plain text (for the dashboard), ahead of its
+        result; ``index``: the failed task's place in a batch of graph tasks."""
         text = error_text(record)
         if text is not None:
-            output = [line[2] for line in task.tail] if task.tail else []
-            self.send(wire.TASK_ERROR, task.job_id, task.chunk_id, *text, output)
+            lines = [line for line in task.tail or () if index is None or line[0] == index]
+            if index is not None:
+                text = (index,) + text[1:]
+            self.send(wire.TASK_ERROR, task.job_id, task.chunk_id, *text,
+                      [line[2] for line in lines])
 
     def send_stage_out(self, key: CopyKey, seq: int, status: int, n_items: int, skipped: int,
                        exhausted: bool, errors: bytes, payload: bytes) -> None:

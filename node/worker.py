@@ -54,6 +54,9 @@ RETIRE = -1
 PROGRESS = "progress"
 #: Seconds between two progress headers from one worker: report_progress is rate-limited here.
 PROGRESS_INTERVAL = 0.2
+#: A graph task's outcome in a batch when it did not run (an input in the batch failed);
+#: the server's ``achilles.server.graphs.NOT_RUN``.
+NOT_RUN = -1
 
 
 class _Reporter:
@@ -256,26 +259,103 @@ class _GraphCode:
 _graph_codes: "collections.OrderedDict[bytes, _GraphCode]" = collections.OrderedDict()
 
 
-def run_graph_task(funcs_bytes: bytes, payload: "bytes | bytearray") -> Tuple[int, bytes]:
-    """Run one call-graph task; returns ``(status, pickled value or error record)``."""
+def _graph_code(funcs_bytes: bytes) -> _GraphCode:
+    code = _graph_codes.get(funcs_bytes)
+    if code is None:
+        code = _graph_codes[funcs_bytes] = _GraphCode(funcs_bytes)
+        if len(_graph_codes) > CODE_CACHE:
+            _graph_codes.popitem(last=False)
+    return code
+
+
+def run_graph_task(funcs_bytes: bytes, payload: "bytes | bytearray",
+                   capture: Optional[Capture] = None) -> Tuple[int, bytes, bool]:
+    """Run one call-graph task, or a batch of them (:func:`run_graph_batch`); returns
+    ``(status, pickled value or error record, whether a task failed)`` (a batch: OK and
+    its outcomes)."""
     from achilles.core.taskrefs import from_refs
 
     try:
-        code = _graph_codes.get(funcs_bytes)
-        if code is None:
-            code = _graph_codes[funcs_bytes] = _GraphCode(funcs_bytes)
-            if len(_graph_codes) > CODE_CACHE:
-                _graph_codes.popitem(last=False)
-        key, args_bytes, inputs = pickle.loads(payload)
+        code = _graph_code(funcs_bytes)
+        work = pickle.loads(payload)
+        if type(work) is tuple and len(work) == 2:
+            outcomes: list = []
+            if capture is not None:
+                capture.track(outcomes)
+            result = run_graph_batch(code, work[0], work[1], outcomes, capture)
+            return wire.OK, result, any(o[1] != wire.OK for o in outcomes)
+        key, args_bytes, inputs = work
         values = {task_id: loads_data(v) for task_id, v in inputs.items()}
         args, kwargs = loads_data(args_bytes)
         result = code.get(key)(*from_refs(args, values), **from_refs(kwargs, values))
     except BaseException as exc:
-        return wire.ITEM_ERROR, error_record(0, exc, [])
+        return wire.ITEM_ERROR, error_record(0, exc, []), True
     try:
-        return wire.OK, dumps_data(result)
+        return wire.OK, dumps_data(result), False
     except BaseException as exc:
-        return wire.ITEM_ERROR, error_record(0, exc, [])
+        return wire.ITEM_ERROR, error_record(0, exc, []), True
+
+
+#: Values a batch hands to several consumers without copying them (they cannot be changed).
+_IMMUTABLE = frozenset({int, float, complex, str, bytes, bool, type(None)})
+
+
+def run_graph_batch(code: _GraphCode, tasks: list, keep: list, outcomes: list,
+                    capture: Optional[Capture] = None) -> bytes:
+    """Run a batch of graph tasks in order; the pickled list of one outcome per task,
+    ``(task id, status, seconds, value)``: the pickled value for tasks in ``keep`` (else
+    None), an error record for a failure, ``NOT_RUN`` for a task an input of which failed.
+
+    Each task is ``(id, function key, pickled arguments, {input id: pickled value} for
+    inputs from outside the batch, [ids of inputs in the batch])``. Values stay objects inside
+    the batch; an input used by several of its consumers reaches each as its own copy (as
+    across the network), unless it is immutable. ``outcomes`` is filled as tasks end (the
+    output capture takes its length as the running task's index).
+    """
+    from achilles.core.taskrefs import from_refs
+
+    values: Dict[int, Any] = {}
+    uses: Dict[int, int] = collections.Counter(d for task in tasks for d in task[4])
+    wanted = set(keep)
+    append = outcomes.append
+    clock = time.perf_counter
+    for task_id, key, args_bytes, inputs, inner in tasks:
+        if any(d not in values for d in inner):
+            append((task_id, NOT_RUN, 0.0, None))
+            continue
+        start = clock()
+        try:
+            found = {d: loads_data(v) for d, v in inputs.items()}
+            for d in inner:
+                found[d] = _take(values, uses, d)
+            args, kwargs = loads_data(args_bytes)
+            result = code.get(key)(*from_refs(args, found), **from_refs(kwargs, found))
+            value = dumps_data(result) if task_id in wanted else None
+        except BaseException as exc:
+            if capture is not None:
+                capture.keep_lines_of(len(outcomes))
+            append((task_id, wire.ITEM_ERROR, clock() - start, error_record(0, exc, [])))
+            continue
+        if uses.get(task_id):
+            values[task_id] = result
+        append((task_id, wire.OK, clock() - start, value))
+    return pickle.dumps(outcomes, protocol=5)
+
+
+def _take(values: Dict[int, Any], uses: Dict[int, int], task_id: int) -> Any:
+    """A batch's value of ``task_id`` for one more consumer: the object itself for the last
+    (or for an immutable value), a copy for the others."""
+    value = values[task_id]
+    uses[task_id] -= 1
+    if not uses[task_id]:
+        del values[task_id]
+        return value
+    if type(value) in _IMMUTABLE:
+        return value
+    try:
+        return pickle.loads(dumps_data(value))
+    except BaseException:
+        return value
 
 
 def worker_main(conn: Any, progress: Any) -> None:
@@ -309,8 +389,10 @@ def worker_main(conn: Any, progress: Any) -> None:
         reporter.start(capture if forward else None)
         start = time.perf_counter()
         retire = False
+        failed = False
         if kind == "graph":
-            status, result = run_graph_task(func_bytes, payload)
+            status, result, failed = run_graph_task(func_bytes, payload,
+                                                    capture if forward else None)
         elif not (group and (init_bytes or maxtasks)):
             status, result = run_chunk(cache, func_bytes, cb_bytes, payload,
                                        progress if careful else None, results)
@@ -326,7 +408,7 @@ def worker_main(conn: Any, progress: Any) -> None:
             with reporter.lock():
                 reporter.end()
                 if capture is not None and capture.active:
-                    capture.finish(status not in (wire.OK, RETIRE))
+                    capture.finish(failed or status not in (wire.OK, RETIRE))
                 conn.send_bytes(header)
                 if not small:
                     conn.send_bytes(result)

@@ -3,22 +3,40 @@
 A graph arrives whole (``GRAPH``). Tasks become :class:`~achilles.server.scheduler.Chunk` s
 of a graph job as soon as every input has a value, and go through the same credit-based fair
 dispatch as map chunks. Inputs' values travel inside the chunk payload; they never go back to
-the controller, and the server drops each value once every consumer has been released (unless
-the controller asked for it). A failed task skips everything downstream of it; other branches
-go on; the graph ends when every task is done, failed or skipped.
+the controller, and the server drops each value once every consumer has settled (unless the
+controller asked for it). A failed task skips everything downstream of it; other branches go
+on; the graph ends when every task is done, failed or skipped.
+
+Fast tasks travel in batches (:class:`Batch`): once a task function's measured mean run time is
+under :data:`FAST_TASK`, ready tasks of such functions (without timeout, retries or resources)
+are handed out many to a chunk, and each batch also takes the tasks downstream of it whose
+inputs are all in the batch or done (their intermediate values stay in the worker). A batch
+holds enough work to cover :data:`BATCH_SECONDS` at most, and no more than its share of the
+ready tasks over the cluster's credit, so batching never leaves a worker idle that a smaller
+batch would have fed. A batch that comes back without its results (lost node, crashed worker,
+a result too large) is dissolved: its tasks run again one to a chunk.
 """
 
 from __future__ import annotations
 
 import pickle
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
 
 from achilles.core import wire
 from achilles.core.logs import printable
 
 WAITING, QUEUED, RUNNING, DONE, FAILED, SKIPPED = (
     "waiting", "queued", "running", "done", "failed", "skipped")
+
+#: A task function whose measured mean run time is below this many seconds is batched.
+FAST_TASK = 0.002
+#: A batch holds at most this many seconds of its tasks' measured run time ...
+BATCH_SECONDS = 0.01
+#: ... and at most this many tasks.
+MAX_BATCH = 512
+#: A task's outcome in a batch's result that says it did not run (an input in the batch failed).
+NOT_RUN = -1
 
 
 @dataclass
@@ -35,11 +53,25 @@ class GraphTask:
     remaining: int = 0
     state: str = WAITING
     value: Optional[bytes] = None
-    released_dependents: int = 0
+    consumed: int = 0  # dependents settled (done, failed or skipped): the value goes at all
+    batch: int = 0  # the id of the batch it runs in (0: none)
+    careful: bool = False  # it was in a batch that came back without results: never batched
+    batched: bool = False  # its last run was in a batch
     attempts: int = 0
     node: Optional[str] = None
     started: float = 0.0
     duration: Optional[float] = None
+
+
+@dataclass
+class Batch:
+    """Tasks sent in one chunk, inputs before consumers; ``keep``: the tasks whose values
+    must come back (an output, or a consumer outside the batch)."""
+
+    batch_id: int
+    tasks: List[GraphTask]
+    keep: Set[int]
+    ready: int  # how many of ``tasks`` (the first ones) were queued when it was made
 
 
 class GraphState:
@@ -60,6 +92,9 @@ class GraphState:
             t.remaining = len(t.deps)
         self.outputs = set(int(o) for o in outputs)
         self.unresolved = len(self.tasks)
+        self.costs: Dict[str, List[float]] = {}  # function key -> [runs timed, seconds]
+        self.batches: Dict[int, Batch] = {}  # live batches by (negative) id
+        self._next_batch = 0
 
     def initial(self) -> List[GraphTask]:
         """Tasks with no inputs."""
@@ -67,52 +102,172 @@ class GraphState:
 
     def payload(self, t: GraphTask) -> bytes:
         """What a worker needs to run ``t``: function key, arguments, input values."""
-        values = {d: self.tasks[d].value for d in t.deps}
+        tasks = self.tasks
+        return pickle.dumps((t.func_key, t.args, {d: tasks[d].value for d in t.deps}),
+                            protocol=5)
+
+    def _consume(self, t: GraphTask) -> None:
+        """``t`` settled: drop each input's value once all of that input's consumers have."""
         for d in t.deps:
             dep = self.tasks[d]
-            dep.released_dependents += 1
-            if dep.released_dependents >= len(dep.dependents) and d not in self.outputs:
-                dep.value = None  # every consumer has its copy
-        return pickle.dumps((t.func_key, t.args, values), protocol=5)
+            dep.consumed += 1
+            if dep.consumed >= len(dep.dependents) and d not in self.outputs:
+                dep.value = None
 
-    def finished(self, t: GraphTask, value: bytes) -> List[GraphTask]:
+    def finished(self, t: GraphTask, value: Optional[bytes]) -> List[GraphTask]:
         """``t`` produced ``value``; return the tasks that are now ready."""
         t.state = DONE
-        t.value = value
+        t.value = value if t.dependents or t.task_id in self.outputs else None
+        t.batch = 0
         self.unresolved -= 1
+        self._consume(t)
         ready = []
+        tasks = self.tasks
         for c in t.dependents:
-            child = self.tasks[c]
+            child = tasks[c]
             child.remaining -= 1
             if child.remaining == 0 and child.state == WAITING:
                 ready.append(child)
-        if not t.dependents and t.task_id not in self.outputs:
-            t.value = None
         return ready
 
     def failed(self, t: GraphTask) -> List[GraphTask]:
-        """``t`` failed for good: it and everything downstream will not run."""
+        """``t`` failed for good: it and everything downstream will not run (also what runs
+        in ``t``'s own batch after it, which the worker did not run)."""
+        batch = t.batch
         t.state = FAILED
+        t.batch = 0
         self.unresolved -= 1
+        self._consume(t)
         skipped = []
         stack = list(t.dependents)
         while stack:
             child = self.tasks[stack.pop()]
-            if child.state in (WAITING, QUEUED):
+            if child.state in (WAITING, QUEUED) or (batch and child.batch == batch
+                                                    and child.state == RUNNING):
                 child.state = SKIPPED
+                child.batch = 0
                 self.unresolved -= 1
+                self._consume(child)
                 skipped.append(child)
                 stack.extend(child.dependents)
         return skipped
+
+    # --- batches ----------------------------------------------------------------------------
+    def timed(self, t: GraphTask, seconds: float) -> None:
+        """Record that a run of ``t``'s function took ``seconds``."""
+        cost = self.costs.get(t.func_key)
+        if cost is None:
+            self.costs[t.func_key] = [1.0, float(seconds)]
+        else:
+            cost[0] += 1.0
+            cost[1] += float(seconds)
+
+    def cost(self, t: GraphTask) -> Optional[float]:
+        """The mean measured run time of ``t``'s function when ``t`` may be batched (its
+        function is fast, and it has no timeout, retries or resources), else None."""
+        if t.careful:
+            return None
+        cost = self.costs.get(t.func_key)
+        if cost is None:
+            return None
+        mean = cost[1] / cost[0]
+        if mean >= FAST_TASK:
+            return None
+        opts = t.options
+        if opts.get("timeout") is not None or opts.get("retries") or opts.get("resources"):
+            return None
+        return mean
+
+    def batch(self, first: GraphTask, more: Iterable[GraphTask], share: int) -> Optional[Batch]:
+        """A batch of ``first`` (queued, ready), then of the ready tasks of ``more`` while they
+        can be batched (at most ``share`` ready tasks in all), then of the tasks downstream of
+        them whose inputs are all in the batch or done; None when ``first`` is not batched.
+        The caller takes the ready tasks the batch holds (``first`` and the next
+        ``batch.ready - 1`` of ``more``) off its queue. Its tasks are RUNNING from here on."""
+        cost = self.cost(first)
+        if cost is None or share < 2:
+            return None
+        budget = BATCH_SECONDS - cost
+        tasks = [first]
+        members = {first.task_id}
+        for t in more:
+            if len(tasks) >= min(share, MAX_BATCH):
+                break
+            c = self.cost(t)
+            if c is None or c > budget:
+                break
+            budget -= c
+            tasks.append(t)
+            members.add(t.task_id)
+        ready = len(tasks)
+        # Downstream tasks whose inputs are all in the batch or done run in it too.
+        index = 0
+        while index < len(tasks) and len(tasks) < MAX_BATCH:
+            for c in tasks[index].dependents:
+                child = self.tasks[c]
+                if child.state != WAITING or c in members:
+                    continue
+                cc = self.cost(child)
+                if cc is None or cc > budget:
+                    continue
+                if all(d in members or self.tasks[d].state == DONE for d in child.deps):
+                    budget -= cc
+                    tasks.append(child)
+                    members.add(c)
+                    if len(tasks) >= MAX_BATCH:
+                        break
+            index += 1
+        if len(tasks) < 2:
+            return None
+        self._next_batch -= 1
+        batch = Batch(self._next_batch, tasks, {
+            t.task_id for t in tasks if t.task_id in self.outputs
+            or any(c not in members for c in t.dependents)}, ready)
+        for t in tasks:
+            t.batch = batch.batch_id
+            t.state = RUNNING
+        self.batches[batch.batch_id] = batch
+        return batch
+
+    def batch_payload(self, batch: Batch) -> bytes:
+        """What a worker needs to run a batch (see
+        :func:`achilles.node.worker.run_graph_batch`): per task, in order, its id, function
+        key, arguments, the values of its inputs from outside the batch and the ids of those
+        inside it; then the ids whose values must come back."""
+        tasks = self.tasks
+        members = {t.task_id for t in batch.tasks}
+        return pickle.dumps((
+            [(t.task_id, t.func_key, t.args,
+              {d: tasks[d].value for d in t.deps if d not in members},
+              [d for d in t.deps if d in members]) for t in batch.tasks],
+            sorted(batch.keep)), protocol=5)
+
+    def dissolve(self, batch: Batch) -> List[GraphTask]:
+        """Take back a batch that returned no results: its tasks whose inputs are done are
+        ready again (returned, to be queued one to a chunk), the others wait; none of them is
+        batched again."""
+        self.batches.pop(batch.batch_id, None)
+        ready = []
+        for t in batch.tasks:
+            if t.batch != batch.batch_id:
+                continue  # settled by a partial result
+            t.batch = 0
+            t.careful = True
+            if t.remaining == 0:
+                ready.append(t)
+            else:
+                t.state = WAITING
+        return ready
 
     @property
     def complete(self) -> bool:
         return self.unresolved <= 0
 
     def report(self) -> Dict[int, Dict[str, Any]]:
-        """Per task: state, node, duration (s), attempts."""
+        """Per task: state, node, duration (s), attempts, whether its last run was in a batch."""
         return {t.task_id: {"state": t.state, "node": t.node, "duration": t.duration,
-                            "attempts": t.attempts} for t in self.tasks.values()}
+                            "attempts": t.attempts, "batched": t.batched}
+                for t in self.tasks.values()}
 
 
 def retry_status(status: int) -> bool:

@@ -14,16 +14,18 @@ from __future__ import annotations
 
 import collections
 import logging
+import pickle
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Deque, Dict, Iterable, List, Optional, Set, Tuple
 
 from achilles.core import wire
-from achilles.core.errors import ResourceUnavailable
-from achilles.core.output import Line
+from achilles.core.errors import ProtocolError, ResourceUnavailable
+from achilles.core.output import Line, encode_lines
 from achilles.core.serialization import error_record
 from achilles.server.dispatch import NodeState, Peer
-from achilles.server.graphs import QUEUED, RUNNING, GraphState, GraphTask, retry_status
+from achilles.server.graphs import (NOT_RUN, QUEUED, RUNNING, WAITING, Batch, GraphState,
+                                    GraphTask, retry_status)
 
 log = logging.getLogger("achilles.server")
 
@@ -148,13 +150,19 @@ class Job(ABC):
         """Whether the controller asked for its tasks' output (option ``output``)."""
         return self.options.get("output", True) is not False
 
-    def take(self, index: int) -> Chunk:
-        """Remove and return the queued chunk at ``index`` (the policy's choice)."""
+    def take(self, index: int, capacity: int = 1) -> Chunk:
+        """Remove and return the queued chunk at ``index`` (the policy's choice) to dispatch
+        it now; ``capacity``: the chunks all nodes can hold in flight."""
         if index == 0:
             return self.queue.popleft()
         chunk = self.queue[index]
         del self.queue[index]
         return chunk
+
+    def relay_output(self, chunk_id: int, node: str, dropped: int, lines: List[Line],
+                     payload: bytes) -> None:
+        """Pass lines a chunk wrote (``payload``, decoded as ``lines``) to the controller."""
+        self.owner.peer.send(wire.OUTPUT, self.job_id, chunk_id, node, dropped, payload)
 
     def requeue(self, chunk: Chunk) -> None:
         """Put a chunk back at the front of the queue (its node was lost, or it crashed)."""
@@ -328,30 +336,72 @@ class GraphJob(Job):
         need = {str(k): float(v) for k, v in (opts.get("resources") or {}).items()}
         t.state = QUEUED
         self.items_sent += 1
-        self.queue.append(Chunk(self.job_id, t.task_id, 1, self.graph.payload(t),
-                                timeout=opts.get("timeout"), resources=need))
+        # The payload is made when the chunk is taken (it may go in a batch instead).
+        self.queue.append(Chunk(self.job_id, t.task_id, 1, b"", timeout=opts.get("timeout"),
+                                resources=need))
         if need:
             self.recheck = True
 
+    def take(self, index: int, capacity: int = 1) -> Chunk:
+        chunk = super().take(index)
+        graph = self.graph
+        t = graph.tasks[chunk.chunk_id]
+        if index == 0 and self.queue and not chunk.crashes:
+            share = -(-(len(self.queue) + 1) // max(1, capacity))
+            batch = graph.batch(t, (graph.tasks[c.chunk_id] for c in self.queue), share)
+            if batch is not None:
+                for _ in range(batch.ready - 1):
+                    self.queue.popleft()
+                self.items_sent += len(batch.tasks) - batch.ready
+                return Chunk(self.job_id, batch.batch_id, len(batch.tasks),
+                             graph.batch_payload(batch))
+        chunk.payload = graph.payload(t)
+        return chunk
+
+    def requeue(self, chunk: Chunk) -> None:
+        batch = self.graph.batches.get(chunk.chunk_id)
+        if batch is None:
+            super().requeue(chunk)
+        else:
+            self._dissolve(batch, chunk.crashes, front=True)
+
+    def _dissolve(self, batch: Batch, crashes: int, front: bool = False) -> None:
+        """A batch came back without (all) its results: its unsettled tasks run again one
+        to a chunk (``crashes``: the batch's count, which each of them inherits)."""
+        ready = self.graph.dissolve(batch)
+        self.items_sent -= sum(1 for t in batch.tasks if t.state == WAITING)
+        chunks = [Chunk(self.job_id, t.task_id, 1, b"", crashes=crashes) for t in ready]
+        for t in ready:
+            t.state = QUEUED
+        if front:
+            self.queue.extendleft(reversed(chunks))
+        else:
+            self.queue.extend(chunks)
+
     def on_dispatch(self, chunk: Chunk, node: NodeState) -> None:
+        batch = self.graph.batches.get(chunk.chunk_id)
+        if batch is not None:
+            for t in batch.tasks:
+                t.node = node.name
+            return
         t = self.graph.tasks[chunk.chunk_id]
         t.state = RUNNING
         t.node = node.name
 
     def on_result(self, chunk: Chunk, status: int, payload: bytes, elapsed: float,
                   node: NodeState) -> Optional[float]:
+        batch = self.graph.batches.get(chunk.chunk_id)
+        if batch is not None:
+            self._batch_result(batch, status, payload, node,
+                               chunk.tail[0] if chunk.tail is not None else [])
+            return None
         t = self.graph.tasks[chunk.chunk_id]
         t.attempts += 1
         t.duration = elapsed
+        t.batched = False
         if status == wire.OK:
-            self.items_done += 1
-            self.chunks_done += 1
-            self.by_name[t.name][0] += 1
-            if t.task_id in self.graph.outputs:
-                self.owner.peer.send(wire.TASK_DONE, self.job_id, t.task_id, status, node.name,
-                                     elapsed, payload)
-            for ready in self.graph.finished(t, bytes(payload)):
-                self._release(ready)
+            self.graph.timed(t, elapsed)
+            self._done(t, bytes(payload), node.name, elapsed)
             return None
         if retry_status(status) and t.attempts <= int(t.options.get("retries") or 0):
             delay = float(t.options.get("retry_delay") or 0.0)
@@ -362,6 +412,80 @@ class GraphJob(Job):
             return delay
         self._fail(t, status, payload, node.name, elapsed)
         return None
+
+    def _done(self, t: GraphTask, value: Optional[bytes], node: str, elapsed: float) -> None:
+        self.items_done += 1
+        self.chunks_done += 1
+        self.by_name[t.name][0] += 1
+        if t.task_id in self.graph.outputs:
+            self.owner.peer.send(wire.TASK_DONE, self.job_id, t.task_id, wire.OK, node, elapsed,
+                                 value or b"")
+        for ready in self.graph.finished(t, value):
+            self._release(ready)
+
+    def _batch_result(self, batch: Batch, status: int, payload: bytes, node: NodeState,
+                      tail: List[Line]) -> None:
+        """Settle each task of a batch from its outcome. A batch without a well-formed
+        outcome for each of its tasks, in order, is dissolved (its tasks run again). ``tail``:
+        the batch's last lines of output when a task of it failed (each line names its task
+        by its index in the batch)."""
+        outcomes = _outcomes(payload, batch) if status == wire.OK else None
+        if outcomes is None:
+            if status == wire.OK:
+                log.error("node %s sent a malformed result for a batch of graph %s; its tasks "
+                          "run again one by one", node.name, self.job_id[:8])
+            self.retried += 1
+            self._dissolve(batch, 0)
+            return
+        del self.graph.batches[batch.batch_id]
+        for index, (t, (_, st, secs, value)) in enumerate(zip(batch.tasks, outcomes)):
+            if t.batch != batch.batch_id or st == NOT_RUN:
+                continue  # skipped after an input in the batch failed
+            t.attempts += 1
+            t.duration = secs
+            t.batched = True
+            if st == wire.OK:
+                self.graph.timed(t, secs)
+                self._done(t, value, node.name, secs)
+                continue
+            if self.forwards_output:  # its own last lines go before its failure
+                own = [[None, line[1], line[2]] for line in tail if line[0] == index]
+                self.owner.peer.send(wire.OUTPUT_TAIL, self.job_id, t.task_id, node.name,
+                                     encode_lines(own))
+            self._fail(t, st, value or b"", node.name, secs)
+        for t in batch.tasks:
+            if t.batch == batch.batch_id:  # said not to run, though its inputs did not fail
+                exc = ProtocolError(f"node {node.name} did not run task {t.name}#{t.task_id}")
+                self._fail(t, wire.ITEM_ERROR, error_record(0, exc, []), node.name, 0.0)
+
+    def task_of(self, chunk_id: int, index: Optional[int]) -> Optional[GraphTask]:
+        """The task a chunk id (and, in a batch, an index) stands for, if it is known."""
+        batch = self.graph.batches.get(chunk_id)
+        if batch is None:
+            return self.graph.tasks.get(chunk_id)
+        if index is not None and 0 <= index < len(batch.tasks):
+            return batch.tasks[index]
+        return None
+
+    def relay_output(self, chunk_id: int, node: str, dropped: int, lines: List[Line],
+                     payload: bytes) -> None:
+        batch = self.graph.batches.get(chunk_id)
+        if batch is None:
+            super().relay_output(chunk_id, node, dropped, lines, payload)
+            return
+        # A batch's lines carry the index of the task that wrote them: relay them as its own.
+        by_task: Dict[int, List[Line]] = {}
+        for line in lines:
+            t = self.task_of(chunk_id, line[0])
+            if t is not None:
+                by_task.setdefault(t.task_id, []).append((None, line[1], line[2]))
+        for task_id, own in by_task.items():
+            self.owner.peer.send(wire.OUTPUT, self.job_id, task_id, node, dropped,
+                                 encode_lines(own))
+            dropped = 0
+        if dropped:
+            self.owner.peer.send(wire.OUTPUT, self.job_id, batch.tasks[0].task_id, node, dropped,
+                                 encode_lines([]))
 
     def _fail(self, t: GraphTask, status: int, payload: bytes, node: str, elapsed: float) -> None:
         self.chunks_done += 1
@@ -403,14 +527,52 @@ class GraphJob(Job):
         self.owner.peer.send(wire.GRAPH_DONE, self.job_id, self.graph.report())
 
     def live_ids(self) -> Set[int]:
-        return {t.task_id for t in self.graph.tasks.values() if t.state in (QUEUED, RUNNING)}
+        ids = {t.task_id for t in self.graph.tasks.values()
+               if t.state in (QUEUED, RUNNING) and not t.batch}
+        ids.update(self.graph.batches)
+        return ids
 
     def check(self) -> None:
         super().check()
+        batches = self.graph.batches
+        assert set(batches) <= set(self.placed), \
+            f"graph {self.job_id}: batches {sorted(set(batches) - set(self.placed))} not in flight"
         for chunk_id in self.placed:
-            assert self.graph.tasks[chunk_id].state == RUNNING, \
-                f"graph {self.job_id}: task {chunk_id} in flight but not running"
+            batch = batches.get(chunk_id)
+            tasks = batch.tasks if batch is not None else [self.graph.tasks[chunk_id]]
+            for t in tasks:
+                assert t.state == RUNNING and t.batch == (batch.batch_id if batch else 0), \
+                    f"graph {self.job_id}: task {t.task_id} in flight but {t.state} " \
+                    f"(batch {t.batch})"
+        in_batches = sum(len(b.tasks) for b in batches.values())
+        assert in_batches == sum(1 for t in self.graph.tasks.values() if t.batch), \
+            f"graph {self.job_id}: tasks marked as batched that no batch holds"
         settled = sum(1 for t in self.graph.tasks.values() if t.state in ("done", "failed"))
         assert settled == self.chunks_done, f"graph {self.job_id}: {settled} settled tasks, " \
             f"{self.chunks_done} counted"
 
+
+
+def _outcomes(payload: Any, batch: Batch) -> Optional[List[Tuple[int, int, float, Any]]]:
+    """A batch's outcomes (see :func:`achilles.node.worker.run_graph_batch`): per task, in
+    the batch's order, ``(task id, status, seconds, value or error record)``; None unless
+    each is well formed (a value for every task to keep that ran, an error record for every
+    failure)."""
+    try:
+        outcomes = pickle.loads(payload)
+    except Exception:
+        return None
+    if not isinstance(outcomes, list) or len(outcomes) != len(batch.tasks):
+        return None
+    for t, entry in zip(batch.tasks, outcomes):
+        if not (isinstance(entry, tuple) and len(entry) == 4 and entry[0] == t.task_id
+                and isinstance(entry[2], (int, float))):
+            return None
+        status, value = entry[1], entry[3]
+        if status == wire.OK:
+            ok = isinstance(value, bytes) if t.task_id in batch.keep else value is None
+        else:
+            ok = status == NOT_RUN or (status == wire.ITEM_ERROR and isinstance(value, bytes))
+        if not ok:
+            return None
+    return outcomes

@@ -202,8 +202,9 @@ class Monitor(SchedulerObserver):
                  message: str, traceback: str, output: List[Any]) -> None:
         self.seq += 1
         where = f"chunk {chunk_id}" + (f" (its item {index})" if index is not None else "")
-        if isinstance(job, GraphJob) and chunk_id in job.graph.tasks:
-            where = f"task {job.graph.tasks[chunk_id].name}#{chunk_id}"
+        task = job.task_of(chunk_id, index) if isinstance(job, GraphJob) else None
+        if task is not None:
+            where = f"task {task.name}#{task.task_id}"
         if len(traceback) > MAX_TRACEBACK:
             traceback = "...\n" + traceback[-MAX_TRACEBACK:]
         lines = [printable(line, 300) for line in output[-MAX_OUTPUT_LINES:]]

@@ -495,10 +495,10 @@ class Scheduler:
         if dropped < 0:
             raise ProtocolError(f"OUTPUT for chunk {chunk_id} of job {job_id[:8]} drops "
                                 f"{dropped} lines")
-        decode_lines(payload)
+        lines = decode_lines(payload)
         job = self._running_on(node, job_id, chunk_id)
         if job is not None and job.forwards_output:
-            job.owner.peer.send(wire.OUTPUT, job_id, chunk_id, node.name, dropped, payload)
+            job.relay_output(chunk_id, node.name, dropped, lines, payload)
 
     def output_tail(self, node: NodeState, job_id: str, chunk_id: int, payload: bytes) -> None:
         """The last lines of a chunk whose failed result comes next: kept with the chunk."""
@@ -624,7 +624,7 @@ class Scheduler:
                 blocked.append(job)
                 continue
             index, node = pick
-            chunk = job.take(index)
+            chunk = job.take(index, self._capacity)
             if job.queue:
                 self._mark_ready(job)
             self._dispatch(node, job, chunk)

@@ -129,8 +129,9 @@ class TaskCall:
                                                              **_output_option(forward_output))
 
     def graph(self) -> Dict[str, Any]:
-        """A JSON-serializable description: tasks (name, literal arguments, state, node,
-        duration after a run) and edges ``[from, to]`` (input -> consumer)."""
+        """A JSON-serializable description: tasks (name, literal arguments; after a run also
+        state, node, duration, attempts and whether it ran in a batch) and edges ``[from, to]``
+        (input -> consumer)."""
         calls = walk([self])
         tasks = []
         edges: List[List[int]] = []
@@ -139,7 +140,8 @@ class TaskCall:
                           "function": function_name(call.fn.func),
                           "args": [_literal(a) for a in call.args],
                           "kwargs": {k: _literal(v) for k, v in call.kwargs.items()},
-                          **{k: call.info.get(k) for k in ("state", "node", "duration", "attempts")}})
+                          **{k: call.info.get(k) for k in ("state", "node", "duration", "attempts",
+                                                            "batched")}})
             edges.extend([dep.id, call.id] for dep in call.dependencies())
         return {"root": self.id, "tasks": tasks, "edges": edges}
 
