@@ -34,8 +34,27 @@ def _child_env(secret: str) -> dict:
     return env
 
 
+def _group_running(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` still runs. Zombies do not count: they are dead and
+    wait only for their parent, or init, to reap them, which some init processes do seconds
+    late (orphaned workers of a node). Without ``/proc`` any member counts."""
+    if not os.path.isdir("/proc"):
+        return True
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as fh:
+                    fields = fh.read().rsplit(b")", 1)[-1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != b"Z":
+                return True
+    return False
+
+
 def _kill_group(proc: subprocess.Popen, timeout: float = 5.0) -> None:
-    """SIGKILL what is left of a daemon's process group (its workers) and wait until it is gone."""
+    """SIGKILL what is left of a daemon's process group (its workers) and wait until none of
+    it runs."""
     try:
         proc.wait(timeout)
     except subprocess.TimeoutExpired:
@@ -45,6 +64,8 @@ def _kill_group(proc: subprocess.Popen, timeout: float = 5.0) -> None:
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
+            return
+        if not _group_running(proc.pid):
             return
         time.sleep(0.01)
 
