@@ -1,8 +1,14 @@
 """Nodes as the scheduler sees them, the index of nodes with free credit, and dispatch policies.
 
+A node has two kinds of credit. Its base credit, ``processes x prefetch`` chunks, is for any
+job's chunks. Its fast credit, ``processes x depth`` units, holds only chunks of jobs whose
+chunks finish quickly (the scheduler charges such a chunk units in proportion to its job's
+service time, see :mod:`achilles.server.scheduler`): the node queues them locally, so its
+workers never wait for a round trip to the server between short chunks.
+
 Picking a node for a chunk must not cost more as the cluster grows: :class:`FreeSlots` keeps
-the nodes in buckets keyed by their free credit, with the highest non-empty bucket at hand, so
-the node with the most free credit is found in O(1). A :class:`DispatchPolicy` chooses, for
+the nodes in buckets keyed by their free credit (of one kind), with the highest non-empty
+bucket at hand, so the node with the most free credit is found in O(1). A :class:`DispatchPolicy` chooses, for
 one job, which queued chunk goes to which node; it counts the nodes it examines so that tests
 can check that per-dispatch work does not grow with the number of nodes.
 """
@@ -13,7 +19,8 @@ import itertools
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Protocol, Set, Tuple
+from typing import (TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Protocol, Set,
+                    Tuple)
 
 if TYPE_CHECKING:
     from achilles.server.jobs import Chunk, Job
@@ -27,7 +34,8 @@ class Peer(Protocol):
 
 @dataclass(eq=False)
 class NodeState:
-    """A connected node. ``capacity`` (processes x prefetch) is fixed when it joins."""
+    """A connected node. ``capacity`` (processes x prefetch chunks) and ``fast_capacity``
+    (processes x depth units) are fixed when it joins."""
 
     peer: Peer
     node_id: int
@@ -46,12 +54,15 @@ class NodeState:
     load: Dict[str, float] = field(default_factory=dict)  # the host's last NODE_LOAD report
     done_pending: Dict[str, None] = field(default_factory=dict)  # finished jobs to tell it of
     done_call: Any = None  # the timer that sends them
+    depth: int = 0  # fast credit units per process
     capacity: int = field(init=False)
-    bucket: int = field(default=-1, init=False)  # the FreeSlots bucket this node sits in
-    bucket_pos: int = field(default=-1, init=False)  # and its position there
+    fast_capacity: int = field(init=False)
+    held: int = field(default=0, init=False)  # chunks in flight on base credit
+    fast_held: int = field(default=0, init=False)  # fast credit units in use
 
     def __post_init__(self) -> None:
         self.capacity = self.processes * self.prefetch
+        self.fast_capacity = self.processes * self.depth
 
     def fits(self, need: Dict[str, float]) -> bool:
         """Whether this node has ``need`` free now."""
@@ -63,36 +74,60 @@ class NodeState:
 
     @property
     def free(self) -> int:
-        """Chunks this node may still be handed."""
-        return self.capacity - len(self.inflight)
+        """Chunks this node may still be handed on base credit."""
+        return self.capacity - self.held
+
+    @property
+    def fast_free(self) -> int:
+        """Fast credit units this node has left."""
+        return self.fast_capacity - self.fast_held
+
+
+def base_free(node: NodeState) -> int:
+    """A node's free base credit (the level :class:`FreeSlots` indexes by default)."""
+    return node.capacity - node.held
+
+
+def fast_free(node: NodeState) -> int:
+    """A node's free fast credit units."""
+    return node.fast_capacity - node.fast_held
 
 
 class FreeSlots:
-    """Every node, bucketed by free credit; O(1) access to a node with the most free credit.
+    """Every node, bucketed by free credit of one kind (``level(node)``); O(1) access to a
+    node with the most.
 
-    A bucket is a list with each node's position kept on the node, so moving a node between
-    buckets is O(1) (swap with the last, pop). Call :meth:`update` after each change to a
-    node's ``inflight``.
+    A bucket is a list with each node's position kept here, so moving a node between buckets
+    is O(1) (swap with the last, pop). Call :meth:`update` after each change to the credit a
+    node has in use.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, level: Callable[[NodeState], int] = base_free) -> None:
+        self.level = level
         self._buckets: Dict[int, List[NodeState]] = {}
+        self._at: Dict[int, List[int]] = {}  # node id -> [bucket, position in it]
         self.top = 0  # highest free credit of any node (0: no node has free credit)
 
     def add(self, node: NodeState) -> None:
         """Start tracking ``node``."""
-        self._put(node)
+        self._put(node, [0, 0])
 
     def discard(self, node: NodeState) -> None:
         """Stop tracking ``node`` (no-op if it is not tracked)."""
-        if node.bucket >= 0:
-            self._take(node)
+        at = self._at.pop(node.node_id, None)
+        if at is not None:
+            self._take(node, at)
+            self._lower_top()
 
     def update(self, node: NodeState) -> None:
         """``node``'s free credit changed: move it to its new bucket."""
-        if node.bucket != node.free:
-            self._take(node)
-            self._put(node)
+        at = self._at.get(node.node_id)
+        if at is None:
+            return
+        if at[0] != self.level(node):
+            self._take(node, at)
+            self._put(node, at)
+            self._lower_top()
 
     def best(self) -> Optional[NodeState]:
         """A node with the most free credit, or None when no node has any."""
@@ -112,34 +147,36 @@ class FreeSlots:
             assert bucket, f"empty free-credit bucket {level} kept"
             for pos, node in enumerate(bucket):
                 assert nodes.get(node.node_id) is node, f"bucket holds unknown node {node.node_id}"
-                assert node.bucket == level == node.free and node.bucket_pos == pos, \
-                    f"node {node.name} is in bucket {level} with {node.free} free"
+                assert self._at[node.node_id] == [level, pos] and level == self.level(node), \
+                    f"node {node.name} is in bucket {level} with {self.level(node)} free"
                 seen += 1
-        assert seen == len(nodes), f"{seen} nodes bucketed, {len(nodes)} connected"
+        assert seen == len(nodes) == len(self._at), f"{seen} nodes bucketed, {len(nodes)} connected"
         expect = max((lvl for lvl in self._buckets if lvl > 0), default=0)
         assert self.top == expect, f"top free credit {self.top}, expected {expect}"
 
-    def _put(self, node: NodeState) -> None:
-        level = node.free
+    def _put(self, node: NodeState, at: List[int]) -> None:
+        level = self.level(node)
         bucket = self._buckets.setdefault(level, [])
-        node.bucket = level
-        node.bucket_pos = len(bucket)
+        at[0], at[1] = level, len(bucket)
+        self._at[node.node_id] = at
         bucket.append(node)
-        self.top = max(self.top, level)
+        if level > self.top:
+            self.top = level
 
-    def _take(self, node: NodeState) -> None:
-        level = node.bucket
-        bucket = self._buckets[level]
+    def _take(self, node: NodeState, at: List[int]) -> None:
+        bucket = self._buckets[at[0]]
         last = bucket.pop()
         if last is not node:
-            bucket[node.bucket_pos] = last
-            last.bucket_pos = node.bucket_pos
-        node.bucket = node.bucket_pos = -1
+            bucket[at[1]] = last
+            self._at[last.node_id][1] = at[1]
         if not bucket:
-            del self._buckets[level]
-            if level == self.top:
-                while self.top > 0 and self.top not in self._buckets:
-                    self.top -= 1
+            del self._buckets[at[0]]
+
+    def _lower_top(self) -> None:
+        # After a move the scan runs from the old top to the next level in use: a node's
+        # new level, usually a step or two below.
+        while self.top > 0 and self.top not in self._buckets:
+            self.top -= 1
 
 
 class DispatchPolicy(ABC):

@@ -44,6 +44,7 @@ class Chunk:
     #: The last lines of output of its latest failed attempt, decoded and as sent (OUTPUT_TAIL).
     tail: Optional[Tuple[List[Line], bytes]] = None
     reported: float = 0.0  # items its task said were done (report_progress) while in flight
+    fast: int = 0  # fast credit units it holds while in flight (0: it holds base credit)
 
 
 @dataclass(eq=False)
@@ -124,6 +125,11 @@ class Job(ABC):
         self.watched = False  # the controller asked for JOB_PROGRESS (WATCH)
         self.reported = 0.0  # sum of the in-flight chunks' ``reported``
         self.retried = 0  # chunks run again: after a crash, a lost node or a task's retry
+        #: Seconds a chunk of this job takes on a worker: a running estimate that follows a
+        #: slower chunk at once and a faster one gradually (None until a chunk has finished).
+        self.service: Optional[float] = None
+        #: Fast credit units one of its chunks costs now (0: its chunks take base credit only).
+        self.fast_cost = 0
 
     # figures shown in status() and used by older callers
     @property
@@ -170,6 +176,14 @@ class Job(ABC):
 
     def on_dispatch(self, chunk: Chunk, node: NodeState) -> None:
         """``chunk`` was handed to ``node``."""
+
+    def observe(self, elapsed: float) -> float:
+        """A chunk took ``elapsed`` seconds on its worker: update and return :attr:`service`."""
+        if self.service is None or elapsed >= self.service:
+            self.service = elapsed
+        else:
+            self.service += (elapsed - self.service) * 0.125
+        return self.service
 
     def report(self, chunk: Chunk, n: float) -> bool:
         """An in-flight chunk's task reported ``n`` more items done (capped at the chunk's

@@ -11,7 +11,6 @@ from typing import List, Optional, Tuple
 from achilles.core.cli_common import add_connection_options, run_main
 from achilles.core.config import load_config
 from achilles.core.errors import ConfigError
-from achilles.core.gctune import settle as settle_gc
 from achilles.core.logs import setup_logging
 
 log = logging.getLogger("achilles.server")
@@ -25,6 +24,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_connection_options(parser)
     parser.add_argument("--prefetch", type=int,
                         help="chunks in flight per node process (env ACHILLES_PREFETCH, default 2)")
+    parser.add_argument("--fast-depth", type=int,
+                        help="extra chunks a node may queue per process for jobs whose chunks "
+                             "finish quickly; 0 turns it off (env ACHILLES_FAST_DEPTH, default 30)")
+    parser.add_argument("--fast-window", type=float,
+                        help="seconds of such quick work a node may queue per process "
+                             "(env ACHILLES_FAST_WINDOW, default 0.005)")
     parser.add_argument("--heartbeat", type=float,
                         help="seconds of silence before a peer counts as dead (env ACHILLES_HEARTBEAT, default 10)")
     parser.add_argument("--max-crashes", type=int,
@@ -111,6 +116,7 @@ def serve(args: argparse.Namespace) -> int:
     """Listen and run until stopped (SIGTERM, SIGINT, or a controller's kill)."""
     cfg = load_config(host=args.host, port=args.port, username=args.username,
                       log_level=args.log_level, prefetch=args.prefetch, heartbeat=args.heartbeat,
+                      fast_depth=args.fast_depth, fast_window=args.fast_window,
                       max_crashes=args.max_crashes, tls_cert=args.tls_cert, tls_key=args.tls_key,
                       tls_client_ca=args.tls_client_ca, dashboard=args.dashboard)
     secret = cfg.require_secret()
@@ -126,6 +132,7 @@ def serve(args: argparse.Namespace) -> int:
 
     startup_warnings(cfg.host, tls is not None, cfg.max_preauth)
     factory = ServerFactory(cfg.username, secret, prefetch=cfg.prefetch, heartbeat=cfg.heartbeat,
+                            fast_depth=cfg.fast_depth, fast_window=cfg.fast_window,
                             max_crashes=cfg.max_crashes, handshake_timeout=cfg.handshake_timeout,
                             max_preauth=cfg.max_preauth,
                             max_preauth_per_source=cfg.max_preauth_per_source,
@@ -162,7 +169,6 @@ def serve(args: argparse.Namespace) -> int:
                 reactor.stop()
 
         exit_with_stdin(stop)
-    settle_gc()
     reactor.run()
     log.info("server stopped")
     return 0

@@ -1,8 +1,15 @@
 """The scheduler: which chunk is queued, which is on which node, and who gets what next.
 
 Pure bookkeeping with no I/O: peers are handles with ``send(code, *fields)``. Dispatch is
-credit-based (a node holds at most ``processes x prefetch`` chunks) and fair (round-robin over
-jobs with queued chunks). Input is pulled from controllers with ``WANT`` only while a job's
+credit-based and fair (round-robin over jobs with queued chunks). A node holds at most
+``processes x prefetch`` chunks on its base credit, which any job's chunks share. Past that,
+chunks of *fast* jobs (a chunk takes at most ``window / depth`` seconds on a worker, by the
+job's running estimate; ``window`` defaults to :data:`FAST_WINDOW`) go on the node's fast
+credit, ``processes x depth`` units, costing ``ceil(service / (window / depth))`` units each:
+a node queues at most about ``window`` seconds of fast work per process beyond its base credit, however
+short the chunks, so its workers run back to back without waiting for the server while a lost
+node or the end of a job leaves little more of a tail than the base credit does. Slow jobs and
+jobs whose chunks have not yet been timed use base credit only, so they keep today's depth. Input is pulled from controllers with ``WANT`` only while a job's
 queue runs low, so memory stays bounded whatever the input size.
 
 What a chunk's result means belongs to its job's kind (:mod:`achilles.server.jobs`); which node
@@ -18,14 +25,17 @@ import collections
 import contextlib
 import itertools
 import logging
+import math
 import pickle
 from typing import Any, Deque, Dict, Iterator, List, Optional, Set, Tuple
 
 from achilles.core import wire
+from achilles.core.config import DEFAULT_FAST_DEPTH, DEFAULT_FAST_WINDOW
 from achilles.core.errors import ProtocolError
 from achilles.core.logs import printable
 from achilles.core.output import TAIL_LINES, decode_lines, encode_lines
-from achilles.server.dispatch import DispatchPolicy, FreeSlots, LeastLoaded, NodeState, Peer
+from achilles.server.dispatch import (DispatchPolicy, FreeSlots, LeastLoaded, NodeState, Peer,
+                                     fast_free)
 from achilles.server.graphs import GraphState
 from achilles.server.jobs import (Chunk, ControllerState, GraphJob, Job, JobGroup, MapJob,
                                   check_options)
@@ -45,23 +55,33 @@ JOB_DONE_DELAY = 0.05
 JOB_DONE_BATCH = 256
 #: Seconds between two JOB_PROGRESS messages for one watched job (changes are coalesced).
 PROGRESS_INTERVAL = 0.25
+#: Fast credit units per node process (``Scheduler(depth=...)``; 0 turns fast credit off).
+DEFAULT_DEPTH = DEFAULT_FAST_DEPTH
+#: Seconds of estimated work a node may queue per process on fast credit (``window=...``).
+FAST_WINDOW = DEFAULT_FAST_WINDOW
 #: Result status codes a node may report.
 KNOWN_STATUSES = frozenset({wire.OK, wire.ITEM_ERROR, wire.CRASHED, wire.TIMED_OUT})
 
 __all__ = ["Chunk", "ControllerState", "GraphJob", "Job", "MapJob", "NodeState", "Peer",
-           "Scheduler", "INITIAL_CREDIT", "DEFAULT_MAX_CRASHES", "MAX_NODE_PROCESSES", "MAX_WANT"]
+           "Scheduler", "INITIAL_CREDIT", "DEFAULT_MAX_CRASHES", "MAX_NODE_PROCESSES", "MAX_WANT",
+           "DEFAULT_DEPTH", "FAST_WINDOW"]
 
 
 class Scheduler:
     """Tracks nodes, controllers and jobs, and moves chunks between them.
 
     ``clock`` is an ``IReactorTime`` (default: the global reactor, imported when first needed);
-    retry delays use ``clock.callLater`` and durations ``clock.seconds()``.
+    retry delays use ``clock.callLater`` and durations ``clock.seconds()``. ``depth`` is each
+    node's fast credit in units per process (0: none), ``window`` the seconds of work those
+    units stand for.
     """
 
     def __init__(self, prefetch: int = 2, max_crashes: int = DEFAULT_MAX_CRASHES,
-                 clock: Any = None, policy: Optional[DispatchPolicy] = None) -> None:
+                 clock: Any = None, policy: Optional[DispatchPolicy] = None,
+                 depth: int = DEFAULT_DEPTH, window: float = FAST_WINDOW) -> None:
         self.prefetch = prefetch
+        self.depth = max(0, depth)
+        self._unit = window / self.depth if self.depth else 0.0
         self.max_crashes = max_crashes
         self._clock = clock
         self.policy = policy or LeastLoaded()
@@ -72,8 +92,10 @@ class Scheduler:
         self._ready: Deque[str] = collections.deque()  # job ids with queued chunks, round-robin
         self._ready_set: Set[str] = set()
         self._free = FreeSlots()
+        self._fast = FreeSlots(fast_free)
         self._processes = 0
         self._capacity = 0
+        self._fast_capacity = 0
         self._next_id = 1
         self._batch_depth = 0
         self._pump_pending = False
@@ -139,8 +161,13 @@ class Scheduler:
 
     @property
     def capacity(self) -> int:
-        """Chunks the nodes can hold in flight."""
+        """Chunks the nodes can hold in flight on base credit."""
         return self._capacity
+
+    @property
+    def fast_capacity(self) -> int:
+        """Fast credit units of all nodes."""
+        return self._fast_capacity
 
     def where(self, job_id: str, chunk_id: int) -> Optional[NodeState]:
         """The node a chunk is in flight on, if any."""
@@ -157,11 +184,13 @@ class Scheduler:
                         count, MAX_NODE_PROCESSES)
             count = MAX_NODE_PROCESSES
         node = NodeState(peer, self._new_id(), name, address, count, self.prefetch, hostname, pid,
-                         dict(resources or {}))
+                         dict(resources or {}), depth=self.depth)
         self.nodes[node.node_id] = node
         self._processes += node.processes
         self._capacity += node.capacity
+        self._fast_capacity += node.fast_capacity
         self._free.add(node)
+        self._fast.add(node)
         log.info("node %s joined from %s with %d processes", name, address, node.processes)
         self.observer.node_joined(node)
         for job in list(self.jobs.values()):
@@ -177,8 +206,10 @@ class Scheduler:
             return
         del self.nodes[node.node_id]
         self._free.discard(node)
+        self._fast.discard(node)
         self._processes -= node.processes
         self._capacity -= node.capacity
+        self._fast_capacity -= node.fast_capacity
         requeued = 0
         for chunk in sorted(node.inflight.values(), key=lambda c: c.chunk_id, reverse=True):
             job = self.jobs[chunk.job_id]  # placed entries are dropped with their job
@@ -186,6 +217,7 @@ class Scheduler:
             if job.group is not None:
                 job.group.active -= 1
             job.unreport(chunk)
+            chunk.fast = 0
             job.retried += 1
             self._progress_changed(job)
             job.requeue(chunk)
@@ -193,6 +225,7 @@ class Scheduler:
             requeued += 1
         node.inflight.clear()
         node.used.clear()
+        node.held = node.fast_held = 0
         for job_id in node.jobs_shipped:
             self.jobs[job_id].shipped_to.pop(node.node_id, None)
         node.jobs_shipped.clear()
@@ -442,6 +475,8 @@ class Scheduler:
         if job is None or job.state != "running" or job.placed.get(chunk_id) is not node:
             return
         crash = self._crash_info(payload, job_id, chunk_id) if status == wire.CRASHED else None
+        if crash is None and 0.0 <= elapsed < float("inf"):
+            self._observe(job, float(elapsed))
 
         chunk = node.inflight.pop((job_id, chunk_id))
         del job.placed[chunk_id]
@@ -581,6 +616,13 @@ class Scheduler:
             self.pump()
 
     # --- dispatch ---------------------------------------------------------------------------
+    def _observe(self, job: Job, elapsed: float) -> None:
+        """A chunk of ``job`` took ``elapsed`` seconds: reprice its chunks' fast credit."""
+        service = job.observe(elapsed)
+        if self.depth:
+            cost = max(1, math.ceil(service / self._unit))
+            job.fast_cost = cost if cost <= self.depth else 0
+
     def _mark_ready(self, job: Job) -> None:
         if job.job_id not in self._ready_set:
             self._ready_set.add(job.job_id)
@@ -594,6 +636,8 @@ class Scheduler:
             self._refill_pending[job.job_id] = job
             return
         processes, capacity = self._processes, self._capacity
+        if job.fast_cost:  # its chunks also fill the nodes' fast credit
+            capacity += self._fast_capacity // job.fast_cost
         if job.group is not None:  # a capped job sizes its chunks for the processes it may use
             processes = min(processes, job.group.limit)
             capacity = min(capacity, job.group.limit * self.prefetch)
@@ -605,12 +649,13 @@ class Scheduler:
             job.owner.peer.send(wire.WANT, job.job_id, want, processes, capacity)
 
     def pump(self) -> None:
-        """Hand queued chunks to nodes with free credit, one job at a time in turn."""
+        """Hand queued chunks to nodes with free credit, one job at a time in turn: base
+        credit first, then fast credit to the chunks of fast jobs."""
         if self._batch_depth:
             self._pump_pending = True
             return
         blocked: List[Job] = []
-        while self._ready and self._free.top > 0:
+        while self._ready and (self._free.top > 0 or self._fast.top > 0):
             job_id = self._ready.popleft()
             self._ready_set.discard(job_id)
             job = self.jobs[job_id]  # ready holds only live jobs
@@ -619,7 +664,15 @@ class Scheduler:
             if job.group is not None and job.group.full:  # held until one of its chunks ends
                 blocked.append(job)
                 continue
-            pick = self.policy.pick(job, self._free)
+            cost = 0
+            if self._free.top > 0:
+                pick = self.policy.pick(job, self._free)
+            elif self._fast_fits(job):
+                node = self._fast.best()
+                assert node is not None
+                pick, cost = (0, node), job.fast_cost
+            else:
+                pick = None
             if pick is None:  # nothing of this job fits a free node now
                 blocked.append(job)
                 continue
@@ -627,12 +680,19 @@ class Scheduler:
             chunk = job.take(index, self._capacity)
             if job.queue:
                 self._mark_ready(job)
-            self._dispatch(node, job, chunk)
+            self._dispatch(node, job, chunk, cost)
         for job in blocked:
             if self.jobs.get(job.job_id) is job:
                 self._mark_ready(job)
 
-    def _dispatch(self, node: NodeState, job: Job, chunk: Chunk) -> None:
+    def _fast_fits(self, job: Job) -> bool:
+        """Whether ``job``'s next chunk may go on some node's fast credit now."""
+        return (0 < job.fast_cost <= self._fast.top and bool(job.queue)
+                and not job.queue[0].resources)
+
+    def _dispatch(self, node: NodeState, job: Job, chunk: Chunk, fast: int = 0) -> None:
+        """Place ``chunk`` on ``node``: on ``fast`` units of its fast credit, or (0) on one
+        chunk of its base credit."""
         if job.job_id not in node.jobs_shipped:
             node.jobs_shipped.add(job.job_id)
             node.done_pending.pop(job.job_id, None)  # the same id again: keep its new code
@@ -646,7 +706,13 @@ class Scheduler:
         if job.group is not None:
             job.group.active += 1
         chunk.tail = None
-        self._free.update(node)
+        chunk.fast = fast
+        if fast:
+            node.fast_held += fast
+            self._fast.update(node)
+        else:
+            node.held += 1
+            self._free.update(node)
         job.on_dispatch(chunk, node)
         node.peer.send(wire.TASK, job.job_id, chunk.chunk_id, chunk.crashes > 0, chunk.timeout,
                        chunk.payload)
@@ -657,7 +723,12 @@ class Scheduler:
         if chunk.resources:
             for k, v in chunk.resources.items():
                 node.used[k] = node.used.get(k, 0.0) - v
-        if node.bucket >= 0:
+        if chunk.fast:
+            node.fast_held -= chunk.fast
+            chunk.fast = 0
+            self._fast.update(node)
+        else:
+            node.held -= 1
             self._free.update(node)
 
     # --- graphs -----------------------------------------------------------------------------
@@ -707,7 +778,10 @@ class Scheduler:
         """Raise AssertionError if the bookkeeping is inconsistent anywhere (for tests)."""
         assert self._processes == sum(n.processes for n in self.nodes.values()), "processes total"
         assert self._capacity == sum(n.capacity for n in self.nodes.values()), "capacity total"
+        assert self._fast_capacity == sum(n.fast_capacity for n in self.nodes.values()), \
+            "fast capacity total"
         self._free.check(self.nodes)
+        self._fast.check(self.nodes)
         placed: Dict[Tuple[str, int], NodeState] = {}
         for job_id, job in self.jobs.items():
             assert job.job_id == job_id and job.state == "running", f"job {job_id} is {job.state}"
@@ -734,11 +808,25 @@ class Scheduler:
                 assert job_id in self._ready_set, f"job {job_id} has queued chunks but is not ready"
             if isinstance(job, MapJob) and job.n_chunks is not None:
                 assert job.credit == 0
+            assert all(c.fast == 0 for c in job.queue), f"job {job_id}: a queued chunk holds credit"
+            assert 0 <= job.fast_cost <= self.depth, f"job {job_id} costs {job.fast_cost} units"
+            if job.fast_cost:
+                assert job.service is not None and \
+                    job.fast_cost == max(1, math.ceil(job.service / self._unit)), \
+                    f"job {job_id}: fast cost {job.fast_cost} for {job.service} s chunks"
         inflight = 0
         for node_id, node in self.nodes.items():
             assert node.node_id == node_id
-            assert 0 <= len(node.inflight) <= node.capacity, f"node {node.name} over its credit"
+            on_fast = [c for c in node.inflight.values() if c.fast]
+            assert node.held == len(node.inflight) - len(on_fast), f"node {node.name} base count"
+            assert node.fast_held == sum(c.fast for c in on_fast), f"node {node.name} fast count"
+            assert 0 <= node.held <= node.capacity, f"node {node.name} over its base credit"
+            assert 0 <= node.fast_held <= node.fast_capacity, f"node {node.name} over its fast credit"
+            assert all(not c.resources and 1 <= c.fast <= self.depth for c in on_fast), \
+                f"node {node.name} holds a chunk on fast credit it may not have"
+            assert len(node.inflight) <= node.processes * (node.prefetch + node.depth)
             assert node.capacity == node.processes * node.prefetch
+            assert node.fast_capacity == node.processes * node.depth == node.processes * self.depth
             assert 1 <= node.processes <= MAX_NODE_PROCESSES
             for key, chunk in node.inflight.items():
                 assert (chunk.job_id, chunk.chunk_id) == key
@@ -771,13 +859,15 @@ class Scheduler:
         for job in self.jobs.values():
             assert job.group is None or self.groups.get(job.group.key) is job.group, \
                 f"job {job.job_id} counts against a forgotten group"
-        if self._free.top > 0:
-            window = getattr(self.policy, "window", 64)
-            for job in self.jobs.values():
-                if job.group is not None and job.group.full:
-                    continue
+        window = getattr(self.policy, "window", 64)
+        for job in self.jobs.values():
+            if job.group is not None and job.group.full:
+                continue
+            if self._free.top > 0:
                 assert all(c.resources for c in itertools.islice(job.queue, window)), \
                     f"job {job.job_id} has a chunk queued while a node has free credit"
+            assert not self._fast_fits(job), \
+                f"fast job {job.job_id} has a chunk queued while a node has fast credit for it"
         for ctrl_id, ctrl in self.controllers.items():
             assert ctrl.controller_id == ctrl_id
             for job_id in ctrl.jobs:

@@ -9,8 +9,9 @@ from twisted.internet import defer, protocol
 from twisted.python.failure import Failure
 
 from achilles.core import wire
-from achilles.core.config import (DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_PREAUTH,
-                             DEFAULT_MAX_PREAUTH_PER_SOURCE)
+from achilles.core.config import (DEFAULT_FAST_DEPTH, DEFAULT_FAST_WINDOW,
+                                  DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_PREAUTH,
+                                  DEFAULT_MAX_PREAUTH_PER_SOURCE)
 from achilles.core.handshake import derive_key
 from achilles.core.logs import printable
 from achilles.core.protocol import ServerSideProtocol, default_clock, handles
@@ -231,6 +232,7 @@ class ServerFactory(protocol.ServerFactory):
 
     def __init__(self, username: str, secret_key: str, prefetch: int = 2,
                  heartbeat: float = wire.DEFAULT_HEARTBEAT,
+                 fast_depth: int = DEFAULT_FAST_DEPTH, fast_window: float = DEFAULT_FAST_WINDOW,
                  max_crashes: int = wire.DEFAULT_MAX_CRASHES,
                  handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
                  max_preauth: int = DEFAULT_MAX_PREAUTH,
@@ -243,7 +245,8 @@ class ServerFactory(protocol.ServerFactory):
         self.auth_key = derive_key(username, secret_key)
         self.heartbeat = heartbeat
         self.handshake_timeout = handshake_timeout
-        self.scheduler = Scheduler(prefetch=prefetch, max_crashes=max_crashes, clock=self.clock)
+        self.scheduler = Scheduler(prefetch=prefetch, max_crashes=max_crashes, clock=self.clock,
+                                   depth=fast_depth, window=fast_window)
         self.monitor = Monitor(self.scheduler, self.clock)
         self.guard = HandshakeGuard()
         self.preauth = PreauthLimiter(max_preauth, max_preauth_per_source)

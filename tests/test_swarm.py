@@ -86,7 +86,9 @@ def test_dashboard_history_is_bounded_with_many_nodes() -> None:
         def history() -> dict:
             return json.loads(sw.dashboard_get("/api/history"))
 
-        wait_for(lambda: len(history()["cluster"]) >= 3, what="three dashboard samples")
+        # Samples taken before the nodes joined have no node lines: wait for one after.
+        wait_for(lambda: len(history()["cluster"]) >= 3 and len(history()["nodes"]) >= 32,
+                 what="three dashboard samples, one with the nodes")
         assert len(history()["nodes"]) == 32
         state = json.loads(sw.dashboard_get("/api/dashboard"))["state"]
         assert len(state["nodes"]) == 200

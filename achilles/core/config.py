@@ -24,10 +24,11 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 9999
 DEFAULT_USERNAME = "achilles"
 DEFAULT_PREFETCH = 2
+#: Fast credit units per node process, for the chunks of jobs whose chunks finish quickly.
+DEFAULT_FAST_DEPTH = 30
+#: Seconds of such work a node may queue per process on fast credit.
+DEFAULT_FAST_WINDOW = 0.005
 DEFAULT_RECONNECT_TIMEOUT = 60.0
-#: A node's longest wait between attempts to reach its server, and while handshakes fail.
-DEFAULT_RETRY_MAX_DELAY = 5.0
-DEFAULT_REFUSED_RETRY_MAX_DELAY = 30.0
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 DEFAULT_MAX_PREAUTH = 1024
 DEFAULT_MAX_PREAUTH_PER_SOURCE = 32
@@ -44,12 +45,14 @@ VARIABLES: Dict[str, str] = {
     "ACHILLES_SECRET_KEY": "shared secret key, at least 16 characters; generate one with `achilles config`",
     "ACHILLES_PROCESSES": "worker processes per node (default: the CPU count)",
     "ACHILLES_PREFETCH": "chunks in flight per node process (default 2)",
+    "ACHILLES_FAST_DEPTH": ("extra chunks a node may queue per process for jobs whose chunks "
+                            "finish quickly; 0 turns it off (default 30)"),
+    "ACHILLES_FAST_WINDOW": ("seconds of such quick work a node may queue per process; a chunk "
+                             "counts as quick below this / ACHILLES_FAST_DEPTH (default 0.005)"),
     "ACHILLES_NODE_NAME": "readable node id (default: hostname-pid)",
     "ACHILLES_LOG_LEVEL": "DEBUG, INFO, WARNING or ERROR (default INFO)",
     "ACHILLES_HEARTBEAT": "seconds of silence after which a peer counts as dead (default 10)",
     "ACHILLES_RECONNECT_TIMEOUT": "seconds a controller keeps trying to reach a restarted server (default 60)",
-    "ACHILLES_RETRY_MAX_DELAY": ("nodes: longest wait in seconds between attempts to reach the "
-                                 "server (default 5, and 30 while its handshakes fail)"),
     "ACHILLES_MAX_CRASHES": "times an item may kill its worker before it fails with WorkerCrashed (default 3)",
     "ACHILLES_MAX_FRAME": ("largest message in bytes, the same on every machine (default 268435456, "
                            "256 MiB); a bigger chunk or result fails on the sending side"),
@@ -85,11 +88,12 @@ class Config:
     secret_key: Optional[str] = field(default=None, repr=False)
     processes: Optional[int] = None
     prefetch: int = DEFAULT_PREFETCH
+    fast_depth: int = DEFAULT_FAST_DEPTH
+    fast_window: float = DEFAULT_FAST_WINDOW
     node_name: Optional[str] = None
     log_level: str = "INFO"
     heartbeat: float = DEFAULT_HEARTBEAT
     reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT
-    retry_max_delay: Optional[float] = None
     max_crashes: int = DEFAULT_MAX_CRASHES
     max_frame: int = DEFAULT_MAX_FRAME
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
@@ -309,11 +313,12 @@ def load_config(**overrides: Any) -> Config:
     cfg.secret_key = pick("secret_key", "ACHILLES_SECRET_KEY")
     cfg.processes = number("processes", None, 1)
     cfg.prefetch = number("prefetch", DEFAULT_PREFETCH, 1)
+    cfg.fast_depth = number("fast_depth", DEFAULT_FAST_DEPTH, 0)
+    cfg.fast_window = number("fast_window", DEFAULT_FAST_WINDOW, 1e-6, float)
     cfg.node_name = pick("node_name", "ACHILLES_NODE_NAME")
     cfg.log_level = str(pick("log_level", "ACHILLES_LOG_LEVEL") or "INFO").upper()
     cfg.heartbeat = number("heartbeat", DEFAULT_HEARTBEAT, 0.2, float)
     cfg.reconnect_timeout = number("reconnect_timeout", DEFAULT_RECONNECT_TIMEOUT, 0, float)
-    cfg.retry_max_delay = number("retry_max_delay", None, 0.01, float)
     cfg.max_crashes = number("max_crashes", DEFAULT_MAX_CRASHES, 1)
     cfg.max_frame = number("max_frame", DEFAULT_MAX_FRAME, 1 << 16)
     cfg.handshake_timeout = number("handshake_timeout", DEFAULT_HANDSHAKE_TIMEOUT, 0.1, float)
