@@ -28,6 +28,13 @@ log = logging.getLogger("achilles.controller")
 CONNECT_TIMEOUT = 10.0
 
 
+def _tls_refused(reason: Failure) -> bool:
+    """Whether a connection ended because its TLS handshake failed (on either side)."""
+    from OpenSSL.SSL import Error as TLSError
+
+    return reason.check(TLSError) is not None
+
+
 class ControllerProtocol(PeerSideProtocol):
     """Routes server messages to the waiting caller's queue."""
 
@@ -73,7 +80,14 @@ class ControllerProtocol(PeerSideProtocol):
         self.ready.callback(self)
 
     def on_closed(self, reason: Failure) -> None:
-        if not self.ready.called and self.auth_error is None and self.handshake.state == "start":
+        if not self.ready.called and self.auth_error is None and _tls_refused(reason):
+            # Not a busy server: retrying would only fail the same way until the timeout.
+            self.ready.errback(Failure(ConnectionFailed(
+                f"TLS with the server at {self.address} failed ({reason.getErrorMessage()}); "
+                "check that ACHILLES_TLS_CA here names the CA of the server's certificate and, "
+                "if the server asks for client certificates, ACHILLES_TLS_CLIENT_CERT and "
+                "ACHILLES_TLS_CLIENT_KEY")))
+        elif not self.ready.called and self.auth_error is None and self.handshake.state == "start":
             self.ready.errback(Failure(ServerBusy(
                 f"the server at {self.address} dropped the connection before its greeting "
                 f"({reason.getErrorMessage()}); it may be over its pre-auth connection caps "

@@ -11,7 +11,7 @@ import pytest
 
 from achilles.core.config import Config
 from achilles.controller.cluster import Cluster
-from achilles.core.errors import AchillesError, ConfigError
+from achilles.core.errors import AchillesError, ConfigError, ConnectionFailed
 from achilles.core.tls import generate_certs
 from conftest import ROOT
 from tasks import square
@@ -37,22 +37,23 @@ def test_plain_client_against_tls_server(make_cluster):
 
 
 def test_wrong_ca_is_refused(make_cluster, tmp_path):
-    """A controller that trusts another CA refuses the server's certificate."""
+    """A controller that trusts another CA refuses the server's certificate, and says so as a
+    TLS failure (not as a busy server to retry)."""
     lc = make_cluster(nodes=1, processes=1, tls=True)
     other = generate_certs(str(tmp_path / "other"))
     cfg = Config(host="127.0.0.1", port=lc.port, username="local",
                  secret_key=lc.cluster.config.secret_key, tls_ca=other["ca.pem"])
-    with pytest.raises(AchillesError):
+    with pytest.raises(ConnectionFailed, match="TLS with the server .* ACHILLES_TLS_CA"):
         Cluster(cfg, timeout=5)
 
 
 def test_mutual_tls_needs_client_certificate(make_cluster):
     """With mutual TLS, a controller without a client certificate is refused even with the
-    right secret and CA."""
+    right secret and CA, and told it is TLS that failed."""
     lc = make_cluster(nodes=1, processes=1, tls="mutual")
     cfg = Config(host="127.0.0.1", port=lc.port, username="local",
                  secret_key=lc.cluster.config.secret_key, tls_ca=lc.tls["tls_ca"])
-    with pytest.raises(AchillesError):
+    with pytest.raises(ConnectionFailed, match="TLS with the server .* ACHILLES_TLS_CLIENT_CERT"):
         c = Cluster(cfg, timeout=5)
         c.status()  # TLS 1.3 may report the refusal only on first use
     assert lc.cluster.map(square, [2]) == [4]
