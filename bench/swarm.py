@@ -115,6 +115,7 @@ def run_swarm(host: str, port: int, secret: str, nodes: int, processes: int, del
     from twisted.python.failure import Failure
 
     from achilles.core import wire
+    from achilles.core.gctune import settle as settle_gc
     from achilles.core.handshake import derive_key
     from achilles.core.protocol import PeerSideProtocol, handles
     from achilles.core.reactor import get_reactor, lean_events
@@ -299,6 +300,7 @@ def run_swarm(host: str, port: int, secret: str, nodes: int, processes: int, del
 
     stdio.StandardIO(Commands())
     reactor.callWhenRunning(connect_more)
+    settle_gc()  # as a node's reactor process does
     reactor.run()
 
 

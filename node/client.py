@@ -13,6 +13,7 @@ from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 
 from achilles.core import wire
+from achilles.core.config import DEFAULT_REFUSED_RETRY_MAX_DELAY, DEFAULT_RETRY_MAX_DELAY
 from achilles.core.errors import FrameTooLarge, ProtocolError
 from achilles.core.handshake import derive_key
 from achilles.core.logs import printable
@@ -252,12 +253,13 @@ class NodeFactory(protocol.ReconnectingClientFactory):
     or foreign server on the port) is logged as an ERROR and retried, with the backoff capped
     at :attr:`refusedMaxDelay` instead of :attr:`maxDelay` until a handshake succeeds or the
     port stops answering. Only local configuration errors, found before connecting, end it.
+    ``retry_max_delay`` (``ACHILLES_RETRY_MAX_DELAY``), when given, caps both waits.
     """
 
     #: Backoff cap while the server is unreachable.
-    reachableMaxDelay = 5.0
+    reachableMaxDelay = DEFAULT_RETRY_MAX_DELAY
     #: Backoff cap while something on the port answers but the handshake fails.
-    refusedMaxDelay = 30.0
+    refusedMaxDelay = DEFAULT_REFUSED_RETRY_MAX_DELAY
     # Twisted infers int from its default (3600); the backoff caps are seconds, as floats.
     maxDelay = reachableMaxDelay  # type: ignore[assignment]
     initialDelay = 0.5
@@ -266,8 +268,12 @@ class NodeFactory(protocol.ReconnectingClientFactory):
     def __init__(self, name: str, processes: int, username: str, secret_key: str,
                  address: str, resources: Optional[Dict[str, float]] = None,
                  heartbeat: float = wire.DEFAULT_HEARTBEAT,
-                 max_frame: int = wire.DEFAULT_MAX_FRAME) -> None:
+                 max_frame: int = wire.DEFAULT_MAX_FRAME,
+                 retry_max_delay: Optional[float] = None) -> None:
         self.max_frame = max_frame
+        if retry_max_delay is not None:
+            self.reachableMaxDelay = self.refusedMaxDelay = self.maxDelay = retry_max_delay
+            self.initialDelay = self.delay = min(self.initialDelay, retry_max_delay)
         self.name = name
         self.heartbeat = heartbeat
         self.username = username

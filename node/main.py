@@ -9,6 +9,7 @@ from typing import Dict, List, Optional
 from achilles.core.cli_common import add_client_tls_options, add_connection_options, run_main
 from achilles.core.config import cpu_count, load_config, node_default_name
 from achilles.core.errors import ConfigError
+from achilles.core.gctune import settle as settle_gc
 from achilles.core.logs import setup_logging
 
 log = logging.getLogger("achilles.node")
@@ -39,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--name", help="readable node id (env ACHILLES_NODE_NAME, default hostname-pid)")
     parser.add_argument("--heartbeat", type=float,
                         help="seconds of silence before the server counts as dead (env ACHILLES_HEARTBEAT, default 10)")
+    parser.add_argument("--retry-max-delay", type=float,
+                        help="longest wait in seconds between attempts to reach the server "
+                        "(env ACHILLES_RETRY_MAX_DELAY, default 5, and 30 while its handshakes fail)")
     parser.add_argument("--resources", help="what this node offers, e.g. gpu=1,ram=64")
     add_client_tls_options(parser)
     parser.add_argument("--exit-with-stdin", action="store_true", help=argparse.SUPPRESS)
@@ -49,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
     """Connect and serve until stopped."""
     cfg = load_config(host=args.host, port=args.port, username=args.username,
                       log_level=args.log_level, processes=args.processes, node_name=args.name,
-                      heartbeat=args.heartbeat, tls_ca=args.tls_ca, tls_client_cert=args.tls_cert,
+                      heartbeat=args.heartbeat, retry_max_delay=args.retry_max_delay,
+                      tls_ca=args.tls_ca, tls_client_cert=args.tls_cert,
                       tls_client_key=args.tls_key)
     secret = cfg.require_secret()
     tls = cfg.client_tls()
@@ -64,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
     name = cfg.node_name or node_default_name()
     processes = cfg.processes or cpu_count()
     factory = NodeFactory(name, processes, cfg.username, secret, f"{cfg.host}:{cfg.port}", resources,
-                          heartbeat=cfg.heartbeat, max_frame=cfg.max_frame)
+                          heartbeat=cfg.heartbeat, max_frame=cfg.max_frame,
+                          retry_max_delay=cfg.retry_max_delay)
     try:
         if tls is None:
             reactor.connectTCP(cfg.host, cfg.port, factory)
@@ -74,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
             from achilles.core.lifeline import exit_with_stdin
 
             exit_with_stdin(factory.stop)
+        settle_gc()
         reactor.run()
     finally:
         factory.stages.close()

@@ -11,6 +11,7 @@ from typing import List, Optional, Tuple
 from achilles.core.cli_common import add_connection_options, run_main
 from achilles.core.config import load_config
 from achilles.core.errors import ConfigError
+from achilles.core.gctune import settle as settle_gc
 from achilles.core.logs import setup_logging
 
 log = logging.getLogger("achilles.server")
@@ -169,6 +170,7 @@ def serve(args: argparse.Namespace) -> int:
                 reactor.stop()
 
         exit_with_stdin(stop)
+    settle_gc()
     reactor.run()
     log.info("server stopped")
     return 0

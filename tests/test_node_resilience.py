@@ -149,7 +149,8 @@ def test_node_survives_hostile_server_then_joins_real_one(daemons, secret, behav
     fake = FakeServer(behave)
     try:
         node = daemons.start("node", "--host", "127.0.0.1", "--port", str(fake.port),
-                             "--processes", "1", "--name", "survivor", secret=secret)
+                             "--processes", "1", "--name", "survivor", "--retry-max-delay", "0.2",
+                             secret=secret)
         wait_for(lambda: fake.connections >= REFUSALS or node.poll() is not None, timeout=60,
                  what=f"{REFUSALS} reconnections to the fake server")
         assert node.poll() is None, daemons.log(node)
@@ -193,3 +194,27 @@ def test_node_exits_on_local_configuration_error(tmp_path, secret):
                          text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert out.returncode == 2, out.stderr
     assert str(missing) in out.stderr
+
+
+def test_retry_max_delay_caps_both_backoffs(monkeypatch):
+    """By default a node waits at most 5 s between attempts while the server is unreachable and
+    30 s while its handshakes fail; ACHILLES_RETRY_MAX_DELAY (or --retry-max-delay) caps both."""
+    from achilles.core.config import load_config
+    from achilles.node.client import NodeFactory
+
+    monkeypatch.delenv("ACHILLES_RETRY_MAX_DELAY", raising=False)
+    assert load_config().retry_max_delay is None
+    monkeypatch.setenv("ACHILLES_RETRY_MAX_DELAY", "0.25")
+    assert load_config().retry_max_delay == 0.25
+    assert load_config(retry_max_delay=2.0).retry_max_delay == 2.0
+    for cap, reachable, refused in ((None, 5.0, 30.0), (0.25, 0.25, 0.25)):
+        factory = NodeFactory("n", 0, "u", "s" * 20, "127.0.0.1:1", retry_max_delay=cap)
+        try:
+            assert (factory.reachableMaxDelay, factory.refusedMaxDelay) == (reachable, refused)
+            factory.handshake_failed("refused")
+            assert factory.maxDelay == refused
+            factory.authenticated()
+            assert factory.maxDelay == reachable and factory.delay <= reachable
+        finally:
+            factory.pool.close()
+            factory.stages.close()

@@ -251,3 +251,25 @@ def test_status_shows_each_node_host_load(cluster):
         assert load["cpus"] == os.cpu_count()
         assert load["load1"] >= 0
         assert load["mem_total"] > load["mem_available"] > 0
+
+
+def test_tasks_run_with_cpythons_collector_settings(cluster):
+    """The node's reactor process tunes its garbage collector (achilles.core.gctune); the worker
+    processes where users' code runs keep CPython's default thresholds."""
+    from achilles.core.gctune import CPYTHON_THRESHOLDS
+
+    seen = set(cluster.map(lambda _: __import__("gc").get_threshold(), range(8), chunksize=1))
+    assert seen == {CPYTHON_THRESHOLDS}
+
+
+def test_settle_freezes_and_raises_the_young_threshold():
+    """gctune.settle() collects, freezes what start-up allocated and raises the young
+    generation's threshold, keeping the older ones."""
+    code = ("import gc; from achilles.core import gctune; old = gc.get_threshold(); "
+            "gctune.settle(); print(gc.get_freeze_count() > 0, gc.get_threshold()[0], "
+            "gc.get_threshold()[1:] == old[1:])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from achilles.core.gctune import YOUNG_THRESHOLD
+
+    assert out.stdout.split() == ["True", str(YOUNG_THRESHOLD), "True"], out.stderr

@@ -126,7 +126,11 @@ class Relay:
                 client, _ = self.listener.accept()
             except OSError:
                 return
-            server = socket.create_connection(("127.0.0.1", self.upstream))
+            try:
+                server = socket.create_connection(("127.0.0.1", self.upstream))
+            except OSError:  # the server is gone (a node reconnecting after the test): refuse
+                client.close()
+                continue
             self.links.append(Link(client, server))
 
     def link(self, index: int = 0, timeout: float = 20.0) -> Link:

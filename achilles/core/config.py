@@ -29,6 +29,9 @@ DEFAULT_FAST_DEPTH = 30
 #: Seconds of such work a node may queue per process on fast credit.
 DEFAULT_FAST_WINDOW = 0.005
 DEFAULT_RECONNECT_TIMEOUT = 60.0
+#: A node's longest wait between attempts to reach its server, and while handshakes fail.
+DEFAULT_RETRY_MAX_DELAY = 5.0
+DEFAULT_REFUSED_RETRY_MAX_DELAY = 30.0
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 DEFAULT_MAX_PREAUTH = 1024
 DEFAULT_MAX_PREAUTH_PER_SOURCE = 32
@@ -53,6 +56,8 @@ VARIABLES: Dict[str, str] = {
     "ACHILLES_LOG_LEVEL": "DEBUG, INFO, WARNING or ERROR (default INFO)",
     "ACHILLES_HEARTBEAT": "seconds of silence after which a peer counts as dead (default 10)",
     "ACHILLES_RECONNECT_TIMEOUT": "seconds a controller keeps trying to reach a restarted server (default 60)",
+    "ACHILLES_RETRY_MAX_DELAY": ("nodes: longest wait in seconds between attempts to reach the "
+                                 "server (default 5, and 30 while its handshakes fail)"),
     "ACHILLES_MAX_CRASHES": "times an item may kill its worker before it fails with WorkerCrashed (default 3)",
     "ACHILLES_MAX_FRAME": ("largest message in bytes, the same on every machine (default 268435456, "
                            "256 MiB); a bigger chunk or result fails on the sending side"),
@@ -94,6 +99,7 @@ class Config:
     log_level: str = "INFO"
     heartbeat: float = DEFAULT_HEARTBEAT
     reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT
+    retry_max_delay: Optional[float] = None
     max_crashes: int = DEFAULT_MAX_CRASHES
     max_frame: int = DEFAULT_MAX_FRAME
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
@@ -319,6 +325,7 @@ def load_config(**overrides: Any) -> Config:
     cfg.log_level = str(pick("log_level", "ACHILLES_LOG_LEVEL") or "INFO").upper()
     cfg.heartbeat = number("heartbeat", DEFAULT_HEARTBEAT, 0.2, float)
     cfg.reconnect_timeout = number("reconnect_timeout", DEFAULT_RECONNECT_TIMEOUT, 0, float)
+    cfg.retry_max_delay = number("retry_max_delay", None, 0.01, float)
     cfg.max_crashes = number("max_crashes", DEFAULT_MAX_CRASHES, 1)
     cfg.max_frame = number("max_frame", DEFAULT_MAX_FRAME, 1 << 16)
     cfg.handshake_timeout = number("handshake_timeout", DEFAULT_HANDSHAKE_TIMEOUT, 0.1, float)

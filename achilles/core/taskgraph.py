@@ -13,6 +13,7 @@ This module only builds and describes graphs; the user-facing decorators are
 from __future__ import annotations
 
 import functools
+import gc
 import itertools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
@@ -108,10 +109,7 @@ class TaskCall:
 
     def dependencies(self) -> List["TaskCall"]:
         """The lazy calls among this call's arguments (direct inputs), without repeats."""
-        found: Dict[int, TaskCall] = {}
-        for value in itertools.chain(self.args, self.kwargs.values()):
-            _collect(value, found)
-        return list(found.values())
+        return _shipped(self)[0]
 
     def result(self, cluster: Any = None, forward_output: Optional[bool] = None,
                progress: Any = None) -> Any:
@@ -169,6 +167,33 @@ def to_refs(value: Any) -> Any:
     return replace_instances(value, lambda c: Ref(c.id), TaskCall)
 
 
+#: Argument types that hold no lazy call: shipped as they are, without a walk.
+_PLAIN = frozenset({int, float, str, bytes, bool, type(None)})
+
+
+def _shipped(call: TaskCall) -> Tuple[List[TaskCall], Tuple[Any, ...], Dict[str, Any]]:
+    """``call``'s inputs (without repeats) and its arguments as shipped, in one pass; the
+    common case (every argument a lazy call or a plain value) without a recursive walk."""
+    found: Dict[int, TaskCall] = {}
+    args: List[Any] = []
+    for value in call.args:
+        kind = type(value)
+        if kind is TaskCall:
+            found.setdefault(value.id, value)
+            args.append(Ref(value.id))
+        elif kind in _PLAIN:
+            args.append(value)
+        else:
+            _collect(value, found)
+            args.append(to_refs(value))
+    kwargs = call.kwargs
+    if kwargs:
+        for value in kwargs.values():
+            _collect(value, found)
+        kwargs = to_refs(kwargs)
+    return list(found.values()), tuple(args), kwargs
+
+
 def _literal(value: Any) -> Any:
     if isinstance(value, TaskCall):
         return {"task": value.id}
@@ -180,20 +205,28 @@ def _literal(value: Any) -> Any:
 
 def walk(roots: Iterable[TaskCall]) -> List[TaskCall]:
     """Every call reachable from ``roots``, inputs before consumers, each once."""
-    order: List[TaskCall] = []
+    return [call for call, _ in _walk(roots)]
+
+
+def _walk(roots: Iterable[TaskCall]) -> List[Tuple[TaskCall, Tuple[List[TaskCall], Tuple[Any, ...],
+                                                                  Dict[str, Any]]]]:
+    """:func:`walk`, each call with :func:`_shipped` of it (worked out once per call)."""
+    order: List[Tuple[TaskCall, Any]] = []
     seen: set = set()
+    shipped: Dict[int, Any] = {}
     for root in roots:
         stack: List[Tuple[TaskCall, bool]] = [(root, False)]
         while stack:
             call, expanded = stack.pop()
             if expanded:
-                order.append(call)
+                order.append((call, shipped[call.id]))
                 continue
             if call.id in seen:
                 continue
             seen.add(call.id)
             stack.append((call, True))
-            for dep in reversed(call.dependencies()):
+            shipped[call.id] = found = _shipped(call)
+            for dep in reversed(found[0]):
                 if dep.id not in seen:
                     stack.append((dep, False))
     return order
@@ -207,25 +240,50 @@ class GraphSpec:
     tasks: List[Tuple[int, str, List[int], Dict[str, Any], str, bytes]]
     outputs: List[int]
     calls: Dict[int, TaskCall]
-    positions: Dict[int, str]
+    roots: List[TaskCall]
+    _positions: Optional[Dict[int, str]] = None
+
+    @property
+    def positions(self) -> Dict[int, str]:
+        """Where each task sits (see :func:`positions`), worked out when first asked for
+        (only a failure needs it)."""
+        if self._positions is None:
+            self._positions = positions(self.roots)
+        return self._positions
 
 
 def build(roots: List[TaskCall]) -> GraphSpec:
     """Serialize the graph under ``roots`` (shared sub-graphs appear once)."""
-    calls = walk(roots)
+    # Building allocates a few objects per task and frees none: the cyclic collector would
+    # scan the growing graph over and over for nothing, so it waits until the end.
+    paused = gc.isenabled()
+    gc.disable()
+    try:
+        return _build(roots)
+    finally:
+        if paused:
+            gc.enable()
+
+
+def _build(roots: List[TaskCall]) -> GraphSpec:
     funcs: Dict[str, bytes] = {}
     keys: Dict[int, str] = {}
+    options: Dict[int, Dict[str, Any]] = {}  # one dict per TaskOptions, shared by its tasks
     tasks = []
-    for call in calls:
-        key = keys.get(id(call.fn.func))
+    calls: Dict[int, TaskCall] = {}
+    for call, (deps, args, kwargs) in _walk(roots):
+        fn = call.fn
+        key = keys.get(id(fn.func))
         if key is None:
-            key = keys[id(call.fn.func)] = f"f{len(keys)}"
-            funcs[key] = dumps_code(call.fn.func)
-        args = dumps_data((to_refs(call.args), to_refs(call.kwargs)))
-        deps = [d.id for d in call.dependencies()]
-        tasks.append((call.id, call.name, deps, call.fn.options.as_dict(), key, args))
-    return GraphSpec(funcs, tasks, [r.id for r in roots], {c.id: c for c in calls},
-                     positions(roots))
+            key = keys[id(fn.func)] = f"f{len(keys)}"
+            funcs[key] = dumps_code(fn.func)
+        opts = options.get(id(fn.options))
+        if opts is None:
+            opts = options[id(fn.options)] = fn.options.as_dict()
+        calls[call.id] = call
+        tasks.append((call.id, fn.name, [d.id for d in deps], opts, key,
+                      dumps_data((args, kwargs))))
+    return GraphSpec(funcs, tasks, [r.id for r in roots], calls, list(roots))
 
 
 def positions(roots: List[TaskCall]) -> Dict[int, str]:
