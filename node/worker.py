@@ -273,7 +273,7 @@ def run_graph_task(funcs_bytes: bytes, payload: "bytes | bytearray",
     """Run one call-graph task, or a batch of them (:func:`run_graph_batch`); returns
     ``(status, pickled value or error record, whether a task failed)`` (a batch: OK and
     its outcomes)."""
-    from achilles.core.taskrefs import from_refs
+    from achilles.core.taskrefs import resolve
 
     try:
         code = _graph_code(funcs_bytes)
@@ -284,10 +284,9 @@ def run_graph_task(funcs_bytes: bytes, payload: "bytes | bytearray",
                 capture.track(outcomes)
             result = run_graph_batch(code, work[0], work[1], outcomes, capture)
             return wire.OK, result, any(o[1] != wire.OK for o in outcomes)
-        key, args_bytes, inputs = work
-        values = {task_id: loads_data(v) for task_id, v in inputs.items()}
-        args, kwargs = loads_data(args_bytes)
-        result = code.get(key)(*from_refs(args, values), **from_refs(kwargs, values))
+        key, shipped, inputs = work
+        args, kwargs = resolve(shipped, {task_id: loads_data(v) for task_id, v in inputs.items()})
+        result = code.get(key)(*args, **kwargs)
     except BaseException as exc:
         return wire.ITEM_ERROR, error_record(0, exc, []), True
     try:
@@ -306,20 +305,20 @@ def run_graph_batch(code: _GraphCode, tasks: list, keep: list, outcomes: list,
     ``(task id, status, seconds, value)``: the pickled value for tasks in ``keep`` (else
     None), an error record for a failure, ``NOT_RUN`` for a task an input of which failed.
 
-    Each task is ``(id, function key, pickled arguments, {input id: pickled value} for
+    Each task is ``(id, function key, shipped arguments, {input id: pickled value} for
     inputs from outside the batch, [ids of inputs in the batch])``. Values stay objects inside
     the batch; an input used by several of its consumers reaches each as its own copy (as
     across the network), unless it is immutable. ``outcomes`` is filled as tasks end (the
     output capture takes its length as the running task's index).
     """
-    from achilles.core.taskrefs import from_refs
+    from achilles.core.taskrefs import resolve
 
     values: Dict[int, Any] = {}
     uses: Dict[int, int] = collections.Counter(d for task in tasks for d in task[4])
     wanted = set(keep)
     append = outcomes.append
     clock = time.perf_counter
-    for task_id, key, args_bytes, inputs, inner in tasks:
+    for task_id, key, shipped, inputs, inner in tasks:
         if any(d not in values for d in inner):
             append((task_id, NOT_RUN, 0.0, None))
             continue
@@ -328,8 +327,8 @@ def run_graph_batch(code: _GraphCode, tasks: list, keep: list, outcomes: list,
             found = {d: loads_data(v) for d, v in inputs.items()}
             for d in inner:
                 found[d] = _take(values, uses, d)
-            args, kwargs = loads_data(args_bytes)
-            result = code.get(key)(*from_refs(args, found), **from_refs(kwargs, found))
+            args, kwargs = resolve(shipped, found)
+            result = code.get(key)(*args, **kwargs)
             value = dumps_data(result) if task_id in wanted else None
         except BaseException as exc:
             if capture is not None:

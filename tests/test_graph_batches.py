@@ -226,6 +226,25 @@ def reduce_tree(calls):
     return add(reduce_tree(calls[:half]), reduce_tree(calls[half:]))
 
 
+@task
+def total(values):
+    return sum(values)
+
+
+def test_arguments_in_both_shipped_forms(cluster):
+    """Positional lazy calls and plain values travel in the compact form, anything else
+    pickled; both reach the task as they were given, also a lazy call put into a list after
+    its consumer was made (listed before its consumer all the same)."""
+    box = [num(1)]
+    late = total(box)
+    box.append(num(2))
+    calls = [add(num(3), 4), add(4.5, "x" and 0.5), total([num(5), 6]), late,
+             add(b"a", b"b"), add(True, None is None)]
+    assert cluster.compute(*calls) == [7, 5.0, 11, 3, b"ab", 2]
+    order = [t["id"] for t in late.graph()["tasks"]]
+    assert order.index(box[1].id) < order.index(late.id)
+
+
 def test_a_tree_of_fast_tasks_runs_in_batches(cluster):
     """A reduction tree of 2,047 tiny tasks gives the right value, most of its tasks having
     run in batches (the description says which)."""

@@ -95,9 +95,10 @@ class TaskCall:
 
     def __init__(self, fn: TaskFunction, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
         self.fn = fn
-        self.id = next(_ids)
-        self.args = tuple(_splice(a) for a in args)
-        self.kwargs = {k: _splice(v) for k, v in kwargs.items()}
+        self.args = (tuple(_splice(a) for a in args) if Workflow in map(type, args)
+                     else tuple(args))
+        self.kwargs = {k: _splice(v) for k, v in kwargs.items()} if kwargs else {}
+        self.id = next(_ids)  # after its arguments' (a spliced workflow makes calls)
         self.info: Dict[str, Any] = {}  # state, node, duration after a run
 
     @property
@@ -171,27 +172,30 @@ def to_refs(value: Any) -> Any:
 _PLAIN = frozenset({int, float, str, bytes, bool, type(None)})
 
 
-def _shipped(call: TaskCall) -> Tuple[List[TaskCall], Tuple[Any, ...], Dict[str, Any]]:
-    """``call``'s inputs (without repeats) and its arguments as shipped, in one pass; the
-    common case (every argument a lazy call or a plain value) without a recursive walk."""
+def _shipped(call: TaskCall) -> Tuple[List[TaskCall], Any]:
+    """``call``'s inputs (without repeats) and its arguments as shipped (one of the two forms
+    of :mod:`achilles.core.taskrefs`), in one pass; the common case (positional arguments,
+    each a lazy call or a plain value) without a recursive walk or a pickle of its own."""
     found: Dict[int, TaskCall] = {}
-    args: List[Any] = []
-    for value in call.args:
+    plain: List[Any] = []
+    refs: List[int] = []
+    simple = not call.kwargs
+    for position, value in enumerate(call.args):
         kind = type(value)
         if kind is TaskCall:
             found.setdefault(value.id, value)
-            args.append(Ref(value.id))
+            plain.append(value.id)
+            refs.append(position)
         elif kind in _PLAIN:
-            args.append(value)
+            plain.append(value)
         else:
             _collect(value, found)
-            args.append(to_refs(value))
-    kwargs = call.kwargs
-    if kwargs:
-        for value in kwargs.values():
-            _collect(value, found)
-        kwargs = to_refs(kwargs)
-    return list(found.values()), tuple(args), kwargs
+            simple = False
+    if simple:
+        return list(found.values()), (tuple(plain), tuple(refs))
+    for value in call.kwargs.values():
+        _collect(value, found)
+    return list(found.values()), dumps_data((to_refs(call.args), to_refs(call.kwargs)))
 
 
 def _literal(value: Any) -> Any:
@@ -208,27 +212,40 @@ def walk(roots: Iterable[TaskCall]) -> List[TaskCall]:
     return [call for call, _ in _walk(roots)]
 
 
-def _walk(roots: Iterable[TaskCall]) -> List[Tuple[TaskCall, Tuple[List[TaskCall], Tuple[Any, ...],
-                                                                  Dict[str, Any]]]]:
+def _walk(roots: Iterable[TaskCall]) -> List[Tuple[TaskCall, Tuple[List[TaskCall], Any]]]:
     """:func:`walk`, each call with :func:`_shipped` of it (worked out once per call)."""
-    order: List[Tuple[TaskCall, Any]] = []
-    seen: set = set()
+    calls: Dict[int, TaskCall] = {}
     shipped: Dict[int, Any] = {}
+    ordered = True  # every input older than its consumer (the usual case): order by id
+    stack = list(roots)
+    while stack:
+        call = stack.pop()
+        if call.id in shipped:
+            continue
+        calls[call.id] = call
+        shipped[call.id] = found = _shipped(call)
+        for dep in found[0]:
+            if dep.id >= call.id:  # a container changed after the call was made
+                ordered = False
+            if dep.id not in shipped:
+                stack.append(dep)
+    if ordered:
+        return [(calls[i], shipped[i]) for i in sorted(calls)]
+    order: List[Tuple[TaskCall, Any]] = []
+    done: set = set()
     for root in roots:
-        stack: List[Tuple[TaskCall, bool]] = [(root, False)]
-        while stack:
-            call, expanded = stack.pop()
+        pending: List[Tuple[TaskCall, bool]] = [(root, False)]
+        while pending:
+            call, expanded = pending.pop()
             if expanded:
                 order.append((call, shipped[call.id]))
                 continue
-            if call.id in seen:
+            if call.id in done:
                 continue
-            seen.add(call.id)
-            stack.append((call, True))
-            shipped[call.id] = found = _shipped(call)
-            for dep in reversed(found[0]):
-                if dep.id not in seen:
-                    stack.append((dep, False))
+            done.add(call.id)
+            pending.append((call, True))
+            pending.extend((dep, False) for dep in reversed(shipped[call.id][0])
+                           if dep.id not in done)
     return order
 
 
@@ -237,7 +254,8 @@ class GraphSpec:
     """A graph ready to ship: code by key, tasks as tuples, the outputs wanted."""
 
     funcs: Dict[str, bytes]
-    tasks: List[Tuple[int, str, List[int], Dict[str, Any], str, bytes]]
+    #: ``(id, name, input ids, options, function key, arguments as shipped)``
+    tasks: List[Tuple[int, str, List[int], Dict[str, Any], str, Any]]
     outputs: List[int]
     calls: Dict[int, TaskCall]
     roots: List[TaskCall]
@@ -271,7 +289,7 @@ def _build(roots: List[TaskCall]) -> GraphSpec:
     options: Dict[int, Dict[str, Any]] = {}  # one dict per TaskOptions, shared by its tasks
     tasks = []
     calls: Dict[int, TaskCall] = {}
-    for call, (deps, args, kwargs) in _walk(roots):
+    for call, (deps, shipped) in _walk(roots):
         fn = call.fn
         key = keys.get(id(fn.func))
         if key is None:
@@ -281,8 +299,7 @@ def _build(roots: List[TaskCall]) -> GraphSpec:
         if opts is None:
             opts = options[id(fn.options)] = fn.options.as_dict()
         calls[call.id] = call
-        tasks.append((call.id, fn.name, [d.id for d in deps], opts, key,
-                      dumps_data((args, kwargs))))
+        tasks.append((call.id, fn.name, [d.id for d in deps], opts, key, shipped))
     return GraphSpec(funcs, tasks, [r.id for r in roots], calls, list(roots))
 
 

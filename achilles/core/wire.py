@@ -194,7 +194,8 @@ declare(Msg.PING, ("token", INT), routes=EITHER_WAY, doc="heartbeat")
 declare(Msg.PONG, ("token", INT), routes=EITHER_WAY, doc="heartbeat answer")
 declare(Msg.GRAPH, ("graph_id", STR), ("funcs", BYTES), ("tasks", LIST), ("outputs", LIST),
         routes={(C, S)},
-        doc="a call graph; tasks: [(task_id, name, deps, options, func_key, args_bytes)]")
+        doc="a call graph; tasks: [(task_id, name, deps, options, func_key, args)], args as "
+            "achilles.core.taskrefs ships them")
 declare(Msg.TASK_DONE, ("graph_id", STR), ("task_id", INT), ("status", INT), ("node", STR),
         ("elapsed", NUM), ("payload", PAYLOAD), routes={(S, C)}, payload=True,
         doc="an output task's value, or a task's failure")
