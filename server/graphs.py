@@ -39,28 +39,34 @@ MAX_BATCH = 512
 NOT_RUN = -1
 
 
-@dataclass
 class GraphTask:
-    """One task of a graph, as the server sees it (arguments stay opaque bytes)."""
+    """One task of a graph, as the server sees it (arguments stay opaque)."""
 
-    task_id: int
-    name: str
-    deps: List[int]
-    options: Dict[str, Any]
-    func_key: str
-    args: bytes
-    dependents: List[int] = field(default_factory=list)
-    remaining: int = 0
-    state: str = WAITING
-    value: Optional[bytes] = None
-    consumed: int = 0  # dependents settled (done, failed or skipped): the value goes at all
-    batch: int = 0  # the id of the batch it runs in (0: none)
-    careful: bool = False  # it was in a batch that came back without results: never batched
-    batched: bool = False  # its last run was in a batch
-    attempts: int = 0
-    node: Optional[str] = None
-    started: float = 0.0
-    duration: Optional[float] = None
+    __slots__ = ("task_id", "name", "deps", "options", "func_key", "args", "plain",
+                 "dependents", "remaining", "state", "value", "consumed", "batch", "careful",
+                 "batched", "attempts", "node", "started", "duration")
+
+    def __init__(self, task_id: int, name: str, deps: List[int], options: Dict[str, Any],
+                 func_key: str, args: Any, plain: bool = False) -> None:
+        self.task_id = task_id
+        self.name = name
+        self.deps = deps
+        self.options = options
+        self.func_key = func_key
+        self.args = args
+        self.plain = plain  # no timeout, retries or resources: it may be batched
+        self.dependents: List[int] = []
+        self.remaining = 0
+        self.state = WAITING
+        self.value: Optional[bytes] = None
+        self.consumed = 0  # dependents settled (done, failed or skipped): the value goes at all
+        self.batch = 0  # the id of the batch it runs in (0: none)
+        self.careful = False  # it was in a batch that came back without results: never batched
+        self.batched = False  # its last run was in a batch
+        self.attempts = 0
+        self.node: Optional[str] = None
+        self.started = 0.0
+        self.duration: Optional[float] = None
 
 
 @dataclass
@@ -80,10 +86,23 @@ class GraphState:
     def __init__(self, tasks: List[Tuple[int, str, List[int], Dict[str, Any], str, bytes]],
                  outputs: List[int]) -> None:
         self.tasks: Dict[int, GraphTask] = {}
+        names: Dict[str, str] = {}
+        # Tasks of one function share one options dict on the wire: copied and judged once.
+        shared: Dict[int, Tuple[Dict[str, Any], bool]] = {}
         for task_id, name, deps, options, func_key, args in tasks:
-            self.tasks[int(task_id)] = GraphTask(int(task_id), printable(name, 100),
-                                                 [int(d) for d in deps], dict(options or {}),
-                                                 str(func_key), args)
+            known = shared.get(id(options))
+            if known is None:
+                opts = dict(options or {})
+                known = shared[id(options)] = (opts, opts.get("timeout") is None
+                                               and not opts.get("retries")
+                                               and not opts.get("resources"))
+                if options is not None:
+                    shared[id(options)] = known
+            label = names.get(name)
+            if label is None:
+                label = names[name] = printable(name, 100)
+            self.tasks[int(task_id)] = GraphTask(int(task_id), label, [int(d) for d in deps],
+                                                 known[0], str(func_key), args, known[1])
         for t in self.tasks.values():
             for d in t.deps:
                 if d not in self.tasks:
@@ -93,6 +112,7 @@ class GraphState:
         self.outputs = set(int(o) for o in outputs)
         self.unresolved = len(self.tasks)
         self.costs: Dict[str, List[float]] = {}  # function key -> [runs timed, seconds]
+        self.fast: Dict[str, float] = {}  # function key -> mean seconds, while under FAST_TASK
         self.batches: Dict[int, Batch] = {}  # live batches by (negative) id
         self._next_batch = 0
 
@@ -157,26 +177,21 @@ class GraphState:
         """Record that a run of ``t``'s function took ``seconds``."""
         cost = self.costs.get(t.func_key)
         if cost is None:
-            self.costs[t.func_key] = [1.0, float(seconds)]
+            cost = self.costs[t.func_key] = [0.0, 0.0]
+        cost[0] += 1.0
+        cost[1] += float(seconds)
+        mean = cost[1] / cost[0]
+        if mean < FAST_TASK:
+            self.fast[t.func_key] = mean
         else:
-            cost[0] += 1.0
-            cost[1] += float(seconds)
+            self.fast.pop(t.func_key, None)
 
     def cost(self, t: GraphTask) -> Optional[float]:
         """The mean measured run time of ``t``'s function when ``t`` may be batched (its
         function is fast, and it has no timeout, retries or resources), else None."""
-        if t.careful:
+        if not t.plain or t.careful:
             return None
-        cost = self.costs.get(t.func_key)
-        if cost is None:
-            return None
-        mean = cost[1] / cost[0]
-        if mean >= FAST_TASK:
-            return None
-        opts = t.options
-        if opts.get("timeout") is not None or opts.get("retries") or opts.get("resources"):
-            return None
-        return mean
+        return self.fast.get(t.func_key)
 
     def batch(self, first: GraphTask, more: Iterable[GraphTask], share: int) -> Optional[Batch]:
         """A batch of ``first`` (queued, ready), then of the ready tasks of ``more`` while they

@@ -346,11 +346,14 @@ class GraphJob(Job):
             self._release(t)
 
     def _release(self, t: GraphTask) -> None:
-        opts = t.options
-        need = {str(k): float(v) for k, v in (opts.get("resources") or {}).items()}
         t.state = QUEUED
         self.items_sent += 1
         # The payload is made when the chunk is taken (it may go in a batch instead).
+        if t.plain:
+            self.queue.append(Chunk(self.job_id, t.task_id, 1, b""))
+            return
+        opts = t.options
+        need = {str(k): float(v) for k, v in (opts.get("resources") or {}).items()}
         self.queue.append(Chunk(self.job_id, t.task_id, 1, b"", timeout=opts.get("timeout"),
                                 resources=need))
         if need:
@@ -576,17 +579,18 @@ def _outcomes(payload: Any, batch: Batch) -> Optional[List[Tuple[int, int, float
         outcomes = pickle.loads(payload)
     except Exception:
         return None
-    if not isinstance(outcomes, list) or len(outcomes) != len(batch.tasks):
+    if type(outcomes) is not list or len(outcomes) != len(batch.tasks):
         return None
+    keep, ok, error = batch.keep, wire.OK, wire.ITEM_ERROR
     for t, entry in zip(batch.tasks, outcomes):
-        if not (isinstance(entry, tuple) and len(entry) == 4 and entry[0] == t.task_id
-                and isinstance(entry[2], (int, float))):
+        if type(entry) is not tuple or len(entry) != 4 or entry[0] != t.task_id \
+                or type(entry[2]) not in (float, int):
             return None
         status, value = entry[1], entry[3]
-        if status == wire.OK:
-            ok = isinstance(value, bytes) if t.task_id in batch.keep else value is None
-        else:
-            ok = status == NOT_RUN or (status == wire.ITEM_ERROR and isinstance(value, bytes))
-        if not ok:
+        if status == ok:
+            if (type(value) is bytes) is not (t.task_id in keep) or \
+                    (value is not None and type(value) is not bytes):
+                return None
+        elif not (status == NOT_RUN or (status == error and type(value) is bytes)):
             return None
     return outcomes
