@@ -46,17 +46,26 @@ def tree(make_leaf: Callable[[int], Any], make_add: Callable[[Any, Any], Any], l
     return layer[0]
 
 
-def run_achilles(leaves: int, repeat: int) -> List[float]:
-    """Seconds per run of the tree on a local Achilles cluster."""
+def run_achilles(leaves: int, repeat: int,
+                 cpu: Optional[List[Dict[str, float]]] = None) -> List[float]:
+    """Seconds per run of the tree on a local Achilles cluster; with ``cpu``, each run's CPU
+    seconds per role (this process, the server, the node with its workers) are appended."""
+    from bench.pipelines import CpuMeter
+
     t_leaf, t_add = achilles.task(leaf), achilles.task(add)
     times = []
-    with achilles.LocalCluster(nodes=1, processes=2) as cluster:
+    lc = achilles.LocalCluster(nodes=1, processes=2)
+    with lc as cluster:
         assert cluster.compute(tree(t_leaf, t_add, 64)) == [sum(range(64))]  # warm-up
+        meter = CpuMeter(lc)
         for _ in range(repeat):
             root = tree(t_leaf, t_add, leaves)
+            meter.start()
             start = time.perf_counter()
             assert cluster.compute(root) == [sum(range(leaves))]
             times.append(time.perf_counter() - start)
+            if cpu is not None:
+                cpu.append(meter.stop())
     return times
 
 
@@ -85,14 +94,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--leaves", type=int, default=5000, help="leaf tasks (default 5000: 9,999 tasks)")
     parser.add_argument("--repeat", type=int, default=3, help="timed rounds per side (default 3)")
+    parser.add_argument("--cpu", action="store_true",
+                        help="also print Achilles' CPU per task by role (from /proc)")
     args = parser.parse_args(argv)
     tasks = 2 * args.leaves - 1
     print(f"$ python {' '.join(sys.argv)}")
     print(f"python {platform.python_version()}, {os.cpu_count()} cores; reduction tree of "
           f"{tasks} tasks, median of {args.repeat} rounds")
     results: Dict[str, float] = {}
-    ach = run_achilles(args.leaves, args.repeat)
+    cpu: List[Dict[str, float]] = []
+    ach = run_achilles(args.leaves, args.repeat, cpu)
     results["achilles"] = tasks / statistics.median(ach)
+    if args.cpu:
+        print("achilles CPU per task (median): " + ", ".join(
+            f"{role} {statistics.median(run[role] for run in cpu) * 1e6 / tasks:.1f} us"
+            for role in cpu[0]))
     for label, workers, threads in (("dask 2x1", 2, 1), ("dask 1x2", 1, 2)):
         dask_times = run_dask(args.leaves, args.repeat, workers, threads)
         if dask_times is not None:
