@@ -106,10 +106,10 @@ def test_node_refuses_fake_server(daemons, secret, tmp_path):
 
 
 @pytest.mark.parametrize("first_code", [wire.AUTH, wire.SUBMIT, wire.RESULT])
-def test_preauth_pickle_never_loaded(make_cluster, tmp_path, first_code):
+def test_preauth_pickle_never_loaded(shared_cluster, tmp_path, first_code):
     """A pickle sent before authentication is never unpickled; the server drops that
     connection and keeps serving."""
-    lc = make_cluster(nodes=1, processes=1)
+    lc = shared_cluster
     marker = tmp_path / "pwned"
     body = pickle.dumps((MarkerPickle(str(marker)),))
     s = socket.create_connection(("127.0.0.1", lc.port))
@@ -122,9 +122,9 @@ def test_preauth_pickle_never_loaded(make_cluster, tmp_path, first_code):
     assert lc.cluster.map(abs, [-1, -2]) == [1, 2]
 
 
-def test_replayed_handshake_fails(make_cluster):
+def test_replayed_handshake_fails(shared_cluster):
     """An AUTH frame recorded from a good handshake is refused when replayed."""
-    lc = make_cluster(nodes=1, processes=1)
+    lc = shared_cluster
     key = derive_key("local", lc._secret)
     import hmac
     import hashlib
@@ -148,9 +148,9 @@ def test_replayed_handshake_fails(make_cluster):
         assert closed_by_peer(s)
 
 
-def test_oversized_preauth_frame_closes(make_cluster):
+def test_oversized_preauth_frame_closes(shared_cluster):
     """A pre-auth frame header announcing more than the pre-auth cap closes the connection."""
-    lc = make_cluster(nodes=1, processes=1)
+    lc = shared_cluster
     with socket.create_connection(("127.0.0.1", lc.port)) as s:
         read_frame(s)
         s.sendall(struct.pack("!BI", wire.AUTH, 10_000_000))

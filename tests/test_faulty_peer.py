@@ -97,14 +97,13 @@ BAD_FROM_CONTROLLER = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD_FROM_CONTROLLER))
-def test_faulty_controller_harms_no_other_job(daemons, secret, case):
+def test_faulty_controller_harms_no_other_job(shared_cluster, case):
     """A controller that sends a malformed message is dropped; another controller's map
     running at the same time completes with every result exactly once."""
-    port = daemons.server(secret)
-    daemons.start("node", "--host", "127.0.0.1", "--port", str(port), "--processes", "2",
-                  secret=secret)
-    cluster = Cluster(Config(host="127.0.0.1", port=port, username="tester", secret_key=secret))
-    rogue = RawPeer(port, "controller", secret)
+    # One cluster serves every case: a dropped controller must leave it serving the next.
+    port, secret = shared_cluster.port, shared_cluster._secret
+    cluster = Cluster(Config(host="127.0.0.1", port=port, username="local", secret_key=secret))
+    rogue = RawPeer(port, "controller", secret, username="local")
     try:
         out: List[Any] = []
         thread = run_map(cluster, out)
