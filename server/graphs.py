@@ -7,8 +7,8 @@ the controller, and the server drops each value once every consumer has settled 
 controller asked for it). A failed task skips everything downstream of it; other branches go
 on; the graph ends when every task is done, failed or skipped.
 
-Fast tasks travel in batches (:class:`Batch`): once a task function's measured mean run time is
-under :data:`FAST_TASK`, ready tasks of such functions (without timeout, retries or resources)
+Fast tasks travel in batches (:class:`Batch`): once a task function's typical run time (the
+median of its last runs) is under :data:`FAST_TASK`, ready tasks of such functions (without timeout, retries or resources)
 are handed out many to a chunk, and each batch also takes the tasks downstream of it whose
 inputs are all in the batch or done (their intermediate values stay in the worker). A batch
 holds enough work to cover :data:`BATCH_SECONDS` at most, and no more than its share of the
@@ -19,9 +19,10 @@ a result too large) is dissolved: its tasks run again one to a chunk.
 
 from __future__ import annotations
 
+import collections
 import pickle
-from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
+from dataclasses import dataclass
+from typing import Any, Deque, Dict, Iterable, List, Optional, Set, Tuple
 
 from achilles.core import wire
 from achilles.core.logs import printable
@@ -29,8 +30,12 @@ from achilles.core.logs import printable
 WAITING, QUEUED, RUNNING, DONE, FAILED, SKIPPED = (
     "waiting", "queued", "running", "done", "failed", "skipped")
 
-#: A task function whose measured mean run time is below this many seconds is batched.
+#: A task function whose typical run time (the median of its last :data:`SAMPLES` runs) is
+#: below this many seconds is batched.
 FAST_TASK = 0.002
+#: Runs per task function that its typical run time is taken from (a median: the first runs on
+#: each worker, which load its code, or a run the host preempted, do not sway it).
+SAMPLES = 15
 #: A batch holds at most this many seconds of its tasks' measured run time ...
 BATCH_SECONDS = 0.01
 #: ... and at most this many tasks.
@@ -111,8 +116,9 @@ class GraphState:
             t.remaining = len(t.deps)
         self.outputs = set(int(o) for o in outputs)
         self.unresolved = len(self.tasks)
-        self.costs: Dict[str, List[float]] = {}  # function key -> [runs timed, seconds]
-        self.fast: Dict[str, float] = {}  # function key -> mean seconds, while under FAST_TASK
+        self.costs: Dict[str, Deque[float]] = {}  # function key -> its last run times
+        self.fast: Dict[str, float] = {}  # function key -> median run time, while fast
+        self._stale: Set[str] = set()  # functions timed since their median was taken
         self.batches: Dict[int, Batch] = {}  # live batches by (negative) id
         self._next_batch = 0
 
@@ -175,23 +181,27 @@ class GraphState:
     # --- batches ----------------------------------------------------------------------------
     def timed(self, t: GraphTask, seconds: float) -> None:
         """Record that a run of ``t``'s function took ``seconds``."""
-        cost = self.costs.get(t.func_key)
-        if cost is None:
-            cost = self.costs[t.func_key] = [0.0, 0.0]
-        cost[0] += 1.0
-        cost[1] += float(seconds)
-        mean = cost[1] / cost[0]
-        if mean < FAST_TASK:
-            self.fast[t.func_key] = mean
-        else:
-            self.fast.pop(t.func_key, None)
+        samples = self.costs.get(t.func_key)
+        if samples is None:
+            samples = self.costs[t.func_key] = collections.deque(maxlen=SAMPLES)
+        samples.append(float(seconds))
+        self._stale.add(t.func_key)
 
     def cost(self, t: GraphTask) -> Optional[float]:
-        """The mean measured run time of ``t``'s function when ``t`` may be batched (its
-        function is fast, and it has no timeout, retries or resources), else None."""
+        """The typical run time of ``t``'s function when ``t`` may be batched (its function
+        is fast, and it has no timeout, retries or resources), else None."""
         if not t.plain or t.careful:
             return None
-        return self.fast.get(t.func_key)
+        key = t.func_key
+        if key in self._stale:
+            self._stale.discard(key)
+            ordered = sorted(self.costs[key])
+            median = ordered[len(ordered) // 2]
+            if median < FAST_TASK:
+                self.fast[key] = median
+            else:
+                self.fast.pop(key, None)
+        return self.fast.get(key)
 
     def batch(self, first: GraphTask, more: Iterable[GraphTask], share: int) -> Optional[Batch]:
         """A batch of ``first`` (queued, ready), then of the ready tasks of ``more`` while they

@@ -128,6 +128,30 @@ def test_slow_and_optioned_tasks_are_never_batched():
     assert not any(info["batched"] for info in report.values())
 
 
+def test_a_few_slow_runs_do_not_stop_a_fast_function_from_batching():
+    """A function is judged by the median of its last runs: its first runs on each worker
+    (which load its code) and a preempted run may be slow without keeping its tasks from
+    going in batches; a function whose runs are mostly slow is not batched."""
+    for slow_runs, expect_batches in ((4, True), (9, False)):
+        sched = make(prefetch=2)
+        cpeer, ctrl = controller(sched)
+        n = sched.add_node(Recorder("n"), "n", "n:1", 4)
+        sched.submit_graph(ctrl, "g", b"FUNCS", [(i, "t", [], {}, "f0", b"") for i in range(200)],
+                           [])
+        answered, batches = 0, 0
+        while "g" in sched.jobs:
+            for key in sorted(n.inflight):
+                if key[1] < 0:
+                    batches += 1
+                    answer(sched, n, key)
+                else:
+                    slow = answered < slow_runs or (slow_runs > 4 and answered % 3)
+                    sched.result(n, *key, wire.OK, b"v", 0.5 if slow else FAST)
+                    answered += 1
+                sched.check_invariants()
+        assert (batches > 0) == expect_batches, (slow_runs, batches)
+
+
 def test_batches_under_random_events_keep_every_invariant():
     """Random reduction trees and DAGs of fast tasks under node churn, lost nodes, worker
     crashes, malformed batch results and failing tasks inside batches: check_invariants
