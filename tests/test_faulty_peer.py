@@ -6,14 +6,16 @@ and the map still returns every result exactly once."""
 from __future__ import annotations
 
 import pickle
+import secrets
 import threading
-from typing import Any, List
+from typing import Any, Iterator, List, Tuple
 
 import pytest
 
 from achilles.core import wire
 from achilles.core.config import Config
 from achilles.controller.cluster import Cluster
+from conftest import Daemons, group_members
 from rawpeer import RawPeer
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.faults]
@@ -54,11 +56,24 @@ def fill(template: tuple, job_id: str, chunk_id: int) -> Any:
     return type(template)(sub(v) for v in template)
 
 
+@pytest.fixture(scope="module")
+def node_case_server(tmp_path_factory) -> Iterator[Tuple[int, str]]:
+    """One server ``(port, secret)`` for every faulty-node case (each case starts and stops
+    its own real node, and checks the server drops its rogue and still serves)."""
+    server = Daemons(tmp_path_factory.mktemp("faulty-node-server"))
+    secret = secrets.token_urlsafe(24)
+    port = server.server(secret)
+    yield port, secret
+    server.stop_all()
+    for proc in server.procs:
+        assert not group_members(proc.pid), f"processes of group {proc.pid} outlived the module"
+
+
 @pytest.mark.parametrize("case", sorted(BAD_FROM_NODE))
-def test_faulty_node_loses_no_work(daemons, secret, case):
+def test_faulty_node_loses_no_work(daemons, node_case_server, case):
     """A node that sends a malformed message while it holds chunks is dropped, its chunks
     run elsewhere, and the map completes with every result exactly once."""
-    port = daemons.server(secret)
+    port, secret = node_case_server
     rogue = RawPeer(port, "node", secret)
     rogue.send(wire.NODE_READY, "rogue", 4, "rogue-host", 1, {})
     cluster = Cluster(Config(host="127.0.0.1", port=port, username="tester", secret_key=secret))
