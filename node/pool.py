@@ -1,7 +1,9 @@
 """A supervised pool of ``multiprocess`` worker processes.
 
 Each worker process has a supervising thread in the node that feeds it one chunk at a time over
-a pipe and hands the outcome to ``on_result``. Because the node owns each process directly:
+a pipe and hands the outcome to ``on_result``; chunks of a job whose chunks run in under
+:data:`QUICK_CHUNK` go several to a pipe message when enough are queued (a fair share of the
+queue each), still each answered and reported on its own. Because the node owns each process directly:
 
 - a worker that dies (``os._exit``, a segfault, the OOM killer) is noticed at once and
   replaced, and its chunk is reported as ``CRASHED`` (with the item it was running, when the
@@ -31,7 +33,7 @@ from multiprocess.connection import wait
 from achilles.core import wire
 from achilles.core.errors import describe_exit
 from achilles.node.pipeio import recv_buffer
-from achilles.node.worker import INLINE_MAX, PROGRESS, RETIRE
+from achilles.node.worker import INLINE_MAX, PROGRESS, RETIRE, UNTAKEN
 from achilles.core.output import TAIL_LINES
 
 log = logging.getLogger("achilles.node")
@@ -44,11 +46,14 @@ _STOP = object()
 #: reaping workers hold this lock; waiting for a worker to end does not.
 _PROCESS_LOCK = threading.Lock()
 
-#: The progress counter until the worker has received its chunk (``worker.TAKEN`` after).
-UNTAKEN = -1
 #: A chunk whose worker died before taking it runs on a new worker, up to this many times
 #: before it is reported CRASHED (workers that die at start must not loop for ever).
 UNTAKEN_RERUNS = 2
+#: Chunks of a job whose last chunk ran faster than this (seconds) go to a worker several in
+#: one pipe message (each still answered on its own), when enough are queued.
+QUICK_CHUNK = 0.001
+#: At most this many chunks in one such message.
+MAX_BATCH = 16
 
 
 @dataclass
@@ -69,6 +74,7 @@ class Task:
     maxtasks: int = 0  # replace a worker after this many of the group's items (0: never)
     forward: bool = False  # capture the task's output and hand it to ``on_output``
     cancelled: bool = False  # set by cancel_job/drain: skip it, or drop its outcome
+    solo: bool = False  # never in a batch (it was in one whose worker died)
     #: The last lines of its output when it failed (the worker's count; else what arrived).
     tail: Optional[Deque[list]] = None
 
@@ -161,6 +167,9 @@ class WorkerPool:
         self._waiting: Dict[int, Task] = {}  # id(task) -> task, queued and not yet taken
         self._lock = threading.Lock()
         self._closed = False
+        #: (session, job id) -> seconds its last chunk took, for jobs whose chunks are quick.
+        self._quick: Dict[Tuple[int, str], float] = {}
+        self.batched = 0  # chunks sent to workers in batches, over the pool's life
         self._slots: List[_Slot] = [_Slot(self._ctx) for _ in range(processes)]
         self._threads = [threading.Thread(target=self._supervise, args=(i,), daemon=True,
                                           name=f"achilles-worker-{i}") for i in range(processes)]
@@ -221,11 +230,62 @@ class WorkerPool:
         """Workers running a task now."""
         return sum(1 for s in self._slots if s.task is not None)
 
+    def is_quick(self, session: int, job_id: str) -> bool:
+        """Whether the job's last chunk ran in under :data:`QUICK_CHUNK` (so its chunks may
+        go to a worker several at a time)."""
+        return self._quick.get((session, job_id), QUICK_CHUNK) < QUICK_CHUNK
+
+    def _batchable(self, task: Task) -> bool:
+        """Whether ``task`` may share a pipe message with other chunks of its job."""
+        return (task.kind == "map" and not task.careful and task.timeout is None
+                and not task.init and not task.maxtasks and not task.solo
+                and len(task.payload) <= INLINE_MAX and self.is_quick(task.session, task.job_id))
+
+    def _timed(self, task: Task, status: int, payload: bytes, elapsed: float) -> None:
+        """``task`` ran for ``elapsed`` s: whether its job's chunks may go in batches now."""
+        key = (task.session, task.job_id)
+        if status not in (wire.OK, wire.ITEM_ERROR):
+            return
+        if elapsed < QUICK_CHUNK:
+            if key not in self._quick and len(self._quick) >= 1024:
+                self._quick.clear()
+            self._quick[key] = elapsed
+        else:
+            self._quick.pop(key, None)
+
+    def _gather(self, task: Task) -> Tuple[List[Task], Any]:
+        """``task`` and the queued chunks of its job that may go with it (a fair share of
+        the queue, at most :data:`MAX_BATCH`); and the next item taken from the queue that
+        may not (None if none was taken)."""
+        batch = [task]
+        if not self._batchable(task):
+            return batch, None
+        room = min(MAX_BATCH, self._queue.qsize() // self.processes + 1)
+        while len(batch) < room:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is _STOP:
+                self._queue.put(_STOP)
+                break
+            if (item.session, item.job_id) != (task.session, task.job_id) \
+                    or not self._batchable(item):
+                return batch, item
+            batch.append(item)
+        return batch, None
+
     def _supervise(self, index: int) -> None:
+        carried: Any = None
         while True:
-            task = self._queue.get()
+            task, carried = (self._queue.get(), None) if carried is None else (carried, None)
             if task is _STOP:
                 return
+            batch, carried = self._gather(task)
+            if len(batch) > 1:
+                if not self._run_batch(index, batch):
+                    return
+                continue
             for attempt in range(UNTAKEN_RERUNS + 1):
                 with self._lock:
                     self._waiting.pop(id(task), None)
@@ -246,6 +306,7 @@ class WorkerPool:
                 if self._closed:
                     return
                 if report is not None and not task.cancelled:
+                    self._timed(task, *report)
                     self.on_result(task, *report)
                 again = report is None and replace and not task.cancelled
                 if again:  # its worker died before taking it: queued again, for cancel_job
@@ -256,12 +317,53 @@ class WorkerPool:
                 if not again:
                     break
 
+    def _run_batch(self, index: int, batch: List[Task]) -> bool:
+        """Send ``batch`` (chunks of one job) to worker ``index`` in one message and hand on
+        each chunk's outcome as its answer comes. If the worker dies, the chunk it was
+        running is reported as a single chunk's would be and the chunks after it are queued
+        again, each to run alone. False when the pool closed meanwhile."""
+        slot = self._slots[index]
+        with self._lock:
+            slot.progress.value = UNTAKEN
+        self.batched += len(batch)
+        try:
+            slot.conn.send_bytes(pickle.dumps([self._header(t) for t in batch], protocol=5))
+        except (EOFError, OSError):
+            pass  # a dead worker: the first read below says so
+        for position, task in enumerate(batch):
+            with self._lock:
+                self._waiting.pop(id(task), None)
+                slot.task = task
+            try:
+                report, replace = self._outcome(index, slot, task, True, send=False)
+            except Exception:
+                log.exception("worker %d: unexpected error supervising chunk %d of job %s",
+                              index, task.chunk_id, task.job_id[:8])
+                with self._lock:
+                    slot.task = None
+                report, replace = (wire.CRASHED, pickle.dumps((None, None)), 0.0), True
+            if self._closed:
+                return False
+            if report is not None and not task.cancelled:
+                self._timed(task, *report)
+                self.on_result(task, *report)
+            if replace:
+                again = batch[position + (report is not None):]
+                for t in again:
+                    t.solo = True
+                    if not t.cancelled:
+                        self.submit(t)
+                self._replace(index, slot)
+                return not self._closed
+        return True
+
     def _outcome(self, index: int, slot: _Slot, task: Task,
-                 rerun: bool) -> Tuple[Optional[tuple], bool]:
+                 rerun: bool, send: bool = True) -> Tuple[Optional[tuple], bool]:
         """Run ``task`` on ``slot``: its one outcome ``(status, payload, elapsed)``, or None
         when it was killed by us or (with ``rerun``) its worker died before taking it; and
-        whether the worker must be replaced."""
-        outcome = self._run(slot, task)
+        whether the worker must be replaced. Without ``send`` the task went to the worker
+        already (in a batch) and only its answer is read."""
+        outcome = self._run(slot, task, send)
         with self._lock:
             slot.task = None
             killed = slot.killed
@@ -311,19 +413,23 @@ class WorkerPool:
                 slot.stop(1.0)
             return
 
-    def _run(self, slot: _Slot, task: Task) -> Any:
+    def _header(self, task: Task) -> tuple:
+        """What the worker is sent for ``task`` (see :mod:`achilles.node.worker`)."""
+        forward = task.forward and self.on_output is not None
+        small = len(task.payload) <= INLINE_MAX
+        return (task.func_bytes, task.callback_bytes, task.careful, task.kind, task.group,
+                task.init, task.maxtasks, forward, bytes(task.payload) if small else None)
+
+    def _run(self, slot: _Slot, task: Task, send: bool = True) -> Any:
         """Run a task: ``(status, payload, elapsed, retire)``, None if the worker died,
         ``"timeout"``, or ``"retire"`` when the worker retired before running it. Output
-        messages that come first go to ``on_output``, progress reports to ``on_progress``."""
-        forward = task.forward and self.on_output is not None
+        messages that come first go to ``on_output``, progress reports to ``on_progress``.
+        Without ``send`` the worker has the task already and only its answer is read."""
         try:
-            small = len(task.payload) <= INLINE_MAX
-            slot.conn.send_bytes(pickle.dumps(
-                (task.func_bytes, task.callback_bytes, task.careful, task.kind, task.group,
-                 task.init, task.maxtasks, forward, bytes(task.payload) if small else None),
-                protocol=5))
-            if not small:
-                slot.conn.send_bytes(task.payload)
+            if send:
+                slot.conn.send_bytes(pickle.dumps(self._header(task), protocol=5))
+                if len(task.payload) > INLINE_MAX:
+                    slot.conn.send_bytes(task.payload)
             deadline = None if task.timeout is None else time.monotonic() + task.timeout
             while True:
                 wait = None if deadline is None else max(0.0, deadline - time.monotonic())

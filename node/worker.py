@@ -9,6 +9,10 @@ arguments and input values). Once a chunk is received, :data:`TAKEN` is written 
 counter; in careful mode (a re-run after the chunk killed a worker) the index of the item
 being run is written there before each item, so the node can blame the exact item if the
 worker dies again.
+A pickled *list* of such tuples (each with its payload inline) is a batch: small chunks of one
+job sent in one message; the worker runs and answers them one after another as if each had
+come alone, writing :data:`UNTAKEN` back to the counter after each answer, so a worker that
+dies between two of them is not blamed on the next.
 Replies (worker -> parent): a pickled ``(status, elapsed, retire, inline)`` header, then the
 result payload unless ``inline`` holds it (as above) — a pickled list of results, or an
 :func:`achilles.core.serialization.error_record`.
@@ -48,6 +52,8 @@ INLINE_MAX = 64 << 10
 #: Written to the progress counter as soon as a chunk is received: a worker that dies with the
 #: counter still at -1 died before taking its chunk, which is then not to blame.
 TAKEN = -2
+#: Written back to the counter after each answer to a chunk of a batch (see below).
+UNTAKEN = -1
 #: Reply status (never on the wire): this process is retiring before the chunk; run it elsewhere.
 RETIRE = -1
 #: The kind of a progress message on the pipe (``(PROGRESS, n)``, like output messages).
@@ -370,14 +376,11 @@ def worker_main(conn: Any, progress: Any) -> None:
         conn.send_bytes(pickle.dumps((kind, data), protocol=5))
 
     reporter = _reporter = _Reporter(conn)
-    while True:
-        try:
-            message = conn.recv_bytes()
-            func_bytes, cb_bytes, careful, kind, group, init_bytes, maxtasks, forward, inline = \
-                pickle.loads(message)
-            payload = recv_buffer(conn) if inline is None else inline
-        except (EOFError, OSError):
-            os._exit(0)
+
+    def serve(entry: tuple, payload: Any) -> None:
+        """Run one chunk and send its answer."""
+        nonlocal capture
+        func_bytes, cb_bytes, careful, kind, group, init_bytes, maxtasks, forward, _ = entry
         progress.value = TAKEN
         results: Optional[list] = None
         if forward:
@@ -415,6 +418,19 @@ def worker_main(conn: Any, progress: Any) -> None:
             os._exit(0)
         if retire:
             os._exit(0)
+
+    while True:
+        try:
+            message = pickle.loads(conn.recv_bytes())
+            if type(message) is list:  # a batch: small chunks of one job, answered one by one
+                for entry in message:
+                    serve(entry, entry[8])
+                    progress.value = UNTAKEN
+                continue
+            payload = recv_buffer(conn) if message[8] is None else message[8]
+        except (EOFError, OSError):
+            os._exit(0)
+        serve(message, payload)
 
 
 def _run_in_group(cache: _CodeCache, groups: _Groups, func_bytes: bytes, cb_bytes: bytes,

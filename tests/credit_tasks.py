@@ -21,3 +21,9 @@ def slow_then_gated(arg):
     if x < first_gated:
         time.sleep(0.02)
     return gated(arg)
+
+
+def shout(x):
+    """Print a line naming ``x`` and return it."""
+    print(f"line of item {x}")
+    return x

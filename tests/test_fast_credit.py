@@ -15,8 +15,12 @@ import signal
 import pytest
 
 from achilles.core import wire
+from achilles.node.pool import WorkerPool
 from conftest import wait_for
-from credit_tasks import gated, slow_then_gated
+from crash_tasks import chaos
+from credit_tasks import gated, shout, slow_then_gated
+from tasks import square
+from test_crash_races import chunk, pools  # noqa: F401  (pools is a fixture)
 from test_scheduler import chunks, controller, make, node, submit, tasks
 
 pytestmark = pytest.mark.timeout(90)
@@ -245,3 +249,69 @@ def test_a_node_killed_with_a_deep_queue_loses_nothing(make_cluster, monkeypatch
     lc.add_node()
     got += list(results)
     assert got == [x * x for x in range(300)]
+
+
+# --- the node's worker pool: quick chunks go to a worker several at a time ------------------------
+
+def held_batch(pool, out, tmp_path, tasks_):
+    """Make one worker (of a 1-process pool) take ``tasks_`` as one batch: chunks of the
+    same job prove the job quick (the first on a fresh worker is not: it loads the code), a
+    chunk of another job holds the worker while ``tasks_`` are queued behind it, then lets it
+    go."""
+    for warm in range(-1, -100, -1):
+        pool.submit(chunk(warm, square, [2]))
+        assert out.wait({warm})
+        if pool.is_quick(1, "job"):
+            break
+    assert pool.is_quick(1, "job")
+    pool.submit(chunk(1000, gated, [(0, str(tmp_path), 0)], job="gate"))
+    for t in tasks_:
+        pool.submit(t)
+    (tmp_path / "open").touch()
+    assert out.wait({t.chunk_id for t in tasks_})
+
+
+def test_a_batch_whose_worker_dies_blames_one_chunk_and_reruns_the_rest(pools, tmp_path):
+    """Ten quick chunks of one job go to the worker in one message; the worker dies running
+    the fifth: that chunk alone is reported CRASHED, the four before it and the five after
+    it each get exactly one OK outcome (those after it ran again, on the new worker)."""
+    out, pool = pools(1)
+    plan = ("now", "exit", 0.0, None)
+    batch = [chunk(c, chaos, [(c, plan if c == 5 else None)]) for c in range(1, 11)]
+    held_batch(pool, out, tmp_path, batch)
+    assert pool.batched == 10
+    for c in range(1, 11):
+        assert len(out.got[c]) == 1, (c, out.got[c])
+        status, payload = out.got[c][0]
+        assert status == (wire.CRASHED if c == 5 else wire.OK), (c, status)
+
+
+def test_each_chunk_of_a_batch_keeps_its_own_output(tmp_path):
+    """Chunks that print, sent to the worker as one batch, each get their own lines (and
+    their result after them), as when they go one by one."""
+    from test_crash_races import Outcomes
+
+    out = Outcomes()
+    lines: dict = {}
+    order: list = []
+
+    def on_output(task, got, dropped):
+        lines.setdefault(task.chunk_id, []).extend(line[2] for line in got)
+        order.append(("out", task.chunk_id))
+
+    def on_result(task, status, payload, elapsed):
+        order.append(("result", task.chunk_id))
+        out(task, status, payload, elapsed)
+
+    pool = WorkerPool(1, on_result, on_output)
+    try:
+        batch = [chunk(c, shout, [c]) for c in range(1, 9)]
+        for t in batch:
+            t.forward = True
+        held_batch(pool, out, tmp_path, batch)
+        assert pool.batched == 8
+        for c in range(1, 9):
+            assert lines[c] == [f"line of item {c}"], lines
+            assert order.index(("out", c)) < order.index(("result", c))
+    finally:
+        pool.close()
