@@ -59,6 +59,11 @@ PROGRESS_INTERVAL = 0.25
 DEFAULT_DEPTH = DEFAULT_FAST_DEPTH
 #: Seconds of estimated work a node may queue per process on fast credit (``window=...``).
 FAST_WINDOW = DEFAULT_FAST_WINDOW
+#: Free fast credit units a node must have before it is handed fast work (at most ``depth``).
+#: A node is then given as many of a fast job's chunks as its fast credit takes, in one turn:
+#: one frame to it carries several, and their results come back several to a frame, instead
+#: of each result freeing one unit that one new chunk refills, a frame each way per chunk.
+FAST_GROUP = 8
 #: Result status codes a node may report.
 KNOWN_STATUSES = frozenset({wire.OK, wire.ITEM_ERROR, wire.CRASHED, wire.TIMED_OUT})
 
@@ -82,6 +87,7 @@ class Scheduler:
         self.prefetch = prefetch
         self.depth = max(0, depth)
         self._unit = window / self.depth if self.depth else 0.0
+        self._fast_min = max(1, min(FAST_GROUP, self.depth))
         self.max_crashes = max_crashes
         self._clock = clock
         self.policy = policy or LeastLoaded()
@@ -649,13 +655,14 @@ class Scheduler:
             job.owner.peer.send(wire.WANT, job.job_id, want, processes, capacity)
 
     def pump(self) -> None:
-        """Hand queued chunks to nodes with free credit, one job at a time in turn: base
-        credit first, then fast credit to the chunks of fast jobs."""
+        """Hand queued chunks to nodes with free credit, one job at a time in turn: a fast
+        job's chunks a group at a time to a node with :data:`FAST_GROUP` units of fast credit
+        free, else (and any other job's) one chunk on base credit."""
         if self._batch_depth:
             self._pump_pending = True
             return
         blocked: List[Job] = []
-        while self._ready and (self._free.top > 0 or self._fast.top > 0):
+        while self._ready and (self._free.top > 0 or self._fast.top >= self._fast_min):
             job_id = self._ready.popleft()
             self._ready_set.discard(job_id)
             job = self.jobs[job_id]  # ready holds only live jobs
@@ -664,15 +671,14 @@ class Scheduler:
             if job.group is not None and job.group.full:  # held until one of its chunks ends
                 blocked.append(job)
                 continue
-            cost = 0
-            if self._free.top > 0:
-                pick = self.policy.pick(job, self._free)
-            elif self._fast_fits(job):
+            if self._fast_fits(job):
                 node = self._fast.best()
                 assert node is not None
-                pick, cost = (0, node), job.fast_cost
-            else:
-                pick = None
+                self._fast_group(job, node)
+                if job.queue:
+                    self._mark_ready(job)
+                continue
+            pick = self.policy.pick(job, self._free) if self._free.top > 0 else None
             if pick is None:  # nothing of this job fits a free node now
                 blocked.append(job)
                 continue
@@ -680,15 +686,22 @@ class Scheduler:
             chunk = job.take(index, self._capacity)
             if job.queue:
                 self._mark_ready(job)
-            self._dispatch(node, job, chunk, cost)
+            self._dispatch(node, job, chunk)
         for job in blocked:
             if self.jobs.get(job.job_id) is job:
                 self._mark_ready(job)
 
     def _fast_fits(self, job: Job) -> bool:
         """Whether ``job``'s next chunk may go on some node's fast credit now."""
-        return (0 < job.fast_cost <= self._fast.top and bool(job.queue)
-                and not job.queue[0].resources)
+        return (0 < job.fast_cost <= self._fast.top and self._fast.top >= self._fast_min
+                and bool(job.queue) and not job.queue[0].resources)
+
+    def _fast_group(self, job: Job, node: NodeState) -> None:
+        """Give ``node`` as many of ``job``'s queued chunks as its fast credit takes."""
+        cost = job.fast_cost
+        while (job.queue and node.fast_free >= cost and not job.queue[0].resources
+               and (job.group is None or not job.group.full)):
+            self._dispatch(node, job, job.take(0, self._capacity), cost)
 
     def _dispatch(self, node: NodeState, job: Job, chunk: Chunk, fast: int = 0) -> None:
         """Place ``chunk`` on ``node``: on ``fast`` units of its fast credit, or (0) on one

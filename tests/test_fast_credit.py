@@ -78,6 +78,30 @@ def test_fast_credit_is_priced_by_service_time():
     assert (n.held, n.fast_held, len(n.inflight)) == (4, 60, 24)
 
 
+def test_fast_credit_is_refilled_a_group_at_a_time():
+    """A node answering a fast job's chunks one by one gets no new fast chunk for each answer:
+    it is refilled once FAST_GROUP units are free, with that many chunks in one go (one frame
+    to it carries them, and their results come back together)."""
+    from achilles.server.scheduler import FAST_GROUP
+
+    sched = make(prefetch=2)
+    cpeer, ctrl = controller(sched)
+    submit(sched, ctrl, "j")
+    npeer, n = node(sched, processes=1)
+    chunks(sched, ctrl, "j", range(500))
+    answer(sched, n, *oldest(n), FAST)
+    assert (n.held, n.fast_held) == (2, 30)
+    for _ in range(3):
+        sent = len(tasks(npeer))
+        for i in range(FAST_GROUP):
+            key = min(k for k, c in n.inflight.items() if c.fast)
+            answer(sched, n, *key, FAST)
+            sched.check_invariants()
+            new = len(tasks(npeer)) - sent
+            assert new == (0 if i < FAST_GROUP - 1 else FAST_GROUP), (i, new)
+        assert n.fast_held == 30
+
+
 def test_a_job_that_slows_down_stops_taking_fast_credit():
     """One slow chunk makes the job's estimate slow at once: no more of its chunks go on fast
     credit, and the node drains back to its base credit as the fast ones finish."""
@@ -91,10 +115,15 @@ def test_a_job_that_slows_down_stops_taking_fast_credit():
     answer(sched, n, *oldest(n), 0.05)
     assert sched.jobs["j"].fast_cost == 0
     sent = len(tasks(npeer))
+    base_answered = 0
     while n.fast_held:
-        answer(sched, n, *oldest(n), 0.05)
+        key = oldest(n)
+        base_answered += n.inflight[key].fast == 0
+        answer(sched, n, *key, 0.05)
         sched.check_invariants()
-    assert len(n.inflight) == 2 and len(tasks(npeer)) == sent + 1  # the slot the slow one freed
+    # only the base slots that slow answers freed were refilled, on base credit
+    assert len(n.inflight) == 2 and all(c.fast == 0 for c in n.inflight.values())
+    assert len(tasks(npeer)) == sent + base_answered
 
 
 def test_a_slow_job_gets_its_share_of_a_node_full_of_fast_chunks():
