@@ -60,9 +60,10 @@ DEFAULT_DEPTH = DEFAULT_FAST_DEPTH
 #: Seconds of estimated work a node may queue per process on fast credit (``window=...``).
 FAST_WINDOW = DEFAULT_FAST_WINDOW
 #: Free fast credit units a node must have before it is handed fast work (at most ``depth``).
-#: A node is then given as many of a fast job's chunks as its fast credit takes, in one turn:
-#: one frame to it carries several, and their results come back several to a frame, instead
-#: of each result freeing one unit that one new chunk refills, a frame each way per chunk.
+#: A node is then given a fast job's chunks for up to that many units in one turn (so a new
+#: job's chunks spread over all nodes first): one frame to it carries several, and their
+#: results come back several to a frame, instead of each result freeing one unit that one new
+#: chunk refills, a frame each way per chunk.
 FAST_GROUP = 8
 #: Result status codes a node may report.
 KNOWN_STATUSES = frozenset({wire.OK, wire.ITEM_ERROR, wire.CRASHED, wire.TIMED_OUT})
@@ -697,11 +698,17 @@ class Scheduler:
                 and bool(job.queue) and not job.queue[0].resources)
 
     def _fast_group(self, job: Job, node: NodeState) -> None:
-        """Give ``node`` as many of ``job``'s queued chunks as its fast credit takes."""
+        """Give ``node`` a group of ``job``'s queued chunks: :data:`FAST_GROUP` units of them
+        (all its free fast credit when less than two groups' worth is free), so a new job's
+        chunks spread over all nodes first."""
         cost = job.fast_cost
-        while (job.queue and node.fast_free >= cost and not job.queue[0].resources
-               and (job.group is None or not job.group.full)):
+        free = node.fast_free
+        limit = free if free < 2 * self._fast_min else self._fast_min
+        given = 0
+        while (given < limit and job.queue and node.fast_free >= cost
+               and not job.queue[0].resources and (job.group is None or not job.group.full)):
             self._dispatch(node, job, job.take(0, self._capacity), cost)
+            given += cost
 
     def _dispatch(self, node: NodeState, job: Job, chunk: Chunk, fast: int = 0) -> None:
         """Place ``chunk`` on ``node``: on ``fast`` units of its fast credit, or (0) on one

@@ -102,6 +102,25 @@ def test_fast_credit_is_refilled_a_group_at_a_time():
         assert n.fast_held == 30
 
 
+def test_a_fast_job_spreads_over_all_nodes_a_group_at_a_time():
+    """Chunks of a timed fast job go to nodes at most FAST_GROUP units at a time, each to the
+    node with the most fast credit free, so a job of a few chunks per node reaches every node
+    instead of filling the first ones' deep queues."""
+    from achilles.server.scheduler import FAST_GROUP
+
+    sched = make(prefetch=1)
+    cpeer, ctrl = controller(sched)
+    submit(sched, ctrl, "j")
+    nodes = [node(sched, processes=1)[1] for _ in range(4)]
+    chunks(sched, ctrl, "j", range(4))
+    first = next(n for n in nodes if n.inflight)
+    answer(sched, first, *oldest(first), FAST)  # the job is now timed as fast
+    assert sched.jobs["j"].fast_cost == 1
+    chunks(sched, ctrl, "j", range(4, 4 + 4 * FAST_GROUP))
+    sched.check_invariants()
+    assert [n.fast_held for n in nodes] == [FAST_GROUP] * 4
+
+
 def test_a_job_that_slows_down_stops_taking_fast_credit():
     """One slow chunk makes the job's estimate slow at once: no more of its chunks go on fast
     credit, and the node drains back to its base credit as the fast ones finish."""
