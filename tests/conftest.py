@@ -142,11 +142,11 @@ class Daemons:
         self.logs[proc.pid] = log
         return proc
 
-    def server(self, secret: str, username: str = "tester") -> int:
-        """Start a server on an OS-picked port; return the port."""
+    def server(self, secret: str, username: str = "tester", *args: str) -> int:
+        """Start a server on an OS-picked port (``args``: more options); return the port."""
         port_file = self.tmp_path / f"port-{len(self.procs)}"
         proc = self.start("server", "--host", "127.0.0.1", "--port", "0", "--port-file",
-                          str(port_file), secret=secret, username=username)
+                          str(port_file), *args, secret=secret, username=username)
         wait_for(lambda: port_file.exists() or proc.poll() is not None, what="server port")
         assert proc.poll() is None, self.log(proc)
         return int(port_file.read_text())

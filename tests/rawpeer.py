@@ -77,8 +77,16 @@ class RawPeer:
                 continue
             return code, fields
 
+    @property
+    def address(self) -> str:
+        """This end's ``host:port``, as the server's log names the connection."""
+        host, port = self.sock.getsockname()[:2]
+        return f"{host}:{port}"
+
     def closed_by_server(self, timeout: float = 10.0) -> bool:
-        """Whether the server closes this connection within ``timeout`` seconds."""
+        """Whether the server closes this connection within ``timeout`` seconds (nothing is
+        answered meanwhile: a server's heartbeat would close it too, ``heartbeat`` seconds
+        after this peer last sent anything)."""
         self.sock.settimeout(timeout)
         try:
             while True:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import socket
 import struct
 import threading
@@ -15,12 +16,19 @@ from achilles.core.config import Config
 from achilles.controller.cluster import Cluster
 from achilles.core.errors import AuthenticationError, ConnectionFailed
 from achilles.core.handshake import derive_key
+from achilles.core.protocol import HANDSHAKE_TIMEOUT
 from conftest import MarkerPickle, read_frame, wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
 
-def closed_by_peer(sock, timeout=10.0):
+#: Seconds to wait for a peer to close a connection: well under the handshake deadline (10 s
+#: from the connect), so a close seen in time answers what the test sent, never the deadline.
+CLOSE_WAIT = HANDSHAKE_TIMEOUT / 3
+
+
+def closed_by_peer(sock, timeout=CLOSE_WAIT):
+    """Whether the other end closes ``sock`` within ``timeout`` seconds."""
     sock.settimeout(timeout)
     try:
         while True:
@@ -30,6 +38,17 @@ def closed_by_peer(sock, timeout=10.0):
         return True
     except socket.timeout:
         return False
+
+
+def refused_for(lc, sock) -> str:
+    """The reason the server's log gives for refusing or closing ``sock``'s connection
+    (never its handshake deadline)."""
+    host, port = sock.getsockname()[:2]
+    line = re.compile(r"(?:refused|closing connection from) %s: (.*)" % re.escape(f"{host}:{port}"))
+    wait_for(lambda: line.search(lc.log_text("server")), 10, what="the server's reason")
+    reason = line.search(lc.log_text("server")).group(1)
+    assert "handshake not finished" not in reason
+    return reason
 
 
 def test_controller_with_wrong_secret_is_refused(daemons, secret):
@@ -84,7 +103,11 @@ def test_node_refuses_fake_server(daemons, secret, tmp_path):
             seen["auth"] = read_frame(conn)
             conn.sendall(wire.encode_json(wire.AUTH_OK, {"proof": "00" * 32}))
             payload = pickle.dumps((MarkerPickle(str(marker)),))
-            conn.sendall(wire.frame(wire.JOB_CODE, payload) + wire.frame(wire.TASK, payload))
+            try:
+                conn.sendall(wire.frame(wire.JOB_CODE, payload) + wire.frame(wire.TASK, payload))
+            except (ConnectionResetError, BrokenPipeError):  # the node hung up at AUTH_OK
+                seen["closed"] = True
+                return
             seen["closed"] = closed_by_peer(conn)
 
     t = threading.Thread(target=fake_server, daemon=True)
@@ -108,7 +131,7 @@ def test_node_refuses_fake_server(daemons, secret, tmp_path):
 @pytest.mark.parametrize("first_code", [wire.AUTH, wire.SUBMIT, wire.RESULT])
 def test_preauth_pickle_never_loaded(shared_cluster, tmp_path, first_code):
     """A pickle sent before authentication is never unpickled; the server drops that
-    connection and keeps serving."""
+    connection at once for it (its log says why) and keeps serving."""
     lc = shared_cluster
     marker = tmp_path / "pwned"
     body = pickle.dumps((MarkerPickle(str(marker)),))
@@ -118,6 +141,7 @@ def test_preauth_pickle_never_loaded(shared_cluster, tmp_path, first_code):
         assert code == wire.HELLO and json.loads(hello)["achilles"] == 1
         s.sendall(wire.frame(first_code, body))
         assert closed_by_peer(s)
+        assert re.search("not JSON|unexpected message code", refused_for(lc, s))
     assert not marker.exists()
     assert lc.cluster.map(abs, [-1, -2]) == [1, 2]
 
@@ -149,12 +173,14 @@ def test_replayed_handshake_fails(shared_cluster):
 
 
 def test_oversized_preauth_frame_closes(shared_cluster):
-    """A pre-auth frame header announcing more than the pre-auth cap closes the connection."""
+    """A pre-auth frame header announcing more than the pre-auth cap closes the connection
+    at once, for that reason (the server's log)."""
     lc = shared_cluster
     with socket.create_connection(("127.0.0.1", lc.port)) as s:
         read_frame(s)
         s.sendall(struct.pack("!BI", wire.AUTH, 10_000_000))
         assert closed_by_peer(s)
+        assert "exceeds the limit" in refused_for(lc, s)
     assert lc.cluster.map(abs, [-3]) == [3]
 
 
