@@ -178,6 +178,10 @@ def run_swarm(host: str, port: int, secret: str, nodes: int, processes: int, del
             else:
                 handshake_over(self, False)
 
+        @handles(wire.SHM_PROBE)
+        def shm_probe(self, name: str, digest: bytes) -> None:
+            self.send(wire.SHM_OK, False)  # a simulated node shares no memory: bytes only
+
         @handles(wire.JOB_CODE)
         def job_code(self, job_id: str, func_bytes: bytes, callback_bytes: bytes,
                      options: Dict[str, Any]) -> None:

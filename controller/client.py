@@ -18,10 +18,11 @@ from achilles.controller.events import (ChunkResult, ConnectionLostEvent, Event,
                                         PipeResult, Reply,
                                         TaskDone,
                                         Want)
-from achilles.core import wire
+from achilles.core import shm, wire
 from achilles.core.errors import AuthenticationError, ConnectionFailed, ServerBusy
 from achilles.core.protocol import PeerSideProtocol, handles
 from achilles.core.reactor import get_reactor
+from achilles.controller.segments import Segments
 
 log = logging.getLogger("achilles.controller")
 
@@ -40,7 +41,8 @@ class ControllerProtocol(PeerSideProtocol):
 
     local_role = "controller"
 
-    def __init__(self, username: str, auth_key: bytes, address: str) -> None:
+    def __init__(self, username: str, auth_key: bytes, address: str,
+                 segments: Optional[Segments] = None) -> None:
         super().__init__()
         self.username = username
         self.auth_key = auth_key
@@ -51,6 +53,11 @@ class ControllerProtocol(PeerSideProtocol):
         self.jobs: Dict[str, EventSink] = {}
         self.requests: Dict[int, EventSink] = {}
         self.lost_reason = ""
+        #: This process's shared-memory settings (None: off here).
+        self.segments = segments
+        #: This connection proved it shares the server's shared memory (it read the probe):
+        #: large map payloads may go as references (:mod:`achilles.core.shm`).
+        self.shm_ok = False
         #: Events of the read being handled, per sink, delivered together when it is done.
         self._held: Optional[Dict[EventSink, List[Event]]] = None
 
@@ -115,8 +122,10 @@ class ControllerProtocol(PeerSideProtocol):
         return id(self)
 
     def remove_job(self, job_id: str) -> None:
-        """Stop routing ``job_id``'s events."""
+        """Stop routing ``job_id``'s events; its result segments nobody read are unlinked."""
         self.jobs.pop(job_id, None)
+        if self.segments is not None:
+            self.segments.forget(job_id)
 
     def start_request(self, request_id: int, sink: EventSink, message: List[bytes]) -> None:
         """Send a request; its :class:`Reply` (or :class:`ConnectionLostEvent`) goes to ``sink``."""
@@ -131,6 +140,14 @@ class ControllerProtocol(PeerSideProtocol):
         self.requests.pop(request_id, None)
 
     # --- server messages --------------------------------------------------------------------
+    @handles(wire.SHM_PROBE)
+    def shm_probe(self, name: str, digest: bytes) -> None:
+        segments = self.segments
+        shared = segments is not None and shm.check_probe(segments.path, name, digest)
+        # SHM_OK goes first: a reference this end sends later always follows it.
+        self.send(wire.SHM_OK, shared)
+        self.shm_ok = shared
+
     @handles(wire.WANT)
     def want(self, job_id: str, n: int, processes: int, capacity: int) -> None:
         sink = self.jobs.get(job_id)
@@ -141,6 +158,12 @@ class ControllerProtocol(PeerSideProtocol):
     def result(self, job_id: str, chunk_id: int, status: int, elapsed: float, node: str,
                payload: bytes) -> None:
         sink = self.jobs.get(job_id)
+        if status == wire.OK and shm.is_ref(payload) and self.segments is not None:
+            if sink is None:  # nobody reads this job any more
+                self.segments.discard(payload)
+                return
+            payload = bytes(payload)
+            self.segments.arrived(job_id, payload)
         if sink is not None:
             self._put(sink, ChunkResult(chunk_id, status, payload, elapsed, node))
 
@@ -206,14 +229,17 @@ class ControllerProtocol(PeerSideProtocol):
 
 def connect(host: str, port: int, username: str, auth_key: bytes,
             timeout: float = CONNECT_TIMEOUT, heartbeat: float = wire.DEFAULT_HEARTBEAT,
-            tls: Any = None, max_frame: int = wire.DEFAULT_MAX_FRAME) -> defer.Deferred:
+            tls: Any = None, max_frame: int = wire.DEFAULT_MAX_FRAME,
+            segments: Optional[Segments] = None) -> defer.Deferred:
     """Connect and authenticate; fires with a ready :class:`ControllerProtocol`.
 
     ``auth_key`` is ``derive_key(username, secret_key)``, derived once by the caller.
     ``tls`` is Twisted client TLS options (see :mod:`achilles.core.tls`), or None for plain TCP.
+    ``segments``: this process's shared-memory end (:mod:`achilles.controller.segments`), or
+    None to answer the server's probe with "not shared".
     """
     address = f"{host}:{port}"
-    proto = ControllerProtocol(username, auth_key, address)
+    proto = ControllerProtocol(username, auth_key, address, segments)
     proto.heartbeat = heartbeat
     proto.max_frame = max_frame
     if tls is None:

@@ -24,6 +24,7 @@ from achilles.controller.handle import HandleEvent, HandleSet, JobHandle
 from achilles.controller.job import JobRun, ResultIterator
 from achilles.controller.options import JobOptions, check_chunksize
 from achilles.controller.progress import wanted
+from achilles.controller.segments import Segments
 
 REQUEST_TIMEOUT = 30.0
 KILL_TIMEOUT = 30.0
@@ -52,6 +53,9 @@ class Cluster:
         self.forward_output = config.forward_output if forward_output is None else forward_output
         self._key = derive_key(config.username, config.require_secret())
         self._tls = config.client_tls()
+        #: This process's end of the shared-memory path (None: ``ACHILLES_SHM_DIR=off``).
+        self.segments: Optional[Segments] = Segments.create(self._key, config.shm_dir,
+                                                            config.shm_min)
         self._lock = threading.Lock()
         self._proto: Optional[ControllerProtocol] = None
         self._reached = False  # connected at least once: an unreachable server is waited for
@@ -82,7 +86,7 @@ class Cluster:
                     proto = reactor_thread.call(
                         connect, self.config.host, self.config.port, self.config.username,
                         self._key, self.timeout, self.config.heartbeat, self._tls,
-                        self.config.max_frame, timeout=self.timeout + 5)
+                        self.config.max_frame, self.segments, timeout=self.timeout + 5)
                 except ServerBusy as exc:
                     error = exc
                     busy = True
@@ -142,6 +146,20 @@ class Cluster:
         proto = self._proto
         if proto is not None:
             reactor_thread.post(proto.remove_job, job_id, wake=False)
+
+    def shared_memory(self) -> Optional[Segments]:
+        """The shared-memory end when the live connection proved it shares the server's
+        (large map payloads may then go as segments), else None."""
+        proto = self._proto
+        if proto is not None and proto.shm_ok and proto.state == "ready":
+            return self.segments
+        return None
+
+    def frame_limit(self) -> int:
+        """The largest message the live connection may send (``ACHILLES_MAX_FRAME``, or the
+        server's if lower)."""
+        proto = self._proto
+        return self.config.max_frame if proto is None else proto.send_limit
 
     def send(self, messages: List[List[bytes]]) -> None:
         """Queue encoded messages for the reactor thread to write. A message over the frame

@@ -11,10 +11,11 @@ from __future__ import annotations
 import collections
 import itertools
 import queue
+import sys
 import uuid
 from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Tuple
 
-from achilles.core import wire
+from achilles.core import shm, wire
 from achilles.core.errors import ConnectionLost, JobCancelled
 from achilles.core.codecache import dumps_code_cached
 from achilles.core.serialization import dumps_data, function_name, loads_data
@@ -77,6 +78,12 @@ class JobRun:
         # chunk id -> (first item, n items, encoded CHUNK): kept until answered, for resubmission
         self.outstanding: Dict[int, Tuple[int, int, List[bytes]]] = {}
         self.session_chunks = 0  # CHUNKs sent on the current connection (END counts these)
+        # chunk id -> reference of a chunk sent as a shared-memory segment (achilles.core.shm;
+        # the segment holds what the encoded CHUNK held before): unlinked when its result
+        # arrives or the job ends; read back to resend it as bytes to a server this end has
+        # not proven to share memory with
+        self.segments: Dict[int, bytes] = {}
+        self._shm: Any = getattr(link, "segments", None)
         self.buffered: Dict[int, list] = {}
         self.ready: Deque[Tuple[int, list]] = collections.deque()  # (first item, results)
         self.next_chunk = 0
@@ -155,11 +162,13 @@ class JobRun:
         while (self.credit > 0 and not self.exhausted and self.error is None and not self.finished
                and len(self.outstanding) + len(self.buffered) + len(self.ready) < self.window):
             size = self.sizer.size()
-            items, payload = self._pickle(self._read(size))
+            items, payload = self._encode(self._read(size))
             self.sizer.issue(len(items))
             if items:
                 cid = self.n_chunks
                 self.n_chunks += 1
+                if payload is not None and shm.is_ref(payload):
+                    self.segments[cid] = payload
                 message = wire.encode_message(
                     wire.CHUNK, (self.job_id, cid, len(items), payload))
                 self.outstanding[cid] = (self.items_sent, len(items), message)
@@ -172,6 +181,45 @@ class JobRun:
                 messages.append(wire.encode_message(wire.END, (self.job_id, self.session_chunks)))
         if messages:
             self.link.send(messages)
+
+    def _side(self) -> Any:
+        """The shared-memory end when the live connection proved it shares the server's."""
+        shared = getattr(self.link, "shared_memory", None)
+        return shared() if shared is not None else None
+
+    def _encode(self, items: list) -> Tuple[list, Optional[bytes]]:
+        """``(items, payload)`` as :meth:`_pickle`, except that a large chunk on a connection
+        that shares the server's memory goes as a segment: ``payload`` is its reference.
+        Items that look large (the first one's size times their number) are pickled straight
+        into the segment; others are pickled first and written if the pickle is large. When
+        shared memory is full the bytes go in the frame."""
+        side = self._side()
+        if side is not None and items and \
+                sys.getsizeof(items[0]) * len(items) >= side.threshold:
+            ref = self._fitting(side, side.dump(items))
+            if ref is not None:
+                return items, ref
+        items, payload = self._pickle(items)
+        if side is not None and payload is not None and len(payload) >= side.threshold:
+            ref = self._fitting(side, side.write(payload))
+            if ref is not None:
+                return items, ref
+        return items, payload
+
+    def _fitting(self, side: Any, ref: Optional[bytes]) -> Optional[bytes]:
+        """``ref`` unless its payload would be over the frame limit inline (the limit holds
+        whichever way a payload travels: the bytes then raise FrameTooLarge as always)."""
+        limit = getattr(self.link, "frame_limit", None)
+        if ref is not None and limit is not None and not shm.fits(ref, limit()):
+            side.discard(ref)
+            return None
+        return ref
+
+    def _unlink(self, cid: int) -> None:
+        """Chunk ``cid`` is answered or abandoned: unlink its segment, if it has one."""
+        ref = self.segments.pop(cid, None)
+        if ref is not None and self._shm is not None:
+            self._shm.discard(ref)
 
     # --- results ----------------------------------------------------------------------------
     def _handle(self, event: Event) -> None:
@@ -201,12 +249,27 @@ class JobRun:
 
     def _result(self, event: ChunkResult) -> None:
         spec = self.outstanding.pop(event.chunk_id, None)
+        payload: Any = event.payload
+        shared = event.status == wire.OK and self._shm is not None and shm.is_ref(payload)
         if spec is None:
+            if shared:
+                self._shm.drop(self.job_id, payload)
             return
+        self._unlink(event.chunk_id)
         first, n, _ = spec
+        if shared:
+            try:
+                payload = self._shm.take(self.job_id, payload)
+            except shm.ShmError as refused:
+                if self.finished:  # cancelled from another thread, which unlinked it
+                    return
+                # Refused before anything in it was unpickled: the chunk fails with why.
+                self.chunks_failed += 1
+                self._failed(event.chunk_id, refused, None, [], first)
+                return
         if event.status == wire.OK:
             self.output.forget(event.chunk_id)
-            values = loads_data(event.payload)
+            values = loads_data(payload)
             self.items_done += n
             self.sizer.observe(n, event.elapsed)
             if self.ordered:
@@ -220,9 +283,15 @@ class JobRun:
         if event.status == wire.ITEM_ERROR and index is not None and hasattr(exc, "add_note"):
             exc.add_note(f"raised by {self.function} on item {first + index} "
                          f"(node {event.node}, job {self.job_id[:8]})")
-        self.output.attach(exc, event.chunk_id, _label(event.chunk_id, first))
-        if self.error is None or (self.ordered and event.chunk_id < self.error[0]):
-            self.error = (event.chunk_id, exc, partial)
+        self._failed(event.chunk_id, exc, index, partial, first)
+
+    def _failed(self, chunk_id: int, exc: BaseException, index: Optional[int], partial: list,
+                first: int) -> None:
+        """Chunk ``chunk_id`` (input from ``first``) failed with ``exc``: keep the error that
+        comes first in the caller's order."""
+        self.output.attach(exc, chunk_id, _label(chunk_id, first))
+        if self.error is None or (self.ordered and chunk_id < self.error[0]):
+            self.error = (chunk_id, exc, partial)
             self.error_first = first
             self.error_index = None if index is None else first + index
 
@@ -237,6 +306,21 @@ class JobRun:
                 f"{self.items_sent} items done; {exc}", done=self.items_done) from None
         # The server's new copy of the job counts from zero: what was done before is the base.
         self._base = (self.items_done, self._retried)
+        if self.segments and self._side() is None:
+            # not (yet) proven to share this server's memory: the chunks go as bytes again
+            for cid in sorted(self.segments):
+                first, n, _ = self.outstanding[cid]
+                try:
+                    payload = self._shm.read(self.segments[cid])
+                except shm.ShmError as lost:  # removed or altered meanwhile: that chunk fails
+                    del self.outstanding[cid]
+                    self.chunks_failed += 1
+                    self._failed(cid, lost, None, [], first)
+                    payload = None
+                self._unlink(cid)
+                if payload is not None:
+                    self.outstanding[cid] = (first, n, wire.encode_message(
+                        wire.CHUNK, (self.job_id, cid, n, payload)))
         messages = self._opening + [self.outstanding[cid][2] for cid in sorted(self.outstanding)]
         self.session_chunks = len(self.outstanding)
         self.credit = max(0, INITIAL_CREDIT - self.session_chunks)
@@ -293,6 +377,8 @@ class JobRun:
             self.finished = True
             self.link.send([wire.encode_message(wire.CANCEL, (self.job_id, reason))])
         self.link.unregister(self.job_id)
+        for cid in list(self.segments):
+            self._unlink(cid)
         if self.progress is not None and not self.progress.closed:
             # The final figures are this side's: every result it has, every failure it saw.
             complete = self._answered() and self.error is None and self.input_error is None

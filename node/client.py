@@ -8,13 +8,13 @@ import os
 import pickle
 import socket
 import threading
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 from twisted.internet import protocol
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 
-from achilles.core import wire
+from achilles.core import shm, wire
 from achilles.core.config import DEFAULT_REFUSED_RETRY_MAX_DELAY, DEFAULT_RETRY_MAX_DELAY
 from achilles.core.errors import FrameTooLarge, ProtocolError
 from achilles.core.handshake import derive_key
@@ -107,6 +107,11 @@ class NodeProtocol(PeerSideProtocol):
         self.jobs: Dict[str, Tuple[bytes, bytes, Dict[str, Any]]] = {}
         self.refusal: Optional[str] = None
         self.was_ready = False
+        #: This node read the server's shared-memory probe: large map payloads may be refs.
+        self.shm_ok = False
+        #: Map jobs whose last result was small: their chunks get no result segment (a
+        #: segment name costs every chunk a little; a large result turns it back on).
+        self.small_results: Set[str] = set()
         self._load: Optional[LoopingCall] = None
 
     def on_refused(self, reason: str) -> None:
@@ -143,6 +148,12 @@ class NodeProtocol(PeerSideProtocol):
             why = self.auth_error or self.refusal or printable(reason.getErrorMessage())
             f.handshake_failed(str(why))
 
+    @handles(wire.SHM_PROBE)
+    def shm_probe(self, name: str, digest: bytes) -> None:
+        f = self.factory
+        self.shm_ok = f.shm_dir is not None and shm.check_probe(f.shm_dir, name, digest)
+        self.send(wire.SHM_OK, self.shm_ok)
+
     @handles(wire.JOB_CODE)
     def job_code(self, job_id: str, func_bytes: bytes, callback_bytes: bytes,
                  options: Dict[str, Any]) -> None:
@@ -161,13 +172,18 @@ class NodeProtocol(PeerSideProtocol):
         if not isinstance(init, bytes) or not isinstance(maxtasks, int) or kind != "map":
             init, maxtasks = b"", 0
         group = options.get("group") if isinstance(options.get("group"), str) else job_id
-        self.factory.pool.submit(Task(self.session, job_id, chunk_id, code[0], code[1], payload,
-                                      bool(careful), timeout, kind, str(group), init,
-                                      max(0, maxtasks), options.get("output", True) is not False))
+        f = self.factory
+        segment = (f.shm_name() if self.shm_ok and kind == "map"
+                   and job_id not in self.small_results else None)
+        f.pool.submit(Task(self.session, job_id, chunk_id, code[0], code[1], payload,
+                           bool(careful), timeout, kind, str(group), init,
+                           max(0, maxtasks), options.get("output", True) is not False,
+                           shm=segment))
 
     @handles(wire.CANCEL)
     def cancel(self, job_id: str, reason: str) -> None:
         self.jobs.pop(job_id, None)
+        self.small_results.discard(job_id)
         self.factory.pool.cancel_job(self.session, job_id)
         self.factory.stages.stop_pipe(self.session, job_id)
 
@@ -177,6 +193,7 @@ class NodeProtocol(PeerSideProtocol):
             raise ProtocolError("JOB_DONE with a job id that is not a string")
         for job_id in job_ids:
             self.jobs.pop(job_id, None)
+            self.small_results.discard(job_id)
             self.factory.stages.stop_pipe(self.session, job_id)
 
     @handles(wire.PIPE_WORK)
@@ -230,6 +247,24 @@ class NodeProtocol(PeerSideProtocol):
         """Send a chunk's outcome; one too large to send is turned into a FrameTooLarge error
         for its caller, so it never stalls the job. A failure's last lines of output go
         first."""
+        shm_dir = self.factory.shm_dir
+        if self.shm_ok and status == wire.OK and task.kind == "map":
+            if len(payload) >= self.factory.shm_min or (task.shm is not None
+                                                        and shm.is_ref(payload)):
+                self.small_results.discard(task.job_id)
+            else:
+                self.small_results.add(task.job_id)
+        if task.shm is not None and shm_dir is not None and status == wire.OK \
+                and shm.is_ref(payload) and not shm.fits(payload, self.send_limit):
+            # The frame limit holds whichever way a payload travels (the server may have to
+            # send these bytes on to a controller on another host).
+            size = shm.parse(payload).size
+            shm.discard(shm_dir, payload)
+            status, payload = wire.ITEM_ERROR, error_record(0, FrameTooLarge(
+                f"the results of chunk {task.chunk_id} are {size:,} bytes, over the "
+                f"{self.send_limit:,}-byte limit; send less per message (a smaller chunksize, "
+                "smaller arguments or results) or raise ACHILLES_MAX_FRAME on every machine"),
+                [])
         failures = (batch_failures(payload) if task.kind == "graph" and task.chunk_id < 0
                     and status == wire.OK else [])
         if (status != wire.OK or failures) and task.tail:
@@ -303,7 +338,8 @@ class NodeFactory(protocol.ReconnectingClientFactory):
                  address: str, resources: Optional[Dict[str, float]] = None,
                  heartbeat: float = wire.DEFAULT_HEARTBEAT,
                  max_frame: int = wire.DEFAULT_MAX_FRAME,
-                 retry_max_delay: Optional[float] = None) -> None:
+                 retry_max_delay: Optional[float] = None, shm_dir: Optional[str] = None,
+                 shm_min: Optional[int] = None) -> None:
         self.max_frame = max_frame
         if retry_max_delay is not None:
             self.reachableMaxDelay = self.refusedMaxDelay = self.maxDelay = retry_max_delay
@@ -312,6 +348,13 @@ class NodeFactory(protocol.ReconnectingClientFactory):
         self.heartbeat = heartbeat
         self.username = username
         self.auth_key = derive_key(username, secret_key)
+        #: Shared memory (achilles.core.shm): its directory (None: off), tag key, threshold.
+        self.shm_dir = shm.directory(shm_dir)
+        self.shm_key = shm.segment_key(self.auth_key) if self.shm_dir is not None else b""
+        self.shm_min = shm.threshold(shm_min)
+        shm.sweep(self.shm_dir)
+        #: Names of result segments, one per map chunk run while shared memory is used.
+        self.shm_name = shm.Names()
         self.address = address
         self.resources = dict(resources or {})
         self.current: Optional[NodeProtocol] = None
@@ -320,7 +363,9 @@ class NodeFactory(protocol.ReconnectingClientFactory):
         self._sessions = 0
         self._handoff = Handoff()
         self.pool = WorkerPool(processes, self._from_worker, self._output_from_worker,
-                               self._progress_from_worker)
+                               self._progress_from_worker,
+                               None if self.shm_dir is None else
+                               (self.shm_dir, self.shm_key, self.shm_min))
         self.stages = StageHost(name, self._from_stage, self._output_from_stage)
 
     # Twisted types buildProtocol's result as a protocol with a generic ``factory`` property;
@@ -348,8 +393,10 @@ class NodeFactory(protocol.ReconnectingClientFactory):
 
     def _deliver(self, task: Task, status: int, payload: bytes, elapsed: float) -> None:
         proto = self.current
-        if proto is not None and proto.session == task.session:
+        if proto is not None and proto.session == task.session and proto.state == "ready":
             proto.send_result(task, status, payload, elapsed)
+        elif task.shm is not None and status == wire.OK and self.shm_dir is not None:
+            shm.discard(self.shm_dir, payload)  # its reference goes nowhere: unlink it
 
     def _from_stage(self, key: CopyKey, seq: int, status: int, n_items: int, skipped: int,
                     exhausted: bool, errors: bytes, payload: bytes) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from typing import Dict, List, Optional
 
 from achilles.core.cli_common import add_client_tls_options, add_connection_options, run_main
@@ -70,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
     processes = cfg.processes or cpu_count()
     factory = NodeFactory(name, processes, cfg.username, secret, f"{cfg.host}:{cfg.port}", resources,
                           heartbeat=cfg.heartbeat, max_frame=cfg.max_frame,
-                          retry_max_delay=cfg.retry_max_delay)
+                          retry_max_delay=cfg.retry_max_delay, shm_dir=cfg.shm_dir,
+                          shm_min=cfg.shm_min)
     try:
         if tls is None:
             reactor.connectTCP(cfg.host, cfg.port, factory)
@@ -85,6 +87,9 @@ def run(args: argparse.Namespace) -> int:
     finally:
         factory.stages.close()
         factory.pool.close()
+        from achilles.core import shm
+
+        shm.remove_owned(factory.shm_dir, os.getpid())  # result segments nobody will read
     log.info("node %s stopped", name)
     return 0
 

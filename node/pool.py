@@ -30,7 +30,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 import multiprocess
 from multiprocess.connection import wait
 
-from achilles.core import wire
+from achilles.core import shm, wire
 from achilles.core.errors import describe_exit
 from achilles.node.pipeio import recv_buffer
 from achilles.node.worker import INLINE_MAX, PROGRESS, RETIRE, UNTAKEN
@@ -77,6 +77,13 @@ class Task:
     solo: bool = False  # never in a batch (it was in one whose worker died)
     #: The last lines of its output when it failed (the worker's count; else what arrived).
     tail: Optional[Deque[list]] = None
+    #: The name of its result segment when this node shares the server's shared memory
+    #: (:mod:`achilles.core.shm`, the pool's ``shm`` settings): the worker then reads a
+    #: reference payload, and writes a large result to that segment and answers with its
+    #: reference.
+    shm: Optional[str] = None
+
+
 
 
 ResultHandler = Callable[[Task, int, bytes, float], None]
@@ -99,12 +106,13 @@ def _context() -> Any:
 class _Slot:
     """One worker process, its pipe, its shared progress counter and its current task."""
 
-    def __init__(self, ctx: Any) -> None:
+    def __init__(self, ctx: Any, shm_settings: Optional[Tuple[str, bytes, int]] = None) -> None:
         from achilles.node.worker import worker_main
 
         self.progress = ctx.RawValue("q", -1)
         self.conn, child = ctx.Pipe(duplex=True)
-        self.proc = ctx.Process(target=worker_main, args=(child, self.progress), daemon=True)
+        self.proc = ctx.Process(target=worker_main, args=(child, self.progress, shm_settings),
+                                daemon=True)
         try:
             with _PROCESS_LOCK:
                 self.proc.start()
@@ -153,12 +161,16 @@ class WorkerPool:
     ``on_progress(task, n)`` (a running task's :func:`~achilles.node.worker.report_progress`)
     are called from supervisor threads: pass functions that hop to the reactor
     (``reactor.callFromThread``). A task's output always comes before its result.
+    ``shm``: ``(directory, key, threshold)`` of this node's shared memory
+    (:mod:`achilles.core.shm`), given to every worker, or None (off).
     """
 
     def __init__(self, processes: int, on_result: ResultHandler,
                  on_output: Optional[OutputHandler] = None,
-                 on_progress: Optional[ProgressHandler] = None) -> None:
+                 on_progress: Optional[ProgressHandler] = None,
+                 shm: Optional[Tuple[str, bytes, int]] = None) -> None:
         self.processes = processes
+        self.shm = shm
         self.on_result = on_result
         self.on_output = on_output
         self.on_progress = on_progress
@@ -170,11 +182,20 @@ class WorkerPool:
         #: (session, job id) -> seconds its last chunk took, for jobs whose chunks are quick.
         self._quick: Dict[Tuple[int, str], float] = {}
         self.batched = 0  # chunks sent to workers in batches, over the pool's life
-        self._slots: List[_Slot] = [_Slot(self._ctx) for _ in range(processes)]
+        self._slots: List[_Slot] = [_Slot(self._ctx, shm) for _ in range(processes)]
         self._threads = [threading.Thread(target=self._supervise, args=(i,), daemon=True,
                                           name=f"achilles-worker-{i}") for i in range(processes)]
         for t in self._threads:
             t.start()
+
+    def _drop_segment(self, task: Task, report: Optional[tuple]) -> None:
+        """Unlink ``task``'s result segment unless ``report`` (None: nothing goes out) is an
+        OK result, whose reference goes on to the server: the worker may have written it
+        and then died, timed out or been cancelled."""
+        if task.shm is None or self.shm is None or (report is not None
+                                                    and report[0] == wire.OK):
+            return
+        shm.discard(self.shm[0], task.shm)
 
     def submit(self, task: Task) -> None:
         """Queue a task (thread-safe)."""
@@ -305,7 +326,10 @@ class WorkerPool:
                     report, replace = (wire.CRASHED, pickle.dumps((None, None)), 0.0), True
                 if self._closed:
                     return
-                if report is not None and not task.cancelled:
+                deliver = report is not None and not task.cancelled
+                self._drop_segment(task, report if deliver else None)
+                if deliver:
+                    assert report is not None
                     self._timed(task, *report)
                     self.on_result(task, *report)
                 again = report is None and replace and not task.cancelled
@@ -344,7 +368,10 @@ class WorkerPool:
                 report, replace = (wire.CRASHED, pickle.dumps((None, None)), 0.0), True
             if self._closed:
                 return False
-            if report is not None and not task.cancelled:
+            deliver = report is not None and not task.cancelled
+            self._drop_segment(task, report if deliver else None)
+            if deliver:
+                assert report is not None
                 self._timed(task, *report)
                 self.on_result(task, *report)
             if replace:
@@ -401,7 +428,7 @@ class WorkerPool:
         delay = 0.1
         while not self._closed:
             try:
-                slot = _Slot(self._ctx)
+                slot = _Slot(self._ctx, self.shm)
             except Exception as exc:
                 log.error("cannot start a worker process (%s); retrying in %g s", exc, delay)
                 time.sleep(delay)
@@ -418,7 +445,8 @@ class WorkerPool:
         forward = task.forward and self.on_output is not None
         small = len(task.payload) <= INLINE_MAX
         return (task.func_bytes, task.callback_bytes, task.careful, task.kind, task.group,
-                task.init, task.maxtasks, forward, bytes(task.payload) if small else None)
+                task.init, task.maxtasks, forward, bytes(task.payload) if small else None,
+                task.shm)
 
     def _run(self, slot: _Slot, task: Task, send: bool = True) -> Any:
         """Run a task: ``(status, payload, elapsed, retire)``, None if the worker died,

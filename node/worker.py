@@ -1,7 +1,7 @@
 """The loop each worker process runs: receive a chunk, call the function per item, send results.
 
 Messages on the pipe (parent -> worker): a pickled ``(func_bytes, callback_bytes, careful,
-kind, group, init_bytes, maxtasks, forward, inline)``, then the raw payload unless ``inline``
+kind, group, init_bytes, maxtasks, forward, inline, shm)``, then the raw payload unless ``inline``
 holds it (payloads up to :data:`INLINE_MAX` bytes travel inside the header: one message and
 one wake-up of the worker instead of two); ``kind`` is ``map`` (payload: a
 list of items) or ``graph`` (func_bytes: the graph's functions by key; payload: one task's key,
@@ -16,6 +16,12 @@ dies between two of them is not blamed on the next.
 Replies (worker -> parent): a pickled ``(status, elapsed, retire, inline)`` header, then the
 result payload unless ``inline`` holds it (as above) — a pickled list of results, or an
 :func:`achilles.core.serialization.error_record`.
+The header's last element, ``shm``, is the name of the chunk's result segment when the node
+shares the server's shared memory (:mod:`achilles.core.shm`; the worker got the directory,
+key and threshold when it started), else None: a map chunk's payload may then be a reference
+(read and checked here before anything is unpickled; a bad one is the chunk's error), and an
+OK result of ``threshold`` bytes or more is written to the named segment and answered with
+its reference.
 ``retire`` says the process exits after this reply (``maxtasksperchild`` reached). With
 ``forward`` the chunk's output is captured (:mod:`achilles.node.capture`) and sent before the
 reply as pickled ``("out", (lines, dropped))`` and, when the chunk failed, ``("tail", lines)``.
@@ -40,7 +46,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, Optional, Tuple
 
-from achilles.core import wire
+from achilles.core import shm, wire
 from achilles.core.serialization import dumps_data, error_record, loads_code, loads_data
 from achilles.node.capture import Capture
 from achilles.node.malloc import keep_freed_memory
@@ -363,8 +369,10 @@ def _take(values: Dict[int, Any], uses: Dict[int, int], task_id: int) -> Any:
         return value
 
 
-def worker_main(conn: Any, progress: Any) -> None:
-    """Serve chunks from ``conn`` until the parent closes it; ``progress`` is a shared int."""
+def worker_main(conn: Any, progress: Any,
+                shm_settings: Optional[Tuple[str, bytes, int]] = None) -> None:
+    """Serve chunks from ``conn`` until the parent closes it; ``progress`` is a shared int;
+    ``shm_settings``: the node's shared-memory ``(directory, key, threshold)``, or None."""
     global _reporter
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     keep_freed_memory()
@@ -376,11 +384,13 @@ def worker_main(conn: Any, progress: Any) -> None:
         conn.send_bytes(pickle.dumps((kind, data), protocol=5))
 
     reporter = _reporter = _Reporter(conn)
+    segment_buffer = shm.ReadBuffer()  # argument segments are read into it (then unpickled)
 
     def serve(entry: tuple, payload: Any) -> None:
         """Run one chunk and send its answer."""
         nonlocal capture
-        func_bytes, cb_bytes, careful, kind, group, init_bytes, maxtasks, forward, _ = entry
+        func_bytes, cb_bytes, careful, kind, group, init_bytes, maxtasks, forward, _, segment \
+            = entry
         progress.value = TAKEN
         results: Optional[list] = None
         if forward:
@@ -392,7 +402,18 @@ def worker_main(conn: Any, progress: Any) -> None:
         start = time.perf_counter()
         retire = False
         failed = False
-        if kind == "graph":
+        refused: Optional[BaseException] = None
+        if kind == "map" and shm.is_ref(payload):
+            try:
+                if shm_settings is None:
+                    raise shm.ShmError("a shared-memory reference reached a node that does not "
+                                       "share memory with the server")
+                payload = shm.read(shm_settings[0], shm_settings[1], payload, segment_buffer)
+            except shm.ShmError as exc:
+                refused = exc
+        if refused is not None:
+            status, result = wire.ITEM_ERROR, error_record(0, refused, [])
+        elif kind == "graph":
             status, result, failed = run_graph_task(func_bytes, payload,
                                                     capture if forward else None)
         elif not (group and (init_bytes or maxtasks)):
@@ -403,6 +424,14 @@ def worker_main(conn: Any, progress: Any) -> None:
                                                    progress if careful else None, group,
                                                    init_bytes, maxtasks, results)
         elapsed = time.perf_counter() - start
+        written = None
+        if segment is not None and shm_settings is not None and status == wire.OK \
+                and len(result) >= shm_settings[2]:
+            try:
+                result = shm.write(shm_settings[0], shm_settings[1], result, segment)
+                written = segment
+            except OSError:
+                pass  # no room in shared memory: the bytes go through the pipe
         try:
             small = len(result) <= INLINE_MAX
             header = pickle.dumps((status, elapsed, retire, result if small else None),
@@ -415,6 +444,8 @@ def worker_main(conn: Any, progress: Any) -> None:
                 if not small:
                     conn.send_bytes(result)
         except (EOFError, OSError):
+            if written is not None and shm_settings is not None:
+                shm.discard(shm_settings[0], written)
             os._exit(0)
         if retire:
             os._exit(0)

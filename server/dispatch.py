@@ -58,6 +58,8 @@ class NodeState:
     capacity: int = field(init=False)
     fast_capacity: int = field(init=False)
     held: int = field(default=0, init=False)  # chunks in flight on base credit
+    shm_tasks: int = field(default=0, init=False)  # TASKs sent to it as shared-memory refs
+    shm_results: int = field(default=0, init=False)  # RESULTs it sent as shared-memory refs
     fast_held: int = field(default=0, init=False)  # fast credit units in use
 
     def __post_init__(self) -> None:

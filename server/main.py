@@ -6,7 +6,7 @@ import argparse
 import ipaddress
 import logging
 import os
-from typing import List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 from achilles.core.cli_common import add_connection_options, run_main
 from achilles.core.config import load_config
@@ -138,6 +138,8 @@ def serve(args: argparse.Namespace) -> int:
                             max_preauth=cfg.max_preauth,
                             max_preauth_per_source=cfg.max_preauth_per_source,
                             max_frame=cfg.max_frame)
+    relay = _shared_memory(factory.auth_key, reactor, cfg.shm_dir)
+    factory.scheduler.shm = relay
     try:
         if tls is None:
             port = reactor.listenTCP(cfg.port, factory, interface=cfg.host)
@@ -171,9 +173,32 @@ def serve(args: argparse.Namespace) -> int:
 
         exit_with_stdin(stop)
     settle_gc()
-    reactor.run()
+    try:
+        reactor.run()
+    finally:
+        if relay is not None:
+            relay.close()
     log.info("server stopped")
     return 0
+
+
+def _shared_memory(auth_key: bytes, clock: Any, setting: Optional[str]) -> Any:
+    """This server's shared-memory probe and relay (:mod:`achilles.server.shmrelay`), or
+    None when shared memory is off or unusable here. Segments of processes that are gone
+    (a server killed before this one, say) are swept first."""
+    from achilles.core import shm
+    from achilles.server.shmrelay import ShmRelay
+
+    path = shm.directory(setting)
+    if path is None:
+        return None
+    shm.sweep(path)
+    try:
+        return ShmRelay(path, auth_key, clock)
+    except OSError as exc:
+        log.warning("shared memory is off: cannot publish a probe in %s (%s)", path,
+                    exc.strerror)
+        return None
 
 
 def main(argv: Optional[List[str]] = None) -> int:

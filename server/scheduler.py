@@ -86,6 +86,8 @@ class Scheduler:
                  clock: Any = None, policy: Optional[DispatchPolicy] = None,
                  depth: int = DEFAULT_DEPTH, window: float = FAST_WINDOW) -> None:
         self.prefetch = prefetch
+        #: Shared-memory references (ShmRelay), when this server published a probe.
+        self.shm: Any = None
         self.depth = max(0, depth)
         self._unit = window / self.depth if self.depth else 0.0
         self._fast_min = max(1, min(FAST_GROUP, self.depth))
@@ -241,6 +243,8 @@ class Scheduler:
         node.done_call = None
         node.done_pending.clear()
         log.warning("node %s lost; %d chunk(s) re-queued", node.name, requeued)
+        if self.shm is not None:
+            self.shm.peer_lost()
         self.observer.node_lost(node, requeued)
         for job in list(self.jobs.values()):
             self._check_resources(job, force=True)
@@ -262,6 +266,8 @@ class Scheduler:
             return
         for job_id in list(ctrl.jobs):
             self.cancel(ctrl, job_id, "controller disconnected")
+        if self.shm is not None:
+            self.shm.peer_lost()
         log.info("controller %d disconnected", ctrl.controller_id)
 
     # --- jobs -------------------------------------------------------------------------------
@@ -480,6 +486,8 @@ class Scheduler:
             raise ProtocolError(f"RESULT for chunk {chunk_id} of job {job_id[:8]} is malformed")
         job = self.jobs.get(job_id)
         if job is None or job.state != "running" or job.placed.get(chunk_id) is not node:
+            if self.shm is not None:
+                self.shm.drop(status, payload)
             return
         crash = self._crash_info(payload, job_id, chunk_id) if status == wire.CRASHED else None
         if crash is None and 0.0 <= elapsed < float("inf"):
@@ -509,6 +517,9 @@ class Scheduler:
                 self.pump()
                 return
             payload = pickle.dumps((exitcode, item, chunk.crashes))
+        if self.shm is not None:
+            status, payload = self.shm.to_controller(
+                job.owner.peer if isinstance(job, MapJob) else None, node, status, payload)
         if status == wire.OK:
             node.done += chunk.n_items
         else:
@@ -734,8 +745,9 @@ class Scheduler:
             node.held += 1
             self._free.update(node)
         job.on_dispatch(chunk, node)
+        payload = chunk.payload if self.shm is None else self.shm.to_node(node, chunk.payload)
         node.peer.send(wire.TASK, job.job_id, chunk.chunk_id, chunk.crashes > 0, chunk.timeout,
-                       chunk.payload)
+                       payload)
         self._refill(job)
 
     def _unplace(self, node: NodeState, chunk: Chunk) -> None:
@@ -787,7 +799,9 @@ class Scheduler:
                 {"name": n.name, "address": n.address, "processes": n.processes,
                  "busy": len(n.inflight), "done": n.done, "hostname": n.hostname,
                  "connected_since": n.connected_since, "resources": dict(n.resources),
-                 "load": dict(n.load)}
+                 "load": dict(n.load),
+                 "shm": {"shared": bool(getattr(n.peer, "shm_ok", False)),
+                         "tasks": n.shm_tasks, "results": n.shm_results}}
                 for n in self.nodes.values()
             ],
             "jobs": [j.status() for j in self.jobs.values()],

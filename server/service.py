@@ -36,6 +36,8 @@ class ServerConnection(ServerSideProtocol):
         self.node: Optional[NodeState] = None
         self.controller: Optional[ControllerState] = None
         self.role: Optional[str] = None
+        #: The peer read this server's shared-memory probe (SHM_OK): references may go to it.
+        self.shm_ok = False
         self._refused = False
         #: Source this connection counts against in the pre-auth limiter, until it is released.
         self.preauth_source: Optional[str] = None
@@ -56,6 +58,9 @@ class ServerConnection(ServerSideProtocol):
 
     def on_authenticated(self) -> None:
         self._release_preauth()
+        relay = self.factory.scheduler.shm
+        if relay is not None:
+            self.send(wire.SHM_PROBE, relay.probe.name, relay.probe.digest)
         if self.role == "controller":
             self.controller = self.factory.scheduler.add_controller(self, self.peer_address)
         else:
@@ -91,6 +96,10 @@ class ServerConnection(ServerSideProtocol):
             self.factory.node_gone()
         if self.controller is not None:
             sched.remove_controller(self.controller)
+
+    @handles(wire.SHM_OK)
+    def shm_answer(self, shared: bool) -> None:
+        self.shm_ok = bool(shared) and self.factory.scheduler.shm is not None
 
     # --- node messages ----------------------------------------------------------------------
     @handles(wire.NODE_READY)

@@ -59,8 +59,8 @@ class RawPeer:
         self.sock.sendall(b"".join(self.sealer.seal(pieces)))
 
     def receive(self, timeout: float = 10.0) -> Tuple[int, Tuple[Any, ...]]:
-        """The next message from the server, decoded (PINGs are answered and skipped; the
-        messages of a BATCH frame come one by one)."""
+        """The next message from the server, decoded (PINGs are answered and skipped, so is
+        the shared-memory probe; the messages of a BATCH frame come one by one)."""
         self.sock.settimeout(timeout)
         while True:
             if self.batched:
@@ -74,6 +74,8 @@ class RawPeer:
                     continue
             if code == wire.PING:
                 self.send(wire.PONG, fields[0])
+                continue
+            if code == wire.SHM_PROBE:  # never answered: this peer gets bytes, not segments
                 continue
             return code, fields
 

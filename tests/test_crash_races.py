@@ -220,11 +220,11 @@ def test_failed_replacement_loses_neither_chunk_nor_worker(pools, monkeypatch):
     real = pool_module._Slot
     failures = []
 
-    def flaky(ctx):
+    def flaky(ctx, *settings):
         if not failures:
             failures.append(1)
             raise OSError(24, "Too many open files")
-        return real(ctx)
+        return real(ctx, *settings)
 
     monkeypatch.setattr(pool_module, "_Slot", flaky)
     pool.submit(chunk(0, exit_with, [3]))

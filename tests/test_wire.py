@@ -358,10 +358,13 @@ def test_inbound_sets_follow_routes():
                                               wire.TASK_ERROR, wire.PIPE_OUT, wire.OUTPUT,
                                               wire.OUTPUT_TAIL, wire.PIPE_OUTPUT,
                                               wire.TASK_PROGRESS, wire.PING, wire.PONG,
-                                              wire.BATCH}
+                                              wire.SHM_OK, wire.BATCH}
     assert wire.inbound("node", "server") == {wire.TASK, wire.JOB_CODE, wire.JOB_DONE,
                                               wire.CANCEL, wire.SHUTDOWN, wire.PIPE_WORK,
-                                              wire.PING, wire.PONG, wire.BATCH}
+                                              wire.SHM_PROBE, wire.PING, wire.PONG,
+                                              wire.BATCH}
+    assert wire.SHM_PROBE in wire.inbound("controller", "server")
+    assert wire.SHM_OK in wire.inbound("server", "controller")
     assert wire.SUBMIT in wire.inbound("server", "controller")
     assert wire.SUBMIT not in wire.inbound("server", "node")
     assert wire.TASK not in wire.inbound("controller", "server")

@@ -36,6 +36,10 @@ DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 DEFAULT_MAX_PREAUTH = 1024
 DEFAULT_MAX_PREAUTH_PER_SOURCE = 32
 DEFAULT_DASHBOARD = "127.0.0.1:8787"
+#: Where same-host peers put large map payloads (achilles.core.shm); "off" turns that off.
+DEFAULT_SHM_DIR = "/dev/shm"
+#: The smallest payload that goes through shared memory.
+DEFAULT_SHM_MIN = 256 << 10
 ENV_FILE_VAR = "ACHILLES_ENV_FILE"
 #: Shortest secret key accepted: one captured handshake lets anyone test guesses offline.
 MIN_SECRET_LENGTH = 16
@@ -73,6 +77,11 @@ VARIABLES: Dict[str, str] = {
                                 "and item (default 1; 0 turns it off)"),
     "ACHILLES_PROGRESS": "controllers: 1 shows a progress bar for every map and graph call that "
                          "does not pass progress= (default 0)",
+    "ACHILLES_SHM_DIR": ("where processes on one host pass large map payloads as shared-memory "
+                         "segments instead of through the server's sockets (default /dev/shm; "
+                         "off sends every payload over the network path; set on every process)"),
+    "ACHILLES_SHM_MIN": ("smallest payload in bytes sent as a shared-memory segment (default "
+                         "262144)"),
     "ACHILLES_TLS_CERT": "server: its TLS certificate (PEM); turns TLS on",
     "ACHILLES_TLS_KEY": "server: the key of ACHILLES_TLS_CERT",
     "ACHILLES_TLS_CLIENT_CA": "server: require client certificates signed by this CA (mutual TLS)",
@@ -109,6 +118,9 @@ class Config:
     dashboard_token: Optional[str] = field(default=None, repr=False)
     forward_output: bool = True
     progress: bool = False
+    #: ACHILLES_SHM_DIR and ACHILLES_SHM_MIN (None: from the environment, else the defaults).
+    shm_dir: Optional[str] = None
+    shm_min: Optional[int] = None
     tls_cert: Optional[str] = None
     tls_key: Optional[str] = None
     tls_client_ca: Optional[str] = None
@@ -336,6 +348,8 @@ def load_config(**overrides: Any) -> Config:
     cfg.forward_output = as_flag("ACHILLES_FORWARD_OUTPUT",
                                  pick("forward_output", "ACHILLES_FORWARD_OUTPUT"), True)
     cfg.progress = as_flag("ACHILLES_PROGRESS", pick("progress", "ACHILLES_PROGRESS"), False)
+    cfg.shm_dir = pick("shm_dir", "ACHILLES_SHM_DIR")
+    cfg.shm_min = number("shm_min", None, 1)
     for name in TLS_FIELDS:
         setattr(cfg, name, pick(name, "ACHILLES_" + name.upper()))
     return cfg

@@ -6,7 +6,9 @@ it they are C-pickled tuples of plain fields, and every frame ends with a tag th
 the session (:mod:`achilles.core.session`). Messages declared with ``payload=True`` end with a task
 payload (opaque bytes that only worker processes and the controller unpickle), carried raw
 after the pickled fields — ``!I`` fields length, fields, payload — so the server relays it
-without pickling it again.
+without pickling it again. Between processes proven to share a host, a large ``CHUNK``,
+``TASK`` or ``RESULT`` payload of a map job may instead be a shared-memory reference
+(:mod:`achilles.core.shm`; it starts with ``0x00``, a pickle never does).
 
 Every message is declared once in :data:`REGISTRY` (code, typed fields, raw payload or not,
 which role may send it to which, and in which phase); encoding, decoding and validation all
@@ -86,6 +88,8 @@ class Msg(IntEnum):
     OUTPUT = 48
     OUTPUT_TAIL = 49
     PIPE_OUTPUT = 62
+    SHM_PROBE = 63
+    SHM_OK = 64
 
 
 @dataclass(frozen=True)
@@ -244,6 +248,13 @@ declare(Msg.JOB_PROGRESS, ("job_id", STR), ("done", NUM), ("failed", INT), ("ski
             "chunks), failed and skipped chunks or tasks, re-runs; graphs: {task name: "
             "[done, failed or skipped, total]}")
 
+declare(Msg.SHM_PROBE, ("name", STR), ("digest", BYTES), routes=TO_PEERS,
+        doc="right after the handshake: the server's shared-memory probe segment and the "
+            "SHA-256 of its bytes (achilles.core.shm)")
+declare(Msg.SHM_OK, ("shared", BOOL), routes=FROM_PEERS,
+        doc="whether the peer read the probe: then CHUNK and RESULT payloads between it and the "
+            "server may be shared-memory references")
+
 declare(Msg.BATCH, ("payload", PAYLOAD), routes=EITHER_WAY, payload=True,
         doc="several post-auth messages of one sender's reactor turn under one session tag: "
             "each as encode_message makes it (header, body), in order; never nested")
@@ -288,6 +299,8 @@ PIPE_OUTPUT = Msg.PIPE_OUTPUT
 TASK_PROGRESS = Msg.TASK_PROGRESS
 JOB_PROGRESS = Msg.JOB_PROGRESS
 WATCH = Msg.WATCH
+SHM_PROBE = Msg.SHM_PROBE
+SHM_OK = Msg.SHM_OK
 BATCH = Msg.BATCH
 assert all(globals().get(m.name) is m for m in Msg), "a Msg code has no module-level name"
 
