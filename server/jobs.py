@@ -170,6 +170,14 @@ class Job(ABC):
         """Pass lines a chunk wrote (``payload``, decoded as ``lines``) to the controller."""
         self.owner.peer.send(wire.OUTPUT, self.job_id, chunk_id, node, dropped, payload)
 
+    def send_tail(self, chunk: Chunk, node: NodeState) -> None:
+        """``chunk`` failed on ``node`` and its result goes next: send its last lines of
+        output first (when the controller asked for output), so the controller can attach
+        them to the failure."""
+        if self.forwards_output:
+            tail = encode_lines([]) if chunk.tail is None else chunk.tail[1]
+            self.owner.peer.send(wire.OUTPUT_TAIL, self.job_id, chunk.chunk_id, node.name, tail)
+
     def requeue(self, chunk: Chunk) -> None:
         """Put a chunk back at the front of the queue (its node was lost, or it crashed)."""
         self.queue.appendleft(chunk)
@@ -404,6 +412,12 @@ class GraphJob(Job):
         t = self.graph.tasks[chunk.chunk_id]
         t.state = RUNNING
         t.node = node.name
+
+    def send_tail(self, chunk: Chunk, node: NodeState) -> None:
+        # A batch's id names no task: its failed tasks get their own tails as it is settled,
+        # and a batch that failed as a whole is dissolved (its tasks run again).
+        if chunk.chunk_id not in self.graph.batches:
+            super().send_tail(chunk, node)
 
     def on_result(self, chunk: Chunk, status: int, payload: bytes, elapsed: float,
                   node: NodeState) -> Optional[float]:

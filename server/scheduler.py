@@ -524,10 +524,7 @@ class Scheduler:
             node.done += chunk.n_items
         else:
             self.observer.chunk_failed(job, chunk, status, node, crash)
-            if job.forwards_output:
-                # Its last lines go before the failure, so the controller can attach them.
-                tail = encode_lines([]) if chunk.tail is None else chunk.tail[1]
-                job.owner.peer.send(wire.OUTPUT_TAIL, job_id, chunk_id, node.name, tail)
+            job.send_tail(chunk, node)
         delay = job.on_result(chunk, status, payload, elapsed, node)
         if delay is not None:
             self._retry_later(job, chunk, delay)

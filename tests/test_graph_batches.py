@@ -155,7 +155,8 @@ def test_a_few_slow_runs_do_not_stop_a_fast_function_from_batching():
 def test_batches_under_random_events_keep_every_invariant():
     """Random reduction trees and DAGs of fast tasks under node churn, lost nodes, worker
     crashes, malformed batch results and failing tasks inside batches: check_invariants
-    holds after every step, each task is reported at most once, a batch that came back
+    holds after every step, each task is reported at most once, the caller gets the last
+    lines of output of failed tasks only (never of a batch, whose id names no task), a batch that came back
     without results is dissolved into single tasks, and every graph finishes once."""
     from twisted.internet.task import Clock
 
@@ -217,6 +218,8 @@ def test_batches_under_random_events_keep_every_invariant():
                                               if info["state"] == "failed" and info["batched"])
         sent = [(m[1], m[2]) for m in cpeer.of(wire.TASK_DONE)]
         assert len(sent) == len(set(sent)), f"seed {seed}: a task was reported twice"
+        tails = [m[2] for m in cpeer.of(wire.OUTPUT_TAIL)]
+        assert all(t >= 0 for t in tails), f"seed {seed}: a batch's tail reached the caller"
     assert min(stats.values()) > 5, stats  # the random walk did reach these paths
 
 
