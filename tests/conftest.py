@@ -96,6 +96,14 @@ def group_members(pgid: int) -> List[int]:
     return [pid for pid, fields in proc_stats() if int(fields[2]) == pgid and fields[0] != "Z"]
 
 
+def sigint_as_on_a_terminal() -> None:
+    """``preexec_fn`` for a command a test stops with Ctrl-C (SIGINT): SIGINT back to its
+    default, as a command typed at a terminal has it. A test run started in the background
+    by a non-interactive shell (``pytest &`` in a CI script, ``nohup``) inherits SIGINT
+    ignored, and Python then never turns it into KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def stop_group(proc: subprocess.Popen, grace: float = 5.0) -> None:
     """SIGTERM a daemon's whole process group, then SIGKILL whatever is left after ``grace``."""
     for sig in (signal.SIGTERM, signal.SIGKILL):

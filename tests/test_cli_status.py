@@ -14,7 +14,7 @@ import time
 import pytest
 
 from achilles.tables import render
-from conftest import ROOT, stop_group, wait_for
+from conftest import ROOT, sigint_as_on_a_terminal, stop_group, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -63,7 +63,8 @@ def test_top_refreshes_until_ctrl_c(make_cluster):
     master, slave = pty.openpty()
     proc = subprocess.Popen([sys.executable, "-m", "achilles", "top", "--port", str(lc.port),
                              "--interval", "0.2"], env=_env(lc), stdin=slave, stdout=slave,
-                            stderr=slave, start_new_session=True)
+                            stderr=slave, start_new_session=True,
+                            preexec_fn=sigint_as_on_a_terminal)
     os.close(slave)
     seen = b""
     try:

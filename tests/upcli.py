@@ -11,7 +11,7 @@ import sys
 import threading
 from typing import Dict, List
 
-from tests.conftest import proc_stats, wait_for
+from tests.conftest import proc_stats, sigint_as_on_a_terminal, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,7 +31,8 @@ class Up:
         self.env = cli_env()
         self.proc = subprocess.Popen([sys.executable, "-m", "achilles", "up", *args], cwd=folder,
                                      env=self.env, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                                     stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                                     preexec_fn=sigint_as_on_a_terminal)
         self.output: List[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
