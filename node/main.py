@@ -7,6 +7,7 @@ import logging
 import os
 from typing import Dict, List, Optional
 
+from achilles.core import shm
 from achilles.core.cli_common import add_client_tls_options, add_connection_options, run_main
 from achilles.core.config import cpu_count, load_config, node_default_name
 from achilles.core.errors import ConfigError
@@ -87,8 +88,6 @@ def run(args: argparse.Namespace) -> int:
     finally:
         factory.stages.close()
         factory.pool.close()
-        from achilles.core import shm
-
         shm.remove_owned(factory.shm_dir, os.getpid())  # result segments nobody will read
     log.info("node %s stopped", name)
     return 0

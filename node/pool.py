@@ -84,8 +84,6 @@ class Task:
     shm: Optional[str] = None
 
 
-
-
 ResultHandler = Callable[[Task, int, bytes, float], None]
 #: ``on_output(task, lines, dropped)``: lines a running task wrote, and how many more it
 #: wrote that the rate limit dropped (see :mod:`achilles.node.capture`).

@@ -9,7 +9,8 @@ derived with HKDF from the cluster's shared key (:func:`segment_key`); a reader 
 segment into its own memory and checks the tag there before anything unpickles it, so a
 segment altered or replaced after it was written is refused (:class:`ShmError`).
 
-Names are ``achilles-<pid namespace>-<owner pid>-<128 random bits, hex>``: :func:`sweep`
+Names are ``achilles-<pid namespace>-<owner pid>-<128 random bits, hex>`` (a node's result
+segments: 64 random bits drawn once per process and a counter, :class:`Names`): :func:`sweep`
 removes segments whose owner process is gone (in this pid namespace), so what a killed process
 left behind does not stay. A real payload is always a pickle (it starts with ``0x80``), so a
 payload that starts with :data:`MAGIC` (``0x00``) is a reference, never data.
