@@ -164,8 +164,8 @@ def test_achilles_up_ssh_serves_scripts_until_achilles_down(ssh_home, tmp_path) 
     up = Up(str(tmp_path), ["--ssh", "alpha:1,beta:1", "--python", ssh_home.python])
     try:
         state = up.wait_ready(60)
-        assert any(line.startswith("[alpha] ") for line in up.output)
-        assert any(line.startswith("[beta] ") for line in up.output)
+        up.wait_line("[alpha] ")
+        up.wait_line("[beta] ")
         env = dict(up.env, ACHILLES_PORT=str(state["port"]))
         script = ("import achilles\n"
                   "with achilles.connect() as c:\n"
@@ -203,7 +203,7 @@ def test_ctrl_c_stops_up_and_its_nodes(ssh_home, tmp_path) -> None:
         up.wait_ready(60)
         server = up.server_pids()
         assert len(server) == 1
-        assert any(line.startswith("[alpha] ") for line in up.output)
+        up.wait_line("[alpha] ")
         os.kill(up.proc.pid, signal.SIGINT)
         assert up.proc.wait(30) == 0
         assert not alive(server[0])
@@ -355,7 +355,7 @@ def test_achilles_up_server_on_first_host_until_down(ssh_home, tmp_path, monkeyp
         assert set(nodes) == {"alpha", "beta"} and nodes["beta"]["processes"] == 2
         for name in ("alpha", "beta"):
             assert nodes[name]["address"].startswith(ssh_home.addresses[name] + ":")
-        assert any(line.startswith("[server@alpha] ") for line in up.output)
+        up.wait_line("[server@alpha] ")
         down = up.achilles("down")
         assert down.returncode == 0, down.stdout + down.stderr
         assert up.proc.wait(30) == 0

@@ -49,6 +49,12 @@ class Up:
         with open(os.path.join(self.folder, ".achilles-up.json")) as fh:
             return json.load(fh)
 
+    def wait_line(self, prefix: str, timeout: float = 30) -> None:
+        """Wait for an output line starting with ``prefix``. A host's log lines come over its
+        own SSH channel, so they may arrive after `up` has said the nodes are connected."""
+        wait_for(lambda: any(line.startswith(prefix) for line in self.output),
+                 timeout=timeout, what=f"a line starting {prefix!r} from achilles up")
+
     def server_pids(self) -> List[int]:
         """The server daemon `up` started (its child running achilles.server)."""
         found = []
