@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import collections
 import math
-from typing import Optional
+import threading
+from typing import Hashable, Optional, Tuple
 
 #: A chunk should keep a worker busy about this long once its cost is known.
 TARGET_SECONDS = 0.05
 MAX_ITEMS = 200_000
 GROWTH = 16
+#: In a balanced ``map``, once the items' cost is known, no chunk holds less work than this
+#: (a chunk costs ~0.1 ms of CPU or more across the roles, whatever it holds).
+MIN_CHUNK_SECONDS = 0.001
+#: Functions whose item cost :class:`ItemCosts` remembers, at most.
+MAX_REMEMBERED = 256
 
 
 class ChunkSizer:
@@ -22,12 +29,19 @@ class ChunkSizer:
     With ``balance`` (``map`` over an input of known length, where only the whole list
     matters), chunks are also at least ``remaining / (2 x processes)`` (guided
     self-scheduling): few large chunks first, shrinking toward the end so the processes finish
-    together, with little coordination per item. ``limit`` caps automatic sizes (a job with
-    ``maxtasksperchild`` never sends a worker more items in one chunk than it may run).
+    together, with little coordination per item. Once the items' cost is known (from this
+    job's finished chunks and ``prior``, ``(seconds, items)`` that earlier jobs of the function
+    measured, weighing at most as many items as this job has), balanced chunks also hold at
+    least :data:`MIN_CHUNK_SECONDS` of work, so the shrinking tail does not end in many chunks
+    whose coordination costs more than their work; no floor exceeds the cap, so a wrong
+    estimate gives at worst ``multiprocessing.Pool``'s chunking. ``limit`` caps automatic
+    sizes (a job with ``maxtasksperchild`` never sends a worker more items in one chunk than
+    it may run).
     """
 
     def __init__(self, chunksize: Optional[int] = None, total: Optional[int] = None,
-                 balance: bool = False, limit: Optional[int] = None) -> None:
+                 balance: bool = False, limit: Optional[int] = None,
+                 prior: Optional[Tuple[float, int]] = None) -> None:
         if chunksize is not None and chunksize < 1:
             raise ValueError("chunksize must be at least 1")
         self.fixed = chunksize
@@ -37,6 +51,11 @@ class ChunkSizer:
         self.processes = 0
         self.current = 1
         self.issued = 0
+        self.prior = prior if prior is not None and prior[1] > 0 else (0.0, 0)
+        if total and self.prior[1] > total:  # earlier jobs weigh no more than this one's items
+            self.prior = (self.prior[0] * total / self.prior[1], total)
+        #: Worker seconds and items of this job's finished chunks.
+        self.timed = (0.0, 0)
 
     def cap(self) -> int:
         """The largest size allowed now."""
@@ -52,8 +71,20 @@ class ChunkSizer:
         size = self.current
         if self.balance and self.processes and self.total is not None:
             remaining = self.total - self.issued
-            size = max(size, math.ceil(remaining / (2 * self.processes)))
+            size = max(size, math.ceil(remaining / (2 * self.processes)), self.floor())
         return max(1, min(size, self.cap()))
+
+    def per_item(self) -> Optional[float]:
+        """Worker seconds per item over this job's finished chunks and the prior, if any."""
+        seconds, items = self.timed[0] + self.prior[0], self.timed[1] + self.prior[1]
+        return seconds / items if items else None
+
+    def floor(self) -> int:
+        """Items in :data:`MIN_CHUNK_SECONDS` of work (1 while the cost is unknown)."""
+        per_item = self.per_item()
+        if per_item is None:
+            return 1
+        return MAX_ITEMS if per_item <= 0 else max(1, math.ceil(MIN_CHUNK_SECONDS / per_item))
 
     def issue(self, n_items: int) -> None:
         """Record that a chunk of ``n_items`` was sent."""
@@ -63,7 +94,38 @@ class ChunkSizer:
         """Learn from a finished chunk: ``n_items`` took ``elapsed`` seconds on a worker."""
         if self.fixed or n_items <= 0:
             return
+        self.timed = (self.timed[0] + max(0.0, elapsed), self.timed[1] + n_items)
         per_item = elapsed / n_items
         ideal = MAX_ITEMS if per_item <= 0 else TARGET_SECONDS / per_item
         grown = min(ideal, max(self.current, n_items) * GROWTH, self.cap())
         self.current = max(1, int(grown))
+
+
+class ItemCosts:
+    """What items of each function cost on the workers in the last job that timed any
+    (``(seconds, items)``), for :class:`ChunkSizer`'s ``prior``: one per ``Cluster``, safe
+    from any thread, the :data:`MAX_REMEMBERED` functions used last."""
+
+    def __init__(self, max_entries: int = MAX_REMEMBERED) -> None:
+        self.max_entries = max_entries
+        self._costs: "collections.OrderedDict[Hashable, Tuple[float, int]]" = \
+            collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable) -> Optional[Tuple[float, int]]:
+        """The last ``(seconds, items)`` kept for ``key``, or None."""
+        with self._lock:
+            cost = self._costs.get(key)
+            if cost is not None:
+                self._costs.move_to_end(key)
+            return cost
+
+    def put(self, key: Hashable, seconds: float, items: int) -> None:
+        """Keep a job's measured cost (nothing when it timed no item)."""
+        if items <= 0:
+            return
+        with self._lock:
+            self._costs[key] = (seconds, items)
+            self._costs.move_to_end(key)
+            while len(self._costs) > self.max_entries:
+                self._costs.popitem(last=False)

@@ -18,6 +18,7 @@ from achilles.core.config import Config, is_interactive, load_config
 from achilles.core.errors import AchillesError, ConnectionFailed, ConnectionLost, ServerBusy
 from achilles.core.handshake import derive_key
 from achilles.controller import reactor_thread
+from achilles.controller.chunking import ItemCosts
 from achilles.controller.client import CONNECT_TIMEOUT, ControllerProtocol, connect
 from achilles.controller.events import ConnectionLostEvent, Event, EventSink, Reply
 from achilles.controller.handle import HandleEvent, HandleSet, JobHandle
@@ -56,6 +57,8 @@ class Cluster:
         #: This process's end of the shared-memory path (None: ``ACHILLES_SHM_DIR=off``).
         self.segments: Optional[Segments] = Segments.create(self._key, config.shm_dir,
                                                             config.shm_min)
+        #: What each function's items cost in this Cluster's earlier jobs (chunk sizing).
+        self.item_costs = ItemCosts()
         self._lock = threading.Lock()
         self._proto: Optional[ControllerProtocol] = None
         self._reached = False  # connected at least once: an unreachable server is waited for

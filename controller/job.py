@@ -19,7 +19,7 @@ from achilles.core import shm, wire
 from achilles.core.errors import ConnectionLost, JobCancelled
 from achilles.core.codecache import dumps_code_cached
 from achilles.core.serialization import dumps_data, function_name, loads_data
-from achilles.controller.chunking import ChunkSizer
+from achilles.controller.chunking import ChunkSizer, ItemCosts
 from achilles.controller.events import (
     Cancelled, ChunkResult, ConnectionLostEvent, Event, EventQueue, EventSink, JobFailed, JobLink,
     JobProgress, Output, OutputTail, Want,
@@ -30,6 +30,14 @@ from achilles.controller.progress import Progress
 
 INITIAL_CREDIT = wire.INITIAL_CREDIT
 MIN_WINDOW = 8
+
+
+def _cost_key(func: Callable[..., Any], callback: Optional[Callable[..., Any]]) -> Tuple:
+    """Which earlier jobs' item cost fits this one: same function and callback, by name and
+    code (code objects compare by content, so two lambdas differ)."""
+    def which(f: Any) -> Any:
+        return None if f is None else (function_name(f), getattr(f, "__code__", None))
+    return which(func), which(callback)
 
 
 def _label(chunk_id: int, first: int) -> Callable[[Optional[int]], str]:
@@ -62,7 +70,11 @@ class JobRun:
             total = len(iterable)  # type: ignore[arg-type]
         except TypeError:
             total = None
-        self.sizer = ChunkSizer(chunksize, total, balance, chunk_limit)
+        costs = getattr(link, "item_costs", None)
+        self._costs: Optional[ItemCosts] = costs if isinstance(costs, ItemCosts) else None
+        self._cost_key = _cost_key(func, callback)
+        self.sizer = ChunkSizer(chunksize, total, balance, chunk_limit,
+                                self._costs.get(self._cost_key) if self._costs else None)
         self.job_id = uuid.uuid4().hex
         self.events: "queue.Queue[Event]" = EventQueue()
         # Where the connection puts this job's events: ``events`` (read by chunks()), or the
@@ -127,8 +139,8 @@ class JobRun:
         items: list = []
         if self.input_error is None:
             try:
-                for item in itertools.islice(self._input, n):
-                    items.append(item)
+                # extend keeps the items appended before an exception from the iterable
+                items.extend(itertools.islice(self._input, n))
             except Exception as exc:
                 self.input_error = exc
         return items
@@ -377,6 +389,8 @@ class JobRun:
             self.finished = True
             self.link.send([wire.encode_message(wire.CANCEL, (self.job_id, reason))])
         self.link.unregister(self.job_id)
+        if self._costs is not None:
+            self._costs.put(self._cost_key, *self.sizer.timed)
         for cid in list(self.segments):
             self._unlink(cid)
         if self.progress is not None and not self.progress.closed:

@@ -1,0 +1,154 @@
+"""Chunk sizes: the shrinking tail of a balanced map stops at a floor once the items' cost is
+known, from this job or from earlier jobs of the same function on the same Cluster."""
+
+from __future__ import annotations
+
+import threading
+from typing import List, Optional, Tuple
+
+import pytest
+
+from achilles.controller.chunking import MAX_ITEMS, MIN_CHUNK_SECONDS, ChunkSizer, ItemCosts
+from achilles.controller.handle import JobDone, JobResults
+from achilles.controller.job import _cost_key
+from tasks import square
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def sizes(sizer: ChunkSizer, total: int) -> List[int]:
+    """The sizes a sizer picks for ``total`` items, none finishing meanwhile."""
+    out = []
+    while sum(out) < total:
+        n = min(sizer.size(), total - sum(out))
+        sizer.issue(n)
+        out.append(n)
+    return out
+
+
+def balanced(total: int, prior: Optional[Tuple[float, int]], processes: int = 2) -> ChunkSizer:
+    sizer = ChunkSizer(None, total, balance=True, prior=prior)
+    sizer.processes = processes
+    return sizer
+
+
+def test_without_a_known_cost_the_tail_shrinks_to_single_items() -> None:
+    """Guided self-scheduling as before: large chunks first, then ever smaller ones down to
+    one item, when nothing says what an item costs."""
+    out = sizes(balanced(20_000, None), 20_000)
+    assert out[0] == 2500 and min(out) == 1 and len(out) > 20
+
+
+def test_cheap_items_known_from_an_earlier_job_keep_every_chunk_at_the_cap() -> None:
+    """A prior of 0.1 us per item puts the floor (1 ms of work) above Pool's chunk size, so a
+    20,000-item map on 2 processes is 8 chunks of 2,500, as ``multiprocessing.Pool`` cuts it."""
+    out = sizes(balanced(20_000, (0.002, 20_000)), 20_000)
+    assert out == [2500] * 8
+
+
+def test_the_floor_is_the_work_of_min_chunk_seconds() -> None:
+    """Items of 10 us each: tail chunks hold no fewer than MIN_CHUNK_SECONDS / 10 us items
+    (except the remainder)."""
+    per_item = 10e-6
+    floor = round(MIN_CHUNK_SECONDS / per_item)
+    out = sizes(balanced(20_000, (per_item * 1000, 1000)), 20_000)
+    assert min(out[:-1]) == floor and out[-1] <= floor
+    assert out[0] == 2500
+
+
+def test_expensive_items_keep_the_single_item_tail() -> None:
+    """Items of 20 ms: the floor is one item, so the tail balances down to single items."""
+    out = sizes(balanced(200, (2.0, 100)), 200)
+    assert out[0] == 25 and out[-3:] == [1, 1, 1]
+
+
+def test_a_wrong_prior_gives_at_worst_pools_chunking() -> None:
+    """However cheap the prior says items are (even free), no chunk exceeds
+    ``len / (4 x processes)``."""
+    for prior in ((0.0, 10**6), (1e-9, 1)):
+        out = sizes(balanced(1000, prior, processes=4), 1000)
+        assert max(out) == 63 and len(out) == 16
+
+
+def test_this_jobs_own_timings_join_the_prior() -> None:
+    """Finished chunks of the job count with the prior, weighted by items, the prior weighing
+    at most as many items as the job has: a 20 ms chunk of one item barely moves a prior of
+    20,000 cheap items, but outweighs a million-item prior scaled to a 10-item job; alone it
+    gives a floor of 1."""
+    sizer = balanced(20_000, (0.1, 10**6))
+    sizer.observe(1, 0.02)
+    assert sizer.per_item() == pytest.approx((0.1 / 50 + 0.02) / 20_001)
+    small = balanced(10, (0.1, 10**6))
+    small.observe(1, 0.02)
+    assert small.per_item() == pytest.approx((0.1 / 10**5 + 0.02) / 11) and small.floor() == 1
+    alone = balanced(20_000, None)
+    alone.observe(1, 0.02)
+    assert alone.floor() == 1
+    assert balanced(10, (0.0, 5)).floor() == MAX_ITEMS
+
+
+def test_fixed_chunksize_and_unbalanced_imap_ignore_the_prior() -> None:
+    """``chunksize=`` wins, and an imap (no balance) still starts with one item for a fast
+    first result."""
+    fixed = ChunkSizer(7, 20_000, balance=True, prior=(0.0, 10**6))
+    fixed.processes = 2
+    assert fixed.size() == 7
+    lazy = ChunkSizer(None, 20_000, balance=False, prior=(0.0, 10**6))
+    lazy.processes = 2
+    assert lazy.size() == 1
+
+
+def test_item_costs_keep_the_functions_used_last() -> None:
+    """ItemCosts keeps at most ``max_entries`` functions, dropping the least recently used;
+    a job that timed nothing leaves the last figure in place."""
+    costs = ItemCosts(max_entries=2)
+    costs.put("a", 1.0, 10)
+    costs.put("b", 2.0, 20)
+    assert costs.get("a") == (1.0, 10)  # a is now the most recent
+    costs.put("c", 3.0, 30)
+    assert costs.get("b") is None and costs.get("a") == (1.0, 10) and costs.get("c") == (3.0, 30)
+    costs.put("a", 0.0, 0)
+    assert costs.get("a") == (1.0, 10)
+
+
+def test_cost_keys_tell_functions_and_lambdas_apart() -> None:
+    """Two lambdas (same name, different code) and a function with or without a callback get
+    different keys; the same function gets the same key every time."""
+    first, second = (lambda x: x), (lambda x: x * 2)
+    assert _cost_key(first, None) != _cost_key(second, None)
+    assert _cost_key(square, None) == _cost_key(square, None) != _cost_key(square, first)
+
+
+class Chunks:
+    """``on_event`` for submit_job: the size of every chunk, until the terminal event."""
+
+    def __init__(self) -> None:
+        self.sizes: List[int] = []
+        self.end = None
+        self.done = threading.Event()
+
+    def __call__(self, event) -> None:
+        if isinstance(event, JobResults):
+            self.sizes.append(len(event.values))
+        else:
+            self.end = event
+            self.done.set()
+
+
+def test_a_map_records_its_item_cost_and_the_next_map_uses_it(cluster) -> None:
+    """On a real cluster: a map leaves what its items cost on the Cluster (every item timed),
+    and a later map of the same function with a known-cheap cost sends its items in chunks of
+    Pool's size after the first single-item chunks, with no shrinking tail."""
+    key = _cost_key(square, None)
+    assert cluster.map(square, range(20_000)) == [x * x for x in range(20_000)]
+    seconds, items = cluster.item_costs.get(key)
+    assert items == 20_000 and seconds > 0
+    cluster.item_costs.put(key, 0.0, 10**6)  # as if square were free: the floor is the cap
+    seen = Chunks()
+    cluster.submit_job(square, range(20_000), seen)
+    assert seen.done.wait(60) and seen.end == JobDone(20_000)
+    cap = 20_000 // (4 * 4)  # the shared cluster has 4 processes
+    ones = seen.sizes.count(1)
+    remainder, *rest = sorted(seen.sizes)[ones:]
+    assert ones <= 2 and rest == [cap] * len(rest) and remainder <= cap
+    assert sum(seen.sizes) == 20_000
