@@ -50,6 +50,22 @@ def test_generator_function_is_called(cluster):
     assert cluster.map(add_one, numbers) == [2, 3, 4]
 
 
+class InputBroke(Exception):
+    """What the input below raises."""
+
+
+def test_input_that_raises_inside_a_chunk_keeps_the_items_before_it(cluster):
+    """An input that raises partway through a chunk's items: imap yields the results of every
+    item read before the exception (also those of the chunk it broke), then raises it."""
+    def six_then_break():
+        yield from range(6)
+        raise InputBroke("the input broke after six items")
+    it = cluster.imap(square, six_then_break(), chunksize=4)
+    assert [next(it) for _ in range(6)] == [0, 1, 4, 9, 16, 25]
+    with pytest.raises(InputBroke):
+        next(it)
+
+
 def test_list_item_is_one_argument(cluster):
     """Each item is passed as one argument, as in multiprocessing.Pool.map."""
     assert cluster.map(len, [[1, 2], (1, 2, 3), "abcd"]) == [2, 3, 4]
