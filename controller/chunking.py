@@ -33,10 +33,11 @@ class ChunkSizer:
     job's finished chunks and ``prior``, ``(seconds, items)`` that earlier jobs of the function
     measured, weighing at most as many items as this job has), balanced chunks also hold at
     least :data:`MIN_CHUNK_SECONDS` of work, so the shrinking tail does not end in many chunks
-    whose coordination costs more than their work; no floor exceeds the cap, so a wrong
-    estimate gives at worst ``multiprocessing.Pool``'s chunking. ``limit`` caps automatic
-    sizes (a job with ``maxtasksperchild`` never sends a worker more items in one chunk than
-    it may run).
+    whose coordination costs more than their work; and when ``len / (2 x processes)`` items
+    are less work than that, chunks are that large (two per process instead of Pool's four).
+    No floor goes above ``len / (2 x processes)``: a wrong estimate gives at worst two chunks
+    per process. ``limit`` caps automatic sizes (a job with ``maxtasksperchild`` never sends a
+    worker more items in one chunk than it may run).
     """
 
     def __init__(self, chunksize: Optional[int] = None, total: Optional[int] = None,
@@ -61,7 +62,11 @@ class ChunkSizer:
         """The largest size allowed now."""
         top = MAX_ITEMS if self.limit is None else max(1, min(MAX_ITEMS, self.limit))
         if self.total is not None and self.processes:
-            return max(1, min(top, math.ceil(self.total / (4 * self.processes))))
+            share = math.ceil(self.total / (4 * self.processes))
+            if self.balance:  # chunks of at most MIN_CHUNK_SECONDS of work: two per process
+                share = max(share, min(math.ceil(self.total / (2 * self.processes)),
+                                       self.floor()))
+            return max(1, min(top, share))
         return top
 
     def size(self) -> int:

@@ -39,11 +39,18 @@ def test_without_a_known_cost_the_tail_shrinks_to_single_items() -> None:
     assert out[0] == 2500 and min(out) == 1 and len(out) > 20
 
 
-def test_cheap_items_known_from_an_earlier_job_keep_every_chunk_at_the_cap() -> None:
-    """A prior of 0.1 us per item puts the floor (1 ms of work) above Pool's chunk size, so a
-    20,000-item map on 2 processes is 8 chunks of 2,500, as ``multiprocessing.Pool`` cuts it."""
+def test_cheap_items_known_from_an_earlier_job_make_two_chunks_per_process() -> None:
+    """A prior of 0.1 us per item: a 20,000-item map on 2 processes is less than 1 ms of work
+    per quarter, so it goes as 4 chunks of 5,000 (Pool would cut 8 of 2,500), no tail."""
     out = sizes(balanced(20_000, (0.002, 20_000)), 20_000)
-    assert out == [2500] * 8
+    assert out == [5000] * 4
+
+
+def test_chunks_grow_past_pools_size_only_up_to_min_chunk_seconds() -> None:
+    """Items of 1/3 us: 1 ms of work is 3,000 items, more than Pool's 2,500 and less than
+    half a process's share (5,000): chunks hold 3,000."""
+    out = sizes(balanced(20_000, (0.001, 3000)), 20_000)
+    assert out == [3000] * 6 + [2000]
 
 
 def test_the_floor_is_the_work_of_min_chunk_seconds() -> None:
@@ -62,12 +69,12 @@ def test_expensive_items_keep_the_single_item_tail() -> None:
     assert out[0] == 25 and out[-3:] == [1, 1, 1]
 
 
-def test_a_wrong_prior_gives_at_worst_pools_chunking() -> None:
+def test_a_wrong_prior_gives_at_worst_two_chunks_per_process() -> None:
     """However cheap the prior says items are (even free), no chunk exceeds
-    ``len / (4 x processes)``."""
+    ``len / (2 x processes)``."""
     for prior in ((0.0, 10**6), (1e-9, 1)):
         out = sizes(balanced(1000, prior, processes=4), 1000)
-        assert max(out) == 63 and len(out) == 16
+        assert out == [125] * 8
 
 
 def test_this_jobs_own_timings_join_the_prior() -> None:
@@ -137,8 +144,8 @@ class Chunks:
 
 def test_a_map_records_its_item_cost_and_the_next_map_uses_it(cluster) -> None:
     """On a real cluster: a map leaves what its items cost on the Cluster (every item timed),
-    and a later map of the same function with a known-cheap cost sends its items in chunks of
-    Pool's size after the first single-item chunks, with no shrinking tail."""
+    and a later map of the same function with a known-cheap cost sends its items in two chunks
+    per process after the first single-item chunks, with no shrinking tail."""
     key = _cost_key(square, None)
     assert cluster.map(square, range(20_000)) == [x * x for x in range(20_000)]
     seconds, items = cluster.item_costs.get(key)
@@ -147,7 +154,7 @@ def test_a_map_records_its_item_cost_and_the_next_map_uses_it(cluster) -> None:
     seen = Chunks()
     cluster.submit_job(square, range(20_000), seen)
     assert seen.done.wait(60) and seen.end == JobDone(20_000)
-    cap = 20_000 // (4 * 4)  # the shared cluster has 4 processes
+    cap = 20_000 // (2 * 4)  # the shared cluster has 4 processes
     ones = seen.sizes.count(1)
     remainder, *rest = sorted(seen.sizes)[ones:]
     assert ones <= 2 and rest == [cap] * len(rest) and remainder <= cap
