@@ -16,6 +16,8 @@ GROWTH = 16
 MIN_CHUNK_SECONDS = 0.001
 #: Functions whose item cost :class:`ItemCosts` remembers, at most.
 MAX_REMEMBERED = 256
+#: Timed items :class:`ItemCosts` weighs per function, at most (older ones weigh less then).
+MAX_PRIOR_ITEMS = 1_000_000
 
 
 class ChunkSizer:
@@ -107,7 +109,7 @@ class ChunkSizer:
 
 
 class ItemCosts:
-    """What items of each function cost on the workers in the last job that timed any
+    """What items of each function cost on the workers in this Cluster's jobs
     (``(seconds, items)``), for :class:`ChunkSizer`'s ``prior``: one per ``Cluster``, safe
     from any thread, the :data:`MAX_REMEMBERED` functions used last."""
 
@@ -126,10 +128,16 @@ class ItemCosts:
             return cost
 
     def put(self, key: Hashable, seconds: float, items: int) -> None:
-        """Keep a job's measured cost (nothing when it timed no item)."""
+        """Add a job's measured cost to what is kept (weighted by items, so a one-item job
+        barely moves the figure of a large one; the oldest weigh less once more than
+        :data:`MAX_PRIOR_ITEMS` items were timed)."""
         if items <= 0:
             return
         with self._lock:
+            old_seconds, old_items = self._costs.get(key, (0.0, 0))
+            seconds, items = old_seconds + seconds, old_items + items
+            if items > MAX_PRIOR_ITEMS:
+                seconds, items = seconds * MAX_PRIOR_ITEMS / items, MAX_PRIOR_ITEMS
             self._costs[key] = (seconds, items)
             self._costs.move_to_end(key)
             while len(self._costs) > self.max_entries:

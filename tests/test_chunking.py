@@ -8,7 +8,9 @@ from typing import List, Optional, Tuple
 
 import pytest
 
-from achilles.controller.chunking import MAX_ITEMS, MIN_CHUNK_SECONDS, ChunkSizer, ItemCosts
+from achilles.controller.chunking import (
+    MAX_ITEMS, MAX_PRIOR_ITEMS, MIN_CHUNK_SECONDS, ChunkSizer, ItemCosts,
+)
 from achilles.controller.handle import JobDone, JobResults
 from achilles.controller.job import _cost_key
 from tasks import square
@@ -107,7 +109,7 @@ def test_fixed_chunksize_and_unbalanced_imap_ignore_the_prior() -> None:
 
 def test_item_costs_keep_the_functions_used_last() -> None:
     """ItemCosts keeps at most ``max_entries`` functions, dropping the least recently used;
-    a job that timed nothing leaves the last figure in place."""
+    a job that timed nothing leaves the figure in place."""
     costs = ItemCosts(max_entries=2)
     costs.put("a", 1.0, 10)
     costs.put("b", 2.0, 20)
@@ -116,6 +118,20 @@ def test_item_costs_keep_the_functions_used_last() -> None:
     assert costs.get("b") is None and costs.get("a") == (1.0, 10) and costs.get("c") == (3.0, 30)
     costs.put("a", 0.0, 0)
     assert costs.get("a") == (1.0, 10)
+
+
+def test_item_costs_weigh_jobs_by_their_items() -> None:
+    """A one-item job (whose figure is mostly a call's fixed cost) barely moves what a
+    20,000-item job measured; past MAX_PRIOR_ITEMS timed items the total is scaled down, so
+    newer jobs count."""
+    costs = ItemCosts()
+    costs.put("f", 0.002, 20_000)
+    costs.put("f", 0.00002, 1)
+    assert costs.get("f") == (pytest.approx(0.00202), 20_001)
+    costs.put("f", 10.0, MAX_PRIOR_ITEMS)
+    seconds, items = costs.get("f")
+    assert items == MAX_PRIOR_ITEMS
+    assert seconds == pytest.approx(10.00202 * MAX_PRIOR_ITEMS / (MAX_PRIOR_ITEMS + 20_001))
 
 
 def test_cost_keys_tell_functions_and_lambdas_apart() -> None:
@@ -147,13 +163,19 @@ def test_a_map_records_its_item_cost_and_the_next_map_uses_it(cluster) -> None:
     and a later map of the same function with a known-cheap cost sends its items in two chunks
     per process after the first single-item chunks, with no shrinking tail."""
     key = _cost_key(square, None)
+    before = cluster.item_costs.get(key) or (0.0, 0)
     assert cluster.map(square, range(20_000)) == [x * x for x in range(20_000)]
     seconds, items = cluster.item_costs.get(key)
-    assert items == 20_000 and seconds > 0
+    assert items == min(MAX_PRIOR_ITEMS, before[1] + 20_000) and seconds > before[0]
+    kept = cluster.item_costs
+    cluster.item_costs = ItemCosts()
     cluster.item_costs.put(key, 0.0, 10**6)  # as if square were free: the floor is the cap
     seen = Chunks()
-    cluster.submit_job(square, range(20_000), seen)
-    assert seen.done.wait(60) and seen.end == JobDone(20_000)
+    try:
+        cluster.submit_job(square, range(20_000), seen)
+        assert seen.done.wait(60) and seen.end == JobDone(20_000)
+    finally:
+        cluster.item_costs = kept
     cap = 20_000 // (2 * 4)  # the shared cluster has 4 processes
     ones = seen.sizes.count(1)
     remainder, *rest = sorted(seen.sizes)[ones:]
