@@ -29,11 +29,12 @@ import math
 import pickle
 from typing import Any, Deque, Dict, Iterator, List, Optional, Set, Tuple
 
-from achilles.core import wire
+from achilles.core import shm, wire
 from achilles.core.config import DEFAULT_FAST_DEPTH, DEFAULT_FAST_WINDOW
 from achilles.core.errors import ProtocolError
 from achilles.core.logs import printable
 from achilles.core.output import TAIL_LINES, decode_lines, encode_lines
+from achilles.core.serialization import error_record
 from achilles.server.dispatch import (DispatchPolicy, FreeSlots, LeastLoaded, NodeState, Peer,
                                      fast_free)
 from achilles.server.graphs import GraphState
@@ -742,10 +743,25 @@ class Scheduler:
             node.held += 1
             self._free.update(node)
         job.on_dispatch(chunk, node)
-        payload = chunk.payload if self.shm is None else self.shm.to_node(node, chunk.payload)
+        payload = chunk.payload
+        if self.shm is not None:
+            try:
+                payload = self.shm.to_node(node, payload)
+            except shm.ShmError as exc:  # failed as if the node had answered so, next turn
+                self.clock.callLater(0, self._undeliverable, node, job.job_id, chunk.chunk_id,
+                                     exc)
+                self._refill(job)
+                return
         node.peer.send(wire.TASK, job.job_id, chunk.chunk_id, chunk.crashes > 0, chunk.timeout,
                        payload)
         self._refill(job)
+
+    def _undeliverable(self, node: NodeState, job_id: str, chunk_id: int,
+                       exc: BaseException) -> None:
+        """Chunk ``chunk_id`` placed on ``node`` could not be sent to it: it fails with
+        ``exc`` (unless the node was lost meanwhile and the chunk went elsewhere)."""
+        with self.batch():
+            self.result(node, job_id, chunk_id, wire.ITEM_ERROR, error_record(0, exc, []), -1.0)
 
     def _unplace(self, node: NodeState, chunk: Chunk) -> None:
         """``chunk`` left ``node``'s inflight: give back its resources and credit."""

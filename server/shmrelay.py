@@ -70,7 +70,8 @@ class ShmRelay:
 
     def to_node(self, node: Any, payload: Any) -> Any:
         """A ``TASK`` payload for ``node``: the reference if it shares this host, else the
-        bytes (a segment that cannot be read stays a reference; the worker reports why)."""
+        bytes. Raises :class:`~achilles.core.shm.ShmError`, saying why, when the node needs
+        the bytes and the segment cannot be read (the chunk then fails with that error)."""
         if not shm.is_ref(payload):
             return payload
         if getattr(node.peer, "shm_ok", False):
@@ -81,7 +82,10 @@ class ShmRelay:
         except shm.ShmError as exc:
             log.warning("cannot inline a chunk for node %s: %s", node.name,
                         printable(str(exc)))
-            return payload
+            raise shm.ShmError(
+                f"the server could not read the chunk's shared-memory segment to send its "
+                f"bytes to node {node.name}, which does not share memory with it: {exc}"
+            ) from None
 
     def to_controller(self, peer: Any, node: Any, status: int,
                       payload: Any) -> Tuple[int, Any]:

@@ -297,6 +297,54 @@ def test_node_that_fails_the_probe_gets_bytes(daemons, secret, tmp_path, monkeyp
         cluster.close()
 
 
+def test_unreadable_segment_for_a_node_elsewhere_fails_with_the_servers_reason(
+        daemons, secret, tmp_path, monkeypatch):
+    """When the server must send a chunk's bytes to a node that does not share its memory and
+    cannot read the chunk's segment (altered after the controller wrote it), the call raises
+    ShmError saying so (the server could not read it, for which node, why) instead of the
+    node's worker reporting a reference it should never have got; the cluster keeps serving."""
+    here, elsewhere = tmp_path / "here", tmp_path / "elsewhere"
+    here.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.setenv("ACHILLES_SHM_DIR", str(here))
+    port = daemons.server(secret)
+    monkeypatch.setenv("ACHILLES_SHM_DIR", str(elsewhere))
+    daemons.start("node", "--host", "127.0.0.1", "--port", str(port), "--processes", "1",
+                  "--name", "faraway", secret=secret)
+    monkeypatch.setenv("ACHILLES_SHM_DIR", str(here))
+    cluster = Cluster(Config(host="127.0.0.1", port=port, username="tester", secret_key=secret))
+    real_write, real_dump = Segments.write, Segments.dump
+
+    def write_then_alter(self, payload):
+        ref = real_write(self, payload)
+        if ref is not None:
+            corrupt(self.path, ref)
+        return ref
+
+    def dump_then_alter(self, obj):
+        ref = real_dump(self, obj)
+        if ref is not None:
+            corrupt(self.path, ref)
+        return ref
+
+    try:
+        wait_for(lambda: len(cluster.status()["nodes"]) == 1, what="the node")
+        wait_shared(cluster)
+        monkeypatch.setattr(Segments, "write", write_then_alter)
+        monkeypatch.setattr(Segments, "dump", dump_then_alter)
+        with pytest.raises(shm.ShmError) as raised:
+            cluster.map(rotate, [os.urandom(SIZE)], chunksize=1)
+        message = str(raised.value)
+        assert "server could not read" in message and "node faraway" in message
+        assert "integrity check" in message
+        monkeypatch.setattr(Segments, "write", real_write)
+        monkeypatch.setattr(Segments, "dump", real_dump)
+        blobs = [os.urandom(SIZE) for _ in range(2)]
+        assert cluster.map(rotate, blobs, chunksize=1) == [rotate(b) for b in blobs]
+    finally:
+        cluster.close()
+
+
 def test_controller_without_shared_memory_gets_bytes(make_cluster, shm_dir):
     """A controller with shared memory off (ACHILLES_SHM_DIR=off for it alone) sends bytes,
     and the server turns a proven node's result references into bytes for it (unlinking
