@@ -20,8 +20,8 @@ The header's last element, ``shm``, is the name of the chunk's result segment wh
 shares the server's shared memory (:mod:`achilles.core.shm`; the worker got the directory,
 key and threshold when it started), else None: a map chunk's payload may then be a reference
 (read and checked here before anything is unpickled; a bad one is the chunk's error), and an
-OK result of ``threshold`` bytes or more is written to the named segment and answered with
-its reference.
+OK chunk's results of ``threshold`` bytes or more go to the named segment (pickled straight
+into it when they look large: :func:`encode_results`) and are answered with its reference.
 ``retire`` says the process exits after this reply (``maxtasksperchild`` reached). With
 ``forward`` the chunk's output is captured (:mod:`achilles.node.capture`) and sent before the
 reply as pickled ``("out", (lines, dropped))`` and, when the chunk failed, ``("tail", lines)``.
@@ -42,6 +42,7 @@ import collections
 import os
 import pickle
 import signal
+import sys
 import threading
 import time
 from typing import Any, Callable, Dict, Optional, Tuple
@@ -176,12 +177,14 @@ def _call(func: Callable[[Any], Any], callback: Optional[Callable[[Any], Any]]) 
 
 
 def run_chunk(cache: _CodeCache, func_bytes: bytes, cb_bytes: bytes, payload: Any,
-              progress: Any = None, results: Optional[list] = None) -> Tuple[int, bytes]:
+              progress: Any = None, results: Optional[list] = None,
+              raw: bool = False) -> Tuple[int, Any]:
     """Run one chunk; returns ``(status, result payload)``. Never raises for a task's error.
 
     ``payload`` is the pickled list of items, or the list itself. With ``progress`` (a shared
     integer), each item's index is stored there before it runs. ``results``, if given, is
-    the (empty) list the results are gathered in.
+    the (empty) list the results are gathered in. With ``raw``, an OK chunk's payload is that
+    list itself, not yet pickled (see :func:`encode_results`).
     """
     if results is None:
         results = []
@@ -198,10 +201,42 @@ def run_chunk(cache: _CodeCache, func_bytes: bytes, cb_bytes: bytes, payload: An
                 append(call(item))
     except BaseException as exc:  # a task's SystemExit or KeyboardInterrupt is its error too
         return wire.ITEM_ERROR, error_record(len(results), exc, results)
+    if raw:
+        return wire.OK, results
     try:
         return wire.OK, dumps_data(results)
     except BaseException:
         return wire.ITEM_ERROR, _unpicklable_result(results)
+
+
+def encode_results(results: list, shm_settings: Optional[Tuple[str, bytes, int]],
+                   segment: Optional[str]) -> Tuple[int, bytes, Optional[str]]:
+    """An OK chunk's ``results`` for the reply: ``(status, payload, segment written)``.
+
+    With a segment name and the node's shared memory: results that look large (the first
+    one's size times their number reaches the threshold) are pickled straight into the
+    segment, with no pickle in this process's memory first; others are pickled and go to the
+    segment if the pickle is that large. The payload is then the segment's reference. With
+    no room in shared memory, or none to use, the pickle goes through the pipe. Results that
+    cannot be pickled make the chunk's error record (status ``ITEM_ERROR``)."""
+    if segment is not None and shm_settings is not None and results \
+            and sys.getsizeof(results[0]) * len(results) >= shm_settings[2]:
+        try:
+            return wire.OK, shm.dump(shm_settings[0], shm_settings[1], results, segment), segment
+        except OSError:
+            pass  # no room in shared memory: pickled below, through the pipe if need be
+        except Exception:
+            pass  # the C pickler refuses something: dumps_data tries dill, or names it
+    try:
+        data = dumps_data(results)
+    except BaseException:
+        return wire.ITEM_ERROR, _unpicklable_result(results), None
+    if segment is not None and shm_settings is not None and len(data) >= shm_settings[2]:
+        try:
+            return wire.OK, shm.write(shm_settings[0], shm_settings[1], data, segment), segment
+        except OSError:
+            pass  # no room in shared memory: the bytes go through the pipe
+    return wire.OK, data, None
 
 
 def _unpicklable_result(results: list) -> bytes:
@@ -418,20 +453,22 @@ def worker_main(conn: Any, progress: Any,
                                                     capture if forward else None)
         elif not (group and (init_bytes or maxtasks)):
             status, result = run_chunk(cache, func_bytes, cb_bytes, payload,
-                                       progress if careful else None, results)
+                                       progress if careful else None, results, raw=True)
         else:
             status, result, retire = _run_in_group(cache, groups, func_bytes, cb_bytes, payload,
                                                    progress if careful else None, group,
                                                    init_bytes, maxtasks, results)
-        elapsed = time.perf_counter() - start
         written = None
-        if segment is not None and shm_settings is not None and status == wire.OK \
+        if status == wire.OK and type(result) is list:
+            status, result, written = encode_results(result, shm_settings, segment)
+        elif segment is not None and shm_settings is not None and status == wire.OK \
                 and len(result) >= shm_settings[2]:
             try:
                 result = shm.write(shm_settings[0], shm_settings[1], result, segment)
                 written = segment
             except OSError:
                 pass  # no room in shared memory: the bytes go through the pipe
+        elapsed = time.perf_counter() - start
         try:
             small = len(result) <= INLINE_MAX
             header = pickle.dumps((status, elapsed, retire, result if small else None),

@@ -27,3 +27,24 @@ def data_size(arg: tuple) -> int:
 def big_result(n: int) -> bytes:
     """``n`` bytes from a small argument (a large result, a small argument)."""
     return os.urandom(8) * (n // 8)
+
+
+class Holder:
+    """A result that says it is large (``__sizeof__``), so a worker tries to pickle it
+    straight into a segment, and that holds ``what``."""
+
+    def __init__(self, what: object) -> None:
+        self.what = what
+
+    def __sizeof__(self) -> int:
+        return 1 << 20
+
+
+def holding_lambda(n: int) -> Holder:
+    """A Holder of a lambda: the C pickler refuses it, dill pickles it."""
+    return Holder(lambda: n)
+
+
+def holding_generator(n: int) -> Holder:
+    """A Holder of a generator: neither pickle nor dill can pickle it."""
+    return Holder(x for x in range(n))

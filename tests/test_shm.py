@@ -21,7 +21,9 @@ from achilles.core import shm
 from achilles.core.config import Config
 from achilles.core.serialization import dumps_data
 from conftest import MarkerPickle, wait_for
-from shm_tasks import big_result, data_size, rotate, slow_rotate
+from shm_tasks import (
+    big_result, data_size, holding_generator, holding_lambda, rotate, slow_rotate,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -175,6 +177,21 @@ def test_large_map_goes_through_shared_memory_and_leaves_nothing(make_cluster, s
     assert left_behind(shm_dir, lc.server.pid) == []
     lc.stop()
     assert os.listdir(shm_dir) == []
+
+
+def test_results_the_c_pickler_refuses_come_back_or_fail_clearly(make_cluster, shm_dir):
+    """A result that looks large (so the worker tries to pickle it straight into a segment)
+    but that the C pickler refuses still comes back (through dill); one that nothing can
+    pickle fails the call with the pickling error; no segment is left either way."""
+    lc = make_cluster(nodes=1, processes=1)
+    cluster = lc.cluster
+    wait_shared(cluster)
+    out = cluster.map(holding_lambda, [1, 2], chunksize=1)
+    assert [h.what() for h in out] == [1, 2]
+    with pytest.raises(TypeError, match="pickle") as raised:
+        cluster.map(holding_generator, [1], chunksize=1)
+    assert any("cannot be pickled" in note for note in getattr(raised.value, "__notes__", []))
+    assert left_behind(shm_dir, lc.server.pid) == []
 
 
 def test_node_killed_mid_job_loses_nothing_and_leaves_nothing(make_cluster, shm_dir):
