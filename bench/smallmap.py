@@ -15,20 +15,12 @@ import multiprocessing
 import os
 import statistics
 import sys
-import time
-from typing import Any, Callable, List
+from typing import List
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import achilles  # noqa: E402
-from bench.run import square  # noqa: E402
-
-
-def timed(fn: Callable[..., Any], *args: Any) -> float:
-    """Seconds ``fn(*args)`` took."""
-    start = time.perf_counter()
-    fn(*args)
-    return time.perf_counter() - start
+from bench.run import square, timed  # noqa: E402
 
 
 def main(argv: List[str]) -> int:
@@ -48,7 +40,7 @@ def main(argv: List[str]) -> int:
         for i in range(args.rounds):
             sides = [(on_pool, pool.map), (on_achilles, cluster.map)]
             for out, run in (sides if i % 2 else sides[::-1]):
-                out.append(timed(run, square, items))
+                out.append(timed(run, square, items)[0])
     mp, ma = statistics.median(on_pool), statistics.median(on_achilles)
     print(f"map(square, range({args.items:,})) x {args.rounds}: Pool median {mp * 1e3:.2f} ms "
           f"(fastest {min(on_pool) * 1e3:.2f}), Achilles median {ma * 1e3:.2f} ms (fastest "

@@ -70,8 +70,7 @@ class JobRun:
             total = len(iterable)  # type: ignore[arg-type]
         except TypeError:
             total = None
-        costs = getattr(link, "item_costs", None)
-        self._costs: Optional[ItemCosts] = costs if isinstance(costs, ItemCosts) else None
+        self._costs: Optional[ItemCosts] = getattr(link, "item_costs", None)
         self._cost_key = _cost_key(func, callback)
         self.sizer = ChunkSizer(chunksize, total, balance, chunk_limit,
                                 self._costs.get(self._cost_key) if self._costs else None)

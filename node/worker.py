@@ -446,6 +446,7 @@ def worker_main(conn: Any, progress: Any,
                 payload = shm.read(shm_settings[0], shm_settings[1], payload, segment_buffer)
             except shm.ShmError as exc:
                 refused = exc
+        result: Any  # bytes, or an OK map chunk's results list until encode_results
         if refused is not None:
             status, result = wire.ITEM_ERROR, error_record(0, refused, [])
         elif kind == "graph":
@@ -459,15 +460,8 @@ def worker_main(conn: Any, progress: Any,
                                                    progress if careful else None, group,
                                                    init_bytes, maxtasks, results)
         written = None
-        if status == wire.OK and type(result) is list:
+        if status == wire.OK and kind != "graph":  # the results list, not yet pickled
             status, result, written = encode_results(result, shm_settings, segment)
-        elif segment is not None and shm_settings is not None and status == wire.OK \
-                and len(result) >= shm_settings[2]:
-            try:
-                result = shm.write(shm_settings[0], shm_settings[1], result, segment)
-                written = segment
-            except OSError:
-                pass  # no room in shared memory: the bytes go through the pipe
         elapsed = time.perf_counter() - start
         try:
             small = len(result) <= INLINE_MAX
@@ -503,9 +497,10 @@ def worker_main(conn: Any, progress: Any,
 
 def _run_in_group(cache: _CodeCache, groups: _Groups, func_bytes: bytes, cb_bytes: bytes,
                   payload: "bytes | bytearray", progress: Any, group: str, init_bytes: bytes,
-                  maxtasks: int, results: Optional[list] = None) -> Tuple[int, bytes, bool]:
+                  maxtasks: int, results: Optional[list] = None) -> Tuple[int, Any, bool]:
     """Run a chunk of a group with an initializer or a task limit: ``(status, payload,
-    retire)``; status :data:`RETIRE` when the chunk must run on a fresh process."""
+    retire)``, an OK payload being the results list (as :func:`run_chunk` with ``raw``);
+    status :data:`RETIRE` when the chunk must run on a fresh process."""
     try:
         items = loads_data(payload)
     except BaseException as exc:
@@ -515,5 +510,5 @@ def _run_in_group(cache: _CodeCache, groups: _Groups, func_bytes: bytes, cb_byte
     failed = groups.prepare(group, init_bytes)
     if failed is not None:
         return wire.ITEM_ERROR, failed, False
-    status, result = run_chunk(cache, func_bytes, cb_bytes, items, progress, results)
+    status, result = run_chunk(cache, func_bytes, cb_bytes, items, progress, results, raw=True)
     return status, result, groups.count(group, maxtasks, len(items))

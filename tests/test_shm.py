@@ -72,6 +72,27 @@ def corrupt(path: str, ref: bytes, offset_from_end: int = 100) -> None:
         fh.write(bytes([byte[0] ^ 0xFF]))
 
 
+def alter_after_writing(patch: pytest.MonkeyPatch) -> None:
+    """Make this process's ``Segments.write`` and ``Segments.dump`` flip a byte of every
+    segment right after writing it (``patch`` undoes it)."""
+    real_write, real_dump = Segments.write, Segments.dump
+
+    def write_then_alter(self, payload):
+        ref = real_write(self, payload)
+        if ref is not None:
+            corrupt(self.path, ref)
+        return ref
+
+    def dump_then_alter(self, obj):
+        ref = real_dump(self, obj)
+        if ref is not None:
+            corrupt(self.path, ref)
+        return ref
+
+    patch.setattr(Segments, "write", write_then_alter)
+    patch.setattr(Segments, "dump", dump_then_alter)
+
+
 # --- segments on their own --------------------------------------------------------------------
 def test_segment_round_trip_and_refusals(tmp_path):
     """A segment reads back exactly what was written (also into a reused buffer, also when
@@ -243,27 +264,11 @@ def test_altered_argument_segment_fails_the_chunk_unpickled(make_cluster, shm_di
     cluster = lc.cluster
     wait_shared(cluster)
     marker = tmp_path / "unpickled"
-    real_write, real_dump = Segments.write, Segments.dump
-
-    def write_then_alter(self, payload):
-        ref = real_write(self, payload)
-        if ref is not None:
-            corrupt(self.path, ref)
-        return ref
-
-    def dump_then_alter(self, obj):
-        ref = real_dump(self, obj)
-        if ref is not None:
-            corrupt(self.path, ref)
-        return ref
-
-    monkeypatch.setattr(Segments, "write", write_then_alter)
-    monkeypatch.setattr(Segments, "dump", dump_then_alter)
-    with pytest.raises(shm.ShmError, match="integrity check"):
-        cluster.map(data_size, [(MarkerPickle(str(marker)), b"p" * SIZE)], chunksize=1)
+    with monkeypatch.context() as patch:
+        alter_after_writing(patch)
+        with pytest.raises(shm.ShmError, match="integrity check"):
+            cluster.map(data_size, [(MarkerPickle(str(marker)), b"p" * SIZE)], chunksize=1)
     assert not marker.exists()
-    monkeypatch.undo()
-    monkeypatch.setenv("ACHILLES_SHM_DIR", str(shm_dir))
     blobs = [os.urandom(SIZE) for _ in range(3)]
     assert cluster.map(rotate, blobs, chunksize=1) == [rotate(b) for b in blobs]
     wait_for(lambda: left_behind(shm_dir, lc.server.pid) == [], what="no segment left")
@@ -330,32 +335,16 @@ def test_unreadable_segment_for_a_node_elsewhere_fails_with_the_servers_reason(
                   "--name", "faraway", secret=secret)
     monkeypatch.setenv("ACHILLES_SHM_DIR", str(here))
     cluster = Cluster(Config(host="127.0.0.1", port=port, username="tester", secret_key=secret))
-    real_write, real_dump = Segments.write, Segments.dump
-
-    def write_then_alter(self, payload):
-        ref = real_write(self, payload)
-        if ref is not None:
-            corrupt(self.path, ref)
-        return ref
-
-    def dump_then_alter(self, obj):
-        ref = real_dump(self, obj)
-        if ref is not None:
-            corrupt(self.path, ref)
-        return ref
-
     try:
         wait_for(lambda: len(cluster.status()["nodes"]) == 1, what="the node")
         wait_shared(cluster)
-        monkeypatch.setattr(Segments, "write", write_then_alter)
-        monkeypatch.setattr(Segments, "dump", dump_then_alter)
-        with pytest.raises(shm.ShmError) as raised:
-            cluster.map(rotate, [os.urandom(SIZE)], chunksize=1)
+        with monkeypatch.context() as patch:
+            alter_after_writing(patch)
+            with pytest.raises(shm.ShmError) as raised:
+                cluster.map(rotate, [os.urandom(SIZE)], chunksize=1)
         message = str(raised.value)
         assert "server could not read" in message and "node faraway" in message
         assert "integrity check" in message
-        monkeypatch.setattr(Segments, "write", real_write)
-        monkeypatch.setattr(Segments, "dump", real_dump)
         blobs = [os.urandom(SIZE) for _ in range(2)]
         assert cluster.map(rotate, blobs, chunksize=1) == [rotate(b) for b in blobs]
     finally:
