@@ -8,7 +8,8 @@ workers never wait for a round trip to the server between short chunks.
 
 Picking a node for a chunk must not cost more as the cluster grows: :class:`FreeSlots` keeps
 the nodes in buckets keyed by their free credit (of one kind), with the highest non-empty
-bucket at hand, so the node with the most free credit is found in O(1). A :class:`DispatchPolicy` chooses, for
+bucket at hand, so the node with the most free credit is found in O(1) (the one that has waited
+longest, so idle nodes take turns). A :class:`DispatchPolicy` chooses, for
 one job, which queued chunk goes to which node; it counts the nodes it examines so that tests
 can check that per-dispatch work does not grow with the number of nodes.
 """
@@ -17,9 +18,10 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections import OrderedDict
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import (TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Protocol, Set,
+from typing import (TYPE_CHECKING, Any, Callable, Dict, Iterator, Optional, Protocol, Set,
                     Tuple)
 
 if TYPE_CHECKING:
@@ -99,20 +101,21 @@ class FreeSlots:
     """Every node, bucketed by free credit of one kind (``level(node)``); O(1) access to a
     node with the most.
 
-    A bucket is a list with each node's position kept here, so moving a node between buckets
-    is O(1) (swap with the last, pop). Call :meth:`update` after each change to the credit a
-    node has in use.
+    A bucket keeps its nodes in the order they reached its level, so among nodes with equally
+    much free credit the one that has waited longest comes first: when chunks trickle in, idle
+    nodes take turns instead of the last node to answer taking them all. Moving a node between
+    buckets is O(1). Call :meth:`update` after each change to the credit a node has in use.
     """
 
     def __init__(self, level: Callable[[NodeState], int] = base_free) -> None:
         self.level = level
-        self._buckets: Dict[int, List[NodeState]] = {}
-        self._at: Dict[int, List[int]] = {}  # node id -> [bucket, position in it]
+        self._buckets: Dict[int, "OrderedDict[int, NodeState]"] = {}
+        self._at: Dict[int, int] = {}  # node id -> its bucket's level
         self.top = 0  # highest free credit of any node (0: no node has free credit)
 
     def add(self, node: NodeState) -> None:
         """Start tracking ``node``."""
-        self._put(node, [0, 0])
+        self._put(node)
 
     def discard(self, node: NodeState) -> None:
         """Stop tracking ``node`` (no-op if it is not tracked)."""
@@ -122,57 +125,57 @@ class FreeSlots:
             self._lower_top()
 
     def update(self, node: NodeState) -> None:
-        """``node``'s free credit changed: move it to its new bucket."""
+        """``node``'s free credit changed: move it to the end of its new bucket."""
         at = self._at.get(node.node_id)
         if at is None:
             return
-        if at[0] != self.level(node):
+        if at != self.level(node):
             self._take(node, at)
-            self._put(node, at)
+            self._put(node)
             self._lower_top()
 
     def best(self) -> Optional[NodeState]:
-        """A node with the most free credit, or None when no node has any."""
+        """The node that has had the most free credit longest, or None when none has any."""
         if self.top <= 0:
             return None
-        return self._buckets[self.top][-1]
+        return next(iter(self._buckets[self.top].values()))
 
     def descending(self) -> Iterator[NodeState]:
-        """Nodes with free credit, most free first (do not move nodes while iterating)."""
+        """Nodes with free credit, most free first, longest waiting first within a level (do
+        not move nodes while iterating)."""
         for level in range(self.top, 0, -1):
-            yield from reversed(self._buckets.get(level, ()))
+            yield from self._buckets.get(level, {}).values()
 
     def check(self, nodes: Dict[int, NodeState]) -> None:
         """Raise AssertionError unless the buckets hold exactly ``nodes`` at their free credit."""
         seen = 0
         for level, bucket in self._buckets.items():
             assert bucket, f"empty free-credit bucket {level} kept"
-            for pos, node in enumerate(bucket):
-                assert nodes.get(node.node_id) is node, f"bucket holds unknown node {node.node_id}"
-                assert self._at[node.node_id] == [level, pos] and level == self.level(node), \
+            for node_id, node in bucket.items():
+                assert node.node_id == node_id, f"node {node.name} filed under id {node_id}"
+                assert nodes.get(node_id) is node, f"bucket holds unknown node {node_id}"
+                assert self._at[node_id] == level == self.level(node), \
                     f"node {node.name} is in bucket {level} with {self.level(node)} free"
                 seen += 1
         assert seen == len(nodes) == len(self._at), f"{seen} nodes bucketed, {len(nodes)} connected"
         expect = max((lvl for lvl in self._buckets if lvl > 0), default=0)
         assert self.top == expect, f"top free credit {self.top}, expected {expect}"
 
-    def _put(self, node: NodeState, at: List[int]) -> None:
+    def _put(self, node: NodeState) -> None:
         level = self.level(node)
-        bucket = self._buckets.setdefault(level, [])
-        at[0], at[1] = level, len(bucket)
-        self._at[node.node_id] = at
-        bucket.append(node)
+        bucket = self._buckets.get(level)
+        if bucket is None:
+            bucket = self._buckets[level] = OrderedDict()
+        bucket[node.node_id] = node
+        self._at[node.node_id] = level
         if level > self.top:
             self.top = level
 
-    def _take(self, node: NodeState, at: List[int]) -> None:
-        bucket = self._buckets[at[0]]
-        last = bucket.pop()
-        if last is not node:
-            bucket[at[1]] = last
-            self._at[last.node_id][1] = at[1]
+    def _take(self, node: NodeState, level: int) -> None:
+        bucket = self._buckets[level]
+        del bucket[node.node_id]
         if not bucket:
-            del self._buckets[at[0]]
+            del self._buckets[level]
 
     def _lower_top(self) -> None:
         # After a move the scan runs from the old top to the next level in use: a node's

@@ -146,6 +146,62 @@ def test_busiest_node_is_not_preferred():
     assert len(tasks(apeer)) == 2 and len(tasks(bpeer)) == 2
 
 
+def test_idle_nodes_take_turns_when_chunks_trickle_in():
+    """Among nodes with equally much free credit, the one that has waited longest gets the
+    next chunk: when chunks arrive one at a time and each is answered at once, five nodes
+    take them in turn, and a node that just answered does not jump ahead of one that never
+    got any."""
+    sched = make(prefetch=1)
+    cpeer, ctrl = controller(sched)
+    nodes = [node(sched, processes=1, name=f"n{i}") for i in range(5)]
+    submit(sched, ctrl, "j")
+    order = []
+    for cid in range(15):
+        chunks(sched, ctrl, "j", [cid])
+        (who,) = [(peer, n) for peer, n in nodes if (("j", cid) in tasks(peer))]
+        order.append(who[1].name)
+        ok(sched, who[1], "j", cid)
+    assert sorted(order[:5]) == [f"n{i}" for i in range(5)]
+    assert order[5:10] == order[:5] and order[10:] == order[:5]
+
+
+def test_free_slots_hand_out_the_longest_waiting_node_first():
+    """FreeSlots.best() is the node that reached the top free-credit level first, whichever
+    nodes moved through other levels since, for base and fast credit alike."""
+    from achilles.server.dispatch import FreeSlots, NodeState, fast_free
+
+    for level_of in ("base", "fast"):
+        slots = FreeSlots() if level_of == "base" else FreeSlots(fast_free)
+        ns = [NodeState(Recorder(), i, f"n{i}", "", processes=2, prefetch=1, depth=1)
+              for i in range(4)]
+        for n in ns:
+            slots.add(n)
+
+        def hold(n, k):
+            if level_of == "base":
+                n.held += k
+            else:
+                n.fast_held += k
+            slots.update(n)
+
+        assert slots.best() is ns[0]
+        hold(ns[0], 1)  # n0 drops a level, then comes back: behind n1, n2, n3
+        hold(ns[0], -1)
+        got = []
+        for _ in range(4):
+            best = slots.best()
+            got.append(best.name)
+            hold(best, 2)
+        assert got == ["n1", "n2", "n3", "n0"]
+        assert slots.best() is None
+        for name in ("n2", "n0", "n3", "n1"):
+            hold(ns[int(name[1])], -2)
+        assert slots.best() is ns[2]
+        slots.discard(ns[2])
+        assert slots.best() is ns[0]
+        slots.check({n.node_id: n for n in ns if n is not ns[2]})
+
+
 # --- job code ---------------------------------------------------------------------------------
 
 def test_job_code_sent_once_before_first_task():
