@@ -279,7 +279,8 @@ def run_swarm(host: str, port: int, secret: str, nodes: int, processes: int, del
                      "pending": sum(len(n.pending) for n in live.values()), **counts})
             elif words[:1] == ["drop"]:
                 # Drop nodes that hold chunks; wait (up to 10 s) until enough of them do, since
-                # how many hold one at an instant moves with the controller's window.
+                # how many hold one at an instant moves with the controller's window (and falls
+                # to none while the caller stops reading: keep reading while this runs).
                 wanted, give_up = int(words[1]), time.monotonic() + 10
 
                 def drop() -> None:

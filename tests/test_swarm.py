@@ -8,6 +8,7 @@ import importlib.util
 import json
 import os
 import signal
+import threading
 
 import pytest
 
@@ -52,17 +53,32 @@ def test_swarm_of_200_nodes_delivers_every_result_once() -> None:
 
 
 def test_nodes_dropped_mid_map_lose_nothing() -> None:
-    """Simulated nodes that answer after 20 ms; 20 of them, each holding a chunk, drop their
+    """Simulated nodes that answer after 100 ms; 20 of them, each holding a chunk, drop their
     connection in the middle of a map: the server re-queues their chunks and every result
     still arrives exactly once, from the nodes that remain."""
-    sw = swarm.Swarm(100, delay=0.02, window=32)
+    sw = swarm.Swarm(100, delay=0.1, window=32)
     with sw:
         sw.start_swarm()
         results = sw.cluster.imap_unordered(swarm.identity, range(3000), chunksize=1)
-        got = [next(results) for _ in range(300)]
+        got: list = []
+        failed: list = []
+
+        def read() -> None:
+            try:
+                for x in results:
+                    got.append(x)
+            except BaseException as exc:  # reaches the test below
+                failed.append(exc)
+
+        # The caller goes on reading while the nodes drop: input flows only while it reads,
+        # so a caller waiting for the drop's reply would let every node run dry first.
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        wait_for(lambda: len(got) >= 300, what="the first 300 results")
         dropped = sw.command("drop 20", "dropped")
+        reader.join(timeout=120)
+        assert not reader.is_alive() and not failed, failed
         assert dropped["nodes"] == 20
-        got += list(results)
         counts = collections.Counter(got)
         assert sorted(counts) == list(range(3000))
         assert max(counts.values()) == 1
