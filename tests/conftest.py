@@ -12,8 +12,9 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional
 
 import pytest
 
@@ -39,6 +40,39 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 20.0, interval: flo
     """Poll ``predicate`` until true; fail with ``what`` after ``timeout`` seconds."""
     if not poll(predicate, timeout, interval):
         raise AssertionError(f"timed out waiting for {what}")
+
+
+class Reader:
+    """Takes every result of ``results`` into :attr:`got` in a thread of its own. The controller
+    reads input and answers the server's WANTs only while its caller waits in ``next()``: a
+    test that stopped reading to look at or break the cluster would freeze the input at what
+    had been sent by then, and the nodes would run dry under it."""
+
+    def __init__(self, results: Iterable[Any]) -> None:
+        self.got: List[Any] = []
+        self.error: Optional[BaseException] = None
+        self._thread = threading.Thread(target=self._read, args=(results,), daemon=True)
+        self._thread.start()
+
+    def _read(self, results: Iterable[Any]) -> None:
+        try:
+            for x in results:
+                self.got.append(x)
+        except BaseException as exc:  # raised again by result()
+            self.error = exc
+
+    def result(self, timeout: float = 60.0) -> List[Any]:
+        """Every result once the iterator has ended; raise what it raised."""
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), f"results still coming after {timeout} s"
+        if self.error is not None:
+            raise self.error
+        return self.got
+
+
+def busy_on(cluster: Any, node: str) -> int:
+    """Chunks the server has on the node named ``node`` now (0 when it is not connected)."""
+    return sum(n["busy"] for n in cluster.status()["nodes"] if n["name"] == node)
 
 
 def read_frame(sock) -> "tuple":

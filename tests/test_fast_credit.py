@@ -11,13 +11,12 @@ import os
 import random
 import re
 import signal
-import threading
 
 import pytest
 
 from achilles.core import wire
 from achilles.node.pool import WorkerPool
-from conftest import wait_for
+from conftest import Reader, wait_for
 from crash_tasks import chaos
 from credit_tasks import gated, shout, slow_then_gated
 from tasks import square
@@ -244,15 +243,6 @@ def queued(lc) -> int:
     return sum(j["queued"] for j in lc.cluster.status()["jobs"])
 
 
-def read_all(results, got: list) -> threading.Thread:
-    """Take every result of ``results`` into ``got`` in a thread of its own. The controller
-    reads input and answers the server's WANTs only while its caller waits in ``next()``: a
-    test that stopped reading would freeze the input at whatever had been sent by then."""
-    thread = threading.Thread(target=lambda: got.extend(results), daemon=True)
-    thread.start()
-    return thread
-
-
 def test_a_fast_job_queues_deep_on_a_real_node(make_cluster, monkeypatch, tmp_path):
     """On a real server and node (2 processes), a job of quick chunks whose workers are then
     held up is given more than processes x prefetch chunks at once (the node queues them); the
@@ -261,14 +251,12 @@ def test_a_fast_job_queues_deep_on_a_real_node(make_cluster, monkeypatch, tmp_pa
     monkeypatch.setenv("ACHILLES_FAST_WINDOW", "1")
     lc = make_cluster(nodes=1, processes=2)
     items = [(x, str(tmp_path), 100) for x in range(400)]
-    got: list = []
-    reader = read_all(lc.cluster.imap(gated, items, chunksize=1), got)
-    wait_for(lambda: len(got) == 100, what="the ungated results")
+    reader = Reader(lc.cluster.imap(gated, items, chunksize=1))
+    wait_for(lambda: len(reader.got) == 100, what="the ungated results")
     wait_for(lambda: node_busy(lc) > 4 and queued(lc) > 0, what="a deep queue on the node")
     assert 4 < node_busy(lc) <= 2 * (2 + 30)
     (tmp_path / "open").touch()
-    reader.join(60)
-    assert got == [x * x for x in range(400)]
+    assert reader.result() == [x * x for x in range(400)]
 
 
 def test_a_slow_job_keeps_the_base_depth_on_a_real_node(make_cluster, tmp_path):
@@ -277,15 +265,13 @@ def test_a_slow_job_keeps_the_base_depth_on_a_real_node(make_cluster, tmp_path):
     still has more of them queued."""
     lc = make_cluster(nodes=1, processes=2)
     items = [(x, str(tmp_path), 6) for x in range(100)]
-    got: list = []
-    reader = read_all(lc.cluster.imap(slow_then_gated, items, chunksize=1), got)
-    wait_for(lambda: len(got) == 6, what="the ungated results")
+    reader = Reader(lc.cluster.imap(slow_then_gated, items, chunksize=1))
+    wait_for(lambda: len(reader.got) == 6, what="the ungated results")
     # Every result before the gate is in, so the server has dispatched all it will.
     wait_for(lambda: queued(lc) > 0, what="chunks held on the server")
     assert node_busy(lc) == 4
     (tmp_path / "open").touch()
-    reader.join(60)
-    assert got == [x * x for x in range(100)]
+    assert reader.result() == [x * x for x in range(100)]
 
 
 def test_a_node_killed_with_a_deep_queue_loses_nothing(make_cluster, monkeypatch, tmp_path):
@@ -295,9 +281,8 @@ def test_a_node_killed_with_a_deep_queue_loses_nothing(make_cluster, monkeypatch
     monkeypatch.setenv("ACHILLES_FAST_WINDOW", "1")
     lc = make_cluster(nodes=1, processes=2)
     items = [(x, str(tmp_path), 100) for x in range(300)]
-    got: list = []
-    reader = read_all(lc.cluster.imap(gated, items, chunksize=1), got)
-    wait_for(lambda: len(got) == 100, what="the ungated results")
+    reader = Reader(lc.cluster.imap(gated, items, chunksize=1))
+    wait_for(lambda: len(reader.got) == 100, what="the ungated results")
     wait_for(lambda: node_busy(lc) > 4 and queued(lc) > 0, what="a deep queue on the node")
     held = node_busy(lc)
     os.killpg(lc.nodes[0].pid, signal.SIGKILL)
@@ -308,8 +293,7 @@ def test_a_node_killed_with_a_deep_queue_loses_nothing(make_cluster, monkeypatch
     assert int(lost.group(1)) == held
     (tmp_path / "open").touch()
     lc.add_node()
-    reader.join(60)
-    assert got == [x * x for x in range(300)]
+    assert reader.result() == [x * x for x in range(300)]
 
 
 # --- the node's worker pool: quick chunks go to a worker several at a time ------------------------

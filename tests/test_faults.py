@@ -15,7 +15,7 @@ import time
 import pytest
 
 from achilles.core.errors import ConnectionLost, WorkerCrashed
-from conftest import ROOT, poll, wait_for
+from conftest import ROOT, Reader, busy_on, poll, wait_for
 from tasks import always_exit, crash_once, oom_killed, segfault, sleepy, square
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(120)]
@@ -31,15 +31,11 @@ def test_node_killed_mid_job(make_cluster):
     """kill -9 of a node daemon mid-job: its in-flight chunks are re-run on the other node and
     every result arrives exactly once."""
     lc = make_cluster(nodes=2, processes=1)
-    results = []
-    it = lc.cluster.imap_unordered(sleepy, range(400), chunksize=2)
-    for x in it:
-        results.append(x)
-        if len(results) == 40:
-            busy = {n["name"]: n["busy"] for n in lc.cluster.status()["nodes"]}
-            assert busy.get("local-0", 0) > 0, busy
-            os.kill(lc.nodes[0].pid, signal.SIGKILL)
-    exactly_once(results, 400)
+    reader = Reader(lc.cluster.imap_unordered(sleepy, range(400), chunksize=2))
+    wait_for(lambda: len(reader.got) >= 40, what="the first 40 results")
+    wait_for(lambda: busy_on(lc.cluster, "local-0") > 0, what="chunks on local-0")
+    os.kill(lc.nodes[0].pid, signal.SIGKILL)
+    exactly_once(reader.result(), 400)
     names = [n["name"] for n in lc.cluster.status()["nodes"]]
     assert names == ["local-1"]
 

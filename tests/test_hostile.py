@@ -16,7 +16,7 @@ from achilles.core import wire
 from achilles.core.config import Config
 from achilles.controller.cluster import Cluster
 from achilles.server.guard import FREE_FAILURES, MAX_DELAY, HandshakeGuard
-from conftest import wait_for
+from conftest import Reader, busy_on, wait_for
 from tasks import sleepy, square
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(120)]
@@ -163,14 +163,11 @@ def test_cut_link_is_detected(daemons, secret, netns_host):
     c = Cluster(Config(host=ours, port=port, username="tester", secret_key=secret, heartbeat=1))
     try:
         wait_for(lambda: len(c.status()["nodes"]) == 2, what="both nodes")
-        results = []
-        for x in c.imap_unordered(sleepy, range(300), chunksize=2):
-            results.append(x)
-            if len(results) == 30:
-                busy = {n["name"]: n["busy"] for n in c.status()["nodes"]}
-                assert busy["remote"] > 0, busy
-                sh("ip", "link", "set", here, "down")
-        assert sorted(results) == list(range(300))
+        reader = Reader(c.imap_unordered(sleepy, range(300), chunksize=2))
+        wait_for(lambda: len(reader.got) >= 30, what="the first 30 results")
+        wait_for(lambda: busy_on(c, "remote") > 0, what="chunks on the remote node")
+        sh("ip", "link", "set", here, "down")
+        assert sorted(reader.result()) == list(range(300))
         assert [n["name"] for n in c.status()["nodes"]] == ["local"]
         assert "no heartbeat from" in daemons.log(server)
     finally:

@@ -8,11 +8,10 @@ import importlib.util
 import json
 import os
 import signal
-import threading
 
 import pytest
 
-from conftest import ROOT, group_members, wait_for
+from conftest import ROOT, Reader, group_members, wait_for
 from tasks import pause
 
 spec = importlib.util.spec_from_file_location("swarm_bench", os.path.join(ROOT, "bench", "swarm.py"))
@@ -59,25 +58,12 @@ def test_nodes_dropped_mid_map_lose_nothing() -> None:
     sw = swarm.Swarm(100, delay=0.1, window=32)
     with sw:
         sw.start_swarm()
-        results = sw.cluster.imap_unordered(swarm.identity, range(3000), chunksize=1)
-        got: list = []
-        failed: list = []
-
-        def read() -> None:
-            try:
-                for x in results:
-                    got.append(x)
-            except BaseException as exc:  # reaches the test below
-                failed.append(exc)
-
-        # The caller goes on reading while the nodes drop: input flows only while it reads,
-        # so a caller waiting for the drop's reply would let every node run dry first.
-        reader = threading.Thread(target=read, daemon=True)
-        reader.start()
-        wait_for(lambda: len(got) >= 300, what="the first 300 results")
+        # The caller goes on reading while the nodes drop (a caller waiting for the drop's
+        # reply would let every node run dry first).
+        reader = Reader(sw.cluster.imap_unordered(swarm.identity, range(3000), chunksize=1))
+        wait_for(lambda: len(reader.got) >= 300, what="the first 300 results")
         dropped = sw.command("drop 20", "dropped")
-        reader.join(timeout=120)
-        assert not reader.is_alive() and not failed, failed
+        got = reader.result(120)
         assert dropped["nodes"] == 20
         counts = collections.Counter(got)
         assert sorted(counts) == list(range(3000))
