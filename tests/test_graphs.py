@@ -206,13 +206,19 @@ def test_resources_limit_concurrency(make_cluster, tmp_path):
     assert all(b[0] >= a[1] for a, b in zip(spans, spans[1:])), spans
 
     @task
-    def plain(i):
-        start = time.time()
-        pause(0.3)
-        return start, time.time()
+    def plain(i, folder):
+        # Side by side: each starts, then waits (up to 30 s) for the other to have started.
+        import os
+        open(os.path.join(folder, f"plain-{i}"), "w").close()
+        deadline = time.time() + 30
+        while not os.path.exists(os.path.join(folder, f"plain-{1 - i}")):
+            if time.time() > deadline:
+                return False
+            pause(0.005)
+        return True
 
-    spans = sorted(lc.cluster.compute(*[plain(i) for i in range(2)]))
-    assert spans[1][0] < spans[0][1], "plain tasks should run side by side"
+    met = lc.cluster.compute(*[plain(i, str(tmp_path)) for i in range(2)])
+    assert met == [True, True], "plain tasks should run side by side"
 
 
 def test_impossible_resource_fails_fast(cluster):

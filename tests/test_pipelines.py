@@ -257,8 +257,10 @@ def test_controller_gone_stops_every_copy(make_cluster, tmp_path):
     it = p.items()
     for _ in range(20):
         next(it)
+    # Both copies were placed when the pipeline started; the second may start after the
+    # first has made 20 outputs.
+    wait_for(lambda: len(list(tmp_path.glob("pid-*"))) == 2, what="both stage copies to start")
     pids = [int(f.name.split("-")[1]) for f in tmp_path.glob("pid-*")]
-    assert len(pids) == 2
     lc.cluster.close()
     wait_for(lambda: not any(alive(pid) for pid in pids), what="the stage copies to stop")
     assert len(list(tmp_path.glob("teardown-*"))) == 2

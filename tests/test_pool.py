@@ -15,7 +15,7 @@ import achilles
 from achilles.core.errors import RemoteError, RemoteTraceback
 from conftest import poll, wait_for
 from tasks import (
-    TaskFailure, add_one, delayed, fail_on_three, pause, slow_square, square, unpicklable_error,
+    TaskFailure, add_one, delayed, fail_on_three, gated, pause, slow_square, square, unpicklable_error,
     where,
 )
 
@@ -85,11 +85,14 @@ def test_chunksize(cluster, chunksize):
     assert list(cluster.imap(square, range(300), chunksize=chunksize)) == [x * x for x in range(300)]
 
 
-def test_imap_unordered_is_completion_order(cluster):
-    """imap_unordered yields a fast item before a slow one submitted earlier."""
-    delays = [0.6, 0.0]
-    out = list(cluster.imap_unordered(delayed, delays, chunksize=1))
-    assert out == [0.0, 0.6]
+def test_imap_unordered_is_completion_order(cluster, tmp_path):
+    """imap_unordered yields an item that has finished before one submitted earlier that is
+    still running (item 0 runs until the test opens its gate, item 1's is open)."""
+    (tmp_path / "1").touch()
+    it = cluster.imap_unordered(gated, [(i, str(tmp_path), 1) for i in range(2)], chunksize=1)
+    assert next(it) == 1
+    (tmp_path / "0").touch()
+    assert list(it) == [0]
 
 
 def test_imap_yields_before_job_ends(cluster):
