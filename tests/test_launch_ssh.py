@@ -4,6 +4,7 @@ in its own network namespace joined to this one by a veth pair (see tests/sshhos
 from __future__ import annotations
 
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -74,6 +75,28 @@ def test_host_lists_parse_counts_and_files(tmp_path) -> None:
     assert read_hosts_file(str(path)) == [HostSpec("alpha", 2), HostSpec("beta")]
     with pytest.raises(achilles.ConfigError, match="host:N"):
         parse_hosts("a:x")
+
+
+def test_log_lines_from_several_hosts_stay_whole_lines() -> None:
+    """The default log sink writes each ``[host] line`` whole: lines printed at once by the
+    threads that pump the server's and the hosts' output never run into each other (with
+    ``print``, text and newline were two writes, and a host's line could end up glued to the
+    end of the server's)."""
+    script = ("import threading\n"
+              "from achilles.launch.base import print_log\n"
+              "def pump(source):\n"
+              "    for i in range(5000):\n"
+              "        print_log(source, f'line {i}')\n"
+              "threads = [threading.Thread(target=pump, args=(s,)) for s in ('server', 'alpha', 'beta')]\n"
+              "for t in threads: t.start()\n"
+              "for t in threads: t.join()\n")
+    out = subprocess.run([sys.executable, "-c", script], env=cli_env(), capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    lines = out.stderr.splitlines()
+    assert len(lines) == 15000
+    broken = [line for line in lines if not re.fullmatch(r"\[(server|alpha|beta)\] line \d+", line)]
+    assert not broken, broken[:3]
 
 
 def test_without_asyncssh_the_error_names_the_extra() -> None:

@@ -27,9 +27,16 @@ LogSink = Callable[[str, str], None]
 TAIL_LINES = 200
 
 
+_PRINT_LOCK = threading.Lock()
+
+
 def print_log(source: str, line: str) -> None:
-    """The default :data:`LogSink`: ``[source] line`` on stderr."""
-    print(f"[{source}] {line}", file=sys.stderr, flush=True)
+    """The default :data:`LogSink`: ``[source] line`` on stderr, one whole line at a time
+    (the server's and the hosts' lines are pumped by different threads)."""
+    text = f"[{source}] {line}\n"
+    with _PRINT_LOCK:
+        sys.stderr.write(text)
+        sys.stderr.flush()
 
 
 def is_local_address(host: Optional[str]) -> bool:
