@@ -22,7 +22,8 @@ from achilles.core.config import Config, gen_config, load_config
 from achilles.core.errors import AchillesError, ConfigError
 from achilles.controller.cluster import Cluster
 
-#: ``sink(source, line)``: where launchers send every log line of the server and the nodes.
+#: ``sink(source, line)``: where launchers send every log line of the server and the nodes;
+#: called from several threads at once, so it must be thread-safe.
 LogSink = Callable[[str, str], None]
 TAIL_LINES = 200
 
