@@ -115,7 +115,8 @@ def test_node_refuses_fake_server(daemons, secret, tmp_path):
     try:
         node = daemons.start("node", "--host", "127.0.0.1", "--port", str(port), "--processes",
                              "1", secret=secret)
-        t.join(15)
+        t.join(30)
+        assert not t.is_alive(), "the node never finished the fake server's exchange"
         wait_for(lambda: "ERROR handshake with the server" in daemons.log(node)
                  or node.poll() is not None, what="the refusal to be logged")
     finally:
