@@ -388,8 +388,9 @@ class JobRun:
             self.finished = True
             self.link.send([wire.encode_message(wire.CANCEL, (self.job_id, reason))])
         self.link.unregister(self.job_id)
-        if self._costs is not None:
-            self._costs.put(self._cost_key, *self.sizer.timed)
+        costs, self._costs = self._costs, None  # once, however often close() runs
+        if costs is not None:
+            costs.put(self._cost_key, *self.sizer.timed)
         for cid in list(self.segments):
             self._unlink(cid)
         if self.progress is not None and not self.progress.closed:

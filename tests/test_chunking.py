@@ -158,6 +158,18 @@ class Chunks:
             self.done.set()
 
 
+def test_a_job_closed_more_than_once_adds_its_item_cost_once(cluster) -> None:
+    """imap's iterator closes its job when the results run out and again on close(): the
+    job's timed items join the Cluster's item cost once."""
+    key = _cost_key(square, None)
+    before = cluster.item_costs.get(key) or (0.0, 0)
+    it = cluster.imap(square, range(1000))
+    assert list(it) == [x * x for x in range(1000)]
+    it.close()
+    it.close()
+    assert cluster.item_costs.get(key)[1] == min(MAX_PRIOR_ITEMS, before[1] + 1000)
+
+
 def test_a_map_records_its_item_cost_and_the_next_map_uses_it(cluster) -> None:
     """On a real cluster: a map leaves what its items cost on the Cluster (every item timed),
     and a later map of the same function with a known-cheap cost sends its items in two chunks
