@@ -223,10 +223,8 @@ def encode_results(results: list, shm_settings: Optional[Tuple[str, bytes, int]]
             and sys.getsizeof(results[0]) * len(results) >= shm_settings[2]:
         try:
             return wire.OK, shm.dump(shm_settings[0], shm_settings[1], results, segment), segment
-        except OSError:
-            pass  # no room in shared memory: pickled below, through the pipe if need be
-        except Exception:
-            pass  # the C pickler refuses something: dumps_data tries dill, or names it
+        except Exception:  # no room (OSError), or the C pickler refuses something: pickled
+            pass  # below (dumps_data tries dill, or names it), through the pipe if need be
     try:
         data = dumps_data(results)
     except BaseException:

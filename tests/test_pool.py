@@ -15,8 +15,8 @@ import achilles
 from achilles.core.errors import RemoteError, RemoteTraceback
 from conftest import poll, wait_for
 from tasks import (
-    TaskFailure, add_one, delayed, fail_on_three, gated, pause, slow_square, square, unpicklable_error,
-    where,
+    TaskFailure, add_one, delayed, fail_on_three, gated, pause, slow_square, square,
+    unpicklable_error, where,
 )
 
 pytestmark = pytest.mark.timeout(90)

@@ -5,13 +5,14 @@ killed)."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import pickle
 import signal
 import subprocess
 import sys
-from typing import List
+from typing import Any, Iterator, List
 
 import pytest
 
@@ -293,30 +294,39 @@ def test_altered_result_segment_is_refused_by_the_controller(make_cluster, shm_d
     wait_for(lambda: left_behind(shm_dir, lc.server.pid) == [], what="no segment left")
 
 
-def test_node_that_fails_the_probe_gets_bytes(daemons, secret, tmp_path, monkeypatch):
-    """A node that cannot read the server's probe (it looks in another directory, as a node
-    on another host would) is sent bytes, never references, and sends bytes back: results
-    are right, and the proven controller's segments are all gone afterwards."""
+@contextlib.contextmanager
+def node_elsewhere(daemons: Any, secret: str, tmp_path: Any, monkeypatch: Any,
+                   *node_args: str) -> Iterator[Cluster]:
+    """A server and a controller whose shared memory is ``tmp_path/here`` and one node (started
+    with ``node_args``) looking in ``tmp_path/elsewhere``, as a node on another host would;
+    yields the controller once the node joined and the controller proved it shares memory."""
     here, elsewhere = tmp_path / "here", tmp_path / "elsewhere"
     here.mkdir()
     elsewhere.mkdir()
     monkeypatch.setenv("ACHILLES_SHM_DIR", str(here))
     port = daemons.server(secret)
     monkeypatch.setenv("ACHILLES_SHM_DIR", str(elsewhere))
-    daemons.start("node", "--host", "127.0.0.1", "--port", str(port), "--processes", "2",
-                  secret=secret)
+    daemons.start("node", "--host", "127.0.0.1", "--port", str(port), *node_args, secret=secret)
     monkeypatch.setenv("ACHILLES_SHM_DIR", str(here))
     cluster = Cluster(Config(host="127.0.0.1", port=port, username="tester", secret_key=secret))
     try:
         wait_for(lambda: len(cluster.status()["nodes"]) == 1, what="the node")
         wait_shared(cluster)
+        yield cluster
+    finally:
+        cluster.close()
+
+
+def test_node_that_fails_the_probe_gets_bytes(daemons, secret, tmp_path, monkeypatch):
+    """A node that cannot read the server's probe (it looks in another directory, as a node
+    on another host would) is sent bytes, never references, and sends bytes back: results
+    are right, and the proven controller's segments are all gone afterwards."""
+    with node_elsewhere(daemons, secret, tmp_path, monkeypatch, "--processes", "2") as cluster:
         blobs = [os.urandom(SIZE) for _ in range(6)]
         assert cluster.map(rotate, blobs, chunksize=1) == [rotate(b) for b in blobs]
         assert node_shm(cluster) == [{"shared": False, "tasks": 0, "results": 0}]
-        assert os.listdir(elsewhere) == []
-        assert len(os.listdir(here)) == 1  # the probe
-    finally:
-        cluster.close()
+        assert os.listdir(tmp_path / "elsewhere") == []
+        assert len(os.listdir(tmp_path / "here")) == 1  # the probe
 
 
 def test_unreadable_segment_for_a_node_elsewhere_fails_with_the_servers_reason(
@@ -325,19 +335,8 @@ def test_unreadable_segment_for_a_node_elsewhere_fails_with_the_servers_reason(
     cannot read the chunk's segment (altered after the controller wrote it), the call raises
     ShmError saying so (the server could not read it, for which node, why) instead of the
     node's worker reporting a reference it should never have got; the cluster keeps serving."""
-    here, elsewhere = tmp_path / "here", tmp_path / "elsewhere"
-    here.mkdir()
-    elsewhere.mkdir()
-    monkeypatch.setenv("ACHILLES_SHM_DIR", str(here))
-    port = daemons.server(secret)
-    monkeypatch.setenv("ACHILLES_SHM_DIR", str(elsewhere))
-    daemons.start("node", "--host", "127.0.0.1", "--port", str(port), "--processes", "1",
-                  "--name", "faraway", secret=secret)
-    monkeypatch.setenv("ACHILLES_SHM_DIR", str(here))
-    cluster = Cluster(Config(host="127.0.0.1", port=port, username="tester", secret_key=secret))
-    try:
-        wait_for(lambda: len(cluster.status()["nodes"]) == 1, what="the node")
-        wait_shared(cluster)
+    with node_elsewhere(daemons, secret, tmp_path, monkeypatch, "--processes", "1",
+                        "--name", "faraway") as cluster:
         with monkeypatch.context() as patch:
             alter_after_writing(patch)
             with pytest.raises(shm.ShmError) as raised:
@@ -347,8 +346,6 @@ def test_unreadable_segment_for_a_node_elsewhere_fails_with_the_servers_reason(
         assert "integrity check" in message
         blobs = [os.urandom(SIZE) for _ in range(2)]
         assert cluster.map(rotate, blobs, chunksize=1) == [rotate(b) for b in blobs]
-    finally:
-        cluster.close()
 
 
 def test_controller_without_shared_memory_gets_bytes(make_cluster, shm_dir):
