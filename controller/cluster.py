@@ -135,11 +135,12 @@ class Cluster:
         """Route a job's events to ``sink`` on the live connection; returns the connection's id
         (its :class:`ConnectionLostEvent` carries it).
 
-        The routing entry is added on the reactor thread without waiting for it: calls posted
-        to the reactor run in order, so it is in place before anything this caller sends next
-        (and so before any answer to it)."""
+        The routing entry is added on the reactor thread without waiting for it, and without
+        a wake-up of its own: calls posted to the reactor run in order, so it is in place
+        before anything this caller sends next (whose post wakes the reactor), and so before
+        any answer to it."""
         proto = self._protocol()
-        reactor_thread.post(proto.add_job, job_id, sink)
+        reactor_thread.post(proto.add_job, job_id, sink, wake=False)
         return id(proto)
 
     def unregister(self, job_id: str) -> None:
