@@ -14,6 +14,10 @@ GROWTH = 16
 #: In a balanced ``map``, once the items' cost is known, no chunk holds less work than this
 #: (a chunk costs ~0.1 ms of CPU or more across the roles, whatever it holds).
 MIN_CHUNK_SECONDS = 0.001
+#: Before the server's first ``WANT`` of a balanced ``map`` says how many processes the
+#: cluster has, chunks sized from the count an earlier job saw hold at most this much work
+#: by the items' known cost (so a cluster that grew since costs at most this much balance).
+EARLY_CHUNK_SECONDS = 0.002
 #: Functions whose item cost :class:`ItemCosts` remembers, at most.
 MAX_REMEMBERED = 256
 #: Timed items :class:`ItemCosts` weighs per function, at most (older ones weigh less then).
@@ -40,11 +44,17 @@ class ChunkSizer:
     No floor goes above ``len / (2 x processes)``: a wrong estimate gives at worst two chunks
     per process. ``limit`` caps automatic sizes (a job with ``maxtasksperchild`` never sends a
     worker more items in one chunk than it may run).
+
+    Until the server says how many processes there are (:attr:`processes`, from its first
+    ``WANT``), a balanced job whose items' cost is known sizes its chunks as if there were
+    ``early_processes`` (what an earlier job on the same ``Cluster`` was told), each holding
+    at most :data:`EARLY_CHUNK_SECONDS` of work: the chunks sent on the initial credit then
+    keep the workers busy while that ``WANT`` is on its way, instead of holding one item.
     """
 
     def __init__(self, chunksize: Optional[int] = None, total: Optional[int] = None,
                  balance: bool = False, limit: Optional[int] = None,
-                 prior: Optional[Tuple[float, int]] = None) -> None:
+                 prior: Optional[Tuple[float, int]] = None, early_processes: int = 0) -> None:
         if chunksize is not None and chunksize < 1:
             raise ValueError("chunksize must be at least 1")
         self.fixed = chunksize
@@ -52,6 +62,7 @@ class ChunkSizer:
         self.total = total
         self.balance = balance and total is not None
         self.processes = 0
+        self.early_processes = max(0, early_processes)
         self.current = 1
         self.issued = 0
         self.prior = prior if prior is not None and prior[1] > 0 else (0.0, 0)
@@ -62,12 +73,14 @@ class ChunkSizer:
 
     def cap(self) -> int:
         """The largest size allowed now."""
+        return self._cap(self.processes)
+
+    def _cap(self, processes: int) -> int:
         top = MAX_ITEMS if self.limit is None else max(1, min(MAX_ITEMS, self.limit))
-        if self.total is not None and self.processes:
-            share = math.ceil(self.total / (4 * self.processes))
+        if self.total is not None and processes:
+            share = math.ceil(self.total / (4 * processes))
             if self.balance:  # chunks of at most MIN_CHUNK_SECONDS of work: two per process
-                share = max(share, min(math.ceil(self.total / (2 * self.processes)),
-                                       self.floor()))
+                share = max(share, min(math.ceil(self.total / (2 * processes)), self.floor()))
             return max(1, min(top, share))
         return top
 
@@ -75,11 +88,18 @@ class ChunkSizer:
         """Items in the next chunk (call :meth:`issue` with the number actually sent)."""
         if self.fixed:
             return self.fixed
+        processes, bound = self.processes, MAX_ITEMS
+        if not processes and self.balance and self.early_processes:
+            per_item = self.per_item()
+            if per_item is not None:
+                processes = self.early_processes
+                if per_item > 0:
+                    bound = max(1, int(EARLY_CHUNK_SECONDS / per_item))
         size = self.current
-        if self.balance and self.processes and self.total is not None:
+        if self.balance and processes and self.total is not None:
             remaining = self.total - self.issued
-            size = max(size, math.ceil(remaining / (2 * self.processes)), self.floor())
-        return max(1, min(size, self.cap()))
+            size = max(size, math.ceil(remaining / (2 * processes)), self.floor())
+        return max(1, min(size, self._cap(processes), bound))
 
     def per_item(self) -> Optional[float]:
         """Worker seconds per item over this job's finished chunks and the prior, if any."""

@@ -59,6 +59,9 @@ class Cluster:
                                                             config.shm_min)
         #: What each function's items cost in this Cluster's earlier jobs (chunk sizing).
         self.item_costs = ItemCosts()
+        #: Worker processes in the cluster as the server's last ``WANT`` said (0: none yet):
+        #: a new job's first chunks are sized with it until its own first ``WANT``.
+        self.processes_seen = 0
         self._lock = threading.Lock()
         self._proto: Optional[ControllerProtocol] = None
         self._reached = False  # connected at least once: an unreachable server is waited for

@@ -73,7 +73,8 @@ class JobRun:
         self._costs: Optional[ItemCosts] = getattr(link, "item_costs", None)
         self._cost_key = _cost_key(func, callback)
         self.sizer = ChunkSizer(chunksize, total, balance, chunk_limit,
-                                self._costs.get(self._cost_key) if self._costs else None)
+                                self._costs.get(self._cost_key) if self._costs else None,
+                                getattr(link, "processes_seen", 0))
         self.job_id = uuid.uuid4().hex
         self.events: "queue.Queue[Event]" = EventQueue()
         # Where the connection puts this job's events: ``events`` (read by chunks()), or the
@@ -238,6 +239,8 @@ class JobRun:
             case Want(n=n, processes=processes, capacity=capacity):
                 self.credit += n
                 self.sizer.processes = processes
+                if hasattr(self.link, "processes_seen"):
+                    self.link.processes_seen = processes
                 self.window = max(MIN_WINDOW, 2 * capacity + INITIAL_CREDIT)
             case ChunkResult():
                 self._result(event)

@@ -9,7 +9,7 @@ from typing import List, Optional, Tuple
 import pytest
 
 from achilles.controller.chunking import (
-    MAX_ITEMS, MAX_PRIOR_ITEMS, MIN_CHUNK_SECONDS, ChunkSizer, ItemCosts,
+    EARLY_CHUNK_SECONDS, MAX_ITEMS, MAX_PRIOR_ITEMS, MIN_CHUNK_SECONDS, ChunkSizer, ItemCosts,
 )
 from achilles.controller.handle import JobDone, JobResults
 from achilles.controller.job import _cost_key
@@ -107,6 +107,35 @@ def test_fixed_chunksize_and_unbalanced_imap_ignore_the_prior() -> None:
     assert lazy.size() == 1
 
 
+def test_before_the_first_want_chunks_are_sized_for_the_processes_seen() -> None:
+    """Cheap items of a known cost (0.1 us) and a Cluster that saw 2 processes: the chunks
+    sent on the initial credit, before this job's first WANT, are as large as with 2 processes
+    known (5,000 each), not single items; the WANT's count takes over from there."""
+    sizer = ChunkSizer(None, 20_000, balance=True, prior=(0.002, 20_000), early_processes=2)
+    assert sizes(sizer, 10_000) == [5000, 5000]
+    sizer.processes = 4
+    assert sizer.size() == 2500
+
+
+def test_early_chunks_hold_at_most_early_chunk_seconds_of_work() -> None:
+    """Items of 1 us and one process seen: half the input would be 10,000 items (10 ms), but
+    an early chunk holds at most EARLY_CHUNK_SECONDS of work, so a cluster that grew since
+    the count was seen loses at most that much balance."""
+    sizer = ChunkSizer(None, 20_000, balance=True, prior=(0.02, 20_000), early_processes=1)
+    assert sizer.size() == round(EARLY_CHUNK_SECONDS / 1e-6) == 2000
+
+
+def test_early_chunks_need_a_known_cost_a_count_and_a_balanced_map() -> None:
+    """With no cost known, no count seen, or an imap (no balance), the first chunk holds one
+    item as before (an imap's first result comes fast)."""
+    assert ChunkSizer(None, 20_000, balance=True, early_processes=2).size() == 1
+    assert ChunkSizer(None, 20_000, balance=True, prior=(0.002, 20_000)).size() == 1
+    assert ChunkSizer(None, 20_000, balance=False, prior=(0.002, 20_000),
+                      early_processes=2).size() == 1
+    assert ChunkSizer(7, 20_000, balance=True, prior=(0.002, 20_000),
+                      early_processes=2).size() == 7
+
+
 def test_item_costs_keep_the_functions_used_last() -> None:
     """ItemCosts keeps at most ``max_entries`` functions, dropping the least recently used;
     a job that timed nothing leaves the figure in place."""
@@ -173,7 +202,8 @@ def test_a_job_closed_more_than_once_adds_its_item_cost_once(cluster) -> None:
 def test_a_map_records_its_item_cost_and_the_next_map_uses_it(cluster) -> None:
     """On a real cluster: a map leaves what its items cost on the Cluster (every item timed),
     and a later map of the same function with a known-cheap cost sends its items in two chunks
-    per process after the first single-item chunks, with no shrinking tail."""
+    per process, with no single-item chunks first (the Cluster has seen how many processes
+    there are) and no shrinking tail."""
     key = _cost_key(square, None)
     before = cluster.item_costs.get(key) or (0.0, 0)
     assert cluster.map(square, range(20_000)) == [x * x for x in range(20_000)]
@@ -191,5 +221,6 @@ def test_a_map_records_its_item_cost_and_the_next_map_uses_it(cluster) -> None:
     cap = 20_000 // (2 * 4)  # the shared cluster has 4 processes
     ones = seen.sizes.count(1)
     remainder, *rest = sorted(seen.sizes)[ones:]
-    assert ones <= 2 and rest == [cap] * len(rest) and remainder <= cap
+    assert cluster.processes_seen == 4
+    assert ones == 0 and rest == [cap] * len(rest) and remainder <= cap
     assert sum(seen.sizes) == 20_000
