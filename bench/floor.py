@@ -78,7 +78,8 @@ def _exit_with_stdin() -> None:
 
 
 def _relay(port_file: str) -> None:
-    """The relay process: frames from the controller go to the node and back."""
+    """The relay process: frames from the controller go to the node and back. Writes its
+    port to ``port_file``, then ``port_file + ".node"`` once the node has said hello."""
     from twisted.internet import reactor
 
     peers: Dict[bytes, Any] = {}
@@ -86,6 +87,8 @@ def _relay(port_file: str) -> None:
     def on_frame(proto: Any, frame: bytes) -> None:
         if frame in (b"ctl", b"node"):
             peers[frame] = proto
+            if frame == b"node":
+                _write_port(port_file + ".node", 1)
             return
         (peers[b"node"] if proto is peers.get(b"ctl") else peers[b"ctl"]).sendString(frame)
 
@@ -204,8 +207,7 @@ def _controller_main(port: int, calls: int, warmup: int, via_relay: bool) -> Non
                                                    on_connect))
     threading.Thread(target=reactor.run, kwargs={"installSignalHandlers": False},
                      daemon=True).start()
-    proto = connected.get(timeout=10)
-    time.sleep(0.2)  # the relay has seen both peers
+    proto = connected.get(timeout=10)  # "ctl" goes first on this connection
     times = []
     for i in range(warmup + calls):
         start = time.perf_counter()
@@ -226,7 +228,7 @@ def route(name: str, calls: int, warmup: int) -> List[float]:
                 procs.append(_spawn("--role", "relay", os.path.join(tmp, "relay")))
                 port = _wait_port(os.path.join(tmp, "relay"), procs[-1])
                 procs.append(_spawn("--role", "node", str(port), str(reactor_pipe)))
-                time.sleep(0.3)
+                _wait_port(os.path.join(tmp, "relay.node"), procs[-1])  # the node said hello
                 return _controller(port, calls, warmup, True)
             procs.append(_spawn("--role", "node", "0", str(reactor_pipe),
                                 os.path.join(tmp, "node")))
