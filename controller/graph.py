@@ -11,7 +11,6 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import pickle
-import queue
 import threading
 import uuid
 from typing import Any, Callable, Dict, List, Optional
@@ -42,7 +41,7 @@ class GraphRun:
         self.roots = roots
         self.spec: GraphSpec = build(roots)
         self.graph_id = uuid.uuid4().hex
-        self.events: "queue.Queue[Event]" = EventQueue()
+        self.events: EventQueue = EventQueue()
         self.values: Dict[int, Any] = {}
         self.errors: Dict[int, BaseException] = {}
         self.first_error: Optional[BaseException] = None

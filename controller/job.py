@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import itertools
-import queue
 import sys
 import uuid
 from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Tuple
@@ -76,7 +75,7 @@ class JobRun:
                                 self._costs.get(self._cost_key) if self._costs else None,
                                 getattr(link, "processes_seen", 0))
         self.job_id = uuid.uuid4().hex
-        self.events: "queue.Queue[Event]" = EventQueue()
+        self.events: EventQueue = EventQueue()
         # Where the connection puts this job's events: ``events`` (read by chunks()), or the
         # sink of an event-driven reader (JobHandle).
         self._sink: EventSink = self.events if sink is None else sink
