@@ -160,8 +160,8 @@ class EventQueue(queue.SimpleQueue[Event]):
     """An unbounded FIFO of one job's events (``put`` / ``get``, as ``queue.SimpleQueue``:
     made and used for a fraction of ``queue.Queue``'s cost, which counts once per call of a
     one-item map) that also takes several at once. The events one read from the server
-    brought for a job are put while the reactor thread holds the GIL, so a reader woken by
-    the first finds the rest queued behind it: one wake-up for them all."""
+    brought for a job are put in one go by the reactor thread, which holds the GIL meanwhile,
+    so a reader woken by the first almost always finds the rest queued behind it."""
 
     def put_many(self, events: List[Event]) -> None:
         """Append ``events`` in order."""
