@@ -40,8 +40,8 @@ MESSAGE = b"x" * 100
 ROUTES = ("relay", "relay-reactor-pipe", "direct", "direct-reactor-pipe")
 
 
-def _framed(on_frame: Callable[[Any, bytes], None], on_connect: Optional[Callable[[Any], None]]
-            = None) -> Any:
+def _framed(on_frame: Callable[[Any, bytes], None],
+            on_connect: Optional[Callable[[Any], None]] = None) -> Any:
     """A factory of length-prefixed frame protocols with Nagle off."""
     from twisted.internet import protocol
     from twisted.protocols.basic import Int32StringReceiver
@@ -63,6 +63,7 @@ def _framed(on_frame: Callable[[Any, bytes], None], on_connect: Optional[Callabl
 
 
 def _write_port(path: str, port: int) -> None:
+    """Write ``port`` to ``path`` so that a reader never sees it half written."""
     with open(path + ".tmp", "w") as fh:
         fh.write(str(port))
     os.replace(path + ".tmp", path)
