@@ -157,26 +157,17 @@ class EventSink(Protocol):
 
 
 class EventQueue(queue.SimpleQueue[Event]):
-    """An unbounded FIFO of one job's events (``put`` / ``get``, as ``queue.SimpleQueue``:
+    """An unbounded FIFO of one job's events (``put`` / ``get``): a ``queue.SimpleQueue``,
     made and used for a fraction of ``queue.Queue``'s cost, which counts once per call of a
-    one-item map) that also takes several at once. The events one read from the server
-    brought for a job are put in one go by the reactor thread, which holds the GIL meanwhile,
-    so a reader woken by the first almost always finds the rest queued behind it."""
-
-    def put_many(self, events: List[Event]) -> None:
-        """Append ``events`` in order."""
-        for event in events:
-            self.put(event)
+    one-item map. The events one read from the server brought for a job are put in one go
+    by the reactor thread (:func:`deliver`), which holds the GIL meanwhile, so a reader woken
+    by the first almost always finds the rest queued behind it."""
 
 
 def deliver(sink: EventSink, events: List[Event]) -> None:
-    """Hand ``events`` to ``sink`` in order (at once if it takes several: :class:`EventQueue`)."""
-    put_many = getattr(sink, "put_many", None)
-    if put_many is not None and len(events) > 1:
-        put_many(events)
-    else:
-        for event in events:
-            sink.put(event)
+    """Hand ``events`` to ``sink`` in order."""
+    for event in events:
+        sink.put(event)
 
 
 class JobLink(Protocol):
