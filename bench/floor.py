@@ -183,13 +183,9 @@ def _wait_port(path: str, proc: subprocess.Popen, timeout: float = 30.0) -> int:
 def _controller(port: int, calls: int, warmup: int, via_relay: bool) -> List[float]:
     """Round trips from a caller thread through a reactor thread, in a child process (each
     route gets a fresh reactor)."""
-    script = (
-        "import sys; sys.path.insert(0, %r); from bench.floor import _controller_main; "
-        "_controller_main(%d, %d, %d, %r)" % (
-            os.path.dirname(os.path.dirname(os.path.abspath(__file__))), port, calls, warmup,
-            via_relay))
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         timeout=120, check=True).stdout
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--role", "controller",
+                          str(port), str(calls), str(warmup), str(via_relay)],
+                         capture_output=True, text=True, timeout=120, check=True).stdout
     return [float(x) for x in out.split()]
 
 
@@ -289,6 +285,9 @@ def main(argv: List[str]) -> int:
     if argv[:2] == ["--role", "node"]:
         _exit_with_stdin()
         _node(int(argv[2]), argv[3] == "True", argv[4] if len(argv) > 4 else None)
+        return 0
+    if argv[:2] == ["--role", "controller"]:
+        _controller_main(int(argv[2]), int(argv[3]), int(argv[4]), argv[5] == "True")
         return 0
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--calls", type=int, default=1000,

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, poll
+from conftest import ROOT, poll, proc_stats
 
 FLOOR = os.path.join(ROOT, "bench", "floor.py")
 spec = importlib.util.spec_from_file_location("floor_bench", FLOOR)
@@ -24,18 +24,14 @@ pytestmark = pytest.mark.timeout(180)
 def _helpers() -> "list[int]":
     """PIDs of live processes running a route's helper (relay, node or a node's worker)."""
     found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+    for pid, fields in proc_stats():
         try:
-            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
                 argv = fh.read().split(b"\0")
-            with open(f"/proc/{entry}/stat") as fh:
-                zombie = fh.read().rsplit(")", 1)[1].split()[0] == "Z"
         except OSError:
             continue
-        if not zombie and FLOOR.encode() in argv and b"--role" in argv:
-            found.append(int(entry))
+        if fields[0] != "Z" and FLOOR.encode() in argv and b"--role" in argv:
+            found.append(pid)
     return found
 
 
