@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import collections
 import logging
 import os
 import pickle
 import socket
-import threading
 from typing import Any, Dict, List, Optional, Set, Tuple
 
 from twisted.internet import protocol
@@ -61,38 +59,6 @@ def batch_failures(payload: bytes) -> List[Tuple[int, bytes]]:
         return []
     return [(i, o[3]) for i, o in enumerate(outcomes)
             if o[1] == wire.ITEM_ERROR and isinstance(o[3], bytes)]
-
-
-class Handoff:
-    """Calls from worker threads to run in the reactor thread, in the order they were made;
-    calls made in quick succession share one wake-up of the reactor (and so the results of
-    several chunks go out in one frame)."""
-
-    def __init__(self) -> None:
-        self._calls: "collections.deque[Tuple[Any, tuple]]" = collections.deque()
-        self._lock = threading.Lock()
-        self._scheduled = False
-
-    def post(self, fn: Any, *args: Any) -> None:
-        """Run ``fn(*args)`` in the reactor thread, after every call posted before it."""
-        with self._lock:
-            self._calls.append((fn, args))
-            if self._scheduled:
-                return
-            self._scheduled = True
-        reactor.callFromThread(self._run)
-
-    def _run(self) -> None:
-        while True:
-            with self._lock:
-                if not self._calls:
-                    self._scheduled = False
-                    return
-                fn, args = self._calls.popleft()
-            try:
-                fn(*args)
-            except Exception:
-                log.exception("error handing on a worker's message")
 
 
 class NodeProtocol(PeerSideProtocol):
@@ -361,9 +327,8 @@ class NodeFactory(protocol.ReconnectingClientFactory):
         self.stopping = False
         self.refusals = 0
         self._sessions = 0
-        self._handoff = Handoff()
-        self.pool = WorkerPool(processes, self._from_worker, self._output_from_worker,
-                               self._progress_from_worker,
+        self.pool = WorkerPool(processes, self._deliver, self._deliver_output,
+                               self._deliver_progress,
                                None if self.shm_dir is None else
                                (self.shm_dir, self.shm_key, self.shm_min))
         self.stages = StageHost(name, self._from_stage, self._output_from_stage)
@@ -379,12 +344,6 @@ class NodeFactory(protocol.ReconnectingClientFactory):
         proto.heartbeat = self.heartbeat
         proto.max_frame = self.max_frame
         return proto
-
-    def _from_worker(self, task: Task, status: int, payload: bytes, elapsed: float) -> None:
-        self._handoff.post(self._deliver, task, status, payload, elapsed)
-
-    def _progress_from_worker(self, task: Task, n: float) -> None:
-        self._handoff.post(self._deliver_progress, task, n)
 
     def _deliver_progress(self, task: Task, n: float) -> None:
         proto = self.current
@@ -417,13 +376,10 @@ class NodeFactory(protocol.ReconnectingClientFactory):
         if proto is not None and proto.session == key[0]:
             proto.send_stage_output(key, dropped, payload)
 
-    def _output_from_worker(self, task: Task, lines: List[list], dropped: int) -> None:
-        self._handoff.post(self._deliver_output, task, dropped, encode_lines(lines))
-
-    def _deliver_output(self, task: Task, dropped: int, payload: bytes) -> None:
+    def _deliver_output(self, task: Task, lines: List[list], dropped: int) -> None:
         proto = self.current
         if proto is not None and proto.session == task.session and not task.cancelled:
-            proto.send_output(task, dropped, payload)
+            proto.send_output(task, dropped, encode_lines(lines))
 
     def authenticated(self) -> None:
         """A handshake succeeded: back to the short backoff."""

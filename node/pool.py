@@ -1,27 +1,30 @@
-"""A supervised pool of ``multiprocess`` worker processes.
+"""A pool of ``multiprocess`` worker processes, driven by the node's reactor.
 
-Each worker process has a supervising thread in the node that feeds it one chunk at a time over
-a pipe and hands the outcome to ``on_result``; chunks of a job whose chunks run in under
-:data:`QUICK_CHUNK` go several to a pipe message when enough are queued (a fair share of the
-queue each), still each answered and reported on its own. Because the node owns each process directly:
+The reactor writes each chunk straight to an idle worker's pipe and reads the answer when the
+pipe becomes readable: no thread stands between the server connection and the workers, so a
+chunk costs no thread hand-off (and no contention for the interpreter lock) on either way.
+Chunks of a job whose chunks run in under :data:`QUICK_CHUNK` go several to a pipe message
+when enough are queued (a fair share of the queue each), still each answered and reported on
+its own. Because the node owns each process directly:
 
-- a worker that dies (``os._exit``, a segfault, the OOM killer) is noticed at once and
-  replaced, and its chunk is reported as ``CRASHED`` (with the item it was running, when the
-  chunk ran in careful mode) instead of hanging the pool as ``multiprocessing.Pool`` does;
+- a worker that dies (``os._exit``, a segfault, the OOM killer) is noticed at once through its
+  process sentinel and replaced, and its chunk is reported as ``CRASHED`` (with the item it was
+  running, when the chunk ran in careful mode) instead of hanging the pool as
+  ``multiprocessing.Pool`` does;
 - a running chunk can be stopped (its job was cancelled) by killing its worker.
 
-Every task taken from the queue gets exactly one outcome (unless its job was cancelled or the
-pool closed): death is seen through the process's sentinel as well as the pipe, because a
-process the task forked may hold the pipe open after the worker died.
+Every task submitted gets exactly one outcome (unless its job was cancelled or the pool
+closed): death is seen through the process's sentinel as well as the pipe, because a process
+the task forked may hold the pipe open after the worker died; whatever the worker wrote before
+it died is read first. Every method, and every callback, runs in the reactor thread.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import os
 import pickle
-import queue
-import select
 import threading
 import time
 from dataclasses import dataclass
@@ -32,18 +35,17 @@ from multiprocess.connection import wait
 
 from achilles.core import shm, wire
 from achilles.core.errors import describe_exit
-from achilles.node.pipeio import recv_buffer
-from achilles.node.worker import INLINE_MAX, PROGRESS, RETIRE, UNTAKEN
 from achilles.core.output import TAIL_LINES
+from achilles.core.reactor import DelayedCall, Reactor, get_reactor
+from achilles.node.pipeio import FrameReader, frame
+from achilles.node.worker import INLINE_MAX, PROGRESS, RETIRE, UNTAKEN
 
 log = logging.getLogger("achilles.node")
 
-_STOP = object()
-
 #: ``multiprocess`` lets any ``Process.start()`` poll every child of this process, and a poll
-#: consumes the exit status that the forkserver sends once: a supervisor reaping its worker
-#: while another starts one could read exit code 255 (CPython gh-130895). Starting and
-#: reaping workers hold this lock; waiting for a worker to end does not.
+#: consumes the exit status that the forkserver sends once: reading a worker's exit code
+#: while another thread (the stage host's) starts a process could give 255 (CPython
+#: gh-130895). Starting processes and reading their exit codes hold this lock.
 _PROCESS_LOCK = threading.Lock()
 
 #: A chunk whose worker died before taking it runs on a new worker, up to this many times
@@ -54,6 +56,10 @@ UNTAKEN_RERUNS = 2
 QUICK_CHUNK = 0.001
 #: At most this many chunks in one such message.
 MAX_BATCH = 16
+#: Seconds a worker that closed its pipe may take to exit before it is killed.
+EXIT_GRACE = 1.0
+#: Longest wait (seconds) between attempts to start a worker that failed to start.
+MAX_START_DELAY = 5.0
 
 
 @dataclass
@@ -75,6 +81,7 @@ class Task:
     forward: bool = False  # capture the task's output and hand it to ``on_output``
     cancelled: bool = False  # set by cancel_job/drain: skip it, or drop its outcome
     solo: bool = False  # never in a batch (it was in one whose worker died)
+    untaken: int = 0  # times a worker died before taking it
     #: The last lines of its output when it failed (the worker's count; else what arrived).
     tail: Optional[Deque[list]] = None
     #: The name of its result segment when this node shares the server's shared memory
@@ -102,7 +109,7 @@ def _context() -> Any:
 
 
 class _Slot:
-    """One worker process, its pipe, its shared progress counter and its current task."""
+    """One worker process, its pipe, its shared progress counter and the chunks it holds."""
 
     def __init__(self, ctx: Any, shm_settings: Optional[Tuple[str, bytes, int]] = None) -> None:
         from achilles.node.worker import worker_main
@@ -116,40 +123,91 @@ class _Slot:
                 self.proc.start()
         finally:
             child.close()
-        self.task: Optional[Task] = None
-        self.killed = False
-        # One poll set per worker for its life (a fresh selector per wait cost more than the
-        # rest of a small chunk's hand-off): the pipe and the process's sentinel.
-        self._fd = self.conn.fileno()
-        self._poll = select.poll()
-        self._poll.register(self._fd, select.POLLIN)
-        self._poll.register(self.proc.sentinel, select.POLLIN)
+        self.fd = self.conn.fileno()
+        os.set_blocking(self.fd, False)  # this end only: the worker's end is its own socket
+        self.frames = FrameReader()
+        #: Chunks sent and not yet answered, in the order the worker runs them.
+        self.batch: Deque[Task] = collections.deque()
+        #: ``(status, elapsed, retire)`` of an answer whose payload is the next message.
+        self.pending: Optional[Tuple[int, float, bool]] = None
+        self.out: Deque[memoryview] = collections.deque()  # unwritten bytes to the worker
+        self.timer: Optional[DelayedCall] = None  # the running chunk's timeout
+        self.grace: Optional[DelayedCall] = None  # kill after its pipe closed
+        self.killed = False  # by us: its chunks' outcomes are dropped or run again
+        self.retired = False  # replaced: whatever it still says is ignored
+        self.exited = False  # its sentinel fired and it was reaped
+        self.pipe = _PipeEnd(self)
+        self.sentinel = _Sentinel(self)
 
-    def wait_ready(self, timeout: Optional[float]) -> Optional[bool]:
-        """Wait for the worker's next message: True when one is readable (or the pipe is at
-        its end), False when the worker died first, None after ``timeout`` seconds."""
-        ready = self._poll.poll(None if timeout is None else max(0.0, timeout) * 1000)
-        if not ready:
-            return None
-        return any(fd == self._fd for fd, _ in ready)
+    @property
+    def task(self) -> Optional[Task]:
+        """The chunk it is running (the first unanswered one), or None when idle."""
+        return self.batch[0] if self.batch else None
+
+    def kill(self) -> None:
+        """SIGKILL the process unless it is known to have exited."""
+        if not self.exited:
+            try:
+                self.proc.kill()
+            except (OSError, ValueError):
+                pass
+
+    def exitcode(self) -> Optional[int]:
+        """The exit code, once the process has ended (without waiting)."""
+        with _PROCESS_LOCK:
+            return self.proc.exitcode
 
     def reap(self, timeout: float) -> Optional[int]:
         """Wait up to ``timeout`` s for the process to end; its exit code, or None."""
         wait([self.proc.sentinel], timeout)
-        with _PROCESS_LOCK:
-            return self.proc.exitcode
+        return self.exitcode()
 
-    def stop(self, timeout: float) -> Optional[int]:
-        """Kill the process (if it still runs) and reap it; its exit code, or None."""
-        exitcode = self.reap(0)
-        if exitcode is None:
-            self.proc.kill()
-            exitcode = self.reap(timeout)
-        try:
-            self.conn.close()
-        except OSError:
-            pass
-        return exitcode
+
+class _PipeEnd:
+    """The node's end of a worker's pipe, as the reactor reads and writes it."""
+
+    def __init__(self, slot: _Slot) -> None:
+        self.slot = slot
+        self.pool: Optional["WorkerPool"] = None
+
+    def fileno(self) -> int:
+        return self.slot.fd
+
+    def doRead(self) -> None:
+        if self.pool is not None:
+            self.pool._readable(self.slot)
+
+    def doWrite(self) -> None:
+        if self.pool is not None:
+            self.pool._writable(self.slot)
+
+    def connectionLost(self, reason: Any) -> None:
+        if self.pool is not None:
+            self.pool._pipe_closed(self.slot)
+
+    def logPrefix(self) -> str:
+        return "worker-pipe"
+
+
+class _Sentinel:
+    """A worker's process sentinel: readable once the process has ended."""
+
+    def __init__(self, slot: _Slot) -> None:
+        self.slot = slot
+        self.pool: Optional["WorkerPool"] = None
+
+    def fileno(self) -> int:
+        return self.slot.proc.sentinel
+
+    def doRead(self) -> None:
+        if self.pool is not None:
+            self.pool._exited(self.slot)
+
+    def connectionLost(self, reason: Any) -> None:
+        self.doRead()
+
+    def logPrefix(self) -> str:
+        return "worker-sentinel"
 
 
 class WorkerPool:
@@ -157,286 +215,160 @@ class WorkerPool:
 
     ``on_result(task, status, payload, elapsed)``, ``on_output(task, lines, dropped)`` and
     ``on_progress(task, n)`` (a running task's :func:`~achilles.node.worker.report_progress`)
-    are called from supervisor threads: pass functions that hop to the reactor
-    (``reactor.callFromThread``). A task's output always comes before its result.
-    ``shm``: ``(directory, key, threshold)`` of this node's shared memory
-    (:mod:`achilles.core.shm`), given to every worker, or None (off).
+    are called in the reactor thread, where every method must be called too. A task's output
+    always comes before its result. ``shm``: ``(directory, key, threshold)`` of this node's
+    shared memory (:mod:`achilles.core.shm`), given to every worker, or None (off).
+    ``reactor``: the one it runs in (default: the global reactor).
     """
 
     def __init__(self, processes: int, on_result: ResultHandler,
                  on_output: Optional[OutputHandler] = None,
                  on_progress: Optional[ProgressHandler] = None,
-                 shm: Optional[Tuple[str, bytes, int]] = None) -> None:
+                 shm: Optional[Tuple[str, bytes, int]] = None,
+                 reactor: Optional[Reactor] = None) -> None:
         self.processes = processes
         self.shm = shm
         self.on_result = on_result
         self.on_output = on_output
         self.on_progress = on_progress
+        self.reactor: Reactor = reactor if reactor is not None else get_reactor()
         self._ctx = _context()
-        self._queue: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
-        self._waiting: Dict[int, Task] = {}  # id(task) -> task, queued and not yet taken
-        self._lock = threading.Lock()
+        self._queue: Deque[Task] = collections.deque()
         self._closed = False
+        self._pumping = False
         #: (session, job id) -> seconds its last chunk took, for jobs whose chunks are quick.
         self._quick: Dict[Tuple[int, str], float] = {}
         self.batched = 0  # chunks sent to workers in batches, over the pool's life
-        self._slots: List[_Slot] = [_Slot(self._ctx, shm) for _ in range(processes)]
-        self._threads = [threading.Thread(target=self._supervise, args=(i,), daemon=True,
-                                          name=f"achilles-worker-{i}") for i in range(processes)]
-        for t in self._threads:
-            t.start()
+        self._slots: List[Optional[_Slot]] = [None] * processes
+        self._retiring: List[_Slot] = []  # replaced, waiting for their sentinel
+        for index in range(processes):
+            self._install(index, _Slot(self._ctx, shm))
 
-    def _drop_segment(self, task: Task, report: Optional[tuple]) -> None:
-        """Unlink ``task``'s result segment unless ``report`` (None: nothing goes out) is an
-        OK result, whose reference goes on to the server: the worker may have written it
-        and then died, timed out or been cancelled."""
-        if task.shm is None or self.shm is None or (report is not None
-                                                    and report[0] == wire.OK):
-            return
-        shm.discard(self.shm[0], task.shm)
-
+    # --- the public side ----------------------------------------------------------------
     def submit(self, task: Task) -> None:
-        """Queue a task (thread-safe)."""
-        with self._lock:
-            self._waiting[id(task)] = task
-        self._queue.put(task)
+        """Queue a task; it goes to the next idle worker."""
+        if self._closed:
+            return
+        self._queue.append(task)
+        self._pump()
 
     def cancel_job(self, session: int, job_id: str) -> None:
         """Drop this job's queued tasks of this server session and kill the workers running
         them. Tasks submitted later run: the server may send the same job again (the
         controller reconnected and resubmitted it)."""
-        with self._lock:
-            for task in self._waiting.values():
-                if task.session == session and task.job_id == job_id:
-                    task.cancelled = True
-            for slot in self._slots:
-                running = slot.task
-                if running is not None and running.session == session and running.job_id == job_id:
-                    self._kill(slot)
+        for task in self._queue:
+            if task.session == session and task.job_id == job_id:
+                task.cancelled = True
+        for slot in list(self._slots):
+            if slot is None:
+                continue
+            mine = [t for t in slot.batch if t.session == session and t.job_id == job_id]
+            for task in mine:
+                task.cancelled = True
+            if mine:
+                self._kill(slot)
 
     def drain(self) -> int:
-        """Drop every queued task and stop the running ones (the server connection is gone)."""
+        """Drop every queued task and stop the running ones (the server connection is gone);
+        how many queued tasks were dropped."""
         dropped = 0
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is _STOP:
-                self._queue.put(_STOP)
-                break
-            dropped += 1
-        with self._lock:
-            for task in self._waiting.values():
+        while self._queue:
+            task = self._queue.popleft()
+            if not task.cancelled:
                 task.cancelled = True
-            self._waiting.clear()
-            for slot in self._slots:
-                if slot.task is not None:
-                    self._kill(slot)
+                dropped += 1
+        for slot in list(self._slots):
+            if slot is not None and slot.batch:
+                for task in slot.batch:
+                    task.cancelled = True
+                self._kill(slot)
         return dropped
-
-    @staticmethod
-    def _kill(slot: _Slot) -> None:
-        """Stop the slot's running task (call with the lock held)."""
-        assert slot.task is not None
-        slot.task.cancelled = True
-        if not slot.killed:
-            slot.killed = True
-            slot.proc.kill()
 
     @property
     def busy(self) -> int:
         """Workers running a task now."""
-        return sum(1 for s in self._slots if s.task is not None)
+        return sum(1 for s in self._slots if s is not None and s.batch)
 
     def is_quick(self, session: int, job_id: str) -> bool:
         """Whether the job's last chunk ran in under :data:`QUICK_CHUNK` (so its chunks may
         go to a worker several at a time)."""
         return self._quick.get((session, job_id), QUICK_CHUNK) < QUICK_CHUNK
 
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the workers (waiting up to ``timeout`` s for them to end)."""
+        if self._closed:
+            return
+        self._closed = True
+        self.drain()
+        slots = [s for s in self._slots if s is not None] + self._retiring
+        for slot in slots:
+            self._detach(slot)
+            try:
+                self.reactor.removeReader(slot.sentinel)
+            except (ValueError, KeyError, OSError):
+                pass
+            slot.kill()
+        deadline = time.monotonic() + timeout
+        for slot in slots:
+            if not slot.exited:
+                slot.reap(max(0.0, deadline - time.monotonic()))
+            try:
+                slot.conn.close()
+            except OSError:
+                pass
+
+    # --- dispatch -----------------------------------------------------------------------
     def _batchable(self, task: Task) -> bool:
         """Whether ``task`` may share a pipe message with other chunks of its job."""
         return (task.kind == "map" and not task.careful and task.timeout is None
                 and not task.init and not task.maxtasks and not task.solo
                 and len(task.payload) <= INLINE_MAX and self.is_quick(task.session, task.job_id))
 
-    def _timed(self, task: Task, status: int, payload: bytes, elapsed: float) -> None:
-        """``task`` ran for ``elapsed`` s: whether its job's chunks may go in batches now."""
-        key = (task.session, task.job_id)
-        if status not in (wire.OK, wire.ITEM_ERROR):
-            return
-        if elapsed < QUICK_CHUNK:
-            if key not in self._quick and len(self._quick) >= 1024:
-                self._quick.clear()
-            self._quick[key] = elapsed
-        else:
-            self._quick.pop(key, None)
+    def _pump(self) -> None:
+        """Give queued tasks to idle workers."""
+        if self._pumping:
+            return  # called back from inside a running pump, which goes on
+        self._pumping = True
+        try:
+            sent = True
+            while sent and self._queue:
+                sent = False
+                for slot in self._slots:
+                    if slot is None or slot.batch or slot.killed or slot.retired \
+                            or slot.exited:
+                        continue
+                    task = self._next()
+                    if task is None:
+                        return
+                    self._send(slot, self._gather(task))
+                    sent = True
+        finally:
+            self._pumping = False
 
-    def _gather(self, task: Task) -> Tuple[List[Task], Any]:
-        """``task`` and the queued chunks of its job that may go with it (a fair share of
-        the queue, at most :data:`MAX_BATCH`); and the next item taken from the queue that
-        may not (None if none was taken)."""
+    def _gather(self, task: Task) -> List[Task]:
+        """``task`` and the queued chunks of its job that may go with it in one message (a
+        fair share of the queue, at most :data:`MAX_BATCH`)."""
         batch = [task]
         if not self._batchable(task):
-            return batch, None
-        room = min(MAX_BATCH, self._queue.qsize() // self.processes + 1)
-        while len(batch) < room:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is _STOP:
-                self._queue.put(_STOP)
-                break
-            if (item.session, item.job_id) != (task.session, task.job_id) \
-                    or not self._batchable(item):
-                return batch, item
-            batch.append(item)
-        return batch, None
-
-    def _supervise(self, index: int) -> None:
-        carried: Any = None
-        while True:
-            task, carried = (self._queue.get(), None) if carried is None else (carried, None)
-            if task is _STOP:
-                return
-            batch, carried = self._gather(task)
-            if len(batch) > 1:
-                if not self._run_batch(index, batch):
-                    return
+            return batch
+        room = min(MAX_BATCH, len(self._queue) // self.processes + 1)
+        while len(batch) < room and self._queue:
+            nxt = self._queue[0]
+            if nxt.cancelled:
+                self._queue.popleft()
                 continue
-            for attempt in range(UNTAKEN_RERUNS + 1):
-                with self._lock:
-                    self._waiting.pop(id(task), None)
-                    if task.cancelled:
-                        break
-                    slot = self._slots[index]
-                    slot.task = task
-                    slot.progress.value = UNTAKEN
-                try:
-                    report, replace = self._outcome(index, slot, task, attempt < UNTAKEN_RERUNS)
-                except Exception:
-                    # A bug here must lose neither the chunk nor this worker's thread.
-                    log.exception("worker %d: unexpected error supervising chunk %d of job %s",
-                                  index, task.chunk_id, task.job_id[:8])
-                    with self._lock:
-                        slot.task = None
-                    report, replace = (wire.CRASHED, pickle.dumps((None, None)), 0.0), True
-                if self._closed:
-                    return
-                deliver = report is not None and not task.cancelled
-                self._drop_segment(task, report if deliver else None)
-                if deliver:
-                    assert report is not None
-                    self._timed(task, *report)
-                    self.on_result(task, *report)
-                again = report is None and replace and not task.cancelled
-                if again:  # its worker died before taking it: queued again, for cancel_job
-                    with self._lock:
-                        self._waiting[id(task)] = task
-                if replace:
-                    self._replace(index, slot)
-                if not again:
-                    break
+            if (nxt.session, nxt.job_id) != (task.session, task.job_id) \
+                    or not self._batchable(nxt):
+                break
+            batch.append(self._queue.popleft())
+        return batch
 
-    def _run_batch(self, index: int, batch: List[Task]) -> bool:
-        """Send ``batch`` (chunks of one job) to worker ``index`` in one message and hand on
-        each chunk's outcome as its answer comes. If the worker dies, the chunk it was
-        running is reported as a single chunk's would be and the chunks after it are queued
-        again, each to run alone. False when the pool closed meanwhile."""
-        slot = self._slots[index]
-        with self._lock:
-            slot.progress.value = UNTAKEN
-        self.batched += len(batch)
-        try:
-            slot.conn.send_bytes(pickle.dumps([self._header(t) for t in batch], protocol=5))
-        except (EOFError, OSError):
-            pass  # a dead worker: the first read below says so
-        for position, task in enumerate(batch):
-            with self._lock:
-                self._waiting.pop(id(task), None)
-                slot.task = task
-            try:
-                report, replace = self._outcome(index, slot, task, True, send=False)
-            except Exception:
-                log.exception("worker %d: unexpected error supervising chunk %d of job %s",
-                              index, task.chunk_id, task.job_id[:8])
-                with self._lock:
-                    slot.task = None
-                report, replace = (wire.CRASHED, pickle.dumps((None, None)), 0.0), True
-            if self._closed:
-                return False
-            deliver = report is not None and not task.cancelled
-            self._drop_segment(task, report if deliver else None)
-            if deliver:
-                assert report is not None
-                self._timed(task, *report)
-                self.on_result(task, *report)
-            if replace:
-                again = batch[position + (report is not None):]
-                for t in again:
-                    t.solo = True
-                    if not t.cancelled:
-                        self.submit(t)
-                self._replace(index, slot)
-                return not self._closed
-        return True
-
-    def _outcome(self, index: int, slot: _Slot, task: Task,
-                 rerun: bool, send: bool = True) -> Tuple[Optional[tuple], bool]:
-        """Run ``task`` on ``slot``: its one outcome ``(status, payload, elapsed)``, or None
-        when it was killed by us or (with ``rerun``) its worker died before taking it; and
-        whether the worker must be replaced. Without ``send`` the task went to the worker
-        already (in a batch) and only its answer is read."""
-        outcome = self._run(slot, task, send)
-        with self._lock:
-            slot.task = None
-            killed = slot.killed
-        if outcome == "timeout":
-            slot.stop(5.0)
-            log.warning("chunk %d of job %s ran past its %g s timeout; worker %d killed "
-                        "and replaced", task.chunk_id, task.job_id[:8], task.timeout, index)
-            return (wire.TIMED_OUT, pickle.dumps(task.timeout), task.timeout or 0.0), True
-        if killed:
-            return None, True
-        if outcome == "retire":  # its worker reached maxtasksperchild first: run on a new one
-            return None, True
-        if outcome is None:  # the worker died
-            exitcode = slot.reap(1.0)
-            if exitcode is None:  # slow to be reaped, or it closed its pipe and lives on
-                exitcode = slot.stop(5.0)
-            progress = slot.progress.value
-            if progress == UNTAKEN and rerun:  # not this chunk's fault: it never ran
-                log.warning("worker %d (pid %s) had died (%s) before taking chunk %d of job %s;"
-                            " replaced, the chunk runs on the new one", index, slot.proc.pid,
-                            describe_exit(exitcode), task.chunk_id, task.job_id[:8])
-                return None, True
-            item = progress if task.careful and progress >= 0 else None
-            log.warning("worker %d (pid %s) %s running chunk %d of job %s; replaced", index,
-                        slot.proc.pid, describe_exit(exitcode), task.chunk_id, task.job_id[:8])
-            return (wire.CRASHED, pickle.dumps((exitcode, item)), 0.0), True
-        status, payload, elapsed, retire = outcome
-        return (status, payload, elapsed), retire
-
-    def _replace(self, index: int, old: _Slot) -> None:
-        """Put a fresh worker in place of ``old`` (killed first if it still runs); retried
-        until it works, so that a transient failure (no fds, forkserver restarting) does not
-        leave the pool short of a worker."""
-        old.stop(5.0)
-        delay = 0.1
-        while not self._closed:
-            try:
-                slot = _Slot(self._ctx, self.shm)
-            except Exception as exc:
-                log.error("cannot start a worker process (%s); retrying in %g s", exc, delay)
-                time.sleep(delay)
-                delay = min(delay * 2, 5.0)
-                continue
-            with self._lock:
-                self._slots[index] = slot
-            if self._closed:
-                slot.stop(1.0)
-            return
+    def _next(self) -> Optional[Task]:
+        while self._queue:
+            task = self._queue.popleft()
+            if not task.cancelled:
+                return task
+        return None
 
     def _header(self, task: Task) -> tuple:
         """What the worker is sent for ``task`` (see :mod:`achilles.node.worker`)."""
@@ -446,42 +378,116 @@ class WorkerPool:
                 task.init, task.maxtasks, forward, bytes(task.payload) if small else None,
                 task.shm)
 
-    def _run(self, slot: _Slot, task: Task, send: bool = True) -> Any:
-        """Run a task: ``(status, payload, elapsed, retire)``, None if the worker died,
-        ``"timeout"``, or ``"retire"`` when the worker retired before running it. Output
-        messages that come first go to ``on_output``, progress reports to ``on_progress``.
-        Without ``send`` the worker has the task already and only its answer is read."""
+    def _send(self, slot: _Slot, batch: List[Task]) -> None:
+        slot.progress.value = UNTAKEN
+        slot.batch.extend(batch)
+        if len(batch) > 1:
+            self.batched += len(batch)
+            self._write(slot, pickle.dumps([self._header(t) for t in batch], protocol=5))
+            return
+        task = batch[0]
+        self._write(slot, pickle.dumps(self._header(task), protocol=5))
+        if len(task.payload) > INLINE_MAX:
+            self._write(slot, task.payload)
+        if task.timeout is not None:
+            slot.timer = self.reactor.callLater(task.timeout, self._timed_out, slot, task)
+
+    def _write(self, slot: _Slot, data: "bytes | bytearray | memoryview") -> None:
+        pieces = [memoryview(p).cast("B") for p in frame(data)]
+        if slot.out:
+            slot.out.extend(pieces)
+            return
         try:
-            if send:
-                slot.conn.send_bytes(pickle.dumps(self._header(task), protocol=5))
-                if len(task.payload) > INLINE_MAX:
-                    slot.conn.send_bytes(task.payload)
-            deadline = None if task.timeout is None else time.monotonic() + task.timeout
-            while True:
-                wait = None if deadline is None else max(0.0, deadline - time.monotonic())
-                ready = slot.wait_ready(wait)
-                if ready is None:
-                    return "timeout"
-                if not ready:
-                    return None
-                header = pickle.loads(slot.conn.recv_bytes())
-                if type(header[0]) is not str:
-                    break
-                if header[0] == PROGRESS:
-                    if self.on_progress is not None and not task.cancelled:
-                        self.on_progress(task, header[1])
+            written = os.writev(slot.fd, pieces)
+        except (BlockingIOError, InterruptedError):
+            written = 0
+        except OSError:
+            return  # the worker is gone: its sentinel says so
+        for piece in pieces:
+            if written >= len(piece):
+                written -= len(piece)
+                continue
+            slot.out.append(piece[written:])
+            written = 0
+        if slot.out:
+            self.reactor.addWriter(slot.pipe)
+
+    def _writable(self, slot: _Slot) -> None:
+        while slot.out:
+            try:
+                written = os.writev(slot.fd, list(slot.out)[:64])
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                slot.out.clear()
+                break
+            while written:
+                piece = slot.out[0]
+                if written >= len(piece):
+                    written -= len(piece)
+                    slot.out.popleft()
                 else:
-                    self._output(task, header[0], header[1])
-            status, elapsed, retire, payload = header
-            if payload is None:
-                if not slot.wait_ready(None):
-                    return None
-                payload = recv_buffer(slot.conn)
-        except (EOFError, OSError):
-            return None
-        if status == RETIRE:
-            return "retire"
-        return status, payload, elapsed, retire
+                    slot.out[0] = piece[written:]
+                    written = 0
+        self.reactor.removeWriter(slot.pipe)
+
+    # --- answers --------------------------------------------------------------------------
+    def _readable(self, slot: _Slot, drain: bool = False) -> None:
+        try:
+            messages, eof = slot.frames.read(slot.fd, drain)
+        except OSError:
+            messages, eof = [], True
+        for message in messages:
+            if slot.retired or slot.killed:
+                break
+            try:
+                self._message(slot, message)
+            except Exception:
+                log.exception("unexpected error handling a message of a worker (pid %s)",
+                              slot.proc.pid)
+                self._fail(slot)
+                break
+        if eof:
+            self._pipe_closed(slot)
+
+    def _message(self, slot: _Slot, data: bytearray) -> None:
+        task = slot.task
+        if task is None:
+            log.warning("a worker (pid %s) sent a message with no chunk to answer; ignored",
+                        slot.proc.pid)
+            return
+        if slot.pending is not None:
+            (status, elapsed, retire), slot.pending = slot.pending, None
+            self._answer(slot, status, data, elapsed, retire)
+            return
+        header = pickle.loads(data)
+        if type(header[0]) is str:
+            if header[0] == PROGRESS:
+                if self.on_progress is not None and not task.cancelled:
+                    self.on_progress(task, header[1])
+            else:
+                self._output(task, header[0], header[1])
+            return
+        status, elapsed, retire, payload = header
+        if payload is None:
+            slot.pending = (status, elapsed, retire)
+            return
+        self._answer(slot, status, payload, elapsed, retire)
+
+    def _answer(self, slot: _Slot, status: int, payload: Any, elapsed: float,
+                retire: bool) -> None:
+        task = slot.batch.popleft()
+        self._cancel_timer(slot)
+        if status == RETIRE:  # its worker reached maxtasksperchild first: run on a new one
+            if not task.cancelled:
+                self._queue.appendleft(task)
+            self._replace(slot)
+            self._pump()
+            return
+        if retire:
+            self._replace(slot)
+        self._report(task, (status, payload, elapsed))
+        self._pump()
 
     def _output(self, task: Task, kind: str, data: Any) -> None:
         """An output message of ``task``'s worker: lines to hand on, or its failure's tail."""
@@ -495,25 +501,199 @@ class WorkerPool:
         if self.on_output is not None and not task.cancelled:
             self.on_output(task, lines, dropped)
 
-    def close(self, timeout: float = 5.0) -> None:
-        """Stop the workers and their threads."""
-        if self._closed:
+    def _report(self, task: Task, report: Tuple[int, Any, float]) -> None:
+        """Hand on ``task``'s one outcome (unless its job was cancelled)."""
+        deliver = not task.cancelled and not self._closed
+        self._drop_segment(task, report if deliver else None)
+        if not deliver:
             return
-        self._closed = True
-        self.drain()
-        for _ in self._threads:
-            self._queue.put(_STOP)
-        deadline = time.monotonic() + timeout
-        for t in self._threads:
-            if t is not threading.current_thread():
-                t.join(max(0.0, deadline - time.monotonic()))
-        with self._lock:
-            slots = list(self._slots)
-        for slot in slots:
+        self._timed(task, *report)
+        try:
+            self.on_result(task, *report)
+        except Exception:
+            log.exception("handing on the outcome of chunk %d of job %s failed",
+                          task.chunk_id, task.job_id[:8])
+
+    def _drop_segment(self, task: Task, report: Optional[tuple]) -> None:
+        """Unlink ``task``'s result segment unless ``report`` (None: nothing goes out) is an
+        OK result, whose reference goes on to the server: the worker may have written it
+        and then died, timed out or been cancelled."""
+        if task.shm is None or self.shm is None or (report is not None
+                                                    and report[0] == wire.OK):
+            return
+        shm.discard(self.shm[0], task.shm)
+
+    def _timed(self, task: Task, status: int, payload: Any, elapsed: float) -> None:
+        """``task`` ran for ``elapsed`` s: whether its job's chunks may go in batches now."""
+        key = (task.session, task.job_id)
+        if status not in (wire.OK, wire.ITEM_ERROR):
+            return
+        if elapsed < QUICK_CHUNK:
+            if key not in self._quick and len(self._quick) >= 1024:
+                self._quick.clear()
+            self._quick[key] = elapsed
+        else:
+            self._quick.pop(key, None)
+
+    # --- timeouts, deaths and replacements --------------------------------------------------
+    def _cancel_timer(self, slot: _Slot) -> None:
+        if slot.timer is not None:
+            if slot.timer.active():
+                slot.timer.cancel()
+            slot.timer = None
+
+    def _timed_out(self, slot: _Slot, task: Task) -> None:
+        slot.timer = None
+        if slot.retired or slot.killed or slot.task is not task:
+            return
+        self._readable(slot, drain=True)  # an answer that came with the deadline counts
+        if slot.retired or slot.killed or slot.task is not task:
+            return
+        index = self._slots.index(slot)
+        log.warning("chunk %d of job %s ran past its %g s timeout; worker %d killed and "
+                    "replaced", task.chunk_id, task.job_id[:8], task.timeout, index)
+        slot.batch.clear()
+        self._replace(slot)
+        self._report(task, (wire.TIMED_OUT, pickle.dumps(task.timeout), task.timeout or 0.0))
+        self._pump()
+
+    def _kill(self, slot: _Slot) -> None:
+        """Stop the chunk the slot runs (its job was cancelled, or the pool drained): it gets
+        no outcome; its worker is killed and replaced, and the batch's later chunks that are
+        not cancelled run again, each alone."""
+        self._cancel_timer(slot)
+        held = list(slot.batch)
+        slot.batch.clear()
+        slot.killed = True
+        if held:
+            held[0].cancelled = True
+        again = [t for t in held[1:] if not t.cancelled]
+        for task in again:
+            task.solo = True
+        self._queue.extend(again)
+        self._replace(slot)
+        self._pump()
+
+    def _fail(self, slot: _Slot) -> None:
+        """A bug in handling the slot's messages: its chunk is reported CRASHED (no chunk may
+        be lost), the rest of its batch runs again, and the worker is replaced."""
+        self._cancel_timer(slot)
+        held = list(slot.batch)
+        slot.batch.clear()
+        slot.pending = None
+        self._replace(slot)
+        if held:
+            self._report(held[0], (wire.CRASHED, pickle.dumps((None, None)), 0.0))
+            for task in held[1:]:
+                task.solo = True
+            self._queue.extend(t for t in held[1:] if not t.cancelled)
+        self._pump()
+
+    def _pipe_closed(self, slot: _Slot) -> None:
+        """End of file on the worker's pipe: it is exiting (or closed the pipe and lives on:
+        then it is killed after :data:`EXIT_GRACE`). The sentinel decides."""
+        try:
+            self.reactor.removeReader(slot.pipe)
+            self.reactor.removeWriter(slot.pipe)
+        except (ValueError, KeyError, OSError):
+            pass
+        if not slot.exited and slot.grace is None:
+            slot.grace = self.reactor.callLater(EXIT_GRACE, slot.kill)
+
+    def _exited(self, slot: _Slot) -> None:
+        """The worker's process has ended: read what it wrote first, then account for the
+        chunks it held and put a new worker in its place."""
+        if slot.exited:
+            return
+        try:
+            self.reactor.removeReader(slot.sentinel)
+        except (ValueError, KeyError, OSError):
+            pass
+        slot.exited = True  # no new chunk goes to it while what it wrote is read
+        if not (slot.retired or slot.killed):
+            self._readable(slot, drain=True)
+        self._detach(slot)
+        if slot.grace is not None and slot.grace.active():
+            slot.grace.cancel()
+        exitcode = slot.exitcode()
+        if exitcode is None:  # the sentinel fired but no status yet: rare, short
+            exitcode = slot.reap(1.0)
+        try:
+            slot.conn.close()
+        except OSError:
+            pass
+        if slot in self._retiring:
+            self._retiring.remove(slot)
+        if slot.retired or slot.killed or self._closed:
+            return
+        index = self._slots.index(slot)
+        self._cancel_timer(slot)
+        held = list(slot.batch)
+        slot.batch.clear()
+        slot.pending = None
+        self._replace(slot)
+        if held:
+            task, rest = held[0], held[1:]
+            progress = slot.progress.value
+            if progress == UNTAKEN and (len(held) > 1 or task.untaken < UNTAKEN_RERUNS):
+                # not this chunk's fault: it never ran
+                log.warning("worker %d (pid %s) had died (%s) before taking chunk %d of job "
+                            "%s; replaced, the chunk runs on the new one", index, slot.proc.pid,
+                            describe_exit(exitcode), task.chunk_id, task.job_id[:8])
+                task.untaken += 1
+                if len(held) > 1:
+                    task.solo = True
+                if not task.cancelled:
+                    self._queue.appendleft(task)
+            else:
+                item = progress if task.careful and progress >= 0 else None
+                log.warning("worker %d (pid %s) %s running chunk %d of job %s; replaced", index,
+                            slot.proc.pid, describe_exit(exitcode), task.chunk_id,
+                            task.job_id[:8])
+                self._report(task, (wire.CRASHED, pickle.dumps((exitcode, item)), 0.0))
+            for t in rest:
+                t.solo = True
+            self._queue.extend(t for t in rest if not t.cancelled)
+        self._pump()
+
+    def _detach(self, slot: _Slot) -> None:
+        """Stop watching the slot's pipe (its sentinel is watched until it fires)."""
+        for remove, end in ((self.reactor.removeReader, slot.pipe),
+                            (self.reactor.removeWriter, slot.pipe)):
             try:
-                slot.conn.close()
-            except OSError:
+                remove(end)
+            except (ValueError, KeyError, OSError):
                 pass
-        for slot in slots:
-            if slot.reap(max(0.0, deadline - time.monotonic())) is None:
-                slot.stop(1.0)
+        slot.out.clear()
+
+    def _install(self, index: int, slot: _Slot) -> None:
+        slot.pipe.pool = self
+        slot.sentinel.pool = self
+        self._slots[index] = slot
+        self.reactor.addReader(slot.pipe)
+        self.reactor.addReader(slot.sentinel)
+
+    def _replace(self, slot: _Slot) -> None:
+        """Retire ``slot`` (killed unless it has exited) and start a new worker in its
+        place; a start that fails is retried with a growing delay, so that a transient failure
+        (no fds, forkserver restarting) does not leave the pool short of a worker."""
+        index = self._slots.index(slot)
+        slot.retired = True
+        self._slots[index] = None
+        if not slot.exited:
+            self._retiring.append(slot)
+            self._detach(slot)
+            slot.kill()  # its sentinel fires: _exited reaps it
+        self._start(index, 0.1)
+
+    def _start(self, index: int, delay: float) -> None:
+        if self._closed or self._slots[index] is not None:
+            return
+        try:
+            slot = _Slot(self._ctx, self.shm)
+        except Exception as exc:
+            log.error("cannot start a worker process (%s); retrying in %g s", exc, delay)
+            self.reactor.callLater(delay, self._start, index, min(delay * 2, MAX_START_DELAY))
+            return
+        self._install(index, slot)
+        self._pump()

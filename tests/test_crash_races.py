@@ -22,6 +22,7 @@ import pytest
 
 from achilles.core import wire
 from achilles.controller.events import ChunkResult, Event, Want
+from achilles.controller import reactor_thread
 from achilles.controller.job import JobRun
 from achilles.node.pool import Task, WorkerPool
 from achilles.core.serialization import dumps_code, dumps_data
@@ -136,10 +137,25 @@ def chunk(cid: int, func, items: list, job: str = "job", careful: bool = False,
     return Task(1, job, cid, dumps_code(func), b"", dumps_data(items), careful, timeout)
 
 
+class InReactor:
+    """A WorkerPool driven from a test's thread: each call runs in the reactor thread (where
+    the pool lives, as in a node) and is waited for."""
+
+    def __init__(self, processes: int, out: Outcomes) -> None:
+        self.pool = reactor_thread.call(WorkerPool, processes, out, timeout=30)
+
+    def __getattr__(self, name: str):
+        value = reactor_thread.call(getattr, self.pool, name, timeout=30)
+        if not callable(value):
+            return value
+        return lambda *args: reactor_thread.call(value, *args, timeout=30)
+
+
 @pytest.fixture
 def pools():
-    """Factory of started WorkerPools ``(outcomes, pool)``; at teardown the pools are closed,
-    the forkserver they started is stopped, and no process they started may be left."""
+    """Factory of started WorkerPools ``(outcomes, pool)``, living in the reactor thread; at
+    teardown the pools are closed, the forkserver they started is stopped, and no process they
+    started may be left."""
     from multiprocess import forkserver, resource_tracker
 
     had_server = forkserver._forkserver._forkserver_pid is not None
@@ -149,7 +165,7 @@ def pools():
 
     def make(processes: int = 2):
         out = Outcomes()
-        pool = WorkerPool(processes, out)
+        pool = InReactor(processes, out)
         made.append(pool)
         return out, pool
 

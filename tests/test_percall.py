@@ -37,7 +37,6 @@ def test_achilles_side_charges_every_role(shape: str) -> None:
     assert {"controller", "server", "node", "workers"} <= set(roles)
     for role in ("controller", "server", "node", "workers"):
         assert roles[role][0] > 0, (role, roles[role])
-    assert roles["node"][3] >= 1  # the reactor is the main thread; the node has others
     assert poll(lambda: not _live_children(), 15), f"left behind: {_live_children()}"
 
 

@@ -56,6 +56,18 @@ class Reactor(Clock, Protocol):
     def callWhenRunning(self, callable: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run ``callable`` once the loop runs."""
 
+    def addReader(self, reader: Any) -> None:
+        """Call ``reader.doRead()`` whenever its ``fileno()`` is readable."""
+
+    def removeReader(self, reader: Any) -> None:
+        """Stop watching ``reader``."""
+
+    def addWriter(self, writer: Any) -> None:
+        """Call ``writer.doWrite()`` whenever its ``fileno()`` is writable."""
+
+    def removeWriter(self, writer: Any) -> None:
+        """Stop watching ``writer``."""
+
     def addSystemEventTrigger(self, phase: str, eventType: str, callable: Callable[..., Any],
                               *args: Any, **kwargs: Any) -> Any:
         """Run ``callable`` at a phase (``before``, ``during``, ``after``) of an event
