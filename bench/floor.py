@@ -8,9 +8,10 @@ scheduling. What a route costs here, an implementation along it cannot beat. Rou
 
 - ``relay``: caller thread -> ``callFromThread`` -> controller reactor -> relay process
   (Achilles' server) -> node reactor -> queue -> supervisor thread -> pipe -> worker
-  process, and back the same way (Achilles' route);
+  process, and back the same way (Achilles' route until its node's reactor took over the
+  worker pipes, ``00a61ea``);
 - ``relay-reactor-pipe``: the same, but the node's reactor writes and reads the worker's
-  pipe itself (no supervisor thread);
+  pipe itself, with no supervisor thread (Achilles' route since);
 - ``direct`` and ``direct-reactor-pipe``: the controller talks to the node with no relay.
 
 In the same run it times ``multiprocessing.Pool(2).apply`` (the no-network bound) and, unless
