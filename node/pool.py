@@ -561,33 +561,39 @@ class WorkerPool:
         """Stop the chunk the slot runs (its job was cancelled, or the pool drained): it gets
         no outcome; its worker is killed and replaced, and the batch's later chunks that are
         not cancelled run again, each alone."""
-        self._cancel_timer(slot)
-        held = list(slot.batch)
-        slot.batch.clear()
+        held = self._release(slot)
         slot.killed = True
         if held:
             held[0].cancelled = True
-        again = [t for t in held[1:] if not t.cancelled]
-        for task in again:
-            task.solo = True
-        self._queue.extend(again)
+            self._again(held[1:])
         self._replace(slot)
         self._pump()
 
     def _fail(self, slot: _Slot) -> None:
         """A bug in handling the slot's messages: its chunk is reported CRASHED (no chunk may
         be lost), the rest of its batch runs again, and the worker is replaced."""
+        held = self._release(slot)
+        self._replace(slot)
+        if held:
+            self._report(held[0], (wire.CRASHED, pickle.dumps((None, None)), 0.0))
+            self._again(held[1:])
+        self._pump()
+
+    def _release(self, slot: _Slot) -> List[Task]:
+        """Take back the chunks ``slot`` holds (its timer cancelled, a half-read answer
+        dropped), in the order it would have run them."""
         self._cancel_timer(slot)
         held = list(slot.batch)
         slot.batch.clear()
         slot.pending = None
-        self._replace(slot)
-        if held:
-            self._report(held[0], (wire.CRASHED, pickle.dumps((None, None)), 0.0))
-            for task in held[1:]:
-                task.solo = True
-            self._queue.extend(t for t in held[1:] if not t.cancelled)
-        self._pump()
+        return held
+
+    def _again(self, tasks: List[Task]) -> None:
+        """Queue ``tasks`` (the rest of a batch whose worker is gone) to run again, each alone,
+        unless cancelled."""
+        for task in tasks:
+            task.solo = True
+        self._queue.extend(t for t in tasks if not t.cancelled)
 
     def _pipe_closed(self, slot: _Slot) -> None:
         """End of file on the worker's pipe: it is exiting (or closed the pipe and lives on:
@@ -627,10 +633,7 @@ class WorkerPool:
         if slot.retired or slot.killed or self._closed:
             return
         index = self._slots.index(slot)
-        self._cancel_timer(slot)
-        held = list(slot.batch)
-        slot.batch.clear()
-        slot.pending = None
+        held = self._release(slot)
         self._replace(slot)
         if held:
             task, rest = held[0], held[1:]
@@ -651,9 +654,7 @@ class WorkerPool:
                             slot.proc.pid, describe_exit(exitcode), task.chunk_id,
                             task.job_id[:8])
                 self._report(task, (wire.CRASHED, pickle.dumps((exitcode, item)), 0.0))
-            for t in rest:
-                t.solo = True
-            self._queue.extend(t for t in rest if not t.cancelled)
+            self._again(rest)
         self._pump()
 
     def _detach(self, slot: _Slot) -> None:

@@ -94,6 +94,18 @@ def read_frame(sock) -> "tuple":
     return code, body
 
 
+def bench_module(name: str) -> Any:
+    """``bench/<name>.py`` loaded as a module (``bench`` is no package), for its tests."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"{name}_bench",
+                                                  os.path.join(ROOT, "bench", f"{name}.py"))
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def proc_stats() -> "Iterator[tuple]":
     """``(pid, fields of /proc/PID/stat after the command name)`` for every live process."""
     for entry in os.listdir("/proc"):

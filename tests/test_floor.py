@@ -3,20 +3,16 @@ answers each call through real processes and sockets, and leaves no process behi
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
 
 import pytest
 
-from conftest import ROOT, poll, proc_stats
+from conftest import ROOT, bench_module, poll, proc_stats
 
 FLOOR = os.path.join(ROOT, "bench", "floor.py")
-spec = importlib.util.spec_from_file_location("floor_bench", FLOOR)
-assert spec is not None and spec.loader is not None
-floor = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(floor)
+floor = bench_module("floor")
 
 pytestmark = pytest.mark.timeout(180)
 

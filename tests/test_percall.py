@@ -3,20 +3,16 @@ every process of each side by its role, charges each one CPU, and leaves no proc
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
 
 import pytest
 
-from conftest import ROOT, poll, proc_stats
+from conftest import ROOT, bench_module, poll, proc_stats
 
 PERCALL = os.path.join(ROOT, "bench", "percall.py")
-spec = importlib.util.spec_from_file_location("percall_bench", PERCALL)
-assert spec is not None and spec.loader is not None
-percall = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(percall)
+percall = bench_module("percall")
 
 pytestmark = pytest.mark.timeout(180)
 
