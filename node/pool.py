@@ -28,7 +28,7 @@ import pickle
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
 
 import multiprocess
 from multiprocess.connection import wait
@@ -58,6 +58,8 @@ QUICK_CHUNK = 0.001
 MAX_BATCH = 16
 #: Seconds a worker that closed its pipe may take to exit before it is killed.
 EXIT_GRACE = 1.0
+#: Seconds before a worker that died while idle is replaced (unless a chunk waits first).
+IDLE_REPLACE_DELAY = 0.5
 #: Longest wait (seconds) between attempts to start a worker that failed to start.
 MAX_START_DELAY = 5.0
 
@@ -204,7 +206,9 @@ class _Sentinel:
             self.pool._exited(self.slot)
 
     def connectionLost(self, reason: Any) -> None:
-        self.doRead()
+        # The reactor drops every reader when it shuts down; only an ended process counts.
+        if wait([self.slot.proc.sentinel], 0):
+            self.doRead()
 
     def logPrefix(self) -> str:
         return "worker-sentinel"
@@ -241,6 +245,7 @@ class WorkerPool:
         self.batched = 0  # chunks sent to workers in batches, over the pool's life
         self._slots: List[Optional[_Slot]] = [None] * processes
         self._retiring: List[_Slot] = []  # replaced, waiting for their sentinel
+        self._vacant: Set[int] = set()  # slots whose idle worker died, successor not started
         for index in range(processes):
             self._install(index, _Slot(self._ctx, shm))
 
@@ -333,6 +338,8 @@ class WorkerPool:
             sent = True
             while sent and self._queue:
                 sent = False
+                for index in sorted(self._vacant):  # work is waiting: no need to wait more
+                    self._start(index, 0.1)
                 for slot in self._slots:
                     if slot is None or slot.batch or slot.killed or slot.retired \
                             or slot.exited:
@@ -634,6 +641,9 @@ class WorkerPool:
             return
         index = self._slots.index(slot)
         held = self._release(slot)
+        if not held:  # it died idle (killed from outside, or the whole node is stopping)
+            self._vacate(slot)
+            return
         self._replace(slot)
         if held:
             task, rest = held[0], held[1:]
@@ -687,7 +697,19 @@ class WorkerPool:
             slot.kill()  # its sentinel fires: _exited reaps it
         self._start(index, 0.1)
 
+    def _vacate(self, slot: _Slot) -> None:
+        """``slot``'s worker died while idle: start its successor after
+        :data:`IDLE_REPLACE_DELAY`, or as soon as a chunk waits. A node whose process group
+        is being stopped sees its idle workers die just before it stops itself, and must not
+        start new ones meanwhile."""
+        index = self._slots.index(slot)
+        slot.retired = True
+        self._slots[index] = None
+        self._vacant.add(index)
+        self.reactor.callLater(IDLE_REPLACE_DELAY, self._start, index, 0.1)
+
     def _start(self, index: int, delay: float) -> None:
+        self._vacant.discard(index)
         if self._closed or self._slots[index] is not None:
             return
         try:
