@@ -22,6 +22,7 @@ it died is read first. Every method, and every callback, runs in the reactor thr
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import os
 import pickle
@@ -265,12 +266,8 @@ class WorkerPool:
             if task.session == session and task.job_id == job_id:
                 task.cancelled = True
         for slot in list(self._slots):
-            if slot is None:
-                continue
-            mine = [t for t in slot.batch if t.session == session and t.job_id == job_id]
-            for task in mine:
-                task.cancelled = True
-            if mine:
+            if slot is not None and any(t.session == session and t.job_id == job_id
+                                        for t in slot.batch):
                 self._kill(slot)
 
     def drain(self) -> int:
@@ -284,8 +281,6 @@ class WorkerPool:
                 dropped += 1
         for slot in list(self._slots):
             if slot is not None and slot.batch:
-                for task in slot.batch:
-                    task.cancelled = True
                 self._kill(slot)
         return dropped
 
@@ -307,11 +302,7 @@ class WorkerPool:
         self.drain()
         slots = [s for s in self._slots if s is not None] + self._retiring
         for slot in slots:
-            self._detach(slot)
-            try:
-                self.reactor.removeReader(slot.sentinel)
-            except (ValueError, KeyError, OSError):
-                pass
+            self._detach(slot, sentinel=True)
             slot.kill()
         deadline = time.monotonic() + timeout
         for slot in slots:
@@ -400,34 +391,26 @@ class WorkerPool:
             slot.timer = self.reactor.callLater(task.timeout, self._timed_out, slot, task)
 
     def _write(self, slot: _Slot, data: "bytes | bytearray | memoryview") -> None:
-        pieces = [memoryview(p).cast("B") for p in frame(data)]
-        if slot.out:
-            slot.out.extend(pieces)
-            return
-        try:
-            written = os.writev(slot.fd, pieces)
-        except (BlockingIOError, InterruptedError):
-            written = 0
-        except OSError:
-            return  # the worker is gone: its sentinel says so
-        for piece in pieces:
-            if written >= len(piece):
-                written -= len(piece)
-                continue
-            slot.out.append(piece[written:])
-            written = 0
-        if slot.out:
+        waiting = bool(slot.out)  # earlier bytes wait for the pipe: these go after them
+        slot.out.extend(memoryview(p).cast("B") for p in frame(data))
+        if not waiting and self._flush(slot):
             self.reactor.addWriter(slot.pipe)
 
     def _writable(self, slot: _Slot) -> None:
+        if not self._flush(slot):
+            self.reactor.removeWriter(slot.pipe)
+
+    def _flush(self, slot: _Slot) -> bool:
+        """Write what the worker's pipe takes now; whether bytes are left for later. A worker
+        that is gone takes nothing (its sentinel says what became of its chunks)."""
         while slot.out:
             try:
-                written = os.writev(slot.fd, list(slot.out)[:64])
+                written = os.writev(slot.fd, list(itertools.islice(slot.out, 64)))
             except (BlockingIOError, InterruptedError):
-                return
+                return True
             except OSError:
                 slot.out.clear()
-                break
+                return False
             while written:
                 piece = slot.out[0]
                 if written >= len(piece):
@@ -436,7 +419,7 @@ class WorkerPool:
                 else:
                     slot.out[0] = piece[written:]
                     written = 0
-        self.reactor.removeWriter(slot.pipe)
+        return False
 
     # --- answers --------------------------------------------------------------------------
     def _readable(self, slot: _Slot, drain: bool = False) -> None:
@@ -565,14 +548,11 @@ class WorkerPool:
         self._pump()
 
     def _kill(self, slot: _Slot) -> None:
-        """Stop the chunk the slot runs (its job was cancelled, or the pool drained): it gets
-        no outcome; its worker is killed and replaced, and the batch's later chunks that are
-        not cancelled run again, each alone."""
-        held = self._release(slot)
+        """Stop the chunks the slot holds (all of one job, which was cancelled, or the pool
+        drained): they get no outcome; the worker is killed and replaced."""
+        for task in self._release(slot):
+            task.cancelled = True
         slot.killed = True
-        if held:
-            held[0].cancelled = True
-            self._again(held[1:])
         self._replace(slot)
         self._pump()
 
@@ -605,11 +585,7 @@ class WorkerPool:
     def _pipe_closed(self, slot: _Slot) -> None:
         """End of file on the worker's pipe: it is exiting (or closed the pipe and lives on:
         then it is killed after :data:`EXIT_GRACE`). The sentinel decides."""
-        try:
-            self.reactor.removeReader(slot.pipe)
-            self.reactor.removeWriter(slot.pipe)
-        except (ValueError, KeyError, OSError):
-            pass
+        self._detach(slot)
         if not slot.exited and slot.grace is None:
             slot.grace = self.reactor.callLater(EXIT_GRACE, slot.kill)
 
@@ -618,14 +594,10 @@ class WorkerPool:
         chunks it held and put a new worker in its place."""
         if slot.exited:
             return
-        try:
-            self.reactor.removeReader(slot.sentinel)
-        except (ValueError, KeyError, OSError):
-            pass
         slot.exited = True  # no new chunk goes to it while what it wrote is read
         if not (slot.retired or slot.killed):
             self._readable(slot, drain=True)
-        self._detach(slot)
+        self._detach(slot, sentinel=True)
         if slot.grace is not None and slot.grace.active():
             slot.grace.cancel()
         exitcode = slot.exitcode()
@@ -645,36 +617,32 @@ class WorkerPool:
             self._vacate(slot)
             return
         self._replace(slot)
-        if held:
-            task, rest = held[0], held[1:]
-            progress = slot.progress.value
-            if progress == UNTAKEN and (len(held) > 1 or task.untaken < UNTAKEN_RERUNS):
-                # not this chunk's fault: it never ran
-                log.warning("worker %d (pid %s) had died (%s) before taking chunk %d of job "
-                            "%s; replaced, the chunk runs on the new one", index, slot.proc.pid,
-                            describe_exit(exitcode), task.chunk_id, task.job_id[:8])
-                task.untaken += 1
-                if len(held) > 1:
-                    task.solo = True
-                if not task.cancelled:
-                    self._queue.appendleft(task)
-            else:
-                item = progress if task.careful and progress >= 0 else None
-                log.warning("worker %d (pid %s) %s running chunk %d of job %s; replaced", index,
-                            slot.proc.pid, describe_exit(exitcode), task.chunk_id,
-                            task.job_id[:8])
-                self._report(task, (wire.CRASHED, pickle.dumps((exitcode, item)), 0.0))
-            self._again(rest)
+        task, rest = held[0], held[1:]
+        progress = slot.progress.value
+        if progress == UNTAKEN and (rest or task.untaken < UNTAKEN_RERUNS):
+            # not this chunk's fault: it never ran
+            log.warning("worker %d (pid %s) had died (%s) before taking chunk %d of job %s; "
+                        "replaced, the chunk runs on the new one", index, slot.proc.pid,
+                        describe_exit(exitcode), task.chunk_id, task.job_id[:8])
+            task.untaken += 1
+            task.solo = task.solo or bool(rest)
+            if not task.cancelled:
+                self._queue.appendleft(task)
+        else:
+            item = progress if task.careful and progress >= 0 else None
+            log.warning("worker %d (pid %s) %s running chunk %d of job %s; replaced", index,
+                        slot.proc.pid, describe_exit(exitcode), task.chunk_id, task.job_id[:8])
+            self._report(task, (wire.CRASHED, pickle.dumps((exitcode, item)), 0.0))
+        self._again(rest)
         self._pump()
 
-    def _detach(self, slot: _Slot) -> None:
-        """Stop watching the slot's pipe (its sentinel is watched until it fires)."""
-        for remove, end in ((self.reactor.removeReader, slot.pipe),
-                            (self.reactor.removeWriter, slot.pipe)):
-            try:
-                remove(end)
-            except (ValueError, KeyError, OSError):
-                pass
+    def _detach(self, slot: _Slot, sentinel: bool = False) -> None:
+        """Stop watching the slot's pipe, dropping what was not written to it; with
+        ``sentinel`` its sentinel too (else watched until it fires)."""
+        self.reactor.removeReader(slot.pipe)
+        self.reactor.removeWriter(slot.pipe)
+        if sentinel:
+            self.reactor.removeReader(slot.sentinel)
         slot.out.clear()
 
     def _install(self, index: int, slot: _Slot) -> None:
